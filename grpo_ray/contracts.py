@@ -1,0 +1,121 @@
+"""What crosses between the driver, the rollout engines, the reward pool and the learner.
+
+Everything is flat and prompt-major: with P prompts and a group size of n, completion row
+`i * n + j` is the j-th sample of prompt i. A worked example, P=2, n=2:
+
+    prompt_index    = [0, 0, 1, 1]
+    prompt_ids      = [[5, 6], [5, 6], [7], [7]]        # repeated per completion
+    completion_ids  = [[9, 2], [3], [4, 4, 2], [8, 2]]  # ragged; EOS kept when it was sampled
+    sampling_logprobs has the same ragged shape as completion_ids
+
+The learner pads these itself; nothing padded crosses an actor boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class PromptBatch:
+    """Prompts of one step, as the data iterator yields them."""
+
+    prompt_ids: list[list[int]]
+    """Token ids of each prompt with the chat template applied (generation prompt added)."""
+    prompts: list[list[dict[str, str]]]
+    """Chat messages of each prompt (TRL's conversational `prompts` for reward functions)."""
+    answers: list[str]
+    """Gold answer of each prompt (GSM8K: the text after `####`)."""
+    questions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def split(self, parts: int) -> list["PromptBatch"]:
+        """`parts` contiguous, equal slices (one per rollout engine)."""
+        size = len(self) // parts
+        return [PromptBatch(self.prompt_ids[i * size:(i + 1) * size],
+                            self.prompts[i * size:(i + 1) * size],
+                            self.answers[i * size:(i + 1) * size],
+                            self.questions[i * size:(i + 1) * size]) for i in range(parts)]
+
+
+@dataclass
+class Rollout:
+    """Completions of a PromptBatch from one or more engines, prompt-major."""
+
+    prompt_index: list[int]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    completion_texts: list[str]
+    sampling_logprobs: list[list[float]]
+    """The engine's log-probability of each sampled token, under the adapter it sampled with."""
+    finish_reasons: list[str]
+    """`stop` (EOS or stop string) or `length` (hit max_completion_length)."""
+    adapter_version: int
+    """Adapter version every completion was sampled with (0 = base model)."""
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @staticmethod
+    def concat(parts: list["Rollout"]) -> "Rollout":
+        """Join the rollouts of consecutive prompt slices, renumbering prompt_index."""
+        out = Rollout([], [], [], [], [], [], parts[0].adapter_version if parts else 0)
+        offset = 0
+        for p in parts:
+            if p.adapter_version != out.adapter_version:
+                raise ValueError(f"engines sampled with adapter versions {out.adapter_version} "
+                                 f"and {p.adapter_version} in one step")
+            out.prompt_index += [offset + i for i in p.prompt_index]
+            out.prompt_ids += p.prompt_ids
+            out.completion_ids += p.completion_ids
+            out.completion_texts += p.completion_texts
+            out.sampling_logprobs += p.sampling_logprobs
+            out.finish_reasons += p.finish_reasons
+            offset += (max(p.prompt_index) + 1) if p.prompt_index else 0
+        return out
+
+
+@dataclass
+class Scores:
+    """Rewards of every completion, prompt-major."""
+
+    per_function: dict[str, list[float | None]]
+    """Each reward function's raw score (None: that function could not score the row)."""
+    total: list[float | None]
+    """Weighted sum over the functions; None when any function returned None for the row."""
+
+
+@dataclass
+class TrainBatch:
+    """What the learner needs for one GRPO update, prompt-major, ragged."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    advantages: list[float]
+    """One advantage per completion, shared by all its tokens."""
+    sampling_logprobs: list[list[float]]
+    """The rollout engine's log-probabilities (for the probability-gap metrics and truncated
+    importance sampling)."""
+    mask: list[bool] = field(default_factory=list)
+    """False for completions that take no part in the loss (reward could not be computed);
+    empty means all take part."""
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+@dataclass
+class AdapterPayload:
+    """The LoRA adapter that travels from the learner to every engine: nothing else does."""
+
+    version: int
+    tensors: dict[str, Any]
+    """PEFT-format state dict (`base_model.model....lora_A.weight`), CPU tensors."""
+    peft_config: dict[str, Any]
+    """The adapter's `adapter_config.json` content."""
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
