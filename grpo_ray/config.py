@@ -178,6 +178,8 @@ class ClusterConfig:
     """CPUs of an embedded local Ray (None: all)."""
     num_gpus: int | None = None
     """GPUs of an embedded local Ray (None: all that are visible)."""
+    use_gpu: bool | None = None
+    """Place actors on GPUs; None: when the Ray cluster has any."""
     colocate: bool = False
     """Learner and the rollout engines share GPUs through fractional resources (one-GPU mode)."""
     placement_timeout_s: float = 120.0
@@ -299,6 +301,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _build(hint, value, key)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads `5e-6` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: must be true or false (got {value!r})")
     if hint in (int, float) and isinstance(value, bool):

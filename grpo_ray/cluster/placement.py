@@ -1,0 +1,181 @@
+"""Where every actor sits: one placement group for the learner and the rollout engines, plain CPU
+actors for the reward pool, and a start-up check that refuses what the cluster cannot hold.
+
+Three layouts, chosen from the config and the cluster:
+- `cpu`: no GPUs anywhere (development, CI); bundles hold CPUs only.
+- `dedicated`: the learner on its own GPU(s), each engine on its own `gpus_per_engine` GPUs.
+- `colocated` (`cluster.colocate`): one GPU bundle shared by the learner and one engine through
+  fractional GPU resources; vLLM's `gpu_memory_utilization` bounds the engine's memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpo_ray.config import Config
+
+# Environment of every actor we start: vLLM's engine core in the actor's own process (simpler to
+# place and to clean up than its default subprocess), quiet tokenizers.
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the requested actors; the message says what is missing."""
+
+
+@dataclass
+class Plan:
+    """The resources of each actor; `bundles[i]` is one placement-group bundle."""
+
+    layout: str
+    bundles: list[dict[str, float]]
+    learner_bundle: int
+    learner: dict[str, float]
+    engine_bundles: list[int]
+    engine: dict[str, float]
+    reward_workers: int
+    reward: dict[str, float]
+    labels: list[str] = field(default_factory=list)
+    """What each bundle is for, for error messages."""
+
+    def total(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for b in self.bundles + [self.reward] * self.reward_workers:
+            for k, v in b.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+
+def plan_placement(cfg: Config, use_gpu: bool) -> Plan:
+    """Resources of the learner, the engines and the reward workers (pure; no Ray)."""
+    r, lr = cfg.rollout, cfg.learner
+    reward = {"CPU": cfg.reward.cpus_per_worker}
+    if not use_gpu:
+        learner, engine = {"CPU": lr.num_cpus}, {"CPU": r.cpus_per_engine}
+        bundles = [dict(learner)] + [dict(engine) for _ in range(r.num_engines)]
+        return Plan("cpu", bundles, 0, learner, list(range(1, r.num_engines + 1)), engine,
+                    cfg.reward.num_workers, reward,
+                    ["learner"] + [f"rollout engine {i}" for i in range(r.num_engines)])
+    if cfg.cluster.colocate:
+        share = lr.num_gpus if 0 < lr.num_gpus < 1 else 0.5
+        learner = {"CPU": lr.num_cpus, "GPU": share}
+        engine = {"CPU": r.cpus_per_engine, "GPU": round(1 - share, 6)}
+        bundle = {"CPU": lr.num_cpus + r.cpus_per_engine, "GPU": 1.0}
+        return Plan("colocated", [bundle], 0, learner, [0], engine, cfg.reward.num_workers,
+                    reward, ["learner + rollout engine 0 (shared GPU)"])
+    learner = {"CPU": lr.num_cpus, "GPU": float(max(1, math.ceil(lr.num_gpus)))}
+    engine = {"CPU": r.cpus_per_engine, "GPU": float(r.gpus_per_engine)}
+    bundles = [dict(learner)] + [dict(engine) for _ in range(r.num_engines)]
+    return Plan("dedicated", bundles, 0, learner, list(range(1, r.num_engines + 1)), engine,
+                cfg.reward.num_workers, reward,
+                ["learner"] + [f"rollout engine {i}" for i in range(r.num_engines)])
+
+
+def check_fits(plan: Plan, nodes: list[dict[str, float]]) -> None:
+    """Raise PlacementError unless every bundle fits on some node (first fit, largest first),
+    naming the first bundle that does not and what the cluster has."""
+    free = [dict(n) for n in nodes]
+    order = sorted(range(len(plan.bundles)),
+                   key=lambda i: (-plan.bundles[i].get("GPU", 0), -plan.bundles[i].get("CPU", 0)))
+    for i in order:
+        bundle = plan.bundles[i]
+        node = next((n for n in free if all(n.get(k, 0) + 1e-9 >= v for k, v in bundle.items())),
+                    None)
+        if node is None:
+            total = plan.total()
+            have = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+            raise PlacementError(
+                f"cannot place {plan.labels[i]} ({_fmt(bundle)}): the {plan.layout} layout needs "
+                f"{_fmt(total)} in all, the cluster has {_fmt(have)} on {len(nodes)} node(s) "
+                f"(largest node: {_fmt(max(nodes, key=lambda n: n.get('GPU', 0)) if nodes else {})})"
+                + ("; set cluster.colocate=true to share one GPU" if plan.layout == "dedicated"
+                   and have["GPU"] >= 1 else ""))
+        for k, v in bundle.items():
+            node[k] -= v
+    reward_cpus = plan.reward.get("CPU", 0) * plan.reward_workers
+    left = sum(n.get("CPU", 0) for n in free)
+    if reward_cpus > left + 1e-9:
+        raise PlacementError(f"cannot place {plan.reward_workers} reward workers "
+                             f"({_fmt(plan.reward)} each): {left:g} CPUs left after the learner "
+                             "and the engines; lower reward.num_workers or reward.cpus_per_worker")
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items())
+                     if k in ("CPU", "GPU")) or "nothing"
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Total CPU/GPU resources of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [{k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU")}
+            for n in ray.nodes() if n.get("Alive")]
+
+
+@dataclass
+class Actors:
+    """Handles of every actor of a run, and the placement group that holds them."""
+
+    learner: Any
+    engines: list[Any]
+    reward_workers: list[Any]
+    placement_group: Any
+    plan: Plan
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in [self.learner, *self.engines, *self.reward_workers]:
+            ray.kill(actor)
+        remove_placement_group(self.placement_group)
+
+
+def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls: type,
+                 engine_args: list[tuple], reward_cls: type, reward_args: tuple) -> Actors:
+    """Check the plan against the cluster, reserve one placement group, start every actor there
+    and wait until all are ready (one `ray.get`). `engine_args[i]` are engine i's arguments."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    nodes = cluster_nodes()
+    has_gpu = any(n.get("GPU", 0) > 0 for n in nodes)
+    use_gpu = has_gpu if cfg.cluster.use_gpu is None else cfg.cluster.use_gpu
+    if use_gpu and not has_gpu:
+        raise PlacementError("cluster.use_gpu is true but the Ray cluster has no GPUs "
+                             f"({len(nodes)} node(s), {_fmt({'CPU': sum(n.get('CPU', 0) for n in nodes)})})")
+    plan = plan_placement(cfg, use_gpu)
+    check_fits(plan, nodes)
+
+    # PACK keeps a node's bundles together but spreads over nodes when one is too small.
+    pg = placement_group(plan.bundles, strategy="PACK", name="grpo-ray")
+    try:
+        ray.get(pg.ready(), timeout=cfg.cluster.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(pg)
+        raise PlacementError(f"placement group {_fmt(plan.total())} not ready after "
+                             f"{cfg.cluster.placement_timeout_s:g} s (cluster.placement_timeout_s): "
+                             "other jobs hold those resources, or the autoscaler could not add "
+                             "them") from None
+
+    def options(resources: dict[str, float], bundle: int) -> dict[str, Any]:
+        return dict(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
+                    runtime_env={"env_vars": ACTOR_ENV},
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=pg, placement_group_bundle_index=bundle))
+
+    learner = ray.remote(learner_cls).options(
+        name=None, **options(plan.learner, plan.learner_bundle)).remote(*learner_args)
+    engines = [ray.remote(engine_cls).options(**options(plan.engine, b)).remote(*args)
+               for b, args in zip(plan.engine_bundles, engine_args)]
+    rewards = [ray.remote(reward_cls).options(num_cpus=plan.reward["CPU"],
+                                              runtime_env={"env_vars": ACTOR_ENV}).remote(*reward_args)
+               for _ in range(plan.reward_workers)]
+    # constructors run remotely: surface their errors (a bad model path, say) here, at once
+    ray.get([a.__ray_ready__.remote() for a in [learner, *engines, *rewards]])
+    return Actors(learner, engines, rewards, pg, plan)

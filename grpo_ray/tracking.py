@@ -1,0 +1,120 @@
+"""Where per-step metrics go: a compact console table, `metrics.jsonl`, TensorBoard, and Weights &
+Biases when configured. The loop calls one `Tracker`; a sink that is off is simply absent."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from grpo_ray.config import LoggingConfig
+
+# The columns of the console table: (metric key, header, format).
+TABLE = [
+    ("step", "step", "{:>4.0f}"),
+    ("reward/mean", "reward", "{:>7.3f}"),
+    ("reward/std", "r_std", "{:>6.3f}"),
+    ("accuracy", "acc", "{:>5.2f}"),
+    ("format_rate", "fmt", "{:>5.2f}"),
+    ("completion_length", "len", "{:>6.1f}"),
+    ("learner/kl", "kl", "{:>8.5f}"),
+    ("learner/clip_fraction", "clip", "{:>5.3f}"),
+    ("learner/loss", "loss", "{:>8.4f}"),
+    ("learner/grad_norm", "gnorm", "{:>7.4f}"),
+    ("learner/learning_rate", "lr", "{:>8.2e}"),
+    ("time/step_s", "step_s", "{:>6.2f}"),
+]
+
+
+class Sink(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class ConsoleTable:
+    """One aligned row per step; the header again every 20 rows."""
+
+    def __init__(self, print_fn=print, every: int = 20):
+        self.print, self.every, self.rows = print_fn, every, 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.rows % self.every == 0:
+            self.print(" ".join(f"{h:>{len(f.format(0.0))}}" for _, h, f in TABLE))
+        values = {**metrics, "step": step}
+        self.print(" ".join(f.format(values[k]) if k in values else " " * len(f.format(0.0))
+                            for k, _, f in TABLE))
+        self.rows += 1
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSink:
+    def __init__(self, path: Path):
+        self.file = open(path, "a")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, project: str, config: dict[str, Any], out_dir: Path):
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError("logging.wandb is true but wandb is not installed "
+                               "(pip install 'grpo-ray[wandb]')") from None
+        self.run = wandb.init(project=project, config=config, dir=str(out_dir))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Tracker:
+    """Fans metrics out to the configured sinks and writes completion samples to JSONL."""
+
+    def __init__(self, cfg: LoggingConfig, out_dir: str | Path, config: dict[str, Any],
+                 print_fn=print):
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.sinks: list[Sink] = [ConsoleTable(print_fn), JsonlSink(out / "metrics.jsonl")]
+        if cfg.tensorboard:
+            self.sinks.append(TensorBoardSink(out / "tensorboard"))
+        if cfg.wandb:
+            self.sinks.append(WandbSink(cfg.wandb_project, config, out))
+        self.samples = open(out / "completions.jsonl", "a")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        for row in rows:
+            self.samples.write(json.dumps({"step": step, **row}) + "\n")
+        self.samples.flush()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.samples.close()

@@ -1,0 +1,83 @@
+"""Real placement on a local two-node Ray cluster that declares GPUs it does not have: Ray
+schedules logical resources, so distinct GPU ids and node spreading are checked without a GPU."""
+import sys
+
+import pytest
+import ray
+import ray.cloudpickle
+from ray.cluster_utils import Cluster
+
+from grpo_ray.cluster.placement import PlacementError, place_actors
+from grpo_ray.config import load_config
+
+
+class Probe:
+    """Stands where the learner, an engine or a reward worker would stand, and says where."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def where(self):
+        return ray.get_runtime_context().get_node_id(), tuple(ray.get_gpu_ids())
+
+
+# test modules are not importable on Ray's workers: ship this one's classes by value
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2, num_gpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def cfg(*overrides):
+    base = ["learner.num_cpus=0.25", "rollout.cpus_per_engine=0.25", "reward.num_workers=2",
+            "reward.cpus_per_worker=0.25", "cluster.placement_timeout_s=20"]
+    return load_config("configs/tiny-cpu.yaml", base + list(overrides))
+
+
+def test_learner_and_engines_get_distinct_gpus_across_nodes(two_nodes):
+    c = cfg("rollout.num_engines=3", "rollout.prompts_per_step=3", "learner.num_gpus=1")
+    actors = place_actors(c, Probe, (), Probe, [(i,) for i in range(3)], Probe, ())
+    try:
+        assert actors.plan.layout == "dedicated"
+        where = ray.get([a.where.remote() for a in [actors.learner, *actors.engines]])
+        gpus = [(node, gpu) for node, ids in where for gpu in ids]
+        assert all(len(ids) == 1 for _, ids in where)          # one GPU each
+        assert len(set(gpus)) == 4                              # no GPU shared
+        assert len({node for node, _ in where}) == 2            # 4 GPUs need both nodes
+        assert len(actors.reward_workers) == 2
+    finally:
+        actors.shutdown()
+
+
+def test_colocated_learner_and_engine_share_one_gpu(two_nodes):
+    c = cfg("cluster.colocate=true", "learner.num_gpus=0.5")
+    actors = place_actors(c, Probe, (), Probe, [(0,)], Probe, ())
+    try:
+        (n1, g1), (n2, g2) = ray.get([actors.learner.where.remote(),
+                                      actors.engines[0].where.remote()])
+        assert (n1, g1) == (n2, g2) and len(g1) == 1
+    finally:
+        actors.shutdown()
+
+
+def test_unsatisfiable_placement_is_refused_at_once(two_nodes):
+    c = cfg("rollout.num_engines=4", "rollout.prompts_per_step=4", "learner.num_gpus=1")
+    with pytest.raises(PlacementError, match="5 GPU in all, the cluster has 4 CPU, 4 GPU on 2 node"):
+        place_actors(c, Probe, (), Probe, [(i,) for i in range(4)], Probe, ())
+
+
+def test_gpu_asked_of_a_cluster_without_gpus_is_refused():
+    from grpo_ray.cluster.placement import check_fits, plan_placement
+
+    plan = plan_placement(cfg("learner.num_gpus=1"), use_gpu=True)
+    with pytest.raises(PlacementError, match="cannot place"):
+        check_fits(plan, [{"CPU": 2}])

@@ -1,0 +1,76 @@
+"""The config tree: every file in configs/ loads, overrides apply, bad input names the key."""
+from pathlib import Path
+
+import pytest
+
+from grpo_ray.config import Config, ConfigError, load_config, parse_override
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny-cpu.yaml", "qwen2.5-3b-gsm8k.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_reference_recipe_hyperparameters():
+    cfg = load_config(Path("configs/qwen2.5-3b-gsm8k.yaml"))
+    assert (cfg.lora.r, cfg.lora.alpha) == (64, 64)
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                       "up_proj", "down_proj"]
+    assert cfg.learner.learning_rate == 5e-6
+    assert (cfg.learner.adam_beta1, cfg.learner.adam_beta2) == (0.9, 0.99)
+    assert cfg.learner.weight_decay == 0.1 and cfg.learner.warmup_ratio == 0.1
+    assert cfg.learner.lr_scheduler_type == "cosine" and cfg.learner.max_grad_norm == 0.1
+    assert cfg.rollout.num_generations == 8 and cfg.data.max_prompt_length == 256
+    assert cfg.rollout.max_completion_length == 200 and cfg.algorithm.total_steps == 250
+    assert cfg.algorithm.seed == 3407 and cfg.learner.load_in_4bit is True
+
+
+def test_overrides_apply_last_and_parse_yaml_values():
+    cfg = load_config(Path("configs/tiny-cpu.yaml"),
+                      ["rollout.num_generations=6", "learner.learning_rate=1e-3",
+                       "cluster.address=null", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.rollout.num_generations == 6
+    assert cfg.learner.learning_rate == 1e-3
+    assert cfg.cluster.address is None
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert parse_override("a.b.c=3") == {"a": {"b": {"c": 3}}}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.nmu_engines=2"], "rollout.nmu_engines: unknown key"),
+    (["modle.path=x"], "modle: unknown key"),
+    (["rollout.num_engines=two"], "rollout.num_engines: must be int"),
+    (["learner.gradient_checkpointing=3"], "learner.gradient_checkpointing: must be true or false"),
+    (["algorithm.loss_type=ppo"], "algorithm.loss_type: must be one of"),
+    (["rollout.num_generations=1"], "rollout.num_generations: must be >= 2"),
+    (["rollout.prompts_per_step=3", "rollout.num_engines=2"], "rollout.prompts_per_step: 3 prompts"),
+    (["rollout.max_model_len=100"], "rollout.max_model_len: 100 <"),
+    (["rollout.max_lora_rank=4"], "rollout.max_lora_rank: 4 is below lora.r=8"),
+    (["data.source=local"], "data.path: is required"),
+    (["cluster.colocate=true", "rollout.num_engines=2", "rollout.prompts_per_step=2"],
+     "rollout.num_engines: must be 1 with cluster.colocate"),
+    (["reward.functions=[{weight: 2}]"], "reward.functions[0]"),
+    (["rollout"], "an override must look like"),
+])
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(Path("configs/tiny-cpu.yaml"), overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
