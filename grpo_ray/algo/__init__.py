@@ -1,0 +1,1 @@
+"""The algorithm: pure torch functions, nothing distributed."""
