@@ -84,7 +84,8 @@ class Scores:
     per_function: dict[str, list[float | None]]
     """Each reward function's raw score (None: that function could not score the row)."""
     total: list[float | None]
-    """Weighted sum over the functions; None when any function returned None for the row."""
+    """Weighted sum of the functions that scored the row (TRL's rule); None when none did:
+    such a row gets no advantage and no part in the loss."""
 
 
 @dataclass

@@ -43,7 +43,7 @@ def resolve_model_path(cfg: Config) -> str:
 
 def step_metrics(batch: PromptBatch, rollout: Rollout, scores: Scores) -> dict[str, float]:
     """Reward (total and per function), accuracy, format rate and completion length."""
-    from grpo_ray.reward.functions import is_correct, has_format
+    from grpo_ray.reward.functions import answers_match, extract_answer, strict_format_reward
 
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs) if xs else float("nan")
@@ -58,8 +58,11 @@ def step_metrics(batch: PromptBatch, rollout: Rollout, scores: Scores) -> dict[s
         key = "reward" if name == "total" else f"reward/{name}"
         out[f"{key}/mean"], out[f"{key}/std"] = mean(valid), std(valid)
     golds = [batch.answers[i] for i in rollout.prompt_index]
-    out["accuracy"] = mean([float(is_correct(t, g)) for t, g in zip(rollout.completion_texts, golds)])
-    out["format_rate"] = mean([float(has_format(t)) for t in rollout.completion_texts])
+    # judged the same way whatever rewards are configured: numeric match, fixed strict format
+    out["accuracy"] = mean([float(answers_match(extract_answer(t), g))
+                            for t, g in zip(rollout.completion_texts, golds)])
+    out["format_rate"] = mean([float(s > 0) for s in
+                               strict_format_reward([], rollout.completion_texts)])
     out["completion_length"] = mean([len(c) for c in rollout.completion_ids])
     out["truncated_rate"] = mean([float(r == "length") for r in rollout.finish_reasons])
     out["unscored_rate"] = mean([float(v is None) for v in scores.total])
@@ -92,7 +95,7 @@ class Trainer:
         from grpo_ray.cluster.placement import place_actors
         from grpo_ray.data.dataset import PromptIterator, load_rows, load_tokenizer
         from grpo_ray.learner.worker import LearnerWorker
-        from grpo_ray.reward.pool import RewardPool, RewardWorker
+        from grpo_ray.reward.pool import RewardPool
         from grpo_ray.rollout.worker import RolloutWorker
         from grpo_ray.tracking import Tracker
         from grpo_ray.weight_sync.adapter import AdapterBroadcast
@@ -110,8 +113,7 @@ class Trainer:
             LearnerWorker, (self.model_path, cfg.model, cfg.lora, cfg.learner, cfg.algorithm,
                             cfg.rollout.max_completion_length, cfg.rollout.temperature),
             RolloutWorker, [(self.model_path, cfg.rollout, cfg.lora, cfg.model.dtype,
-                             cfg.algorithm.seed, i) for i in range(cfg.rollout.num_engines)],
-            RewardWorker, (cfg.reward.functions, cfg.reward.mode))
+                             cfg.algorithm.seed, i) for i in range(cfg.rollout.num_engines)])
         self.rewards = RewardPool(self.actors.reward_workers, cfg.reward.functions,
                                   cfg.reward.timeout_s)
         self.broadcast = AdapterBroadcast()

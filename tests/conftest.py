@@ -24,7 +24,7 @@ def ray_local():
     """A real local Ray cluster of 2 CPUs for the tests of one module."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                        "TOKENIZERS_PARALLELISM": "false"}})
     yield ray

@@ -134,9 +134,12 @@ class Actors:
 
 
 def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls: type,
-                 engine_args: list[tuple], reward_cls: type, reward_args: tuple) -> Actors:
-    """Check the plan against the cluster, reserve one placement group, start every actor there
-    and wait until all are ready (one `ray.get`). `engine_args[i]` are engine i's arguments."""
+                 engine_args: list[tuple]) -> Actors:
+    """Check the plan against the cluster, reserve one placement group for the learner and the
+    engines, start them there, start the reward workers (plain CPU actors) and wait until all
+    are ready. `engine_args[i]` are engine i's constructor arguments."""
+    from grpo_ray.reward.pool import build_reward_workers
+
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -169,13 +172,16 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         placement_group=pg, placement_group_bundle_index=bundle))
 
-    learner = ray.remote(learner_cls).options(
-        name=None, **options(plan.learner, plan.learner_bundle)).remote(*learner_args)
     engines = [ray.remote(engine_cls).options(**options(plan.engine, b)).remote(*args)
                for b, args in zip(plan.engine_bundles, engine_args)]
-    rewards = [ray.remote(reward_cls).options(num_cpus=plan.reward["CPU"],
-                                              runtime_env={"env_vars": ACTOR_ENV}).remote(*reward_args)
-               for _ in range(plan.reward_workers)]
+    if plan.layout == "colocated":
+        # vLLM sizes its KV cache from the GPU memory it sees free while it starts: let it
+        # finish before the learner takes its share of the same GPU.
+        ray.get([e.__ray_ready__.remote() for e in engines])
+    learner = ray.remote(learner_cls).options(
+        **options(plan.learner, plan.learner_bundle)).remote(*learner_args)
+    rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
+                                   plan.reward["CPU"], runtime_env={"env_vars": ACTOR_ENV})
     # constructors run remotely: surface their errors (a bad model path, say) here, at once
-    ray.get([a.__ray_ready__.remote() for a in [learner, *engines, *rewards]])
+    ray.get([a.__ray_ready__.remote() for a in [learner, *engines]])
     return Actors(learner, engines, rewards, pg, plan)

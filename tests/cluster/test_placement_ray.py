@@ -45,7 +45,7 @@ def cfg(*overrides):
 
 def test_learner_and_engines_get_distinct_gpus_across_nodes(two_nodes):
     c = cfg("rollout.num_engines=3", "rollout.prompts_per_step=3", "learner.num_gpus=1")
-    actors = place_actors(c, Probe, (), Probe, [(i,) for i in range(3)], Probe, ())
+    actors = place_actors(c, Probe, (), Probe, [(i,) for i in range(3)])
     try:
         assert actors.plan.layout == "dedicated"
         where = ray.get([a.where.remote() for a in [actors.learner, *actors.engines]])
@@ -60,7 +60,7 @@ def test_learner_and_engines_get_distinct_gpus_across_nodes(two_nodes):
 
 def test_colocated_learner_and_engine_share_one_gpu(two_nodes):
     c = cfg("cluster.colocate=true", "learner.num_gpus=0.5")
-    actors = place_actors(c, Probe, (), Probe, [(0,)], Probe, ())
+    actors = place_actors(c, Probe, (), Probe, [(0,)])
     try:
         (n1, g1), (n2, g2) = ray.get([actors.learner.where.remote(),
                                       actors.engines[0].where.remote()])
@@ -72,7 +72,7 @@ def test_colocated_learner_and_engine_share_one_gpu(two_nodes):
 def test_unsatisfiable_placement_is_refused_at_once(two_nodes):
     c = cfg("rollout.num_engines=4", "rollout.prompts_per_step=4", "learner.num_gpus=1")
     with pytest.raises(PlacementError, match="5 GPU in all, the cluster has 4 CPU, 4 GPU on 2 node"):
-        place_actors(c, Probe, (), Probe, [(i,) for i in range(4)], Probe, ())
+        place_actors(c, Probe, (), Probe, [(i,) for i in range(4)])
 
 
 def test_gpu_asked_of_a_cluster_without_gpus_is_refused():
