@@ -91,8 +91,8 @@ class RolloutConfig:
     """Skip CUDA graphs and compilation (faster start, slower generation)."""
     max_lora_rank: int | None = None
     """Largest LoRA rank the engines accept; None means `lora.r`."""
-    kv_cache_space_gb: float = 1.0
-    """KV cache size of a CPU engine (VLLM_CPU_KVCACHE_SPACE)."""
+    kv_cache_space_gb: int = 1
+    """KV cache size of a CPU engine in GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)."""
 
 
 @dataclass
