@@ -1,0 +1,51 @@
+"""Log-probabilities of chosen tokens without materializing the vocabulary logits of a batch.
+
+With Qwen2.5's 152k vocabulary, fp32 logits of 16 x 416 positions take 4 GB, and autograd keeps
+them (and their softmax) for backward: most of a naive learner's peak memory. Here positions go
+through the lm_head a chunk at a time, and each chunk is checkpointed, so backward recomputes
+one chunk's logits at a time too.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """hidden (N, H), weight (V, H), targets (N,) -> (N,) log p(target)."""
+    # The caller's autocast would turn an fp32 lm_head's logits into bf16.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = hidden.to(weight.dtype) @ weight.T
+        # At least fp32: bf16 logits lose the small differences that log-prob ratios are made of.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int,
+                   temperature: float = 1.0) -> Tensor:
+    """log softmax((hidden @ weight.T) / temperature) gathered at `targets`, chunk by chunk.
+
+    hidden (B, T, H): last hidden states at the positions that predict `targets`;
+    weight (V, H): the lm_head weight; targets (B, T) token ids -> (B, T) fp32 (or fp64) log-probs.
+    At most `chunk_size` positions (of the flattened B*T) have their V logits alive at once, in
+    forward and in backward.
+    """
+    if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
+        raise ValueError(f"token_logprobs: hidden {tuple(hidden.shape)} must be (B, T, H) and "
+                         f"targets {tuple(targets.shape)} must be (B, T)")
+    if chunk_size < 1 or temperature <= 0:
+        raise ValueError(f"token_logprobs: chunk_size ({chunk_size}) and temperature "
+                         f"({temperature}) must be positive")
+    B, T, H = hidden.shape
+    flat_hidden, flat_targets = hidden.reshape(B * T, H), targets.reshape(B * T)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    out = []
+    for start in range(0, B * T, chunk_size):
+        args = (flat_hidden[start:start + chunk_size], weight,
+                flat_targets[start:start + chunk_size], temperature)
+        out.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if needs_grad
+                   else _chunk_logprobs(*args))
+    if not out:
+        return hidden.new_zeros(B, T, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    return torch.cat(out).view(B, T)

@@ -1,0 +1,78 @@
+"""token_logprobs against the naive full log_softmax + gather, values and gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo_ray.learner.logprobs import token_logprobs
+
+
+def _naive(hidden, weight, targets, temperature=1.0):
+    logits = (hidden @ weight.T) / temperature
+    return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _inputs(B=3, T=7, H=16, V=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 21, 1000])  # 4 and 5 do not divide T=7 nor B*T=21
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_equals_naive_values_and_gradients(chunk_size, temperature):
+    hidden, weight, targets = _inputs()
+    upstream = torch.randn(3, 7, dtype=torch.float64)  # a generic loss, not just a sum
+
+    got = token_logprobs(hidden, weight, targets, chunk_size, temperature)
+    (got * upstream).sum().backward()
+    got_dh, got_dw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    want = _naive(hidden, weight, targets, temperature)
+    (want * upstream).sum().backward()
+
+    assert got.dtype == torch.float64 and got.shape == (3, 7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_dh, hidden.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_dw, weight.grad, rtol=0, atol=1e-12)
+
+
+def test_hand_computed_and_low_precision_inputs():
+    # One position, logits [0, ln 3] -> p(target=1) = 3/4.
+    hidden = torch.tensor([[[1.0]]])
+    weight = torch.tensor([[0.0], [torch.log(torch.tensor(3.0)).item()]])
+    got = token_logprobs(hidden, weight, torch.tensor([[1]]), chunk_size=1)
+    assert got.item() == pytest.approx(torch.log(torch.tensor(0.75)).item(), abs=1e-6)
+    # bf16 inputs give fp32 log-probs.
+    h, w, t = _inputs()
+    out = token_logprobs(h.detach().bfloat16(), w.detach().bfloat16(), t, chunk_size=4)
+    assert out.dtype == torch.float32
+
+
+def test_no_grad_and_bad_shapes():
+    hidden, weight, targets = _inputs()
+    with torch.no_grad():
+        out = token_logprobs(hidden, weight, targets, chunk_size=4)
+    assert not out.requires_grad
+    with pytest.raises(ValueError, match="targets"):
+        token_logprobs(hidden, weight, targets[:, :3], chunk_size=4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_logprobs(hidden, weight, targets, chunk_size=0)
+
+
+def test_autograd_saves_no_logits():
+    """What autograd keeps for backward is the inputs, never a chunk's (chunk, V) logits."""
+    hidden, weight, targets = _inputs(B=2, T=64, H=8, V=512)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = token_logprobs(hidden, weight, targets, chunk_size=16)
+    out.sum().backward()
+    assert saved and max(saved) <= weight.numel()  # weight (V*H=4096) < one chunk's logits (16*512)

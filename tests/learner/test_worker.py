@@ -1,0 +1,212 @@
+"""LearnerWorker on the tiny model, on CPU, without Ray: log-probs against a naive forward, the
+reference pass, gradient accumulation, and what one GRPO step does to the adapter."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
+from grpo_ray.contracts import TrainBatch
+
+
+def make_worker(path: str, temperature: float = 1.0, lora_b_seed: int | None = 1,
+                algorithm: dict | None = None, **learner):
+    """A small LoRA learner; lora_b_seed fills lora_B with noise so the adapter is not a no-op
+    from the start (PEFT initializes B to zero)."""
+    from grpo_ray.learner.worker import LearnerWorker
+
+    learner = {"learning_rate": 1e-3, "max_grad_norm": 1e6, "warmup_ratio": 0.0,
+               "lr_scheduler_type": "constant", "micro_batch_size": 4, "logprob_chunk_size": 7,
+               **learner}
+    algorithm = AlgorithmConfig(**{"total_steps": 10, **(algorithm or {})})
+    w = LearnerWorker(path, ModelConfig(), LoraConfig(r=4, alpha=8), LearnerConfig(**learner),
+                      algorithm, max_completion_length=12, temperature=temperature)
+    if lora_b_seed is not None:
+        g = torch.Generator().manual_seed(lora_b_seed)
+        with torch.no_grad():
+            for name, p in w.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return w
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_path) -> TrainBatch:
+    """2 prompts x 3 completions of different lengths, advantages of both signs."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                       add_generation_prompt=True, return_dict=False)
+               for q in ["What is 2 + 3?", "Tom has 7 apples and eats 4. How many are left?"]]
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 12, 1, 9, 3, 7]
+    completions = [torch.randint(0, len(tok), (n,), generator=g).tolist() for n in lengths]
+    sampling = [(-2.0 - torch.rand(n, generator=g)).tolist() for n in lengths]
+    return TrainBatch([prompts[i // 3] for i in range(6)], completions,
+                      [1.2, -0.3, -0.9, 0.5, -1.1, 0.6], sampling)
+
+
+def naive_logprobs(model, prompt_ids, completion_ids, temperature=1.0):
+    """One unpadded forward per row through the model's own forward and lm_head."""
+    from trl.trainer.utils import selective_log_softmax
+
+    out = []
+    with torch.no_grad():
+        for p, c in zip(prompt_ids, completion_ids):
+            logits = model(input_ids=torch.tensor([p + c])).logits[0]
+            out.append(selective_log_softmax(logits[len(p) - 1:len(p) + len(c) - 1],
+                                             torch.tensor(c), temperature).tolist())
+    return out
+
+
+def assert_rows_close(got, want, atol=1e-5):
+    assert [len(r) for r in got] == [len(r) for r in want]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=0, atol=atol)
+
+
+def lora_params(w):
+    return {n: p.detach().clone() for n, p in w.model.named_parameters() if p.requires_grad}
+
+
+def base_params(w):
+    return {n: p.detach().clone() for n, p in w.model.named_parameters() if not p.requires_grad}
+
+
+def test_logprobs_equal_naive_forward_of_the_peft_model(tiny_model_path, batch):
+    w = make_worker(tiny_model_path, temperature=0.7, micro_batch_size=4)
+    got = w.sequence_logprobs(batch.prompt_ids, batch.completion_ids)
+    w.model.eval()
+    assert_rows_close(got, naive_logprobs(w.model, batch.prompt_ids, batch.completion_ids, 0.7))
+
+
+def test_reference_is_the_base_model_and_the_adapter_matters(tiny_model_path, batch):
+    from transformers import AutoModelForCausalLM
+
+    w = make_worker(tiny_model_path, algorithm={"beta": 0.04})
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    base = naive_logprobs(plain, batch.prompt_ids, batch.completion_ids)
+    prepared = w._prepare(batch)
+    rows, ref, old = 0, [], []
+    for mb in prepared.micro_batches:
+        for i in range(mb.mask.size(0)):
+            n = int(mb.mask[i].sum())
+            ref.append(mb.ref_logp[i, :n].tolist())
+            old.append(mb.old_logp[i, :n].tolist())
+            rows += 1
+    assert rows == len(batch)
+    assert_rows_close(ref, base)
+    assert_rows_close(old, w.sequence_logprobs(batch.prompt_ids, batch.completion_ids))
+    diff = max(abs(a - b) for r, o in zip(ref, old) for a, b in zip(r, o))
+    assert diff > 1e-3  # nonzero lora_B: the policy is not the reference
+
+
+def test_train_step_updates_only_the_adapter(tiny_model_path, batch):
+    w = make_worker(tiny_model_path,
+                    algorithm={"beta": 0.04, "importance_sampling_correction": True})
+    lora0, base0 = lora_params(w), base_params(w)
+    stats = w.train_step(batch)
+
+    assert set(stats) == {"loss", "grad_norm", "learning_rate", "kl", "clip_fraction",
+                          "gap_mean_abs_diff", "gap_kl", "num_tokens", "time_logprobs_s",
+                          "time_update_s", "peak_memory_gb"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
+    assert stats["num_tokens"] == sum(len(c) for c in batch.completion_ids) == 37
+    assert stats["learning_rate"] == 1e-3 and stats["grad_norm"] > 0
+    assert stats["kl"] > 0  # the adapter (noise in lora_B) moves the policy off the reference
+    assert stats["clip_fraction"] == 0.0  # one iteration: ratio 1
+    assert stats["gap_mean_abs_diff"] > 0 and stats["peak_memory_gb"] == 0.0
+    # TRL's check: every adapter tensor changed, no base weight did.
+    lora1, base1 = lora_params(w), base_params(w)
+    assert len(lora1) == 2 * 2 * 7  # 2 layers x 7 projections x (A, B)
+    unchanged = [n for n in lora0 if torch.equal(lora0[n], lora1[n])]
+    assert not unchanged, f"parameters have not changed: {unchanged}"
+    assert all(torch.equal(base0[n], base1[n]) for n in base0)
+
+    payload = w.export_adapter(version=1)
+    assert payload.version == 1 and len(payload.tensors) == len(lora1)
+    exported = {k.replace(".weight", ".default.weight"): v for k, v in payload.tensors.items()}
+    assert all(torch.equal(exported[n], lora1[n]) for n in lora1)
+
+
+def test_zero_learning_rate_changes_nothing(tiny_model_path, batch):
+    w = make_worker(tiny_model_path, learning_rate=0.0)
+    lora0 = lora_params(w)
+    before = w.sequence_logprobs(batch.prompt_ids, batch.completion_ids)
+    stats = w.train_step(batch)
+    assert stats["grad_norm"] > 0 and stats["learning_rate"] == 0.0
+    assert all(torch.equal(v, lora_params(w)[n]) for n, v in lora0.items())
+    assert w.sequence_logprobs(batch.prompt_ids, batch.completion_ids) == before
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_gradient_accumulation_is_exact_and_masked_rows_count_for_nothing(
+        tiny_model_path, batch, loss_type):
+    algorithm = {"beta": 0.04, "loss_type": loss_type, "importance_sampling_correction": True}
+    # The whole batch in one micro-batch ...
+    w = make_worker(tiny_model_path, algorithm=algorithm, micro_batch_size=len(batch))
+    whole = w._accumulate_gradients(w._prepare(batch))
+    want = {n: p.grad.clone() for n, p in w.model.named_parameters() if p.requires_grad}
+    # ... equals one row at a time, with a masked row (NaN advantage) added in the middle.
+    masked = TrainBatch(batch.prompt_ids[:3] + [[5, 6]] + batch.prompt_ids[3:],
+                        batch.completion_ids[:3] + [[7, 8, 9]] + batch.completion_ids[3:],
+                        batch.advantages[:3] + [math.nan] + batch.advantages[3:],
+                        batch.sampling_logprobs[:3] + [[-1.0] * 3] + batch.sampling_logprobs[3:],
+                        mask=[True] * 3 + [False] + [True] * 3)
+    w.learner.micro_batch_size = 1
+    prepared = w._prepare(masked)
+    assert len(prepared.micro_batches) == 6 and prepared.num_sequences == 6
+    split = w._accumulate_gradients(prepared)
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5, abs=1e-7)
+    assert split["kl"] == pytest.approx(whole["kl"], rel=1e-5)
+    assert any(g.abs().max() > 0 for g in want.values())
+    for n, p in w.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-7)
+
+
+def test_positive_advantage_raises_the_completion_logprob(tiny_model_path, batch):
+    w = make_worker(tiny_model_path, learning_rate=1e-2, algorithm={"beta": 0.0})
+    rows = TrainBatch(batch.prompt_ids[:2], batch.completion_ids[:2], [1.0, -1.0],
+                      batch.sampling_logprobs[:2])
+    before = [sum(r) for r in w.sequence_logprobs(rows.prompt_ids, rows.completion_ids)]
+    stats = w.train_step(rows)
+    after = [sum(r) for r in w.sequence_logprobs(rows.prompt_ids, rows.completion_ids)]
+    assert stats["kl"] == 0.0
+    assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1
+
+
+def test_all_rows_masked_is_a_step_without_update_and_bad_rows_are_named(tiny_model_path, batch):
+    w = make_worker(tiny_model_path, lora_b_seed=None)
+    lora0 = lora_params(w)
+    none = TrainBatch(batch.prompt_ids, batch.completion_ids, batch.advantages,
+                      batch.sampling_logprobs, mask=[False] * len(batch))
+    stats = w.train_step(none)
+    assert stats["num_tokens"] == 0.0 and stats["loss"] == 0.0
+    assert all(torch.equal(v, lora_params(w)[n]) for n, v in lora0.items())
+    bad = TrainBatch(batch.prompt_ids, batch.completion_ids, batch.advantages,
+                     batch.sampling_logprobs[:1] + [[0.0]] + batch.sampling_logprobs[2:])
+    with pytest.raises(ValueError, match=r"sampling_logprobs\[1\]"):
+        w.train_step(bad)
+    with pytest.raises(ValueError, match=r"prompt_ids\[0\] is empty"):
+        w.train_step(TrainBatch([[]], [[1]], [1.0], [[0.0]]))
+
+
+def test_schedule_and_several_iterations(tiny_model_path, batch):
+    # Cosine with 2 warmup steps of 10: lr 0, lr/2, lr, then cosine decay.
+    w = make_worker(tiny_model_path, learning_rate=1e-2, lr_scheduler_type="cosine",
+                    warmup_ratio=0.2, algorithm={"num_iterations": 2, "epsilon": 0.01, "beta": 0.0})
+    rows = TrainBatch(batch.prompt_ids[:2], batch.completion_ids[:2], [1.0, -1.0],
+                      batch.sampling_logprobs[:2])
+    lrs, clip = [], []
+    for _ in range(4):
+        stats = w.train_step(rows)
+        lrs.append(stats["learning_rate"])
+        clip.append(stats["clip_fraction"])
+    want = [0.0, 5e-3, 1e-2, 1e-2 * 0.5 * (1 + math.cos(math.pi * 1 / 8))]
+    assert lrs == pytest.approx(want, rel=1e-6)
+    assert clip[0] == 0.0  # lr 0: the second pass sees ratio 1 as well
+    assert clip[2] > 0  # the second pass's ratio leaves [0.99, 1.01] after a 1e-2 step
