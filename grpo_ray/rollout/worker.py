@@ -149,6 +149,18 @@ class RolloutWorker:
                 out.finish_reasons.append("length" if c.finish_reason == "length" else "stop")
         return out
 
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """The engine's log-probability of each given completion token after its prompt, under
+        the current adapter (at temperature 1): how a test sees that an adapter arrived."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate([{"prompt_token_ids": p + c}
+                                     for p, c in zip(prompt_ids, completion_ids)],
+                                    params, lora_request=self._lora_request, use_tqdm=False)
+        return [[float(lp[t].logprob) for t, lp in zip(c, o.prompt_logprobs[len(p):])]
+                for p, c, o in zip(prompt_ids, completion_ids, outputs)]
+
     def load_adapter(self, payload: AdapterPayload) -> float:
         """Make `payload` the adapter of the next `generate`; returns the seconds it took."""
         from vllm.lora.request import LoRARequest
