@@ -188,6 +188,8 @@ class ClusterConfig:
 
 @dataclass
 class LoggingConfig:
+    progress_bar: bool = True
+    """A bar over steps with reward, accuracy and step time (on a terminal run)."""
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "grpo-ray"

@@ -91,14 +91,42 @@ class WandbSink:
         self.run.finish()
 
 
+class ProgressBar:
+    """A bar over the run's steps with the headline figures; the table prints above it."""
+
+    def __init__(self, total_steps: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=True)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.bar.n = step
+        self.bar.set_postfix({"reward": f"{metrics.get('reward/mean', float('nan')):.3f}",
+                              "acc": f"{metrics.get('accuracy', float('nan')):.2f}",
+                              "step_s": f"{metrics.get('time/step_s', float('nan')):.1f}"})
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class Tracker:
-    """Fans metrics out to the configured sinks and writes completion samples to JSONL."""
+    """Fans metrics out to the configured sinks, writes completion samples to JSONL and, at
+    the end, a plot of reward and accuracy against steps (`curves.png`)."""
 
     def __init__(self, cfg: LoggingConfig, out_dir: str | Path, config: dict[str, Any],
-                 print_fn=print):
-        out = Path(out_dir)
+                 print_fn=print, total_steps: int | None = None):
+        self.out = out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.sinks: list[Sink] = [ConsoleTable(print_fn), JsonlSink(out / "metrics.jsonl")]
+        self.sinks: list[Sink] = [JsonlSink(out / "metrics.jsonl")]
+        if cfg.progress_bar and total_steps and print_fn is print:
+            bar = ProgressBar(total_steps)
+            # rows of the table go above the bar, not through it
+            self.sinks = [ConsoleTable(bar.write), bar, *self.sinks]
+        else:
+            self.sinks.insert(0, ConsoleTable(print_fn))
         if cfg.tensorboard:
             self.sinks.append(TensorBoardSink(out / "tensorboard"))
         if cfg.wandb:
@@ -118,3 +146,27 @@ class Tracker:
         for sink in self.sinks:
             sink.close()
         self.samples.close()
+        if (self.out / "metrics.jsonl").stat().st_size:
+            plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+
+
+def plot_curves(metrics_path: Path, png_path: Path,
+                keys: tuple[str, ...] = ("reward/mean", "accuracy", "format_rate")) -> Path:
+    """Plot the given per-step metrics of a `metrics.jsonl` against steps (one panel each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

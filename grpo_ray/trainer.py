@@ -117,7 +117,8 @@ class Trainer:
         self.rewards = RewardPool(self.actors.reward_workers, cfg.reward.functions,
                                   cfg.reward.timeout_s)
         self.broadcast = AdapterBroadcast()
-        self.tracker = Tracker(cfg.logging, self.out, cfg.to_dict(), self.print)
+        self.tracker = Tracker(cfg.logging, self.out, cfg.to_dict(), self.print,
+                               total_steps=cfg.algorithm.total_steps)
         self.print(f"placed: {self.actors.plan.layout} layout, 1 learner, "
                    f"{len(self.actors.engines)} rollout engine(s), "
                    f"{len(self.actors.reward_workers)} reward worker(s); model {self.model_path}")
