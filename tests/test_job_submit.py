@@ -38,8 +38,9 @@ def head(tmp_path_factory):
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     while time.time() < deadline:
-        ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                            capture_output=True).returncode == 0
+        # ready when a trivial job runs: the job agent starts after the dashboard answers
+        ok = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--",
+                             "python", "-c", "pass"], env=env, capture_output=True).returncode == 0
         if ok:
             break
         time.sleep(2)
