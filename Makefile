@@ -20,7 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/grpo-ray train --config configs/tiny-cpu.yaml
+	@# a fresh run each time (an output dir with checkpoints is only reused with --resume)
+	rm -rf outputs/demo
+	$(VENV)/bin/grpo-ray train --config configs/tiny-cpu.yaml output.dir=outputs/demo
 
 test: setup
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
