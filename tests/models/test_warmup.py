@@ -1,0 +1,80 @@
+"""The supervised warm-up: demonstrations in the strict format, a real fine-tune that lowers the
+completion loss, a saved directory transformers loads, and determinism for a seed."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from grpo_ray.data.prompts import extract_xml_answer
+from grpo_ray.data.synthetic import synthetic_rows
+from grpo_ray.models.warmup import (STRICT_FORMAT, completion_loss, demonstration,
+                                    evaluate_accuracy, sft_warmup, wrong_result)
+
+ROWS = synthetic_rows(32, seed=5)
+
+
+def test_demonstration_is_the_strict_format():
+    row = {"question": "Tom has 3 pens and gets 4 more. How many pens does Tom have now?",
+           "answer": "3 + 4 = 7\n#### 7"}
+    text = demonstration(row)
+    assert text == "<reasoning>\n3 + 4 = 7\n</reasoning>\n<answer>\n7\n</answer>\n"
+    assert STRICT_FORMAT.match(text)
+    wrong = demonstration(row, result="9")
+    assert wrong == "<reasoning>\n3 + 4 = 9\n</reasoning>\n<answer>\n9\n</answer>\n"
+    for r in ROWS:
+        assert STRICT_FORMAT.match(demonstration(r))
+        assert extract_xml_answer(demonstration(r)) == r["answer"].split("####")[1].strip()
+
+
+def test_wrong_result_is_near_never_gold_never_negative():
+    rng = random.Random(0)
+    for gold in ["0", "1", "7", "81"]:
+        drawn = {int(wrong_result(gold, rng)) for _ in range(200)}
+        assert int(gold) not in drawn and min(drawn) >= 0
+        assert max(abs(v - int(gold)) for v in drawn) == 3
+    assert {int(wrong_result("0", rng)) for _ in range(200)} == {1, 2, 3}
+    with pytest.raises(ValueError, match="'1,000'"):
+        wrong_result("1,000", rng)
+
+
+def test_bad_rows_raise():
+    with pytest.raises(ValueError, match="'####'"):
+        demonstration({"question": "q", "answer": "no marker"})
+    with pytest.raises(ValueError, match="'question' and 'answer'"):
+        demonstration({"prompt": "q"})
+
+
+def _loss(path: str) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return completion_loss(model, AutoTokenizer.from_pretrained(path), ROWS).item()
+
+
+def test_sft_warmup_lowers_loss_saves_loadable_and_is_deterministic(tiny_model_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)  # same thread count twice: identical float sums
+    before = _loss(tiny_model_path)
+    a = sft_warmup(tiny_model_path, str(tmp_path / "a"), ROWS, steps=60, batch_size=8, seed=1)
+    after = _loss(str(a))
+    # random init is ~ln(vocab) = 6.9 per token; 60 steps reach 1.8 (the fixed XML tokens)
+    assert before > 5.0 and after < 0.5 * before
+    b = sft_warmup(tiny_model_path, str(tmp_path / "b"), ROWS, steps=60, batch_size=8, seed=1)
+    ma, mb = (AutoModelForCausalLM.from_pretrained(str(p)) for p in (a, b))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    for (name, pa), pb, p0 in zip(ma.named_parameters(), mb.parameters(), base.parameters()):
+        assert torch.equal(pa, pb), name
+        assert not torch.equal(pa, p0), f"{name} did not change: every weight is trained"
+    result = evaluate_accuracy(str(a), ROWS[:4], temperature=1.0, samples=2, seed=0)
+    assert result["n"] == 8 and 0 <= result["accuracy"] <= 1 and 0 <= result["format_rate"] <= 1
+
+
+def test_sft_warmup_rejects_bad_arguments(tiny_model_path, tmp_path):
+    with pytest.raises(ValueError, match="correct_prob"):
+        sft_warmup(tiny_model_path, str(tmp_path), ROWS, steps=1, correct_prob=1.5)
+    with pytest.raises(ValueError, match="no rows"):
+        sft_warmup(tiny_model_path, str(tmp_path), [], steps=1)
