@@ -22,6 +22,8 @@ from grpo_ray.algo.grpo import grpo_loss, probability_gap, truncated_is_weights
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
 from grpo_ray.contracts import AdapterPayload, TrainBatch
 from grpo_ray.learner.logprobs import token_logprobs
+from grpo_ray.weight_sync.adapter import (CudaIpcAdapter, CudaIpcExport, PackedAdapter,
+                                          packed_adapter)
 
 
 @dataclass
@@ -221,6 +223,18 @@ class LearnerWorker:
 
         return adapter_payload(self.model, version)
 
+    def export_packed_adapter(self, version: int, dtype: str | None = None) -> PackedAdapter:
+        """The adapter as AdapterBroadcast ships it: one buffer, cast to the engines' `dtype`
+        on this learner's device before the single copy to the CPU."""
+        return packed_adapter(self.model, version, dtype)
+
+    def export_cuda_ipc_adapter(self, version: int, dtype: str) -> CudaIpcAdapter:
+        """For engines on this learner's GPU: the adapter, cast to `dtype`, stays in one GPU
+        buffer refreshed in place for every version; only a CUDA IPC handle to it travels."""
+        if getattr(self, "_ipc_export", None) is None:
+            self._ipc_export = CudaIpcExport()
+        return self._ipc_export.export(self.model, version, dtype)
+
     def save_adapter(self, path: str) -> str:
         self.model.save_pretrained(path)
         return path
@@ -228,6 +242,61 @@ class LearnerWorker:
     def lora_parameter_norm(self) -> float:
         with torch.no_grad():
             return math.sqrt(sum(p.float().pow(2).sum().item() for p in self.params))
+
+    # ---- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed learner needs, as CPU tensors and plain Python values (loadable
+        with `torch.load(weights_only=True)`): the trainable LoRA parameters by name, optimizer
+        and scheduler state, and the torch / CUDA / `random` / numpy RNG states."""
+        import random
+
+        import numpy as np
+
+        np_state = np.random.get_state()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype("int64")),
+                         "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                         "cached_gaussian": float(np_state[4])}}
+        if torch.cuda.is_available():
+            rng["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+        with torch.no_grad():
+            lora = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
+                    if p.requires_grad}
+        return {"lora": lora, "optimizer": _to_cpu(self.optimizer.state_dict()),
+                "scheduler": self.scheduler.state_dict(), "rng": rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned; tensors go back to this learner's device."""
+        import random
+
+        import numpy as np
+
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(set(params) - set(state["lora"]))
+        unexpected = sorted(set(state["lora"]) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint LoRA parameters do not match this learner's adapter "
+                             f"(lora.target_modules changed?): {len(missing)} missing "
+                             f"{missing[:1]}, {len(unexpected)} unexpected {unexpected[:1]}")
+        for name, p in params.items():
+            t = state["lora"][name]
+            if t.shape != p.shape:
+                raise ValueError(f"checkpoint LoRA parameter {name} has shape {tuple(t.shape)}, "
+                                 f"this learner's has {tuple(p.shape)} (lora.r changed?)")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["lora"][name].to(p.device, p.dtype))
+        # Optimizer.load_state_dict moves each state tensor to its parameter's device.
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        n = rng["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -257,6 +326,17 @@ def _check_prompts(prompts: list[list[int]], rows: list[int] | range) -> None:
     for p, i in zip(prompts, rows):
         if not p:  # the first completion token needs a position to be predicted from
             raise ValueError(f"prompt_ids[{i}] is empty")
+
+
+def _to_cpu(value: Any) -> Any:
+    """A copy of a nested dict/list/tuple with every tensor moved to the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _cat_padded(parts: list[Tensor]) -> Tensor:

@@ -18,7 +18,8 @@ from typing import Any
 
 from grpo_ray.config import LoraConfig, RolloutConfig
 from grpo_ray.contracts import AdapterPayload, Rollout
-from grpo_ray.weight_sync.adapter import tmpfs_root, write_adapter
+from grpo_ray.weight_sync.adapter import (CudaIpcAdapter, PackedAdapter, split_flat, tmpfs_root,
+                                          write_adapter)
 
 
 def _engine_lora_rank(rank: int) -> int:
@@ -32,6 +33,59 @@ def _engine_lora_rank(rank: int) -> int:
     if not fits:
         raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {allowed[-1]}")
     return fits[0]
+
+
+def engine_kwargs(rollout: RolloutConfig, lora: LoraConfig, dtype: str, seed: int,
+                  on_cuda: bool) -> dict[str, Any]:
+    """Arguments of `vllm.LLM` for one rollout engine (also what the throughput benchmark gives
+    plain vLLM). `dtype` is resolved (no `auto`)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs: dict[str, Any] = dict(
+        enable_lora=True, max_loras=1,
+        max_lora_rank=_engine_lora_rank(rollout.max_lora_rank or lora.r),
+        max_model_len=rollout.max_model_len,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        enforce_eager=rollout.enforce_eager, seed=seed, dtype=dtype,
+        enable_prefix_caching=True)
+    if on_cuda:
+        kwargs["tensor_parallel_size"] = rollout.gpus_per_engine
+    if "logprobs_mode" in {f.name for f in dataclasses.fields(EngineArgs)}:
+        # Logprobs after temperature/top-k/top-p, as the learner's log_softmax(logits / T).
+        kwargs["logprobs_mode"] = "processed_logprobs"
+    return kwargs
+
+
+def _add_lora_from_tensors(worker: Any, request: Any, tensors: dict[str, Any]) -> bool:
+    """Runs on each vLLM worker (through `LLM.collective_rpc`): vLLM's own adapter loading (its
+    config checks, name mapping and q/k/v packing in `WorkerLoRAManager._load_adapter`), with the
+    weights taken from `tensors` instead of a safetensors file at `request.lora_path` (which holds
+    only the adapter's config)."""
+    import inspect
+
+    manager = worker.model_runner.lora_manager
+    loader = manager._lora_model_cls
+    weights = {k: v.to(manager.device) for k, v in tensors.items()}
+    accepted = inspect.signature(loader.from_lora_tensors).parameters
+
+    class _FromTensors(loader):  # type: ignore[misc, valid-type]
+        @classmethod
+        def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper=None,
+                                  **kwargs):
+            modules = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in weights}
+            unexpected = sorted(modules - set(expected_lora_modules))
+            if unexpected:
+                raise ValueError(f"adapter targets modules {unexpected} that this engine's model "
+                                 f"cannot apply LoRA to (expected {sorted(expected_lora_modules)})")
+            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+            kwargs["device"] = str(manager.device)
+            return loader.from_lora_tensors(tensors=weights, peft_helper=peft_helper, **kwargs)
+
+    manager._lora_model_cls = _FromTensors
+    try:
+        return manager.add_adapter(request)
+    finally:
+        manager._lora_model_cls = loader
 
 
 _DIR_PREFIX = "grpo_ray-adapters-pid"
@@ -70,25 +124,20 @@ class RolloutWorker:
             # Read by vLLM when the engine starts; whole GiB only.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(rollout.kv_cache_space_gb)))
         from vllm import LLM
-        from vllm.engine.arg_utils import EngineArgs
 
         self.rollout = rollout
         self.engine_index = engine_index
         if dtype == "auto":
             dtype = "bfloat16" if on_cuda else "float32"
-        kwargs: dict[str, Any] = dict(
-            enable_lora=True, max_loras=1,
-            max_lora_rank=_engine_lora_rank(rollout.max_lora_rank or lora.r),
-            max_model_len=rollout.max_model_len,
-            gpu_memory_utilization=rollout.gpu_memory_utilization,
-            enforce_eager=rollout.enforce_eager, seed=seed + engine_index, dtype=dtype,
-            enable_prefix_caching=True)
-        if on_cuda:
-            kwargs["tensor_parallel_size"] = rollout.gpus_per_engine
-        if "logprobs_mode" in {f.name for f in dataclasses.fields(EngineArgs)}:
-            # Logprobs after temperature/top-k/top-p, as the learner's log_softmax(logits / T).
-            kwargs["logprobs_mode"] = "processed_logprobs"
-        self.llm = LLM(model_path, **kwargs)
+        self._dtype = dtype
+        self.llm = LLM(model_path, **engine_kwargs(rollout, lora, dtype, seed + engine_index,
+                                                   on_cuda))
+        # Adapters go to the engine in memory when its workers can be called in this process's
+        # engine core; a separate engine-core process would need them pickled: files then.
+        self._in_memory = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        # One engine GPU: unpack straight onto it (one host-to-device copy of the whole buffer).
+        self._unpack_device = "cuda" if on_cuda and rollout.gpus_per_engine == 1 else "cpu"
+        self._ipc_mapped: Any = None  # the learner's buffer, for CUDA IPC adapters
         self._version = 0
         self._lora_request: Any = None
         root = tmpfs_root()
@@ -101,6 +150,11 @@ class RolloutWorker:
 
     def ready(self) -> bool:
         return True
+
+    def lora_dtype(self) -> str:
+        """dtype in which the engine holds LoRA weights (its model dtype): the learner casts to it
+        before sending, so that half the bytes travel from an fp32 adapter to a bf16 engine."""
+        return self._dtype
 
     def adapter_version(self) -> int:
         """Version of the adapter the next `generate` samples with (0 = base model)."""
@@ -161,19 +215,41 @@ class RolloutWorker:
         return [[float(lp[t].logprob) for t, lp in zip(c, o.prompt_logprobs[len(p):])]
                 for p, c, o in zip(prompt_ids, completion_ids, outputs)]
 
-    def load_adapter(self, payload: AdapterPayload) -> float:
-        """Make `payload` the adapter of the next `generate`; returns the seconds it took."""
+    def load_adapter(self, payload: AdapterPayload | PackedAdapter | CudaIpcAdapter,
+                     from_file: bool = False) -> float:
+        """Make `payload` the adapter of the next `generate`; returns the seconds it took.
+
+        The tensors go to vLLM's LoRA manager in memory (only the config is written, to tmpfs);
+        `from_file` (or an engine core in another process) writes the safetensors file too and
+        lets vLLM read it, as plain vLLM does.
+        """
         from vllm.lora.request import LoRARequest
 
         if payload.version <= self._version:
             raise ValueError(f"adapter version {payload.version} is not newer than the engine's "
                              f"current version {self._version}")
         start = time.perf_counter()
-        path = write_adapter(payload, os.path.join(self._adapter_root, f"v{payload.version}"))
+        in_memory = self._in_memory and not from_file
+        device = self._unpack_device if in_memory else "cpu"
+        if isinstance(payload, CudaIpcAdapter):
+            # Keep the mapping open across versions (the learner refreshes the same buffer); the
+            # engine keeps its own copy, as the learner overwrites that buffer next version.
+            self._ipc_mapped = payload.open()
+            tensors = split_flat(self._ipc_mapped.to(device, copy=True), payload.names,
+                                 payload.shapes)
+        elif isinstance(payload, PackedAdapter):
+            tensors = payload.tensors(device)
+        else:
+            tensors = payload.tensors
+        path = write_adapter(AdapterPayload(payload.version, tensors, payload.peft_config),
+                             os.path.join(self._adapter_root, f"v{payload.version}"),
+                             weights=not in_memory)
         request = LoRARequest(f"adapter-v{payload.version}", payload.version, str(path))
         engine = self.llm.llm_engine
         # Add first: a bad adapter raises here and the previous one stays in use.
-        if not engine.add_lora(request):
+        added = (all(self.llm.collective_rpc(_add_lora_from_tensors, args=(request, tensors)))
+                 if in_memory else engine.add_lora(request))
+        if not added:
             raise RuntimeError(f"vLLM refused adapter version {payload.version} at {path}")
         previous = self._lora_request
         self._lora_request, self._version = request, payload.version

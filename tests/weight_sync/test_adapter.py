@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from grpo_ray.config import ALL_PROJECTIONS, LoraConfig, RolloutConfig
-from grpo_ray.weight_sync.adapter import (AdapterBroadcast, adapter_payload, vllm_lora_name,
-                                          write_adapter)
+from grpo_ray.weight_sync.adapter import (AdapterBroadcast, adapter_payload, packed_adapter,
+                                          vllm_lora_name, write_adapter)
 
 MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
            "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -144,6 +144,9 @@ class TinyLearner:
 
     def export_adapter(self, version: int):
         return adapter_payload(self.model, version)
+
+    def export_packed_adapter(self, version: int, dtype: str | None = None):
+        return packed_adapter(self.model, version, dtype)
 
     def perturb(self, seed: int) -> None:
         torch.manual_seed(seed)

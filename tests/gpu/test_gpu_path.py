@@ -1,0 +1,235 @@
+"""The CUDA path, on a real GPU: the 4-bit QLoRA learner, a vLLM engine actor receiving the
+learner's adapter through Ray, and a colocated run of the whole loop on one GPU.
+
+Run on a GPU machine: `python3 -m pytest -m gpu tests/gpu -s` (CI deselects them with
+`-m "not gpu"`). A small Qwen2 shape (4 layers, hidden 512, head_dim 64) keeps them to minutes.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig, RolloutConfig
+from grpo_ray.contracts import TrainBatch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SMALL_SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)
+VOCAB = 1024
+LORA = LoraConfig(r=16, alpha=32)
+
+
+def learner_config(**kw) -> LearnerConfig:
+    return LearnerConfig(**{"learning_rate": 5e-3, "max_grad_norm": 1e6, "warmup_ratio": 0.0,
+                            "lr_scheduler_type": "constant", "micro_batch_size": 4,
+                            "logprob_chunk_size": 64, **kw})
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    from grpo_ray.models.tiny import save_tiny
+
+    return str(save_tiny(tmp_path_factory.mktemp("small-qwen2"), shape=SMALL_SHAPE,
+                         dtype="bfloat16", vocab_size=VOCAB, device="cuda"))
+
+
+@pytest.fixture(scope="module")
+def ray_gpu():
+    """A local Ray with the machine's GPU (the shared `ray_local` fixture has 2 CPUs, no GPU)."""
+    import ray
+
+    from grpo_ray.cluster.placement import ACTOR_ENV
+
+    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False,
+             log_to_driver=True, runtime_env={"env_vars": ACTOR_ENV})
+    yield ray
+    ray.shutdown()
+
+
+def random_batch(n_prompts: int, group: int, seed: int) -> TrainBatch:
+    g = torch.Generator().manual_seed(seed)
+    prompts, completions, sampling, advantages = [], [], [], []
+    for i in range(n_prompts):
+        prompt = torch.randint(3, VOCAB, (int(torch.randint(8, 40, (1,), generator=g)),),
+                               generator=g).tolist()
+        for j in range(group):
+            n = int(torch.randint(1, 32, (1,), generator=g))
+            prompts.append(prompt)
+            completions.append(torch.randint(3, VOCAB, (n,), generator=g).tolist())
+            sampling.append((-7.0 - torch.rand(n, generator=g)).tolist())
+            advantages.append(float(torch.randn(1, generator=g)))
+    return TrainBatch(prompts, completions, advantages, sampling)
+
+
+def _naive_logprobs(w, prompts, completions) -> list[list[float]]:
+    """Whole-vocabulary logits of the PEFT model's own forward, one unpadded row at a time."""
+    out = []
+    with torch.no_grad(), w._autocast():
+        w.model.eval()
+        for p, c in zip(prompts, completions):
+            logits = w.model(input_ids=torch.tensor([p + c], device="cuda")).logits[0].float()
+            logp = torch.log_softmax(logits[len(p) - 1:len(p) + len(c) - 1], -1)
+            out.append(logp.gather(-1, torch.tensor(c, device="cuda")[:, None])[:, 0].tolist())
+    return out
+
+
+def test_4bit_learner_step_on_cuda(model_path):
+    import bitsandbytes as bnb
+
+    from grpo_ray.learner.worker import LearnerWorker
+
+    w = LearnerWorker(model_path, ModelConfig(), LORA, learner_config(load_in_4bit=True),
+                      AlgorithmConfig(total_steps=5), max_completion_length=32)
+    try:
+        linear4 = [m for m in w.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(linear4) == 7 * SMALL_SHAPE["num_hidden_layers"]
+        state = linear4[0].weight.quant_state
+        assert state.quant_type == "nf4" and state.nested  # NF4 with double quantization
+        assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in w.params)
+
+        batch = random_batch(4, 4, seed=0)
+        got = w.sequence_logprobs(batch.prompt_ids, batch.completion_ids)
+        want = _naive_logprobs(w, batch.prompt_ids, batch.completion_ids)
+        gap = max(abs(a - b) for g, n in zip(got, want) for a, b in zip(g, n))
+        # chunked fp32 lm_head against autocast's bf16 logits of the naive forward (a wrong
+        # position or target would be off by whole nats)
+        assert gap < 5e-2, gap
+
+        lora_before = {n: p.detach().clone() for n, p in w.model.named_parameters()
+                       if p.requires_grad}
+        quant_before = linear4[0].weight.detach().clone()
+        stats = w.train_step(batch)
+        print(f"\n4-bit learner step ({torch.cuda.get_device_name()}): {stats}")
+        assert all(math.isfinite(v) for v in stats.values())
+        assert stats["peak_memory_gb"] > 0 and stats["num_tokens"] > 0
+        changed = [n for n, p in w.model.named_parameters()
+                   if p.requires_grad and not torch.equal(p, lora_before[n])]
+        assert any("lora_B" in n for n in changed) and any("lora_A" in n for n in changed)
+        assert torch.equal(linear4[0].weight, quant_before)  # the 4-bit base never moves
+        after = w.sequence_logprobs(batch.prompt_ids, batch.completion_ids)
+        assert max(abs(a - b) for g, n in zip(after, got) for a, b in zip(g, n)) > 1e-4
+    finally:
+        del w
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _perturb_lora_b(w, seed: int) -> int:
+    """Noise on lora_B (PEFT starts it at zero): the adapter visibly changes the model."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in w.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype))
+    return sum(p.numel() for p in w.params)
+
+
+def _adapter_files(w, version: int) -> list[str]:
+    return sorted(os.listdir(os.path.join(w._adapter_root, f"v{version}")))
+
+
+def _mean_gap(a: list[list[float]], b: list[list[float]]) -> float:
+    pairs = [(x, y) for r, s in zip(a, b) for x, y in zip(r, s)]
+    return sum(abs(x - y) for x, y in pairs) / len(pairs)
+
+
+def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_path):
+    from grpo_ray.learner.worker import LearnerWorker
+    from grpo_ray.rollout.worker import RolloutWorker
+    from grpo_ray.weight_sync.adapter import AdapterBroadcast
+
+    ray = ray_gpu
+    rollout = RolloutConfig(num_generations=4, max_completion_length=16, max_model_len=512,
+                            enforce_eager=True, gpu_memory_utilization=0.25)
+    engine = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=0.5).remote(
+        model_path, rollout, LORA)
+    assert ray.get(engine.ready.remote())
+    # bf16 learner (not 4-bit) so that its log-probs and the bf16 engine's can be compared
+    learner = ray.remote(LearnerWorker).options(num_cpus=1, num_gpus=0.5).remote(
+        model_path, ModelConfig(), LORA, learner_config(load_in_4bit=False),
+        AlgorithmConfig(total_steps=5), 16)
+    try:
+        prompts = [[1, 5, 9, 42, 7], [1, 300, 12, 77]]
+        base = ray.get(engine.generate.remote(prompts, seed=3))
+        assert base.adapter_version == 0 and len(base) == 8
+        base_scores = ray.get(engine.score.remote(base.prompt_ids, base.completion_ids))
+
+        num_params = ray.get(learner.__ray_call__.remote(_perturb_lora_b, 0))
+        sync = AdapterBroadcast()
+        stats = sync.sync(learner, [engine], 1)
+        print(f"\nsync v1 ({torch.cuda.get_device_name()}, {sync.transport}): {stats}")
+        assert sync.transport == "cuda-ipc"  # both actors compute on the one GPU
+        assert ray.get(engine.adapter_version.remote()) == 1
+        assert stats["bytes"] >= 2 * num_params  # bf16 on the wire
+        assert stats["bytes"] < 2 * num_params + 65536
+        assert ray.get(engine.__ray_call__.remote(_adapter_files, 1)) == ["adapter_config.json"]
+        engine_scores = ray.get(engine.score.remote(base.prompt_ids, base.completion_ids))
+        learner_scores = ray.get(learner.sequence_logprobs.remote(base.prompt_ids,
+                                                                  base.completion_ids))
+        gap, moved = _mean_gap(engine_scores, learner_scores), _mean_gap(engine_scores, base_scores)
+        print(f"engine vs learner {gap:.4f}, engine v1 vs v0 {moved:.4f}")
+        assert gap < 0.1 and moved > 3 * gap
+
+        # One real update on the engine's own samples, then version 2 reaches the engine.
+        out = ray.get(engine.generate.remote(prompts, seed=4))
+        assert out.adapter_version == 1
+        batch = TrainBatch(out.prompt_ids, out.completion_ids,
+                           [1.0, -1.0] * (len(out) // 2), out.sampling_logprobs)
+        train = ray.get(learner.train_step.remote(batch))
+        assert train["gap_mean_abs_diff"] < 0.1  # rollout and learner agree before the update
+        stats = sync.sync(learner, [engine], 2)
+        assert ray.get(engine.adapter_version.remote()) == 2
+        assert ray.get(engine.__ray_call__.remote(lambda w: w.llm.llm_engine.list_loras())) == {2}
+        v2_scores = ray.get(engine.score.remote(base.prompt_ids, base.completion_ids))
+        assert _mean_gap(v2_scores, engine_scores) > 1e-4
+    finally:
+        ray.kill(engine)
+        ray.kill(learner)
+
+
+def test_colocated_trainer_on_one_gpu(ray_gpu, model_path, tmp_path):
+    from grpo_ray.config import load_config
+    from grpo_ray.trainer import Trainer
+
+    cfg = load_config("configs/qwen2.5-3b-gsm8k-1gpu.yaml", [
+        f"model.path={model_path}", f"output.dir={tmp_path}", "data.source=synthetic",
+        "data.num_synthetic=64", "rollout.prompts_per_step=4", "rollout.num_generations=4",
+        "rollout.max_completion_length=32", "rollout.max_model_len=512",
+        "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.25",
+        "lora.r=16", "lora.alpha=32", "learner.micro_batch_size=8",
+        "learner.learning_rate=1e-3", "learner.warmup_ratio=0", "algorithm.total_steps=3",
+        "reward.num_workers=2", "logging.tensorboard=false"])
+    assert cfg.cluster.colocate and cfg.learner.load_in_4bit
+    trainer = Trainer(cfg, print_fn=print).setup()
+    try:
+        assert trainer.actors.plan.layout == "colocated"
+        history = trainer.fit()
+        assert [m["adapter_version"] for m in history] == [1.0, 2.0, 3.0]
+        assert ray_gpu.get(trainer.actors.engines[0].adapter_version.remote()) == 3
+        for m in history:
+            for key in ["reward/mean", "learner/loss", "learner/peak_memory_gb", "time/generate_s",
+                        "time/update_s", "sync/total_s", "sync/bytes", "rollout/tokens_per_s"]:
+                assert key in m and math.isfinite(m[key]), key
+            assert m["learner/peak_memory_gb"] > 0
+        # Random weights never write the XML schema: every reward is 0, so every advantage is 0
+        # and the update leaves the adapter where it is (the engine test checks real updates).
+        assert all(m["reward/mean"] == 0 and m["learner/loss"] == 0 for m in history)
+        print(f"\ncolocated steps ({torch.cuda.get_device_name()}): "
+              + "; ".join(f"step {i + 1}: {m['time/step_s']:.2f} s, sync "
+                          f"{1000 * m['sync/total_s']:.1f} ms" for i, m in enumerate(history)))
+        assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    finally:
+        trainer.close()
+
+
+import ray.cloudpickle  # noqa: E402
+
+# Ray's workers cannot import this test module: ship its helpers by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -1,0 +1,82 @@
+"""The packed adapter (one buffer, the engines' dtype) that AdapterBroadcast ships, and the
+engine's in-memory load of it against vLLM's own load from files."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from grpo_ray.config import ALL_PROJECTIONS, LoraConfig, RolloutConfig
+from grpo_ray.weight_sync.adapter import (CONFIG_NAME, adapter_payload, pack_tensors,
+                                          packed_adapter)
+
+
+def _peft(path, seed):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    config = PeftLoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS,
+                            init_lora_weights=False)
+    return get_peft_model(base, config).eval()
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_model_path):
+    return _peft(tiny_model_path, seed=1)
+
+
+def test_packed_holds_the_payloads_tensors_in_one_out_of_band_buffer(peft_model):
+    payload = adapter_payload(peft_model, version=3)
+    packed = packed_adapter(peft_model, version=3)
+    assert packed.version == 3 and packed.peft_config == payload.peft_config
+    assert packed.dtype == "float32" and packed.num_bytes == payload.num_bytes
+    unpacked = packed.tensors()
+    assert list(unpacked) == list(payload.tensors)
+    for name, t in payload.tensors.items():
+        assert torch.equal(unpacked[name], t)
+    # Ray pickles with protocol 5: the whole buffer travels out of band, as one piece.
+    buffers = []
+    pickle.dumps(packed, protocol=5, buffer_callback=buffers.append)
+    assert [b.raw().nbytes for b in buffers] == [payload.num_bytes]
+    # The buffer is a copy: training the model afterwards does not change it.
+    with torch.no_grad():
+        next(p for n, p in peft_model.named_parameters() if "lora_B" in n).add_(1.0)
+    assert torch.equal(packed.payload().tensors[packed.names[0]], payload.tensors[packed.names[0]])
+
+
+def test_cast_to_the_engines_dtype_halves_the_bytes_and_rounds_like_a_cast():
+    tensors = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 8),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(8, 4)}
+    packed = pack_tensors(tensors, 1, {}, dtype="bfloat16")
+    assert packed.dtype == "bfloat16" and packed.num_bytes == 2 * 64
+    for name, t in packed.tensors().items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, tensors[name].to(torch.bfloat16))
+    with pytest.raises(ValueError, match="not a LoRA tensor name"):
+        pack_tensors({"model.embed_tokens.weight": torch.zeros(2)}, 1, {})
+
+
+def test_in_memory_load_equals_vllms_load_from_files(tiny_model_path, peft_model):
+    from grpo_ray.rollout.worker import RolloutWorker
+
+    rollout = RolloutConfig(num_generations=2, max_completion_length=8, max_model_len=256,
+                            enforce_eager=True, kv_cache_space_gb=1)
+    w = RolloutWorker(tiny_model_path, rollout, LoraConfig(r=8, alpha=16), seed=0)
+    try:
+        assert w.lora_dtype() == "float32" and w._in_memory
+        prompt, completion = [[1, 5, 9, 42, 7]], [[11, 12, 13, 14, 15, 16]]
+        base = w.score(prompt, completion)
+        w.load_adapter(packed_adapter(peft_model, version=1, dtype=w.lora_dtype()))
+        assert os.listdir(os.path.join(w._adapter_root, "v1")) == [CONFIG_NAME]  # no weights file
+        in_memory = w.score(prompt, completion)
+        w.load_adapter(adapter_payload(peft_model, version=2), from_file=True)
+        from_file = w.score(prompt, completion)
+        assert w.llm.llm_engine.list_loras() == {2}
+        gap = max(abs(a - b) for a, b in zip(in_memory[0], from_file[0]))
+        moved = max(abs(a - b) for a, b in zip(in_memory[0], base[0]))
+        assert gap < 1e-5 and moved > 1e-2
+    finally:
+        w.close()
