@@ -27,7 +27,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "builtin:tiny"
     """Hugging Face id or local directory of the base model; `builtin:tiny` builds the tiny
-    Qwen2-architecture model and tokenizer in code (no hub needed) under `output.dir`."""
+    Qwen2-architecture model and tokenizer in code (no hub needed) under `output.dir`;
+    `builtin:tiny-warm` is that model after a supervised warm-up on the synthetic train rows
+    that teaches it the XML format with low correctness (the learning benchmark's start; needs
+    `data.source: synthetic`; built once per settings under `output.dir`, ~70 s of one core)."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights dtype of the rollout engines and of the learner's unquantized parts; `auto` is
     bfloat16 on GPU and float32 on CPU."""
@@ -187,6 +190,21 @@ class ClusterConfig:
 
 
 @dataclass
+class EvalConfig:
+    split: str | None = None
+    """Split of held-out prompts; None: `data.eval_split`."""
+    num_samples: int = 64
+    """Held-out prompts evaluated (the first ones, in file order); 0: all of the split."""
+    every_steps: int = 0
+    """Also evaluate every N steps (0: only before the first step and after the last)."""
+    max_tokens: int | None = None
+    """Longest greedy completion; None: `rollout.max_completion_length`."""
+    sanity_question: str = "How many r's are in strawberry?"
+    """Asked without and with the trained adapter, both answers printed (the reference notebook's
+    check, answered greedily here with the XML system prompt both times)."""
+
+
+@dataclass
 class LoggingConfig:
     progress_bar: bool = True
     """A bar over steps with reward, accuracy and step time (on a terminal run)."""
@@ -202,6 +220,9 @@ class OutputConfig:
     dir: str = "outputs/run"
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept under `<dir>/checkpoints` (the newest ones); older ones are deleted once
+    a newer one is complete."""
 
 
 @dataclass
@@ -216,6 +237,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
         """Check the invariants that no single field's type can; returns self."""
@@ -248,12 +270,33 @@ class Config:
         _require(lr.num_gpus >= 0 and r.cpus_per_engine >= 0, "learner.num_gpus", "must be >= 0")
         _require(0 <= lr.warmup_ratio < 1, "learner.warmup_ratio", "must be in [0, 1)")
         _require(bool(self.reward.functions), "reward.functions", "needs at least one function")
+        _require(self.output.save_every >= 0, "output.save_every",
+                 f"must be >= 0 (got {self.output.save_every})")
+        _require(self.output.keep_checkpoints >= 1, "output.keep_checkpoints",
+                 f"must be >= 1 (got {self.output.keep_checkpoints})")
         if self.data.source == "local":
             _require(self.data.path is not None, "data.path", "is required with data.source=local")
         if self.cluster.colocate:
             _require(r.num_engines == 1, "rollout.num_engines",
                      "must be 1 with cluster.colocate (one engine shares the learner's GPU)")
+        self._validate_eval()
         return self
+
+    def _validate_eval(self) -> None:
+        e, r = self.eval, self.rollout
+        _require(e.num_samples >= 0, "eval.num_samples", f"must be >= 0 (got {e.num_samples})")
+        _require(e.every_steps >= 0, "eval.every_steps", f"must be >= 0 (got {e.every_steps})")
+        if e.max_tokens is not None:
+            _require(1 <= e.max_tokens <= r.max_model_len - self.data.max_prompt_length,
+                     "eval.max_tokens", f"must be in [1, rollout.max_model_len - "
+                     f"data.max_prompt_length = {r.max_model_len - self.data.max_prompt_length}] "
+                     f"(got {e.max_tokens})")
+        split = e.split or self.data.eval_split
+        if self.data.source == "local":
+            # a local file is one split: evaluating on it must be asked for, never a default
+            _require(split == self.data.split, "eval.split",
+                     f"data.source=local has one split ({self.data.split!r}, the file "
+                     f"data.path); set eval.split={self.data.split} to evaluate on its rows")
 
     def get(self, dotted: str) -> Any:
         node: Any = self

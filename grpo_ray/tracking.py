@@ -137,6 +137,15 @@ class Tracker:
         for sink in self.sinks:
             sink.log(metrics, step)
 
+    def log_eval(self, metrics: dict[str, float], step: int, tag: str) -> None:
+        """Evaluation metrics: `eval.jsonl` with the tag, and `eval/...` in TensorBoard and
+        W&B; not the console table or `metrics.jsonl`, whose rows are training steps."""
+        with open(self.out / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "tag": tag, **metrics}) + "\n")
+        for sink in self.sinks:
+            if isinstance(sink, (TensorBoardSink, WandbSink)):
+                sink.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         for row in rows:
             self.samples.write(json.dumps({"step": step, **row}) + "\n")

@@ -1,6 +1,9 @@
 """`grpo-ray`: the command line. Imports nothing heavy until a command runs, so `--help` is instant.
 
-    grpo-ray train --config configs/tiny-cpu.yaml [section.key=value ...]
+    grpo-ray train --config configs/tiny-cpu.yaml [--resume] [section.key=value ...]
+    grpo-ray eval --config configs/tiny-cpu.yaml [--adapter DIR] [section.key=value ...]
+    grpo-ray export --config configs/tiny-cpu.yaml [--adapter DIR] [--merge] [--out DIR]
+                    [--dtype bfloat16] [--push-to-hub USER/REPO]
     grpo-ray build-tiny PATH [--shape qwen2.5-3b]
 
 Without an address it starts an embedded local Ray; with `cluster.address` or RAY_ADDRESS (as
@@ -16,6 +19,8 @@ import sys
 def connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None) -> None:
     import ray
 
+    if ray.is_initialized():  # called from a program (or test) that already joined a cluster
+        return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -24,22 +29,123 @@ def connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from grpo_ray.checkpoint import latest_checkpoint
     from grpo_ray.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    # the driver itself never generates, but it may build the tiny model and tokenize prompts
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
-
     from grpo_ray.trainer import Trainer
 
+    cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
+    # before Ray starts: a run that would resume nothing, or overwrite one, fails at once
+    checkpoint = latest_checkpoint(trainer.checkpoints)
+    if args.resume and checkpoint is None:
+        print(f"error: --resume: no checkpoint in {trainer.checkpoints}", file=sys.stderr)
+        return 2
+    if not args.resume and checkpoint is not None:
+        print(f"error: {trainer.checkpoints} already holds checkpoints (latest {checkpoint.name}): "
+              "pass --resume to continue that run, or choose another output.dir", file=sys.stderr)
+        return 2
+    # the driver itself never generates, but it may build the tiny model and tokenize prompts
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    trainer.prepare_data()
+    connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
+
     try:
         trainer.setup()
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
         trainer.fit()
         print(f"adapter saved to {trainer.out / 'adapter'}")
     finally:
         trainer.close()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from grpo_ray.config import load_config
+    from grpo_ray.data.dataset import load_tokenizer
+    from grpo_ray.evaluation import (eval_max_tokens, evaluate, format_metrics, held_out_batch,
+                                     sanity_batch)
+    from grpo_ray.trainer import resolve_model_path
+    from grpo_ray.weight_sync.adapter import read_adapter
+
+    cfg = load_config(args.config, args.overrides)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # prompts and adapter first: bad data or a wrong path fails before any engine starts
+    model_path = resolve_model_path(cfg)
+    tokenizer = load_tokenizer(model_path)
+    held_out, sanity = held_out_batch(cfg, tokenizer), sanity_batch(cfg, tokenizer)
+    try:
+        payload = read_adapter(args.adapter, version=1) if args.adapter else None
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: --adapter: {e}", file=sys.stderr)
+        return 1
+    rollout = cfg.rollout
+    if payload is not None:  # the engine must accept the adapter's rank, whatever lora.r says
+        rank = max(payload.peft_config.get("r", 0), rollout.max_lora_rank or cfg.lora.r)
+        rollout = dataclasses.replace(rollout, max_lora_rank=rank)
+    connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
+
+    import ray
+
+    from grpo_ray.cluster.placement import place_engines
+    from grpo_ray.rollout.worker import RolloutWorker
+
+    group = place_engines(cfg, RolloutWorker, [(model_path, rollout, cfg.lora, cfg.model.dtype,
+                                                cfg.algorithm.seed, 0)])
+    try:
+        if payload is not None:
+            ray.get(group.engines[0].load_adapter.remote(payload))
+        metrics, texts = evaluate(group.engines, held_out, eval_max_tokens(cfg))
+        _, (answer,) = evaluate(group.engines, sanity, eval_max_tokens(cfg))
+    finally:
+        group.shutdown()
+    which = f"adapter {args.adapter}" if args.adapter else "base model"
+    print(f"eval of {which} on {model_path}, {len(held_out)} prompts of split "
+          f"{cfg.eval.split or cfg.data.eval_split!r}:")
+    print(format_metrics(metrics))
+    print(f"sanity check: {cfg.eval.sanity_question!r}\n{answer}")
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = [{"question": q, "gold": g, "completion": t}
+               for q, g, t in zip(held_out.questions, held_out.answers, texts)]
+    (out / "eval.json").write_text(json.dumps(
+        {"model": model_path, "adapter": args.adapter, "split": cfg.eval.split or
+         cfg.data.eval_split, "metrics": metrics, "sanity_question": cfg.eval.sanity_question,
+         "sanity_answer": answer, "samples": samples}, indent=2))
+    print(f"written to {out / 'eval.json'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from grpo_ray.config import load_config
+    from grpo_ray.export import (ExportError, check_adapter, merge_adapter, push_to_hub,
+                                 save_adapter_dir)
+    from grpo_ray.trainer import resolve_model_path
+
+    cfg = load_config(args.config, args.overrides)
+    adapter = args.adapter or str(Path(cfg.output.dir) / "adapter")
+    try:
+        check_adapter(adapter)
+        if args.merge:
+            path = merge_adapter(resolve_model_path(cfg), adapter,
+                                 args.out or str(Path(cfg.output.dir) / "merged"), args.dtype)
+            print(f"merged {args.dtype} model saved to {path}")
+        elif args.out:
+            path = save_adapter_dir(adapter, resolve_model_path(cfg), args.out)
+            print(f"adapter and tokenizer saved to {path}")
+        else:
+            path = Path(adapter)
+        if args.push_to_hub:
+            print(f"pushed {path} to {push_to_hub(str(path), args.push_to_hub)}")
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -58,7 +164,26 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file under configs/ (defaults apply without one)")
     t.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides, applied after the file")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint under output.dir/checkpoints")
     t.set_defaults(run=cmd_train)
+    e = sub.add_parser("eval", help="evaluate the base model or an adapter on held-out prompts")
+    e.add_argument("--config", help="YAML file under configs/ (defaults apply without one)")
+    e.add_argument("--adapter", help="PEFT adapter directory (default: the base model alone)")
+    e.add_argument("overrides", nargs="*", metavar="section.key=value")
+    e.set_defaults(run=cmd_eval)
+    x = sub.add_parser("export", help="save the adapter or merge it into a 16-bit model; "
+                       "optionally push to the Hugging Face Hub (token from HF_TOKEN)")
+    x.add_argument("--config", help="YAML file under configs/ (model.path is the base)")
+    x.add_argument("--adapter", help="PEFT adapter directory (default: <output.dir>/adapter)")
+    x.add_argument("--merge", action="store_true",
+                   help="merge the adapter into the base model (default out: <output.dir>/merged)")
+    x.add_argument("--out", help="directory to write (without --merge: adapter + tokenizer)")
+    x.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="weights dtype of the merged model")
+    x.add_argument("--push-to-hub", metavar="REPO", help="upload the result to this Hub repo")
+    x.add_argument("overrides", nargs="*", metavar="section.key=value")
+    x.set_defaults(run=cmd_export)
     b = sub.add_parser("build-tiny", help="build a random-weight Qwen2 model and tokenizer")
     b.add_argument("path")
     b.add_argument("--shape", choices=["tiny", "qwen2.5-3b"], default="tiny")
@@ -69,13 +194,20 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from grpo_ray.cluster.placement import PlacementError
     from grpo_ray.config import ConfigError
+    from grpo_ray.data.dataset import DataError
 
+    # what a user can fix gets one line naming the culprit, not a traceback
     try:
         return args.run(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+    except PlacementError as e:
+        print(f"placement error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -9,6 +10,11 @@ import pytest
 # place and to clean up than its default subprocess.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray workers of every cluster a test starts inherit this: user reward modules of the tests
+# (tests/rewards_for_tests.py) import by path there, as a user's own module would.
+_here = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_here, os.environ.get("PYTHONPATH")) if p)
+sys.path.insert(0, _here)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,11 @@ def trainer(ray_local, tiny_model_path, tmp_path_factory):
     cfg = load_config("configs/tiny-cpu.yaml", [f"output.dir={out}", f"model.path={tiny_model_path}",
                                                 "algorithm.total_steps=2",
                                                 "learner.learning_rate=5e-3",
-                                                "learner.warmup_ratio=0"])
+                                                "learner.warmup_ratio=0",
+                                                # a random model's samples all score 0 on the
+                                                # recipe's rewards: add one they differ in
+                                                "reward.functions=[{name: correctness}, "
+                                                "{name: 'rewards_for_tests:text_length'}]"])
     lines: list[str] = []
     t = Trainer(cfg, print_fn=lines.append).setup()
     t.lines = lines
@@ -53,7 +57,8 @@ def test_steps_move_the_engines_adapter(trainer):
         before = after
 
     for m in history:
-        for key in ["reward/mean", "reward/std", "reward/correctness/mean", "accuracy",
+        for key in ["reward/mean", "reward/std", "reward/correctness/mean",
+                    "reward/text_length/mean", "accuracy",
                     "format_rate", "completion_length", "learner/kl", "learner/clip_fraction",
                     "learner/loss", "learner/grad_norm", "learner/learning_rate",
                     "learner/gap_mean_abs_diff", "learner/gap_kl", "time/generate_s",

@@ -129,7 +129,8 @@ class Actors:
         from ray.util.placement_group import remove_placement_group
 
         for actor in [self.learner, *self.engines, *self.reward_workers]:
-            ray.kill(actor)
+            if actor is not None:  # engines-only groups (evaluation) have no learner
+                ray.kill(actor)
         remove_placement_group(self.placement_group)
 
 
@@ -141,47 +142,80 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     from grpo_ray.reward.pool import build_reward_workers
 
     import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     nodes = cluster_nodes()
-    has_gpu = any(n.get("GPU", 0) > 0 for n in nodes)
-    use_gpu = has_gpu if cfg.cluster.use_gpu is None else cfg.cluster.use_gpu
-    if use_gpu and not has_gpu:
-        raise PlacementError("cluster.use_gpu is true but the Ray cluster has no GPUs "
-                             f"({len(nodes)} node(s), {_fmt({'CPU': sum(n.get('CPU', 0) for n in nodes)})})")
-    plan = plan_placement(cfg, use_gpu)
+    plan = plan_placement(cfg, _use_gpu(cfg, nodes))
     check_fits(plan, nodes)
-
-    # PACK keeps a node's bundles together but spreads over nodes when one is too small.
-    pg = placement_group(plan.bundles, strategy="PACK", name="grpo-ray")
-    try:
-        ray.get(pg.ready(), timeout=cfg.cluster.placement_timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        from ray.util.placement_group import remove_placement_group
-
-        remove_placement_group(pg)
-        raise PlacementError(f"placement group {_fmt(plan.total())} not ready after "
-                             f"{cfg.cluster.placement_timeout_s:g} s (cluster.placement_timeout_s): "
-                             "other jobs hold those resources, or the autoscaler could not add "
-                             "them") from None
-
-    def options(resources: dict[str, float], bundle: int) -> dict[str, Any]:
-        return dict(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
-                    runtime_env={"env_vars": ACTOR_ENV},
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        placement_group=pg, placement_group_bundle_index=bundle))
-
-    engines = [ray.remote(engine_cls).options(**options(plan.engine, b)).remote(*args)
+    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray")
+    engines = [ray.remote(engine_cls).options(**_actor_options(pg, plan.engine, b)).remote(*args)
                for b, args in zip(plan.engine_bundles, engine_args)]
     if plan.layout == "colocated":
         # vLLM sizes its KV cache from the GPU memory it sees free while it starts: let it
         # finish before the learner takes its share of the same GPU.
         ray.get([e.__ray_ready__.remote() for e in engines])
     learner = ray.remote(learner_cls).options(
-        **options(plan.learner, plan.learner_bundle)).remote(*learner_args)
+        **_actor_options(pg, plan.learner, plan.learner_bundle)).remote(*learner_args)
     rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
                                    plan.reward["CPU"], runtime_env={"env_vars": ACTOR_ENV})
     # constructors run remotely: surface their errors (a bad model path, say) here, at once
     ray.get([a.__ray_ready__.remote() for a in [learner, *engines]])
     return Actors(learner, engines, rewards, pg, plan)
+
+
+def _use_gpu(cfg: Config, nodes: list[dict[str, float]]) -> bool:
+    has_gpu = any(n.get("GPU", 0) > 0 for n in nodes)
+    use_gpu = has_gpu if cfg.cluster.use_gpu is None else cfg.cluster.use_gpu
+    if use_gpu and not has_gpu:
+        raise PlacementError("cluster.use_gpu is true but the Ray cluster has no GPUs "
+                             f"({len(nodes)} node(s), {_fmt({'CPU': sum(n.get('CPU', 0) for n in nodes)})})")
+    return use_gpu
+
+
+def _reserve(plan: Plan, timeout_s: float, name: str) -> Any:
+    """A ready placement group of the plan's bundles, or PlacementError after `timeout_s`."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    # PACK keeps a node's bundles together but spreads over nodes when one is too small.
+    pg = placement_group(plan.bundles, strategy="PACK", name=name)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise PlacementError(f"placement group {_fmt(plan.total())} not ready after "
+                             f"{timeout_s:g} s (cluster.placement_timeout_s): "
+                             "other jobs hold those resources, or the autoscaler could not add "
+                             "them") from None
+    return pg
+
+
+def _actor_options(pg: Any, resources: dict[str, float], bundle: int) -> dict[str, Any]:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return dict(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
+                runtime_env={"env_vars": ACTOR_ENV},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=bundle))
+
+
+def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> Actors:
+    """Rollout engines alone (evaluation), each with the resources training gives it, in their
+    own placement group; `learner` is None and there are no reward workers. Returns once every
+    engine has started."""
+    import ray
+
+    nodes = cluster_nodes()
+    full = plan_placement(cfg, _use_gpu(cfg, nodes))
+    n = len(engine_args)
+    plan = Plan(full.layout, [dict(full.engine) for _ in range(n)], -1, {}, list(range(n)),
+                full.engine, 0, full.reward, [f"rollout engine {i}" for i in range(n)])
+    check_fits(plan, nodes)
+    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray-engines")
+    engines = [ray.remote(engine_cls).options(**_actor_options(pg, plan.engine, b)).remote(*args)
+               for b, args in zip(plan.engine_bundles, engine_args)]
+    try:
+        ray.get([e.__ray_ready__.remote() for e in engines])
+    except BaseException:
+        Actors(None, engines, [], pg, plan).shutdown()
+        raise
+    return Actors(None, engines, [], pg, plan)

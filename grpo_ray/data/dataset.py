@@ -20,6 +20,10 @@ _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _EVAL_SEED_OFFSET = 1
 
 
+
+class DataError(ValueError):
+    """Data that cannot be trained on (a bad row, a missing file); the message names it."""
+
 def load_rows(cfg: DataConfig, split: str | None = None) -> list[dict[str, str]]:
     """Rows `{"question", "answer" (full text), "gold" (after '####')}` of one split.
 
@@ -32,7 +36,7 @@ def load_rows(cfg: DataConfig, split: str | None = None) -> list[dict[str, str]]
     split = split or cfg.split
     if cfg.source == "synthetic":
         if split not in (cfg.split, cfg.eval_split):
-            raise ValueError(f"data.source=synthetic has splits {cfg.split!r} and "
+            raise DataError(f"data.source=synthetic has splits {cfg.split!r} and "
                              f"{cfg.eval_split!r}, not {split!r}")
         train = synthetic_rows(cfg.num_synthetic, cfg.seed, cfg.synthetic_max_value)
         if split == cfg.split:
@@ -43,7 +47,7 @@ def load_rows(cfg: DataConfig, split: str | None = None) -> list[dict[str, str]]
         return _validated(raw, f"data.source=synthetic split {split!r}")
     if cfg.source == "local":
         if split != cfg.split:
-            raise ValueError(f"data.source=local has one split ({cfg.split!r}, the file "
+            raise DataError(f"data.source=local has one split ({cfg.split!r}, the file "
                              f"data.path={cfg.path}), not {split!r}")
         return _validated(_load_local(cfg.path), f"data.path={cfg.path}")
     if cfg.source == "hub":
@@ -51,18 +55,18 @@ def load_rows(cfg: DataConfig, split: str | None = None) -> list[dict[str, str]]
 
         ds = datasets.load_dataset(cfg.name, cfg.subset, split=split)
         return _validated(ds, f"data.name={cfg.name} ({cfg.subset}, {split})")
-    raise ValueError(f"data.source: unknown source {cfg.source!r}")
+    raise DataError(f"data.source: unknown source {cfg.source!r}")
 
 
 def _load_local(path: str | None) -> Any:
     if path is None:
-        raise ValueError("data.path: is required with data.source=local")
+        raise DataError("data.path: is required with data.source=local")
     fmt = _LOCAL_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise ValueError(f"data.path={path}: unknown file type (expected one of "
+        raise DataError(f"data.path={path}: unknown file type (expected one of "
                          f"{', '.join(_LOCAL_FORMATS)})")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"data.path={path}: file not found")
+        raise DataError(f"data.path={path}: file not found")
     import datasets
 
     # A single local file always loads as the "train" split of `datasets`.
@@ -75,16 +79,16 @@ def _validated(rows: Any, source: str) -> list[dict[str, str]]:
     if columns is not None:
         for col in ("question", "answer"):
             if col not in columns:
-                raise ValueError(f"{source}: no {col!r} column (columns: {', '.join(columns)})")
+                raise DataError(f"{source}: no {col!r} column (columns: {', '.join(columns)})")
     if len(rows) == 0:
-        raise ValueError(f"{source}: no rows")
+        raise DataError(f"{source}: no rows")
     if columns is not None:
         rows = rows.to_list()  # one conversion instead of a per-row Arrow lookup
     out = []
     for i, row in enumerate(rows):
         problem = _row_problem(row)
         if problem is not None:
-            raise ValueError(f"{source} row {i}: {problem}")
+            raise DataError(f"{source} row {i}: {problem}")
         gold = gold_answer(row["answer"])
         out.append({"question": row["question"], "answer": row["answer"], "gold": gold})
     return out
@@ -117,7 +121,7 @@ def load_tokenizer(path: str) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"model.path={path}: the tokenizer has neither a pad nor an EOS token")
+            raise DataError(f"model.path={path}: the tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -136,11 +140,11 @@ class PromptIterator:
                  max_prompt_length: int, system_prompt: str | None = None,
                  seed: int = 3407) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+            raise DataError(f"batch_size must be >= 1 (got {batch_size})")
         if len(rows) < batch_size:
-            raise ValueError(f"{len(rows)} rows cannot fill one batch of {batch_size} prompts")
+            raise DataError(f"{len(rows)} rows cannot fill one batch of {batch_size} prompts")
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
+            raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
                              "template: prompts need one (use an instruct/chat model)")
         self.rows = rows
         self.batch_size = batch_size
@@ -155,7 +159,7 @@ class PromptIterator:
         too_long = [i for i, ids in enumerate(self.prompt_ids) if len(ids) > max_prompt_length]
         if too_long:
             i = too_long[0]
-            raise ValueError(f"row {i}: prompt is {len(self.prompt_ids[i])} tokens with the chat "
+            raise DataError(f"row {i}: prompt is {len(self.prompt_ids[i])} tokens with the chat "
                              f"template, above max_prompt_length={max_prompt_length} "
                              f"({len(too_long)} of {len(rows)} rows are too long)")
         self._order_epoch = -1
@@ -197,11 +201,11 @@ class PromptIterator:
         """Continue where the saved iterator stopped; its seed wins over this one's, since the
         point is to replay the saved run's order."""
         if state.get("num_rows", len(self.rows)) != len(self.rows):
-            raise ValueError(f"iterator state was saved with {state['num_rows']} rows, this "
+            raise DataError(f"iterator state was saved with {state['num_rows']} rows, this "
                              f"iterator has {len(self.rows)}: the data changed since the "
                              "checkpoint")
         if not 0 <= state["position"] <= len(self.rows) - self.batch_size:
-            raise ValueError(f"iterator state position={state['position']} does not fit "
+            raise DataError(f"iterator state position={state['position']} does not fit "
                              f"{len(self.rows)} rows in batches of {self.batch_size}")
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
         self._order_epoch = -1

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grpo_ray.config import DataConfig
-from grpo_ray.data.dataset import PromptIterator, load_rows, load_tokenizer
+from grpo_ray.data.dataset import DataError, PromptIterator, load_rows, load_tokenizer
 from grpo_ray.data.prompts import SYSTEM_PROMPT
 
 # The first rows of GSM8K's train split.
@@ -77,7 +77,7 @@ def test_missing_column_and_bad_paths(tmp_path):
         load_rows(_local(path))
     with pytest.raises(ValueError, match=r"^data.path=.*rows.csv: unknown file type"):
         load_rows(_local(tmp_path / "rows.csv"))
-    with pytest.raises(FileNotFoundError, match=r"^data.path=.*nowhere.jsonl: file not found$"):
+    with pytest.raises(DataError, match=r"^data.path=.*nowhere.jsonl: file not found$"):
         load_rows(_local(tmp_path / "nowhere.jsonl"))
     with pytest.raises(ValueError, match=r"data.source=local has one split \('train'"):
         load_rows(_local(path), "test")

@@ -1,0 +1,232 @@
+"""Held-out evaluation through the rollout engines: greedy answers to the first prompts of a split,
+scored for accuracy (the reference's exact string match and our numeric match), format adherence
+(strict and soft) and reasoning length.
+
+`score_completions` is pure (no Ray, no model); `evaluate` only moves prompts to the engines and
+texts back. The engines generate with whatever adapter they hold, so the same call measures the
+base model (adapter version 0) before training and the trained adapter after it.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from grpo_ray.config import Config
+from grpo_ray.contracts import PromptBatch, Rollout
+
+STOP = ["</answer>"]
+"""Greedy answers stop right after the answer closes, as the XML schema ends there."""
+
+_REASONING = re.compile(r"<reasoning>(.*?)</reasoning>", re.DOTALL)
+
+# (metric key, label) of the side-by-side table, in display order
+TABLE = [
+    ("accuracy_exact", "accuracy (exact string)"),
+    ("accuracy_numeric", "accuracy (numeric)"),
+    ("strict_format", "strict format"),
+    ("soft_format", "soft format"),
+    ("reasoning_words_mean", "reasoning words, mean"),
+    ("reasoning_words_p10", "reasoning words, p10"),
+    ("reasoning_words_p50", "reasoning words, p50"),
+    ("reasoning_words_p90", "reasoning words, p90"),
+    ("completion_tokens_mean", "completion tokens, mean"),
+    ("truncated_rate", "truncated"),
+]
+
+
+def reasoning_words(text: str) -> int:
+    """Words (whitespace-separated) inside the first `<reasoning>...</reasoning>`; 0 when there
+    is no closed reasoning block, so a model that skips or never ends its reasoning counts as
+    reasoning for zero words."""
+    match = _REASONING.search(text)
+    return len(match.group(1).split()) if match else 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's
+    default): for [1, 2, 3, 4], p50 = 2.5 and p10 = 1.3."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def score_completions(texts: list[str], golds: list[str],
+                      completion_lengths: list[int] | None = None) -> dict[str, float]:
+    """Rates over the completions (each in [0, 1]) and reasoning-length statistics.
+
+    - `accuracy_exact`: the reference's rule, the text between the last `<answer>` and the next
+      `</answer>` equals the gold string (a completion without tags is its own answer);
+    - `accuracy_numeric`: both tags present and the answer equals the gold as a number
+      ("18.0", "$18", "1,000" match "18", "18", "1000");
+    - `strict_format` / `soft_format`: the fixed-mode format rewards are positive;
+    - `reasoning_words_{mean,p10,p50,p90}`: see `reasoning_words`;
+    - `completion_tokens_mean`, when `completion_lengths` (tokens per completion) is given.
+    """
+    from grpo_ray.data.prompts import extract_xml_answer
+    from grpo_ray.reward.functions import (answers_match, extract_answer, soft_format_reward,
+                                           strict_format_reward)
+
+    if len(texts) != len(golds):
+        raise ValueError(f"{len(texts)} completions but {len(golds)} gold answers")
+    if completion_lengths is not None and len(completion_lengths) != len(texts):
+        raise ValueError(f"{len(completion_lengths)} completion lengths for {len(texts)} "
+                         "completions")
+    if not texts:
+        raise ValueError("no completions to score")
+
+    def rate(flags: list[bool]) -> float:
+        return sum(flags) / len(flags)
+
+    words = [float(reasoning_words(t)) for t in texts]
+    out = {
+        "accuracy_exact": rate([extract_xml_answer(t) == g.strip() for t, g in zip(texts, golds)]),
+        "accuracy_numeric": rate([answers_match(extract_answer(t), g)
+                                  for t, g in zip(texts, golds)]),
+        "strict_format": rate([s > 0 for s in strict_format_reward([], texts)]),
+        "soft_format": rate([s > 0 for s in soft_format_reward([], texts)]),
+        "reasoning_words_mean": sum(words) / len(words),
+        **{f"reasoning_words_p{q}": percentile(words, q) for q in (10, 50, 90)},
+    }
+    if completion_lengths is not None:
+        out["completion_tokens_mean"] = sum(completion_lengths) / len(completion_lengths)
+    return out
+
+
+def evaluate(engines: list[Any], batch: PromptBatch,
+             max_tokens: int) -> tuple[dict[str, float], list[str]]:
+    """Greedy completions of every prompt of `batch` from `engines` (Ray actor handles of
+    RolloutWorker; contiguous slices, one `ray.get` for all), stopped after `</answer>`, scored
+    against `batch.answers`. Returns the metrics (`score_completions`' plus `truncated_rate`,
+    `num_samples`, `adapter_version`) and the completion texts in prompt order."""
+    import ray
+
+    if not engines:
+        raise ValueError("evaluate needs at least one engine")
+    slices = _slices(len(batch), len(engines))
+    refs = [e.generate.remote(batch.prompt_ids[a:b], temperature=0, max_tokens=max_tokens,
+                              stop=STOP) for e, (a, b) in zip(engines, slices) if b > a]
+    rollout = Rollout.concat(ray.get(refs))
+    metrics = score_completions(rollout.completion_texts, batch.answers,
+                                [len(c) for c in rollout.completion_ids])
+    metrics["truncated_rate"] = (sum(r == "length" for r in rollout.finish_reasons)
+                                 / len(rollout.finish_reasons))
+    metrics["num_samples"] = float(len(batch))
+    metrics["adapter_version"] = float(rollout.adapter_version)
+    return metrics, rollout.completion_texts
+
+
+def evaluate_sampled(engines: list[Any], batch: PromptBatch, samples: int, max_tokens: int,
+                     temperature: float = 1.0, seed: int = 0,
+                     max_call_tokens: int = 4096) -> dict[str, float]:
+    """Like `evaluate`, but `samples` completions per prompt sampled at `temperature` (not
+    stopped at `</answer>`: as the policy samples in training), so that rates move smoothly
+    with the policy rather than with a few greedy flips.
+
+    Completion j of prompt i is its own request with seed `seed + i * samples + j`, whatever
+    the number of engines: a fixed seed gives the same draws for the same adapter, and no two
+    completions share a seed. Requests go in calls whose prompts total at most
+    `max_call_tokens` (the engine's `max_num_batched_tokens`, vLLM's default 4096): a seeded
+    request whose prompt is split over scheduler steps fails on vLLM's CPU engine ("CPU
+    Generator does not use offset"). Returns `score_completions`' metrics over all
+    `len(batch) * samples` completions plus `truncated_rate`, `num_samples` (prompts),
+    `num_completions` and `adapter_version`."""
+    import ray
+
+    if not engines:
+        raise ValueError("evaluate_sampled needs at least one engine")
+    if samples < 1 or temperature <= 0:
+        raise ValueError(f"evaluate_sampled: needs samples >= 1 and temperature > 0 "
+                         f"(got {samples}, {temperature})")
+    requests = [ids for ids in batch.prompt_ids for _ in range(samples)]
+    calls, start, tokens = [], 0, 0
+    for k, ids in enumerate(requests):
+        if k > start and tokens + len(ids) > max_call_tokens:
+            calls.append((start, k))
+            start, tokens = k, 0
+        tokens += len(ids)
+    calls.append((start, len(requests)))
+    refs = [engines[c % len(engines)].generate.remote(
+                requests[a:b], n=1, temperature=temperature, max_tokens=max_tokens, seed=seed + a)
+            for c, (a, b) in enumerate(calls)]
+    rollout = Rollout.concat(ray.get(refs))
+    golds = [batch.answers[k // samples] for k in rollout.prompt_index]
+    metrics = score_completions(rollout.completion_texts, golds,
+                                [len(c) for c in rollout.completion_ids])
+    metrics["truncated_rate"] = (sum(r == "length" for r in rollout.finish_reasons)
+                                 / len(rollout.finish_reasons))
+    metrics["num_samples"] = float(len(batch))
+    metrics["num_completions"] = float(len(rollout))
+    metrics["adapter_version"] = float(rollout.adapter_version)
+    return metrics
+
+
+def _slices(n: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous [start, end) ranges covering n items, sizes differing by at most one
+    (unlike PromptBatch.split, nothing is dropped: every held-out prompt counts)."""
+    size, extra = divmod(n, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def prompt_batch(rows: list[dict[str, str]], tokenizer: Any, max_prompt_length: int,
+                 system_prompt: str | None = None) -> PromptBatch:
+    """Rows `{"question", "gold"}` as one PromptBatch, in their order, tokenized as training
+    prompts are (chat template, system prompt, length check)."""
+    from grpo_ray.data.dataset import PromptIterator
+
+    prompts = PromptIterator(rows, tokenizer, len(rows), max_prompt_length, system_prompt)
+    return PromptBatch([list(ids) for ids in prompts.prompt_ids], prompts.messages,
+                       [r["gold"] for r in rows], [r["question"] for r in rows])
+
+
+def held_out_batch(cfg: Config, tokenizer: Any) -> PromptBatch:
+    """The first `eval.num_samples` rows (all when 0) of `eval.split` (default
+    `data.eval_split`), in file order: the same prompts before and after training."""
+    from grpo_ray.data.dataset import load_rows
+
+    rows = load_rows(cfg.data, cfg.eval.split or cfg.data.eval_split)
+    if cfg.eval.num_samples:
+        rows = rows[:cfg.eval.num_samples]
+    return prompt_batch(rows, tokenizer, cfg.data.max_prompt_length, cfg.data.system_prompt)
+
+
+def sanity_batch(cfg: Config, tokenizer: Any) -> PromptBatch:
+    """The fixed sanity question (no gold answer) as a one-prompt batch."""
+    rows = [{"question": cfg.eval.sanity_question, "gold": ""}]
+    return prompt_batch(rows, tokenizer, cfg.data.max_prompt_length, cfg.data.system_prompt)
+
+
+def eval_max_tokens(cfg: Config) -> int:
+    return cfg.eval.max_tokens or cfg.rollout.max_completion_length
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """One aligned line per evaluation metric present."""
+    rows = [(label, metrics[key]) for key, label in TABLE if key in metrics]
+    width = max(len(label) for label, _ in rows) if rows else 0
+    return "\n".join(f"{label:<{width}}  {value:>8.3f}" for label, value in rows)
+
+
+def format_side_by_side(before: dict[str, float], after: dict[str, float],
+                        labels: tuple[str, str] = ("before", "after")) -> str:
+    """An aligned text table of the evaluation metrics: one row per metric present in either,
+    columns before, after and their difference."""
+    def cell(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
+
+    rows = [(label, before.get(key), after.get(key)) for key, label in TABLE
+            if key in before or key in after]
+    width = max(len(r[0]) for r in rows) if rows else 6
+    lines = [f"{'metric':<{width}}  {labels[0]:>8}  {labels[1]:>8}  {'change':>8}"]
+    for label, b, a in rows:
+        change = f"{a - b:+.3f}" if a is not None and b is not None else ""
+        lines.append(f"{label:<{width}}  {cell(b):>8}  {cell(a):>8}  {change:>8}")
+    return "\n".join(lines)

@@ -1,0 +1,6 @@
+"""A user reward, imported by path on the reward actors (tests/ is on their PYTHONPATH)."""
+
+
+def text_length(prompts, completions, **kwargs):
+    """Longer completions score higher: a signal even a random model's samples differ in."""
+    return [len(c[0]["content"]) / 100 for c in completions]
