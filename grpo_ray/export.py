@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
+
+from grpo_ray.atomic import replace_directory
 
 DTYPES = ("bfloat16", "float16", "float32")
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -46,22 +47,7 @@ def write_directory(directory: str | Path, fill: Callable[[Path], None]) -> Path
             (directory / n).is_file() for n in ("config.json", "adapter_config.json")):
         raise ExportError(f"{directory}: exists and is not a model or adapter directory; "
                           "choose another output directory")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        fill(tmp)
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return replace_directory(directory, fill)
 
 
 def merge_adapter(base_path: str, adapter_path: str, out_dir: str,

@@ -19,15 +19,14 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grpo_ray.atomic import replace_directory
 from grpo_ray.contracts import AdapterPayload
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -242,27 +241,13 @@ def write_adapter(payload: AdapterPayload, directory: str | Path, weights: bool 
     """
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    def fill(tmp: Path) -> None:
         if weights:
             save_file({vllm_lora_name(k): v for k, v in payload.tensors.items()},
                       str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(payload.peft_config, indent=2, sort_keys=True))
-        if directory.exists():
-            # rename() cannot replace a non-empty directory: move the old one aside first.
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+
+    return replace_directory(directory, fill)
 
 
 

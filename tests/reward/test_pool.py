@@ -12,7 +12,7 @@ from grpo_ray.reward.functions import get_reward_functions
 from grpo_ray.reward.pool import RewardPool, RewardWorker, _shards, build_reward_workers
 
 MODULE = "grpo_ray_pool_test_rewards"
-CUSTOM = f'''
+CUSTOM = '''
 import time
 
 def columns_check(prompts, completions, answer, question, completion_ids, **kwargs):
