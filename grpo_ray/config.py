@@ -30,7 +30,7 @@ class ModelConfig:
     Qwen2-architecture model and tokenizer in code (no hub needed) under `output.dir`;
     `builtin:tiny-warm` is that model after a supervised warm-up on the synthetic train rows
     that teaches it the XML format with low correctness (the learning benchmark's start; needs
-    `data.source: synthetic`; built once per settings under `output.dir`, ~70 s of one core)."""
+    `data.source: synthetic`; built once per settings under `output.dir`, ~45 s on 2 cores)."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights dtype of the rollout engines and of the learner's unquantized parts; `auto` is
     bfloat16 on GPU and float32 on CPU."""
