@@ -39,7 +39,7 @@ from common import ensure_model; ensure_model('$MODEL'); print('model at $MODEL'
       run step "${STEP_LIMIT:-320}" python3 benchmarks/grpo_step.py --model "$MODEL" \
         --json "$OUT/step.json";;
     cli)
-      run cli "${CLI_LIMIT:-240}" python3 -m grpo_ray.train train \
+      run cli "${CLI_LIMIT:-240}" python3 -m grpo_ray train \
         --config configs/qwen2.5-3b-gsm8k-1gpu.yaml "model.path=$MODEL" data.source=synthetic \
         algorithm.total_steps=3 output.dir=/tmp/grpo-cli-run;;
     rollout)

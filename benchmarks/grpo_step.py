@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from grpo_ray.train import connect_ray
+    from grpo_ray.cli import connect_ray
     from grpo_ray.trainer import Trainer
 
     connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)

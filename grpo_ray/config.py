@@ -1,54 +1,85 @@
 """One typed config tree: every default lives here, YAML files hold what differs, dotted
 command-line overrides (`rollout.num_engines=2`) apply last.
 
-Unknown keys, wrong types and broken invariants raise `ConfigError` with a one-line message that
-names the key, before anything starts. Field names follow TRL's `GRPOConfig` where they mean the
-same thing (`num_generations`, `beta`, `epsilon`, `loss_type`, `scale_rewards`, ...).
+The tree is pydantic models that forbid unknown keys; each field is documented once, by the
+docstring under it. Unknown keys, wrong types and broken invariants raise `ConfigError` with a
+one-line message that names the key, before anything starts. Values derived from several fields
+(the engines' LoRA rank, the evaluation split, the colocated GPU shares, ...) are properties of
+`Config`, computed here and nowhere else. Field names follow TRL's `GRPOConfig` where they mean
+the same thing (`num_generations`, `beta`, `epsilon`, `loss_type`, `scale_rewards`, ...).
 """
 from __future__ import annotations
 
-import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user can fix (a config key, a data row, a path, the cluster's size): the
+    command line prints its one-line message and exits with code 2, no traceback."""
+
+    kind = "error"
+    """What the command line prints before the message (`config error: ...`)."""
+
+
+class ConfigError(UserError, ValueError):
     """A config that cannot run; the message names the key."""
 
+    kind = "config error"
 
-@dataclass
-class ModelConfig:
+
+class _Section(BaseModel):
+    # Docstrings under the fields are their documentation (and pydantic's descriptions).
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True,
+                              validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        """YAML's `true` is not a number: pydantic's lax mode would take it as 1."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is not None and isinstance(value, bool) and _is_number(field.annotation):
+                    raise ValueError(f"@{name}: must be a number (got {value!r})")
+        return data
+
+
+def _is_number(annotation: Any) -> bool:
+    args = typing.get_args(annotation) or (annotation,)
+    return bool({int, float} & set(args)) and bool not in args
+
+
+class ModelConfig(_Section):
     path: str = "builtin:tiny"
     """Hugging Face id or local directory of the base model; `builtin:tiny` builds the tiny
     Qwen2-architecture model and tokenizer in code (no hub needed) under `output.dir`;
     `builtin:tiny-warm` is that model after a supervised warm-up on the synthetic train rows
-    that teaches it the XML format with low correctness (the learning benchmark's start; needs
-    `data.source: synthetic`; built once per settings under `output.dir`, ~45 s on 2 cores)."""
+    that teaches it the XML format with low correctness (the demo's and the learning benchmark's
+    start; needs `data.source: synthetic`; built once per settings under `output.dir`, ~90 s on
+    2 cores)."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights dtype of the rollout engines and of the learner's unquantized parts; `auto` is
     bfloat16 on GPU and float32 on CPU."""
 
 
-@dataclass
-class LoraConfig:
-    r: int = 64
+class LoraConfig(_Section):
+    r: int = Field(64, ge=1)
     """LoRA rank."""
-    alpha: int = 64
+    alpha: int = Field(64, ge=1)
     """LoRA alpha (the update is scaled by alpha / r)."""
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS), min_length=1)
     """Module names the adapter wraps."""
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     source: Literal["hub", "local", "synthetic"] = "synthetic"
     """`hub`: `name`/`subset`/`split` through `datasets`; `local`: a JSONL or Parquet file at
     `path` with GSM8K's columns (`question`, `answer` ending in `#### <gold>`); `synthetic`:
@@ -60,11 +91,11 @@ class DataConfig:
     """Split used by evaluation (hub), or held-out rows (synthetic uses another seed)."""
     path: str | None = None
     """Local JSONL/Parquet file, for `source: local`."""
-    num_synthetic: int = 2000
+    num_synthetic: int = Field(2000, ge=1)
     """Number of generated rows, for `source: synthetic`."""
-    synthetic_max_value: int = 9
+    synthetic_max_value: int = Field(9, ge=1)
     """Largest operand of the generated problems."""
-    max_prompt_length: int = 256
+    max_prompt_length: int = Field(256, ge=1)
     """Prompts longer than this many tokens (with the chat template) are refused when loaded."""
     system_prompt: str | None = None
     """System prompt; None uses the reference recipe's XML format prompt."""
@@ -72,38 +103,45 @@ class DataConfig:
     """Seed of the shuffling order (each epoch reshuffles with seed + epoch)."""
 
 
-@dataclass
-class RolloutConfig:
-    num_engines: int = 1
+class RolloutConfig(_Section):
+    num_engines: int = Field(1, ge=1)
     """Number of vLLM rollout actors; prompts are split evenly between them."""
-    prompts_per_step: int = 4
+    prompts_per_step: int = Field(4, ge=1)
     """Prompts per training step; each gets `num_generations` completions."""
     num_generations: int = 8
     """Group size: completions sampled per prompt."""
-    max_completion_length: int = 200
+    max_completion_length: int = Field(200, ge=1)
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1
-    max_model_len: int = 1024
-    gpus_per_engine: int = 1
+    max_model_len: int = Field(1024, ge=1)
+    gpus_per_engine: int = Field(1, ge=1)
     """GPUs of one engine (its tensor parallel size); ignored on CPU."""
-    cpus_per_engine: float = 1.0
+    cpus_per_engine: float = Field(1.0, ge=0)
     gpu_memory_utilization: float = 0.5
     """Fraction of its GPU memory one engine may take (weights + KV cache)."""
     enforce_eager: bool = False
     """Skip CUDA graphs and compilation (faster start, slower generation)."""
     max_lora_rank: int | None = None
-    """Largest LoRA rank the engines accept; None means `lora.r`."""
-    kv_cache_space_gb: int = 1
+    """Largest LoRA rank the engines accept; None means `lora.r` (`Config.engine_lora_rank`)."""
+    kv_cache_space_gb: int = Field(1, ge=1)
     """KV cache size of a CPU engine in GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)."""
 
 
-@dataclass
-class RewardFunctionConfig:
+class RewardFunctionConfig(_Section):
     name: str
     """A built-in reward (`correctness`, `integer`, `strict_format`, `soft_format`, `xml_count`)
     or an import path `package.module:function` with TRL's reward signature."""
     weight: float = 1.0
+
+    def __init__(self, name: str | None = None, weight: float | None = None, **data: Any):
+        # positional construction in code (`RewardFunctionConfig("correctness", 2.0)`); the
+        # config loader validates mappings without calling __init__
+        if name is not None:
+            data["name"] = name
+        if weight is not None:
+            data["weight"] = weight
+        super().__init__(**data)
 
 
 def _default_rewards() -> list[RewardFunctionConfig]:
@@ -111,52 +149,51 @@ def _default_rewards() -> list[RewardFunctionConfig]:
     return [RewardFunctionConfig(n) for n in names]
 
 
-@dataclass
-class RewardConfig:
-    functions: list[RewardFunctionConfig] = field(default_factory=_default_rewards)
+class RewardConfig(_Section):
+    functions: list[RewardFunctionConfig] = Field(default_factory=_default_rewards, min_length=1)
     """Reward functions, summed with their weights."""
     mode: Literal["fixed", "seed-parity"] = "fixed"
     """`seed-parity` reproduces the reference notebook's rewards exactly, flaws included;
     `fixed` accepts multi-line reasoning and numerically equal answers ("18.0", "$18", "1,000")."""
-    num_workers: int = 2
+    num_workers: int = Field(2, ge=1)
     """Reward actors in the pool."""
-    cpus_per_worker: float = 0.25
-    timeout_s: float = 60.0
+    cpus_per_worker: float = Field(0.25, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
     """A scoring call that takes longer fails the step with the function's name."""
 
 
-@dataclass
-class LearnerConfig:
+class LearnerConfig(_Section):
     backend: Literal["peft", "unsloth"] = "peft"
     """`unsloth` uses Unsloth's 4-bit loader and kernels where it is installed and on CUDA."""
     load_in_4bit: bool | None = None
-    """NF4 with double quantization through bitsandbytes; None: on CUDA when it is installed."""
+    """NF4 with double quantization through bitsandbytes; None: on CUDA when it is installed.
+    True needs a GPU for the learner (`learner.num_gpus` > 0)."""
     gradient_checkpointing: bool = True
-    learning_rate: float = 5e-6
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    weight_decay: float = 0.1
-    warmup_ratio: float = 0.1
+    learning_rate: float = Field(5e-6, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.99, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    max_grad_norm: float = 0.1
-    micro_batch_size: int = 8
+    max_grad_norm: float = Field(0.1, gt=0)
+    micro_batch_size: int = Field(8, ge=1)
     """Sequences per forward/backward; gradients accumulate over the whole step's batch."""
-    logprob_chunk_size: int = 1024
+    logprob_chunk_size: int = Field(1024, ge=1)
     """Positions whose vocabulary logits are materialized at once when computing the chosen
     tokens' log-probabilities."""
-    num_gpus: float = 1.0
-    """GPUs of the learner actor (0 on CPU; a fraction to share one GPU with an engine)."""
-    num_cpus: float = 1.0
+    num_gpus: float = Field(1.0, ge=0, le=1)
+    """GPUs of the learner actor: 1, 0 on CPU, or with `cluster.colocate` the fraction of the
+    shared GPU it takes (the engine gets the rest). The learner computes on one device."""
+    num_cpus: float = Field(1.0, ge=0)
 
 
-@dataclass
-class AlgorithmConfig:
-    total_steps: int = 250
-    beta: float = 0.04
+class AlgorithmConfig(_Section):
+    total_steps: int = Field(250, ge=1)
+    beta: float = Field(0.04, ge=0)
     """Weight of the per-token KL (k3 estimator) to the reference model; 0 skips the reference."""
-    epsilon: float = 0.2
+    epsilon: float = Field(0.2, gt=0, lt=1)
     """Lower clip range of the probability ratio."""
-    epsilon_high: float | None = None
+    epsilon_high: float | None = Field(None, gt=0)
     """Upper clip range; None means `epsilon` (DAPO's clip-higher when larger)."""
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"
     """`grpo`: mean over each sequence's tokens, then over sequences (DeepSeekMath); `bnpo`:
@@ -164,139 +201,150 @@ class AlgorithmConfig:
     max_completion_length) (Dr. GRPO)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide advantages by the std of the group, of the batch, or not at all (Dr. GRPO)."""
-    num_iterations: int = 1
+    num_iterations: int = Field(1, ge=1)
     """Optimizer passes over each generated batch (GRPO's mu); the ratio is 1 on the first."""
     importance_sampling_correction: bool = False
     """Weight each token by min(p_learner_old / p_rollout, cap): truncated importance sampling
     that corrects the rollout/learner probability gap."""
-    importance_sampling_cap: float = 2.0
+    importance_sampling_cap: float = Field(2.0, ge=1)
     seed: int = 3407
 
 
-@dataclass
-class ClusterConfig:
+class ClusterConfig(_Section):
     address: str | None = None
     """Ray address; None uses RAY_ADDRESS when set, else starts an embedded local Ray."""
-    num_cpus: int | None = None
+    num_cpus: int | None = Field(None, ge=1)
     """CPUs of an embedded local Ray (None: all)."""
-    num_gpus: int | None = None
+    num_gpus: int | None = Field(None, ge=0)
     """GPUs of an embedded local Ray (None: all that are visible)."""
     use_gpu: bool | None = None
     """Place actors on GPUs; None: when the Ray cluster has any."""
     colocate: bool = False
-    """Learner and the rollout engines share GPUs through fractional resources (one-GPU mode)."""
-    placement_timeout_s: float = 120.0
-    """How long to wait for the placement group before failing with what is missing."""
+    """Learner and the rollout engine share one GPU through fractional resources (one-GPU
+    mode): the learner takes `learner.num_gpus` of it, the engine the rest."""
+    placement_timeout_s: float = Field(120.0, gt=0)
+    """How long to wait for the cluster (joining it, and the placement group) before failing
+    with what is missing."""
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     split: str | None = None
-    """Split of held-out prompts; None: `data.eval_split`."""
-    num_samples: int = 64
+    """Split of held-out prompts; None: `data.eval_split` (`Config.eval_split`)."""
+    num_samples: int = Field(64, ge=0)
     """Held-out prompts evaluated (the first ones, in file order); 0: all of the split."""
-    every_steps: int = 0
+    every_steps: int = Field(0, ge=0)
     """Also evaluate every N steps (0: only before the first step and after the last)."""
     max_tokens: int | None = None
-    """Longest greedy completion; None: `rollout.max_completion_length`."""
+    """Longest greedy completion; None: `rollout.max_completion_length`
+    (`Config.eval_max_tokens`)."""
     sanity_question: str = "How many r's are in strawberry?"
     """Asked without and with the trained adapter, both answers printed (the reference notebook's
     check, answered greedily here with the XML system prompt both times)."""
 
 
-@dataclass
-class LoggingConfig:
+class LoggingConfig(_Section):
     progress_bar: bool = True
     """A bar over steps with reward, accuracy and step time (on a terminal run)."""
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "grpo-ray"
-    samples_per_step: int = 4
+    samples_per_step: int = Field(4, ge=0)
     """Completions written per step to `completions.jsonl` (prompt, completion, each reward)."""
 
 
-@dataclass
-class OutputConfig:
+class OutputConfig(_Section):
     dir: str = "outputs/run"
-    save_every: int = 0
+    save_every: int = Field(0, ge=0)
     """Checkpoint every N steps (0: only at the end)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints kept under `<dir>/checkpoints` (the newest ones); older ones are deleted once
     a newer one is complete."""
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
-    def validate(self) -> "Config":
-        """Check the invariants that no single field's type can; returns self."""
-        r, a, lr = self.rollout, self.algorithm, self.learner
+    # ---- values derived from several fields: computed here only ------------------------------
+    @property
+    def engine_lora_rank(self) -> int:
+        """Largest LoRA rank the engines accept (`rollout.max_lora_rank`, default `lora.r`)."""
+        return self.rollout.max_lora_rank or self.lora.r
+
+    @property
+    def eval_split(self) -> str:
+        return self.eval.split or self.data.eval_split
+
+    @property
+    def eval_max_tokens(self) -> int:
+        return self.eval.max_tokens or self.rollout.max_completion_length
+
+    @property
+    def colocated_gpu_shares(self) -> tuple[float, float]:
+        """(learner, engine) fractions of the one GPU they share with `cluster.colocate`."""
+        share = self.learner.num_gpus
+        return share, round(1 - share, 6)
+
+    # ---- invariants between fields -----------------------------------------------------------
+    @model_validator(mode="after")
+    def _invariants(self) -> "Config":
+        r, a, lr, d = self.rollout, self.algorithm, self.learner, self.data
         _require(r.num_generations >= 2, "rollout.num_generations",
                  f"must be >= 2 (got {r.num_generations}): group-relative advantages of a "
                  "group of one are always zero")
-        for key in ["rollout.num_engines", "rollout.prompts_per_step", "rollout.max_completion_length",
-                    "rollout.gpus_per_engine", "learner.micro_batch_size", "algorithm.total_steps",
-                    "algorithm.num_iterations", "reward.num_workers", "lora.r", "lora.alpha",
-                    "data.max_prompt_length", "learner.logprob_chunk_size"]:
-            _require(self.get(key) >= 1, key, f"must be >= 1 (got {self.get(key)})")
         _require(r.prompts_per_step % r.num_engines == 0, "rollout.prompts_per_step",
                  f"{r.prompts_per_step} prompts cannot be split evenly over "
                  f"rollout.num_engines={r.num_engines}")
-        _require(self.data.max_prompt_length + r.max_completion_length <= r.max_model_len,
+        _require(d.max_prompt_length + r.max_completion_length <= r.max_model_len,
                  "rollout.max_model_len",
                  f"{r.max_model_len} < data.max_prompt_length + rollout.max_completion_length "
-                 f"({self.data.max_prompt_length} + {r.max_completion_length})")
+                 f"({d.max_prompt_length} + {r.max_completion_length})")
         _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
                  f"must be in (0, 1] (got {r.gpu_memory_utilization})")
         _require(r.temperature > 0, "rollout.temperature", "must be > 0 (GRPO samples)")
-        _require(0 <= a.beta, "algorithm.beta", f"must be >= 0 (got {a.beta})")
-        _require(0 < a.epsilon < 1, "algorithm.epsilon", f"must be in (0, 1) (got {a.epsilon})")
-        _require(a.importance_sampling_cap >= 1, "algorithm.importance_sampling_cap",
-                 f"must be >= 1 (got {a.importance_sampling_cap})")
-        max_rank = r.max_lora_rank or self.lora.r
-        _require(self.lora.r <= max_rank, "rollout.max_lora_rank",
-                 f"{max_rank} is below lora.r={self.lora.r}: the engines would refuse the adapter")
-        _require(lr.num_gpus >= 0 and r.cpus_per_engine >= 0, "learner.num_gpus", "must be >= 0")
-        _require(0 <= lr.warmup_ratio < 1, "learner.warmup_ratio", "must be in [0, 1)")
-        _require(bool(self.reward.functions), "reward.functions", "needs at least one function")
-        _require(self.output.save_every >= 0, "output.save_every",
-                 f"must be >= 0 (got {self.output.save_every})")
-        _require(self.output.keep_checkpoints >= 1, "output.keep_checkpoints",
-                 f"must be >= 1 (got {self.output.keep_checkpoints})")
-        if self.data.source == "local":
-            _require(self.data.path is not None, "data.path", "is required with data.source=local")
+        _require(self.lora.r <= self.engine_lora_rank, "rollout.max_lora_rank",
+                 f"{self.engine_lora_rank} is below lora.r={self.lora.r}: the engines would "
+                 "refuse the adapter")
+        if d.source == "local":
+            _require(d.path is not None, "data.path", "is required with data.source=local")
+        if self.model.path == "builtin:tiny-warm":
+            _require(d.source == "synthetic", "model.path",
+                     f"builtin:tiny-warm warms up on synthetic rows; it needs "
+                     f"data.source=synthetic (got {d.source!r})")
+        if lr.load_in_4bit:
+            _require(lr.num_gpus > 0 and self.cluster.use_gpu is not False, "learner.load_in_4bit",
+                     "4-bit (bitsandbytes) needs the learner on a GPU: learner.num_gpus > 0 and "
+                     "cluster.use_gpu not false")
         if self.cluster.colocate:
             _require(r.num_engines == 1, "rollout.num_engines",
                      "must be 1 with cluster.colocate (one engine shares the learner's GPU)")
-        self._validate_eval()
+            _require(0 < lr.num_gpus < 1, "learner.num_gpus",
+                     f"must be a fraction in (0, 1) with cluster.colocate (got {lr.num_gpus:g}): "
+                     "the learner's share of the GPU it shares with the engine")
+        self._eval_invariants()
         return self
 
-    def _validate_eval(self) -> None:
-        e, r = self.eval, self.rollout
-        _require(e.num_samples >= 0, "eval.num_samples", f"must be >= 0 (got {e.num_samples})")
-        _require(e.every_steps >= 0, "eval.every_steps", f"must be >= 0 (got {e.every_steps})")
+    def _eval_invariants(self) -> None:
+        e, r, d = self.eval, self.rollout, self.data
         if e.max_tokens is not None:
-            _require(1 <= e.max_tokens <= r.max_model_len - self.data.max_prompt_length,
-                     "eval.max_tokens", f"must be in [1, rollout.max_model_len - "
-                     f"data.max_prompt_length = {r.max_model_len - self.data.max_prompt_length}] "
+            room = r.max_model_len - d.max_prompt_length
+            _require(1 <= e.max_tokens <= room, "eval.max_tokens",
+                     f"must be in [1, rollout.max_model_len - data.max_prompt_length = {room}] "
                      f"(got {e.max_tokens})")
-        split = e.split or self.data.eval_split
-        if self.data.source == "local":
+        if d.source == "local":
             # a local file is one split: evaluating on it must be asked for, never a default
-            _require(split == self.data.split, "eval.split",
-                     f"data.source=local has one split ({self.data.split!r}, the file "
-                     f"data.path); set eval.split={self.data.split} to evaluate on its rows")
+            _require(self.eval_split == d.split, "eval.split",
+                     f"data.source=local has one split ({d.split!r}, the file data.path); set "
+                     f"eval.split={d.split} to evaluate on its rows")
 
     def get(self, dotted: str) -> Any:
         node: Any = self
@@ -305,75 +353,15 @@ class Config:
         return node
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}: {message}")
+        raise ValueError(f"@{key}: {message}")
 
 
 # ---- loading -------------------------------------------------------------------------------
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against the type hint `hint` (converting int -> float, dict -> dataclass)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)} (got {value!r})")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: must be a list (got {type(value).__name__} {value!r})")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: must be a mapping (got {value!r})")
-        return _build(hint, value, key)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        # YAML 1.1 reads `5e-6` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key}: must be true or false (got {value!r})")
-    if hint in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{key}: must be a number (got {value!r})")
-    if not isinstance(value, hint):
-        raise ConfigError(f"{key}: must be {hint.__name__} (got {type(value).__name__} {value!r})")
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field (e.g. a reward's name) is missing
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
-
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
@@ -398,20 +386,90 @@ def parse_override(item: str) -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of sections in a YAML config file (what differs from the defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotted overrides, then type checks and invariants."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: must be a mapping of sections")
-        data = loaded
+    data = read_yaml(path) if path is not None else {}
     for item in overrides or []:
         data = _merge(data, parse_override(item))
-    return _build(Config, data).validate()
+    return build_config(data)
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    """A validated Config from a nested mapping; ConfigError names the first bad key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def _one_line(error: ValidationError) -> str:
+    """pydantic's first error as `dotted.key: what is wrong (got value)`."""
+    err = error.errors(include_url=False)[0]
+    loc = [p for p in err["loc"] if p not in ("function-after", "function-before")]
+    msg, ctx, value = err["msg"], err.get("ctx", {}), err.get("input")
+    # our own validators raise "@key: message" (the key may sit deeper than pydantic's loc)
+    own = str(ctx.get("error", "")) if err["type"] == "value_error" else ""
+    if own.startswith("@"):
+        key, _, message = own[1:].partition(": ")
+        return f"{_dotted(loc + [key])}: {message}" if "." not in key else f"{key}: {message}"
+    key = _dotted(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        return f"{key}: unknown key (known: {', '.join(known)})"
+    if kind == "missing":
+        return f"{key}: is required"
+    if kind == "literal_error":
+        return f"{key}: must be one of {ctx.get('expected')} (got {value!r})"
+    if kind.startswith("bool"):
+        return f"{key}: must be true or false (got {value!r})"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+              "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()))
+        return f"{key}: must be {op} {bound} (got {value!r})"
+    for prefix, name in (("int", "int"), ("float", "float"), ("string", "str"),
+                         ("list", "a list"), ("dict", "a mapping"), ("model", "a mapping")):
+        if kind.startswith(prefix):
+            return f"{key}: must be {name} (got {type(value).__name__} {value!r})"
+    if kind == "too_short":
+        return f"{key}: needs at least {ctx.get('min_length', 1)} item(s)"
+    return f"{key}: {msg} (got {value!r})"
+
+
+def _dotted(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _known_keys(loc: list[Any]) -> list[str]:
+    """Field names of the section at `loc` (list indices skipped)."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        args = typing.get_args(annotation)
+        model = args[0] if args else annotation
+    return sorted(model.model_fields)
+
+
+def default_values() -> dict[str, Any]:
+    """Every default, as a nested mapping (what a YAML file need not repeat)."""
+    return Config().model_dump()

@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Callable
 
 from grpo_ray.atomic import replace_directory
+from grpo_ray.config import UserError
 
 DTYPES = ("bfloat16", "float16", "float32")
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that cannot be done; the message names the culprit (never the token)."""
+
+    kind = "export error"
 
 
 def check_adapter(adapter_path: str | Path) -> Path:

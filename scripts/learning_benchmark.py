@@ -5,7 +5,7 @@
         [--eval-samples 4] [--eval-seed 0] [section.key=value ...]
 
 Starts from `builtin:tiny-warm` (the tiny model after a supervised warm-up that gives it the XML
-format but answers correctly only ~18% of the time at temperature 1), then runs GRPO steps with
+format but answers correctly only ~20% of the time at temperature 1), then runs GRPO steps with
 the real actors: an embedded local Ray (or RAY_ADDRESS), a vLLM engine, reward actors, the PEFT
 learner, the adapter synced to the engine after every step. Held-out correctness is measured
 by sampling at temperature 1 (`--eval-samples` completions of each of the `eval.num_samples`
@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,7 +57,7 @@ def run_benchmark(cfg: Any, eval_every: int, eval_samples: int, eval_seed: int =
     held-out evaluations (temperature 1) before, every `eval_every` steps and after. Joins the
     Ray cluster already initialized, else starts one as `grpo-ray train` does."""
     from grpo_ray.evaluation import evaluate_sampled
-    from grpo_ray.train import connect_ray
+    from grpo_ray.cli import connect_ray
     from grpo_ray.trainer import Trainer
 
     if eval_every < 1 or eval_samples < 1:
@@ -140,7 +140,7 @@ def plot(result: Result, path: Path, samples: int, prompts: int) -> Path:
     reward = [r["reward_mean"] for r in steps]
     axes[0].plot(x, reward, color="tab:blue", alpha=0.3, label="per step")
     axes[0].plot(x, smooth(reward), color="tab:blue", label="mean of 5 steps")
-    axes[0].set_title("training reward (batch mean, weighted sum of the rewards)")
+    axes[0].set_title("training reward (batch mean)")
     for ax, train_key, held_key, title in [
             (axes[1], "accuracy", "heldout_accuracy", "correct answers"),
             (axes[2], "format_rate", "heldout_format", "strict XML format")]:

@@ -109,7 +109,7 @@ def test_truncate_jsonl_in_place_for_an_append_mode_writer(tmp_path):
 
 
 def test_cli_refuses_to_overwrite_or_to_resume_nothing(tmp_path, capsys):
-    from grpo_ray.train import main
+    from grpo_ray.cli import main
 
     out = tmp_path / "run"
     assert main(["train", "--config", "configs/tiny-cpu.yaml", "--resume",

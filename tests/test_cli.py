@@ -3,11 +3,11 @@ import json
 import subprocess
 import sys
 
-from grpo_ray.train import main
+from grpo_ray.cli import main
 
 
 def test_help_imports_nothing_heavy():
-    code = ("import sys, grpo_ray.train as t\n"
+    code = ("import sys, grpo_ray.cli as t\n"
             "try:\n    t.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'vllm', 'ray', 'peft', 'transformers', 'bitsandbytes')"
             " if m in sys.modules]\nprint('HEAVY', heavy)")

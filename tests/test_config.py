@@ -74,3 +74,51 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("rollout: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["learner.num_gpus=2"], "learner.num_gpus: must be <= 1"),
+    (["learner.num_gpus=true"], "learner.num_gpus: must be a number"),
+    (["rollout.cpus_per_engine=-1"], "rollout.cpus_per_engine: must be >= 0"),
+    (["cluster.colocate=true", "learner.num_gpus=1"],
+     "learner.num_gpus: must be a fraction in (0, 1) with cluster.colocate"),
+    (["learner.load_in_4bit=true"], "learner.load_in_4bit: 4-bit (bitsandbytes) needs the learner"),
+    (["learner.load_in_4bit=true", "learner.num_gpus=1", "cluster.use_gpu=false"],
+     "learner.load_in_4bit: 4-bit"),
+    (["model.path=builtin:tiny-warm", "data.source=local", "data.path=x.jsonl", "eval.split=train"],
+     "model.path: builtin:tiny-warm warms up on synthetic rows"),
+    (["reward.functions=[{name: correctness, wieght: 2}]"],
+     "reward.functions[0].wieght: unknown key (known: name, weight)"),
+    (["reward.functions=[]"], "reward.functions: needs at least 1"),
+])
+def test_invariants_name_the_key_they_are_about(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(Path("configs/tiny-cpu.yaml"), overrides)
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_files_hold_only_what_differs_from_the_defaults(path):
+    from grpo_ray.config import default_values, read_yaml
+
+    defaults = default_values()
+    same = [f"{section}.{key}" for section, values in read_yaml(path).items()
+            for key, value in values.items() if defaults[section][key] == value]
+    assert not same, f"{path.name} restates defaults: {same}"
+
+
+def test_derived_values_are_computed_once_in_the_config():
+    cfg = load_config(Path("configs/tiny-cpu.yaml"))
+    assert cfg.engine_lora_rank == cfg.lora.r == 8
+    assert load_config(Path("configs/tiny-cpu.yaml"),
+                       ["rollout.max_lora_rank=16"]).engine_lora_rank == 16
+    assert cfg.eval_split == cfg.data.eval_split and cfg.eval_max_tokens == 32
+    one_gpu = load_config(Path("configs/qwen2.5-3b-gsm8k-1gpu.yaml"))
+    assert one_gpu.colocated_gpu_shares == (0.5, 0.5)
+
+
+def test_fields_are_documented_once_beside_them():
+    from grpo_ray.config import RolloutConfig
+
+    assert "Group size" in RolloutConfig.model_fields["num_generations"].description

@@ -145,11 +145,11 @@ def test_saved_adapter_read_back_answers_the_same(trainer):
 
 
 def test_eval_command_refuses_a_missing_adapter(tmp_path, tiny_model_path, capsys):
-    from grpo_ray.train import main
+    from grpo_ray.cli import main
 
     rc = main(["eval", "--config", "configs/tiny-cpu.yaml", "--adapter", str(tmp_path / "nope"),
                f"output.dir={tmp_path}", f"model.path={tiny_model_path}"])
-    assert rc == 1 and "no adapter_config.json" in capsys.readouterr().err
+    assert rc == 2 and "no adapter_config.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -93,7 +93,7 @@ def test_merged_model_runs_in_vllm_like_the_adapter_model(ray_local, tiny_model_
 
     from grpo_ray.config import load_config
     from grpo_ray.evaluation import held_out_batch
-    from grpo_ray.train import main
+    from grpo_ray.cli import main
 
     args = [f"output.dir={tmp_path}", f"model.path={merged}", "eval.num_samples=3",
             "eval.max_tokens=12"]
@@ -146,7 +146,7 @@ def hub(monkeypatch):
 
 def test_export_command_merges_and_pushes_without_showing_the_token(
         hub, tiny_model_path, adapter, tmp_path, capsys, caplog):
-    from grpo_ray.train import main
+    from grpo_ray.cli import main
 
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "merged"
@@ -167,7 +167,7 @@ def test_adapter_export_and_a_failed_push_keep_the_token_out(hub, monkeypatch, t
                                                             adapter, tmp_path, capsys):
     import huggingface_hub
 
-    from grpo_ray.train import main
+    from grpo_ray.cli import main
 
     out = tmp_path / "adapter-out"
     rc = main(["export", "--config", "configs/tiny-cpu.yaml", "--adapter", str(adapter),
@@ -185,7 +185,7 @@ def test_adapter_export_and_a_failed_push_keep_the_token_out(hub, monkeypatch, t
                "--push-to-hub", "me/lora", f"model.path={tiny_model_path}",
                f"output.dir={tmp_path}"])
     captured = capsys.readouterr()
-    assert rc == 1 and "push to me/lora failed: RuntimeError: 401 Unauthorized" in captured.err
+    assert rc == 2 and "push to me/lora failed: RuntimeError: 401 Unauthorized" in captured.err
     assert "Bearer ***" in captured.err and SECRET not in captured.out + captured.err
 
 

@@ -9,19 +9,20 @@ Three layouts, chosen from the config and the cluster:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from grpo_ray.config import Config
+from grpo_ray.config import Config, UserError
 
 # Environment of every actor we start: vLLM's engine core in the actor's own process (simpler to
 # place and to clean up than its default subprocess), quiet tokenizers.
 ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
-class PlacementError(RuntimeError):
+class PlacementError(UserError, RuntimeError):
     """The cluster cannot hold the requested actors; the message says what is missing."""
+
+    kind = "placement error"
 
 
 @dataclass
@@ -58,13 +59,13 @@ def plan_placement(cfg: Config, use_gpu: bool) -> Plan:
                     cfg.reward.num_workers, reward,
                     ["learner"] + [f"rollout engine {i}" for i in range(r.num_engines)])
     if cfg.cluster.colocate:
-        share = lr.num_gpus if 0 < lr.num_gpus < 1 else 0.5
-        learner = {"CPU": lr.num_cpus, "GPU": share}
-        engine = {"CPU": r.cpus_per_engine, "GPU": round(1 - share, 6)}
+        learner_share, engine_share = cfg.colocated_gpu_shares
+        learner = {"CPU": lr.num_cpus, "GPU": learner_share}
+        engine = {"CPU": r.cpus_per_engine, "GPU": engine_share}
         bundle = {"CPU": lr.num_cpus + r.cpus_per_engine, "GPU": 1.0}
         return Plan("colocated", [bundle], 0, learner, [0], engine, cfg.reward.num_workers,
                     reward, ["learner + rollout engine 0 (shared GPU)"])
-    learner = {"CPU": lr.num_cpus, "GPU": float(max(1, math.ceil(lr.num_gpus)))}
+    learner = {"CPU": lr.num_cpus, "GPU": 1.0}  # the learner computes on one device
     engine = {"CPU": r.cpus_per_engine, "GPU": float(r.gpus_per_engine)}
     bundles = [dict(learner)] + [dict(engine) for _ in range(r.num_engines)]
     return Plan("dedicated", bundles, 0, learner, list(range(1, r.num_engines + 1)), engine,

@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from grpo_ray.config import DataConfig
+from grpo_ray.config import DataConfig, UserError
 from grpo_ray.contracts import PromptBatch
 from grpo_ray.data.prompts import SYSTEM_PROMPT, chat_messages, gold_answer
 from grpo_ray.data.synthetic import held_out_rows, synthetic_rows
@@ -21,8 +21,11 @@ _EVAL_SEED_OFFSET = 1
 
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be trained on (a bad row, a missing file); the message names it."""
+
+    kind = "data error"
+
 
 def load_rows(cfg: DataConfig, split: str | None = None) -> list[dict[str, str]]:
     """Rows `{"question", "answer" (full text), "gold" (after '####')}` of one split.

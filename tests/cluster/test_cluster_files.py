@@ -136,7 +136,7 @@ def test_runtime_env_is_accepted_by_ray_and_uploads_only_the_code(tmp_path):
     pkg = tmp_path / "pkg.zip"
     create_package(str(ROOT), pkg, include_gitignore=False, excludes=env["excludes"])
     names = zipfile.ZipFile(pkg).namelist()
-    for wanted in ["grpo_ray/train.py", REFERENCE, "pyproject.toml", "cluster/runtime_env.yaml"]:
+    for wanted in ["grpo_ray/cli.py", REFERENCE, "pyproject.toml", "cluster/runtime_env.yaml"]:
         assert wanted in names
     for name in names:
         top = name.split("/")[0]

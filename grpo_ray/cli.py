@@ -30,7 +30,7 @@ def connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None)
 
 def cmd_train(args: argparse.Namespace) -> int:
     from grpo_ray.checkpoint import latest_checkpoint
-    from grpo_ray.config import load_config
+    from grpo_ray.config import UserError, load_config
     from grpo_ray.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -38,12 +38,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     # before Ray starts: a run that would resume nothing, or overwrite one, fails at once
     checkpoint = latest_checkpoint(trainer.checkpoints)
     if args.resume and checkpoint is None:
-        print(f"error: --resume: no checkpoint in {trainer.checkpoints}", file=sys.stderr)
-        return 2
+        raise UserError(f"--resume: no checkpoint in {trainer.checkpoints}")
     if not args.resume and checkpoint is not None:
-        print(f"error: {trainer.checkpoints} already holds checkpoints (latest {checkpoint.name}): "
-              "pass --resume to continue that run, or choose another output.dir", file=sys.stderr)
-        return 2
+        raise UserError(f"{trainer.checkpoints} already holds checkpoints (latest "
+                        f"{checkpoint.name}): pass --resume to continue that run, or choose "
+                        "another output.dir")
     # the driver itself never generates, but it may build the tiny model and tokenize prompts
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer.prepare_data()
@@ -65,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from grpo_ray.config import load_config
+    from grpo_ray.config import UserError, load_config
     from grpo_ray.data.dataset import load_tokenizer
     from grpo_ray.evaluation import (eval_max_tokens, evaluate, format_metrics, held_out_batch,
                                      sanity_batch)
@@ -81,8 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         payload = read_adapter(args.adapter, version=1) if args.adapter else None
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: --adapter: {e}", file=sys.stderr)
-        return 1
+        raise UserError(f"--adapter: {e}") from None
     rollout = cfg.rollout
     if payload is not None:  # the engine must accept the adapter's rank, whatever lora.r says
         rank = max(payload.peft_config.get("r", 0), rollout.max_lora_rank or cfg.lora.r)
@@ -124,28 +122,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from grpo_ray.config import load_config
-    from grpo_ray.export import (ExportError, check_adapter, merge_adapter, push_to_hub,
-                                 save_adapter_dir)
+    from grpo_ray.export import check_adapter, merge_adapter, push_to_hub, save_adapter_dir
     from grpo_ray.trainer import resolve_model_path
 
     cfg = load_config(args.config, args.overrides)
     adapter = args.adapter or str(Path(cfg.output.dir) / "adapter")
-    try:
-        check_adapter(adapter)
-        if args.merge:
-            path = merge_adapter(resolve_model_path(cfg), adapter,
-                                 args.out or str(Path(cfg.output.dir) / "merged"), args.dtype)
-            print(f"merged {args.dtype} model saved to {path}")
-        elif args.out:
-            path = save_adapter_dir(adapter, resolve_model_path(cfg), args.out)
-            print(f"adapter and tokenizer saved to {path}")
-        else:
-            path = Path(adapter)
-        if args.push_to_hub:
-            print(f"pushed {path} to {push_to_hub(str(path), args.push_to_hub)}")
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    check_adapter(adapter)
+    if args.merge:
+        path = merge_adapter(resolve_model_path(cfg), adapter,
+                             args.out or str(Path(cfg.output.dir) / "merged"), args.dtype)
+        print(f"merged {args.dtype} model saved to {path}")
+    elif args.out:
+        path = save_adapter_dir(adapter, resolve_model_path(cfg), args.out)
+        print(f"adapter and tokenizer saved to {path}")
+    else:
+        path = Path(adapter)
+    if args.push_to_hub:
+        print(f"pushed {path} to {push_to_hub(str(path), args.push_to_hub)}")
     return 0
 
 
@@ -194,20 +187,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from grpo_ray.cluster.placement import PlacementError
-    from grpo_ray.config import ConfigError
-    from grpo_ray.data.dataset import DataError
+    from grpo_ray.config import UserError
 
-    # what a user can fix gets one line naming the culprit, not a traceback
+    # what a user can fix (config, data, placement, export) gets one line naming the culprit
     try:
         return args.run(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-    except PlacementError as e:
-        print(f"placement error: {e}", file=sys.stderr)
-    return 2
+    except UserError as e:
+        print(f"{e.kind}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
