@@ -57,12 +57,12 @@ def ensure_model(path: str, shape: str = "qwen2.5-3b") -> str:
 
 def prompt_ids(model_path: str, n: int, seed: int = 0) -> list[list[int]]:
     """`n` synthetic GSM8K-style questions with the recipe's system prompt and chat template."""
-    from grpo_ray.data.dataset import _chat_ids, load_tokenizer
+    from grpo_ray.data.dataset import chat_ids, load_tokenizer
     from grpo_ray.data.prompts import chat_messages
     from grpo_ray.data.synthetic import synthetic_rows
 
     tokenizer = load_tokenizer(model_path)
-    return [_chat_ids(tokenizer, chat_messages(row["question"]))
+    return [chat_ids(tokenizer, chat_messages(row["question"]))
             for row in synthetic_rows(n, seed=seed)]
 
 

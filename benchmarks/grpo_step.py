@@ -78,10 +78,10 @@ def measure_syncs(actors, first_version: int, repeats: int) -> dict[str, dict[st
     learner's GPU, else the previous row)."""
     import ray
 
-    from grpo_ray.weight_sync.adapter import AdapterBroadcast
+    from grpo_ray.weight_sync.broadcast import AdapterBroadcast
 
     learner, engines = actors.learner, actors.engines
-    dtype = ray.get(engines[0].lora_dtype.remote())
+    dtype = engines.lora_dtype()
 
     def manual(export, from_file):
         def sync(version):
@@ -89,7 +89,8 @@ def measure_syncs(actors, first_version: int, repeats: int) -> dict[str, dict[st
             ref = export(version)
             ray.wait([ref], fetch_local=False)
             export_s = time.perf_counter() - start
-            loads = ray.get([e.load_adapter.remote(ref, from_file=from_file) for e in engines])
+            loads = ray.get([e.load_adapter.remote(ref, from_file=from_file)
+                             for e in engines.engines])
             return {"export_s": export_s, "load_s": max(loads),
                     "total_s": time.perf_counter() - start}
         return sync
@@ -97,11 +98,11 @@ def measure_syncs(actors, first_version: int, repeats: int) -> dict[str, dict[st
     broadcast = AdapterBroadcast()
     transports = {
         "before: fp32 tensors through the object store, safetensors file": manual(
-            lambda v: learner.export_adapter.remote(v), True),
+            lambda v: learner.export_adapter.remote(v, "tensors"), True),
         f"{dtype} one buffer through the object store, safetensors file": manual(
-            lambda v: learner.export_packed_adapter.remote(v, dtype), True),
+            lambda v: learner.export_adapter.remote(v, "packed", dtype), True),
         f"{dtype} one buffer through the object store, in memory": manual(
-            lambda v: learner.export_packed_adapter.remote(v, dtype), False),
+            lambda v: learner.export_adapter.remote(v, "packed", dtype), False),
         "after: AdapterBroadcast.sync": lambda v: broadcast.sync(learner, engines, v),
     }
     version, out = first_version, {}

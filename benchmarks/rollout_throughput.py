@@ -99,14 +99,15 @@ def run_plain(args, in_process: bool) -> list[dict]:
 
     from grpo_ray.contracts import AdapterPayload
     from grpo_ray.rollout.worker import engine_kwargs
-    from grpo_ray.weight_sync.adapter import write_adapter
+    from grpo_ray.weight_sync.files import write_adapter
 
     rollout, lora = _configs(args)
     tensors, config = random_lora(args.model, lora.r, lora.alpha, dtype=_dtype())
     adapter = write_adapter(AdapterPayload(1, tensors, config),
                             Path(tempfile.mkdtemp(prefix="bench-lora-")) / "v1")
     start = time.perf_counter()
-    llm = LLM(args.model, **engine_kwargs(rollout, lora, _dtype(), 0, on_cuda=_dtype() != "float32"))
+    llm = LLM(args.model, **engine_kwargs(rollout, lora.r, _dtype(), 0,
+                                          on_cuda=_dtype() != "float32"))
     start_s = time.perf_counter() - start
     request = LoRARequest("bench", 1, str(adapter))
     prompts = prompt_ids(args.model, max(s[0] for s in args.shapes))
@@ -130,8 +131,9 @@ def run_actor(args) -> list[dict]:
     import ray
 
     from grpo_ray.cluster.placement import ACTOR_ENV
+    from grpo_ray.contracts import Sampling
     from grpo_ray.rollout.worker import RolloutWorker
-    from grpo_ray.weight_sync.adapter import pack_tensors
+    from grpo_ray.weight_sync.sender import pack_tensors
 
     rollout, lora = _configs(args)
     tensors, config = random_lora(args.model, lora.r, lora.alpha, dtype=_dtype())
@@ -140,14 +142,14 @@ def run_actor(args) -> list[dict]:
              runtime_env={"env_vars": ACTOR_ENV})
     start = time.perf_counter()
     engine = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=gpus).remote(
-        args.model, rollout, lora, _dtype(), 0)
+        args.model, rollout, lora.r, _dtype(), 0)
     ray.get(engine.ready.remote())
     start_s = time.perf_counter() - start
     load_s = ray.get(engine.load_adapter.remote(pack_tensors(tensors, 1, config, _dtype())))
     prompts = prompt_ids(args.model, max(s[0] for s in args.shapes))
 
     def run(batch, n, T):
-        out = ray.get(engine.generate.remote(batch, n=n, max_tokens=T))
+        out = ray.get(engine.generate.remote(batch, Sampling(n=n, max_tokens=T)))
         return sum(len(c) for c in out.completion_ids)
 
     rows = _timed(run, args.shapes, prompts, args.repeats, "actor")

@@ -5,10 +5,11 @@
                       /adapter/            the adapter in PEFT format, usable on its own
     <root>/latest                          name of the newest complete checkpoint
 
-A checkpoint is built in `<root>/.tmp-step-000010-<pid>/`, its files fsynced, then renamed into
-place; `latest` is replaced the same way. A crash at any point leaves the previous checkpoint
-complete and named by `latest` (or, between the two renames, the new complete one unnamed, which
-`latest_checkpoint` still finds). Older checkpoints are pruned only after the new one is in place.
+A checkpoint is built in a temporary sibling directory, its files fsynced, then renamed into
+place (`atomic.replace_directory`); `latest` is replaced the same way. A crash at any point leaves
+the previous checkpoint complete and named by `latest` (or, between the two renames, the new
+complete one unnamed, which `latest_checkpoint` still finds). Older checkpoints are pruned only
+after the new one is in place.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from grpo_ray.atomic import replace_directory, replace_file
 from grpo_ray.contracts import AdapterPayload
 
 LEARNER_FILE = "learner.pt"
@@ -30,22 +32,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under `root`, directories after their contents."""
-    for dirpath, _, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
 
 
 def _complete_steps(root: Path) -> list[tuple[int, Path]]:
@@ -63,51 +49,33 @@ def save_checkpoint(root: str | Path, step: int, learner_state: dict[str, Any],
     newest `keep` checkpoints. Returns the checkpoint's directory."""
     import torch
 
-    from grpo_ray.weight_sync.adapter import write_adapter
+    from grpo_ray.weight_sync.files import write_adapter
 
     if keep < 1:
         raise ValueError(f"keep={keep}: at least the new checkpoint must be kept")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+
+    def fill(tmp: Path) -> None:
         torch.save(learner_state, tmp / LEARNER_FILE)
         write_adapter(adapter, tmp / ADAPTER_DIR)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        _fsync_tree(tmp)
-        if final.exists():
-            # A checkpoint of this step left by a run that crashed before naming it `latest`
-            # (a directory cannot be renamed over a non-empty one): move it aside first.
-            old = root / f".tmp-old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    latest_tmp = root / f".tmp-{LATEST_FILE}-{os.getpid()}"
-    latest_tmp.write_text(final.name + "\n")
-    _fsync(latest_tmp)
-    os.replace(latest_tmp, root / LATEST_FILE)
-    _fsync(root)
+
+    # A checkpoint of this step left by a run that crashed before naming it `latest` is
+    # replaced whole.
+    final = replace_directory(root / step_dir_name(step), fill)
+    replace_file(root / LATEST_FILE, final.name + "\n")
     _prune(root, keep, final)
     return final
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:
     """Remove all but the newest `keep` checkpoints (never `newest`), and temporaries left by
-    writes that crashed."""
+    writes that crashed (`atomic`'s hidden `.<name>.tmp-*` / `.old-*` siblings)."""
     steps = _complete_steps(root)
     for _, d in steps[:max(0, len(steps) - keep)]:
         if d != newest:
             shutil.rmtree(d, ignore_errors=True)
-    for d in root.glob(".tmp-*"):
+    for d in root.glob(".*"):
         if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
         else:

@@ -1,4 +1,4 @@
-"""`grpo-ray`: the command line. Imports nothing heavy until a command runs, so `--help` is instant.
+"""`grpo-ray` (or `python -m grpo_ray`): the command line. Imports nothing heavy until a command runs, so `--help` is instant.
 
     grpo-ray train --config configs/tiny-cpu.yaml [--resume] [section.key=value ...]
     grpo-ray eval --config configs/tiny-cpu.yaml [--adapter DIR] [section.key=value ...]
@@ -60,16 +60,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
     from pathlib import Path
 
     from grpo_ray.config import UserError, load_config
     from grpo_ray.data.dataset import load_tokenizer
-    from grpo_ray.evaluation import (eval_max_tokens, evaluate, format_metrics, held_out_batch,
-                                     sanity_batch)
-    from grpo_ray.trainer import resolve_model_path
-    from grpo_ray.weight_sync.adapter import read_adapter
+    from grpo_ray.evaluation import evaluate, format_metrics, greedy, held_out_batch, sanity_batch
+    from grpo_ray.models.resolve import resolve_model_path
+    from grpo_ray.weight_sync.files import read_adapter
 
     cfg = load_config(args.config, args.overrides)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -81,10 +79,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         payload = read_adapter(args.adapter, version=1) if args.adapter else None
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"--adapter: {e}") from None
-    rollout = cfg.rollout
-    if payload is not None:  # the engine must accept the adapter's rank, whatever lora.r says
-        rank = max(payload.peft_config.get("r", 0), rollout.max_lora_rank or cfg.lora.r)
-        rollout = dataclasses.replace(rollout, max_lora_rank=rank)
+    # the engines must accept the adapter's rank, whatever lora.r says
+    rank = max(cfg.engine_lora_rank, payload.peft_config.get("r", 0) if payload else 0)
     connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
 
     import ray
@@ -92,27 +88,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from grpo_ray.cluster.placement import place_engines
     from grpo_ray.rollout.worker import RolloutWorker
 
-    group = place_engines(cfg, RolloutWorker, [(model_path, rollout, cfg.lora, cfg.model.dtype,
-                                                cfg.algorithm.seed, 0)])
+    engines = place_engines(cfg, RolloutWorker, [
+        (model_path, cfg.rollout, rank, cfg.model.dtype, cfg.algorithm.seed, i)
+        for i in range(cfg.rollout.num_engines)])
     try:
         if payload is not None:
-            ray.get(group.engines[0].load_adapter.remote(payload))
-        metrics, texts = evaluate(group.engines, held_out, eval_max_tokens(cfg))
-        _, (answer,) = evaluate(group.engines, sanity, eval_max_tokens(cfg))
+            engines.load_adapter(ray.put(payload))
+        metrics, texts = evaluate(engines, held_out, greedy(cfg))
+        _, (answer,) = evaluate(engines, sanity, greedy(cfg))
     finally:
-        group.shutdown()
+        engines.shutdown()
     which = f"adapter {args.adapter}" if args.adapter else "base model"
     print(f"eval of {which} on {model_path}, {len(held_out)} prompts of split "
-          f"{cfg.eval.split or cfg.data.eval_split!r}:")
-    print(format_metrics(metrics))
+          f"{cfg.eval_split!r}:\n{format_metrics(metrics)}")
     print(f"sanity check: {cfg.eval.sanity_question!r}\n{answer}")
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = [{"question": q, "gold": g, "completion": t}
                for q, g, t in zip(held_out.questions, held_out.answers, texts)]
     (out / "eval.json").write_text(json.dumps(
-        {"model": model_path, "adapter": args.adapter, "split": cfg.eval.split or
-         cfg.data.eval_split, "metrics": metrics, "sanity_question": cfg.eval.sanity_question,
+        {"model": model_path, "adapter": args.adapter, "split": cfg.eval_split,
+         "metrics": metrics, "sanity_question": cfg.eval.sanity_question,
          "sanity_answer": answer, "samples": samples}, indent=2))
     print(f"written to {out / 'eval.json'}")
     return 0
@@ -123,7 +119,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from grpo_ray.config import load_config
     from grpo_ray.export import check_adapter, merge_adapter, push_to_hub, save_adapter_dir
-    from grpo_ray.trainer import resolve_model_path
+    from grpo_ray.models.resolve import resolve_model_path
 
     cfg = load_config(args.config, args.overrides)
     adapter = args.adapter or str(Path(cfg.output.dir) / "adapter")

@@ -169,7 +169,7 @@ class LearnerConfig(_Section):
     """NF4 with double quantization through bitsandbytes; None: on CUDA when it is installed.
     True needs a GPU for the learner (`learner.num_gpus` > 0)."""
     gradient_checkpointing: bool = True
-    learning_rate: float = Field(5e-6, gt=0)
+    learning_rate: float = Field(5e-6, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.99, ge=0, lt=1)
     weight_decay: float = Field(0.1, ge=0)

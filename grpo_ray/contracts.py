@@ -31,13 +31,45 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
-    def split(self, parts: int) -> list["PromptBatch"]:
-        """`parts` contiguous, equal slices (one per rollout engine)."""
-        size = len(self) // parts
-        return [PromptBatch(self.prompt_ids[i * size:(i + 1) * size],
-                            self.prompts[i * size:(i + 1) * size],
-                            self.answers[i * size:(i + 1) * size],
-                            self.questions[i * size:(i + 1) * size]) for i in range(parts)]
+
+@dataclass
+class Sampling:
+    """How the engines sample one call: what differs between a training step and an evaluation.
+
+    `temperature=0` is greedy decoding (one completion per prompt, no top-p/top-k). With a
+    `seed`, prompt i of the batch samples with seed `seed + i` (its index in the whole batch,
+    whichever engine gets it): the same seed gives the same completions whatever the number of
+    engines, and equal prompts still get different groups.
+    """
+
+    n: int
+    """Completions per prompt (the group size in training)."""
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: list[str] | None = None
+    """Stop strings, kept in the completion (evaluation stops after `</answer>`)."""
+    seed: int | None = None
+
+    @classmethod
+    def training(cls, rollout: Any, seed: int | None) -> "Sampling":
+        """What a training step samples with, from a `RolloutConfig`."""
+        return cls(n=rollout.num_generations, max_tokens=rollout.max_completion_length,
+                   temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+                   seed=seed)
+
+    @classmethod
+    def greedy(cls, max_tokens: int, stop: list[str] | None = None) -> "Sampling":
+        return cls(n=1, max_tokens=max_tokens, temperature=0.0, stop=stop)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.n < 1 or self.max_tokens < 1:
+            raise ValueError(f"Sampling needs n >= 1, max_tokens >= 1 and temperature >= 0 "
+                             f"(got n={self.n}, max_tokens={self.max_tokens}, "
+                             f"temperature={self.temperature})")
+        if self.temperature == 0 and self.n != 1:
+            raise ValueError(f"n={self.n}: greedy decoding (temperature=0) gives one completion")
 
 
 @dataclass
@@ -120,3 +152,8 @@ class AdapterPayload:
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def materialize(self, device: str = "cpu") -> dict[str, Any]:
+        """name -> tensor on `device` (the other payload forms in `weight_sync.sender` have the
+        same method)."""
+        return {k: v.to(device) for k, v in self.tensors.items()}

@@ -1,18 +1,20 @@
-"""Held-out evaluation through the rollout engines: greedy answers to the first prompts of a split,
-scored for accuracy (the reference's exact string match and our numeric match), format adherence
-(strict and soft) and reasoning length.
+"""Held-out evaluation through the rollout engines: answers to the first prompts of a split (greedy,
+or several samples each), scored for accuracy (the reference's exact string match and our numeric
+match), format adherence (strict and soft) and reasoning length.
 
 `score_completions` is pure (no Ray, no model); `evaluate` only moves prompts to the engines and
 texts back. The engines generate with whatever adapter they hold, so the same call measures the
-base model (adapter version 0) before training and the trained adapter after it.
+base model (adapter version 0) before training and the trained adapter after it. The trainer,
+`grpo-ray eval` and the learning benchmark all evaluate through `evaluate`.
 """
 from __future__ import annotations
 
 import re
 from typing import Any
 
+from grpo_ray.cluster.engines import EngineGroup
 from grpo_ray.config import Config
-from grpo_ray.contracts import PromptBatch, Rollout
+from grpo_ray.contracts import PromptBatch, Sampling
 
 STOP = ["</answer>"]
 """Greedy answers stop right after the answer closes, as the XML schema ends there."""
@@ -96,64 +98,26 @@ def score_completions(texts: list[str], golds: list[str],
     return out
 
 
-def evaluate(engines: list[Any], batch: PromptBatch,
-             max_tokens: int) -> tuple[dict[str, float], list[str]]:
-    """Greedy completions of every prompt of `batch` from `engines` (Ray actor handles of
-    RolloutWorker; contiguous slices, one `ray.get` for all), stopped after `</answer>`, scored
-    against `batch.answers`. Returns the metrics (`score_completions`' plus `truncated_rate`,
-    `num_samples`, `adapter_version`) and the completion texts in prompt order."""
-    import ray
-
-    if not engines:
-        raise ValueError("evaluate needs at least one engine")
-    slices = _slices(len(batch), len(engines))
-    refs = [e.generate.remote(batch.prompt_ids[a:b], temperature=0, max_tokens=max_tokens,
-                              stop=STOP) for e, (a, b) in zip(engines, slices) if b > a]
-    rollout = Rollout.concat(ray.get(refs))
-    metrics = score_completions(rollout.completion_texts, batch.answers,
-                                [len(c) for c in rollout.completion_ids])
-    metrics["truncated_rate"] = (sum(r == "length" for r in rollout.finish_reasons)
-                                 / len(rollout.finish_reasons))
-    metrics["num_samples"] = float(len(batch))
-    metrics["adapter_version"] = float(rollout.adapter_version)
-    return metrics, rollout.completion_texts
+def greedy(cfg: Config) -> Sampling:
+    """Greedy answers stopped right after `</answer>`: how training evaluates."""
+    return Sampling.greedy(cfg.eval_max_tokens, stop=STOP)
 
 
-def evaluate_sampled(engines: list[Any], batch: PromptBatch, samples: int, max_tokens: int,
-                     temperature: float = 1.0, seed: int = 0,
-                     max_call_tokens: int = 4096) -> dict[str, float]:
-    """Like `evaluate`, but `samples` completions per prompt sampled at `temperature` (not
-    stopped at `</answer>`: as the policy samples in training), so that rates move smoothly
-    with the policy rather than with a few greedy flips.
+def sampled(samples: int, max_tokens: int, seed: int = 0, temperature: float = 1.0) -> Sampling:
+    """`samples` completions per prompt at `temperature`, not stopped at `</answer>` (as the
+    policy samples in training): rates that move smoothly with the policy rather than with a few
+    greedy flips. A fixed seed gives the same draws for the same adapter."""
+    return Sampling(n=samples, max_tokens=max_tokens, temperature=temperature, seed=seed)
 
-    Completion j of prompt i is its own request with seed `seed + i * samples + j`, whatever
-    the number of engines: a fixed seed gives the same draws for the same adapter, and no two
-    completions share a seed. Requests go in calls whose prompts total at most
-    `max_call_tokens` (the engine's `max_num_batched_tokens`, vLLM's default 4096): a seeded
-    request whose prompt is split over scheduler steps fails on vLLM's CPU engine ("CPU
-    Generator does not use offset"). Returns `score_completions`' metrics over all
-    `len(batch) * samples` completions plus `truncated_rate`, `num_samples` (prompts),
-    `num_completions` and `adapter_version`."""
-    import ray
 
-    if not engines:
-        raise ValueError("evaluate_sampled needs at least one engine")
-    if samples < 1 or temperature <= 0:
-        raise ValueError(f"evaluate_sampled: needs samples >= 1 and temperature > 0 "
-                         f"(got {samples}, {temperature})")
-    requests = [ids for ids in batch.prompt_ids for _ in range(samples)]
-    calls, start, tokens = [], 0, 0
-    for k, ids in enumerate(requests):
-        if k > start and tokens + len(ids) > max_call_tokens:
-            calls.append((start, k))
-            start, tokens = k, 0
-        tokens += len(ids)
-    calls.append((start, len(requests)))
-    refs = [engines[c % len(engines)].generate.remote(
-                requests[a:b], n=1, temperature=temperature, max_tokens=max_tokens, seed=seed + a)
-            for c, (a, b) in enumerate(calls)]
-    rollout = Rollout.concat(ray.get(refs))
-    golds = [batch.answers[k // samples] for k in rollout.prompt_index]
+def evaluate(engines: EngineGroup, batch: PromptBatch,
+             sampling: Sampling) -> tuple[dict[str, float], list[str]]:
+    """Completions of every prompt of `batch` from the engines (`greedy` or `sampled`), scored
+    against `batch.answers`. Returns `score_completions`' metrics plus `truncated_rate`,
+    `num_samples` (prompts), `num_completions` and `adapter_version`, and the completion texts,
+    prompt-major."""
+    rollout = engines.generate(batch, sampling)
+    golds = [batch.answers[i] for i in rollout.prompt_index]
     metrics = score_completions(rollout.completion_texts, golds,
                                 [len(c) for c in rollout.completion_ids])
     metrics["truncated_rate"] = (sum(r == "length" for r in rollout.finish_reasons)
@@ -161,19 +125,7 @@ def evaluate_sampled(engines: list[Any], batch: PromptBatch, samples: int, max_t
     metrics["num_samples"] = float(len(batch))
     metrics["num_completions"] = float(len(rollout))
     metrics["adapter_version"] = float(rollout.adapter_version)
-    return metrics
-
-
-def _slices(n: int, parts: int) -> list[tuple[int, int]]:
-    """`parts` contiguous [start, end) ranges covering n items, sizes differing by at most one
-    (unlike PromptBatch.split, nothing is dropped: every held-out prompt counts)."""
-    size, extra = divmod(n, parts)
-    bounds, start = [], 0
-    for i in range(parts):
-        end = start + size + (i < extra)
-        bounds.append((start, end))
-        start = end
-    return bounds
+    return metrics, rollout.completion_texts
 
 
 def prompt_batch(rows: list[dict[str, str]], tokenizer: Any, max_prompt_length: int,
@@ -188,11 +140,11 @@ def prompt_batch(rows: list[dict[str, str]], tokenizer: Any, max_prompt_length: 
 
 
 def held_out_batch(cfg: Config, tokenizer: Any) -> PromptBatch:
-    """The first `eval.num_samples` rows (all when 0) of `eval.split` (default
-    `data.eval_split`), in file order: the same prompts before and after training."""
+    """The first `eval.num_samples` rows (all when 0) of the evaluation split (`eval.split`,
+    default `data.eval_split`), in file order: the same prompts before and after training."""
     from grpo_ray.data.dataset import load_rows
 
-    rows = load_rows(cfg.data, cfg.eval.split or cfg.data.eval_split)
+    rows = load_rows(cfg.data, cfg.eval_split)
     if cfg.eval.num_samples:
         rows = rows[:cfg.eval.num_samples]
     return prompt_batch(rows, tokenizer, cfg.data.max_prompt_length, cfg.data.system_prompt)
@@ -202,10 +154,6 @@ def sanity_batch(cfg: Config, tokenizer: Any) -> PromptBatch:
     """The fixed sanity question (no gold answer) as a one-prompt batch."""
     rows = [{"question": cfg.eval.sanity_question, "gold": ""}]
     return prompt_batch(rows, tokenizer, cfg.data.max_prompt_length, cfg.data.system_prompt)
-
-
-def eval_max_tokens(cfg: Config) -> int:
-    return cfg.eval.max_tokens or cfg.rollout.max_completion_length
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -31,7 +31,7 @@ class ExportError(UserError, RuntimeError):
 
 
 def check_adapter(adapter_path: str | Path) -> Path:
-    from grpo_ray.weight_sync.adapter import CONFIG_NAME, WEIGHTS_NAME
+    from grpo_ray.weight_sync.files import CONFIG_NAME, WEIGHTS_NAME
 
     path = Path(adapter_path)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -81,7 +81,7 @@ def save_adapter_dir(adapter_path: str, base_path: str, out_dir: str) -> Path:
     what `PeftModel.from_pretrained(base, out_dir)` and a chat client need."""
     from transformers import AutoTokenizer
 
-    from grpo_ray.weight_sync.adapter import CONFIG_NAME, WEIGHTS_NAME
+    from grpo_ray.weight_sync.files import CONFIG_NAME, WEIGHTS_NAME
 
     adapter = check_adapter(adapter_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)

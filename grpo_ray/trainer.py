@@ -8,123 +8,12 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from grpo_ray.config import Config
-from grpo_ray.contracts import PromptBatch, Rollout, Scores, TrainBatch
-
-
-class StageTimer:
-    """Wall time of each named stage of one step."""
-
-    def __init__(self) -> None:
-        self.times: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.times[f"time/{name}_s"] = time.perf_counter() - start
-
-
-def resolve_model_path(cfg: Config) -> str:
-    """`builtin:tiny` -> build the tiny model once under the output directory;
-    `builtin:tiny-warm` -> the tiny model after the learning benchmark's supervised warm-up
-    (`warm_tiny_model`)."""
-    if cfg.model.path == "builtin:tiny-warm":
-        return str(warm_tiny_model(cfg).resolve())
-    if cfg.model.path != "builtin:tiny":
-        return cfg.model.path
-    from grpo_ray.models.tiny import save_tiny
-
-    path = Path(cfg.output.dir) / "tiny-model"
-    if not (path / "config.json").exists():
-        save_tiny(path, seed=cfg.algorithm.seed)
-    return str(path.resolve())
-
-
-def warm_tiny_model(cfg: Config) -> Path:
-    """The tiny model (seed `algorithm.seed`) after `sft_warmup` with `BENCHMARK_WARMUP` on the
-    synthetic train rows, built once per settings as `<output.dir>/tiny-warm-<hash>`: runs with
-    the same settings and output directory reuse it (~45 s on 2 CPU cores)."""
-    import hashlib
-    import json
-    import os
-    import tempfile
-
-    import torch
-
-    from grpo_ray.data.dataset import load_rows
-    from grpo_ray.models.tiny import save_tiny
-    from grpo_ray.models.warmup import BENCHMARK_WARMUP, sft_warmup
-
-    d = cfg.data
-    if d.source != "synthetic":
-        raise ValueError(f"model.path=builtin:tiny-warm warms up on synthetic rows; it needs "
-                         f"data.source=synthetic (got {d.source!r})")
-    threads = 2  # fixed: the same float sums, hence the same model, whatever the core count
-    settings = dict(BENCHMARK_WARMUP, seed=cfg.algorithm.seed, system_prompt=d.system_prompt,
-                    rows=[d.num_synthetic, d.seed, d.synthetic_max_value], threads=threads)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(cfg.output.dir) / f"tiny-warm-{key}"
-    if (path / "config.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tiny-warm-") as tmp:
-            base = save_tiny(Path(tmp) / "base", seed=cfg.algorithm.seed)
-            warm = sft_warmup(str(base), str(Path(tmp) / "warm"), load_rows(d),
-                              seed=cfg.algorithm.seed, system_prompt=d.system_prompt,
-                              **BENCHMARK_WARMUP)
-            if not (path / "config.json").exists():  # another process may have finished first
-                os.replace(warm, path)  # a rename: a half-written model is never found
-    finally:
-        torch.set_num_threads(previous)
-    return path
-
-
-def step_metrics(batch: PromptBatch, rollout: Rollout, scores: Scores) -> dict[str, float]:
-    """Reward (total and per function), accuracy, format rate and completion length."""
-    from grpo_ray.reward.functions import answers_match, extract_answer, strict_format_reward
-
-    def mean(xs: list[float]) -> float:
-        return sum(xs) / len(xs) if xs else float("nan")
-
-    def std(xs: list[float]) -> float:
-        m = mean(xs)
-        return math.sqrt(mean([(x - m) ** 2 for x in xs])) if xs else float("nan")
-
-    out: dict[str, float] = {}
-    for name, values in [("total", scores.total), *scores.per_function.items()]:
-        valid = [v for v in values if v is not None]
-        key = "reward" if name == "total" else f"reward/{name}"
-        out[f"{key}/mean"], out[f"{key}/std"] = mean(valid), std(valid)
-    golds = [batch.answers[i] for i in rollout.prompt_index]
-    # judged the same way whatever rewards are configured: numeric match, fixed strict format
-    out["accuracy"] = mean([float(answers_match(extract_answer(t), g))
-                            for t, g in zip(rollout.completion_texts, golds)])
-    out["format_rate"] = mean([float(s > 0) for s in
-                               strict_format_reward([], rollout.completion_texts)])
-    out["completion_length"] = mean([len(c) for c in rollout.completion_ids])
-    out["truncated_rate"] = mean([float(r == "length") for r in rollout.finish_reasons])
-    out["unscored_rate"] = mean([float(v is None) for v in scores.total])
-    return out
-
-
-def sample_rows(batch: PromptBatch, rollout: Rollout, scores: Scores, k: int) -> list[dict[str, Any]]:
-    """The first `k` completions of the step, with their prompt, gold answer and each reward."""
-    rows = []
-    for row in range(min(k, len(rollout))):
-        p = rollout.prompt_index[row]
-        rows.append({"question": batch.questions[p], "gold": batch.answers[p],
-                     "completion": rollout.completion_texts[row],
-                     "rewards": {n: v[row] for n, v in scores.per_function.items()},
-                     "total": scores.total[row]})
-    return rows
+from grpo_ray.contracts import PromptBatch, Rollout, Sampling, Scores, TrainBatch
+from grpo_ray.metrics import StageTimer, sample_rows, step_metrics
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -156,13 +45,13 @@ class Trainer:
 
     # ---- set-up ------------------------------------------------------------------------------
     def prepare_data(self) -> "Trainer":
-        """Model path, tokenizer, training and evaluation prompts: no Ray needed, so a bad row
-        fails here, before any actor or GPU is taken."""
+        """Model path, tokenizer, training and evaluation prompts: no Ray needed, so a bad path
+        or row fails here, before any actor or GPU is taken, and writes nothing."""
         from grpo_ray.data.dataset import PromptIterator, load_rows, load_tokenizer
         from grpo_ray.evaluation import held_out_batch, sanity_batch
+        from grpo_ray.models.resolve import resolve_model_path
 
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
         self.model_path = resolve_model_path(cfg)
         tokenizer = load_tokenizer(self.model_path)
         self.prompts = PromptIterator(load_rows(cfg.data), tokenizer, cfg.rollout.prompts_per_step,
@@ -177,7 +66,7 @@ class Trainer:
         from grpo_ray.reward.pool import RewardPool
         from grpo_ray.rollout.worker import RolloutWorker
         from grpo_ray.tracking import Tracker
-        from grpo_ray.weight_sync.adapter import AdapterBroadcast
+        from grpo_ray.weight_sync.broadcast import AdapterBroadcast
 
         cfg = self.cfg
         if not hasattr(self, "prompts"):
@@ -186,8 +75,9 @@ class Trainer:
             cfg,
             LearnerWorker, (self.model_path, cfg.model, cfg.lora, cfg.learner, cfg.algorithm,
                             cfg.rollout.max_completion_length, cfg.rollout.temperature),
-            RolloutWorker, [(self.model_path, cfg.rollout, cfg.lora, cfg.model.dtype,
+            RolloutWorker, [(self.model_path, cfg.rollout, cfg.engine_lora_rank, cfg.model.dtype,
                              cfg.algorithm.seed, i) for i in range(cfg.rollout.num_engines)])
+        self.engines = self.actors.engines
         self.rewards = RewardPool(self.actors.reward_workers, cfg.reward.functions,
                                   cfg.reward.timeout_s)
         self.broadcast = AdapterBroadcast()
@@ -200,24 +90,14 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------
     def generate(self, batch: PromptBatch) -> Rollout:
-        """Each engine samples its slice of the prompts; one `ray.get` for all.
+        """Every prompt's group from the engines, sampled with the learner's current adapter.
 
-        Prompt j of step s samples with seed `base + s * prompts_per_step + j` (engines add the
-        prompt's index within their slice), so a step's completions are a function of the
-        adapter, the prompts and the step: a resumed run samples what an uninterrupted one did,
-        whatever the number of engines."""
-        import ray
-
-        engines = self.actors.engines
-        slices = batch.split(len(engines))
-        first = self.cfg.algorithm.seed * 1_000_003 + self.step * len(batch)
-        parts = ray.get([e.generate.remote(p.prompt_ids, seed=first + i * len(p))
-                         for i, (e, p) in enumerate(zip(engines, slices))])
-        rollout = Rollout.concat(parts)
-        if rollout.adapter_version != self.version:
-            raise RuntimeError(f"engines sampled with adapter version {rollout.adapter_version}, "
-                               f"the learner is at {self.version}")
-        return rollout
+        Prompt j of step s samples with seed `base + s * prompts_per_step + j`, so a step's
+        completions are a function of the adapter, the prompts and the step: a resumed run
+        samples what an uninterrupted one did, whatever the number of engines."""
+        seed = self.cfg.algorithm.seed * 1_000_003 + self.step * len(batch)
+        return self.engines.generate(batch, Sampling.training(self.cfg.rollout, seed),
+                                     expect_version=self.version)
 
     def train_batch(self, rollout: Rollout, scores: Scores) -> TrainBatch:
         import torch
@@ -246,7 +126,7 @@ class Trainer:
             stats = ray.get(self.actors.learner.train_step.remote(train_batch))
         self.version += 1
         with timer("sync"):
-            sync = self.broadcast.sync(self.actors.learner, self.actors.engines, self.version)
+            sync = self.broadcast.sync(self.actors.learner, self.engines, self.version)
         self.step += 1
 
         metrics = step_metrics(batch, rollout, scores)
@@ -287,13 +167,12 @@ class Trainer:
         current adapter. Metrics go to `eval.jsonl` (with the tag) and, as `eval/...` at the
         current step, to TensorBoard / W&B; not to the console table or `metrics.jsonl`, whose
         rows are training steps. Prints one line."""
-        from grpo_ray.evaluation import eval_max_tokens, evaluate
+        from grpo_ray.evaluation import evaluate, greedy
 
         held_out, sanity = self.eval_prompts
         start = time.perf_counter()
-        metrics, _ = evaluate(self.actors.engines, held_out, eval_max_tokens(self.cfg))
-        _, (self.sanity_answers[tag],) = evaluate(self.actors.engines[:1], sanity,
-                                                  eval_max_tokens(self.cfg))
+        metrics, _ = evaluate(self.engines, held_out, greedy(self.cfg))
+        _, (self.sanity_answers[tag],) = evaluate(self.engines, sanity, greedy(self.cfg))
         metrics["time_s"] = time.perf_counter() - start
         self.tracker.log_eval(metrics, self.step, tag)
         self.evals[tag] = metrics
@@ -325,7 +204,7 @@ class Trainer:
         directory need not be shared with the learner's node."""
         import ray
 
-        from grpo_ray.weight_sync.adapter import write_adapter
+        from grpo_ray.weight_sync.files import write_adapter
 
         payload = ray.get(self.actors.learner.export_adapter.remote(self.version))
         return write_adapter(payload, path)
@@ -359,14 +238,16 @@ class Trainer:
         self.step, self.version = state["step"], state["adapter_version"]
         self.saved_step = self.step
         if self.version > 0:  # engines start with the base model, version 0
-            self.broadcast.sync(self.actors.learner, self.actors.engines, self.version)
+            self.broadcast.sync(self.actors.learner, self.engines, self.version)
         # rows a crashed run logged after its last checkpoint are logged again from here
         for name in ("metrics.jsonl", "completions.jsonl", "eval.jsonl"):
             truncate_jsonl(self.out / name, self.step)
         self.print(f"resumed from {path} at step {self.step}, adapter version {self.version}")
         changed = _changed_keys(state.get("config", {}), self.cfg.to_dict())
-        if changed:  # e.g. a longer run: the lr schedule then differs from the saved run's
-            self.print(f"config differs from the checkpoint's: {', '.join(changed)}")
+        if changed:  # e.g. a longer run: the lr schedule is re-planned for the new total
+            self.print(f"config differs from the checkpoint's: {', '.join(changed)}; the "
+                       "learning-rate schedule follows this run's settings from step "
+                       f"{self.step}")
 
     def close(self) -> None:
         if hasattr(self, "tracker"):

@@ -41,7 +41,7 @@ class Result:
     """One row per step, CSV_COLUMNS; row 0 is the evaluation before the first step."""
     before: dict[str, float]
     after: dict[str, float]
-    """Sampled held-out evaluations (`evaluate_sampled`'s metrics) before and after training."""
+    """Sampled held-out evaluations (`evaluation.evaluate`'s metrics) before and after training."""
     steps: int
     warmup_s: float
     """Seconds to build (or find already built) the warmed-up model."""
@@ -56,8 +56,8 @@ def run_benchmark(cfg: Any, eval_every: int, eval_samples: int, eval_seed: int =
     """Warm-up (through `model.path`), then `algorithm.total_steps` GRPO steps with sampled
     held-out evaluations (temperature 1) before, every `eval_every` steps and after. Joins the
     Ray cluster already initialized, else starts one as `grpo-ray train` does."""
-    from grpo_ray.evaluation import evaluate_sampled
     from grpo_ray.cli import connect_ray
+    from grpo_ray.evaluation import evaluate, sampled
     from grpo_ray.trainer import Trainer
 
     if eval_every < 1 or eval_samples < 1:
@@ -71,10 +71,10 @@ def run_benchmark(cfg: Any, eval_every: int, eval_samples: int, eval_seed: int =
     print_fn(f"model {trainer.model_path} ready in {warmup_s:.1f} s")
     held_out = trainer.eval_prompts[0]
     connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
+    sampling = sampled(eval_samples, cfg.rollout.max_completion_length, seed=eval_seed)
 
-    def evaluate(step: int) -> dict[str, float]:
-        m = evaluate_sampled(trainer.actors.engines, held_out, eval_samples,
-                             cfg.rollout.max_completion_length, temperature=1.0, seed=eval_seed)
+    def evaluate_now(step: int) -> dict[str, float]:
+        m, _ = evaluate(trainer.engines, held_out, sampling)
         print_fn(f"held-out after step {step} ({len(held_out)} prompts x {eval_samples}, T=1): "
                  f"accuracy {m['accuracy_numeric']:.3f}, strict format {m['strict_format']:.3f}")
         return m
@@ -83,14 +83,14 @@ def run_benchmark(cfg: Any, eval_every: int, eval_samples: int, eval_seed: int =
     placed = time.perf_counter()
     try:
         trainer.setup()
-        before = after = evaluate(0)
+        before = after = evaluate_now(0)
         curve = [_row(0, None, before, 0.0, time.perf_counter() - placed)]
         train_s = 0.0
         while trainer.step < total:
             metrics = trainer.run_step()
             train_s += metrics["time/step_s"]
             step = trainer.step
-            held = evaluate(step) if step % eval_every == 0 or step == total else None
+            held = evaluate_now(step) if step % eval_every == 0 or step == total else None
             after = held or after
             curve.append(_row(step, metrics, held, train_s, time.perf_counter() - placed))
         trainer.save_adapter(trainer.out / "adapter")

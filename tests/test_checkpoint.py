@@ -49,7 +49,7 @@ def test_crash_during_a_write_leaves_the_previous_checkpoint(tmp_path, monkeypat
 
     def crash(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)  # half the checkpoint is on disk, then the crash
-        assert any(p.name.startswith(".tmp-step-000002-") for p in tmp_path.iterdir())
+        assert any(p.name.startswith(".step-000002.tmp-") for p in tmp_path.iterdir())
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
@@ -89,7 +89,7 @@ def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     # a resumed run that writes a step again replaces it and cleans the leftovers
     save(tmp_path, 2, keep=3)
     assert latest_checkpoint(tmp_path) == tmp_path / "step-000002"
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not list(tmp_path.glob(".*"))
     with pytest.raises(FileNotFoundError, match="step-000008: not a complete checkpoint"):
         load_checkpoint(tmp_path / "step-000008")
 
@@ -125,13 +125,43 @@ def test_cli_refuses_to_overwrite_or_to_resume_nothing(tmp_path, capsys):
 
 
 # ---- the learner's state -----------------------------------------------------------------------
-def make_learner(path: str):
+def make_learner(path: str, total_steps: int = 5, learning_rate: float = 1e-2):
     from grpo_ray.learner.worker import LearnerWorker
 
-    learner = LearnerConfig(learning_rate=1e-2, warmup_ratio=0.3, lr_scheduler_type="cosine",
-                            micro_batch_size=4, gradient_checkpointing=False, num_gpus=0)
+    learner = LearnerConfig(learning_rate=learning_rate, warmup_ratio=0.3,
+                            lr_scheduler_type="cosine", micro_batch_size=4,
+                            gradient_checkpointing=False, num_gpus=0)
     return LearnerWorker(path, ModelConfig(), LoraConfig(r=4, alpha=8), learner,
-                         AlgorithmConfig(total_steps=5, beta=0.04), max_completion_length=8)
+                         AlgorithmConfig(total_steps=total_steps, beta=0.04),
+                         max_completion_length=8)
+
+
+def small_batch() -> TrainBatch:
+    g = torch.Generator().manual_seed(0)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    completions = [torch.randint(20, 200, (n,), generator=g).tolist() for n in (3, 6, 2, 8)]
+    return TrainBatch([prompts[i // 2] for i in range(4)], completions, [1.0, -1.0, 0.5, -0.5],
+                      [[-3.0] * len(c) for c in completions])
+
+
+def test_a_longer_resumed_run_continues_on_the_schedule_of_its_new_total(tiny_model_path):
+    """3 steps of a 3-step cosine schedule end at lr 0; resumed with total_steps=6, step 4 runs
+    at the lr of a 6-step plan at step 3 (and a changed learning_rate is honoured)."""
+    short = make_learner(tiny_model_path, total_steps=3)
+    for _ in range(3):
+        short.train_step(small_batch())
+    assert short.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    state = short.state_dict()
+
+    fresh = make_learner(tiny_model_path, total_steps=6, learning_rate=2e-2)
+    for _ in range(3):
+        fresh.scheduler.step()  # where a 6-step plan stands after 3 steps
+    resumed = make_learner(tiny_model_path, total_steps=6, learning_rate=2e-2)
+    resumed.load_state_dict(state)
+    planned = fresh.optimizer.param_groups[0]["lr"]
+    assert planned > 0 and resumed.optimizer.param_groups[0]["lr"] == pytest.approx(planned)
+    assert resumed.train_step(small_batch())["learning_rate"] == pytest.approx(planned)
+    assert resumed.scheduler.last_epoch == 4
 
 
 def lora_of(worker) -> dict[str, torch.Tensor]:
@@ -246,8 +276,8 @@ def test_resumed_run_equals_uninterrupted_run(ray_local, tiny_model_path, tmp_pa
         b.restore(latest_checkpoint(b_out / "checkpoints"))
         assert (b.step, b.version) == (2, 2)
         # A's checkpoint, B's output dir: the one difference is said
-        assert lines[-1] == ("config differs from the checkpoint's: "
-                             f"output.dir: {str(a_out)!r} -> {str(b_out)!r}")
+        assert lines[-1].startswith("config differs from the checkpoint's: "
+                                    f"output.dir: {str(a_out)!r} -> {str(b_out)!r}; ")
         b_questions = record_prompts(b)
         b.fit()
     finally:

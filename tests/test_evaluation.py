@@ -1,8 +1,8 @@
 """Evaluation: hand-computed scores, greedy answers through a real rollout actor, the trainer's
 before/after evaluation and sanity check, the saved adapter read back into an engine.
 
-One trainer (one vLLM engine) serves the module; tests run in file order. `grpo-ray eval` runs
-in tests/test_export.py, on the merged model (that file's one engine).
+One trainer (one vLLM engine) serves the module; the tests that need its run ask for `fitted`.
+`grpo-ray eval` runs in tests/test_export.py, on the merged model (that file's one engine).
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import math
 
 import pytest
 
-from grpo_ray.evaluation import (evaluate, format_side_by_side, percentile, reasoning_words,
-                                 score_completions)
+from grpo_ray.contracts import Sampling
+from grpo_ray.evaluation import (STOP, evaluate, format_side_by_side, percentile,
+                                 reasoning_words, score_completions)
 
 TEXTS = [
     # exact and numeric match, strict (ends right after </answer>) and soft format; 5 words
@@ -90,11 +91,11 @@ def trainer(ray_local, tiny_model_path, tmp_path_factory):
 def test_evaluate_is_greedy_and_deterministic(trainer):
     held_out, _ = trainer.eval_prompts
     assert len(held_out) == 5
-    engine = trainer.actors.engines[0]
-    m1, texts1 = evaluate([engine], held_out, max_tokens=16)
-    m2, texts2 = evaluate([engine], held_out, max_tokens=16)
+    greedy = Sampling.greedy(16, stop=STOP)
+    m1, texts1 = evaluate(trainer.engines, held_out, greedy)
+    m2, texts2 = evaluate(trainer.engines, held_out, greedy)
     assert texts1 == texts2 and m1 == m2 and len(texts1) == 5
-    assert m1["adapter_version"] == 0 and m1["num_samples"] == 5
+    assert m1["adapter_version"] == trainer.version and m1["num_samples"] == 5
     assert 0 < m1["completion_tokens_mean"] <= 16
     for key in ["accuracy_exact", "accuracy_numeric", "strict_format", "soft_format",
                 "truncated_rate"]:
@@ -102,12 +103,27 @@ def test_evaluate_is_greedy_and_deterministic(trainer):
     # a stop string ends the completion: nothing follows a generated </answer>
     assert all(t.endswith("</answer>") for t in texts1 if "</answer>" in t)
     # uneven slices over two handles (3 + 2 prompts) still answer every prompt, in order
-    _, texts3 = evaluate([engine, engine], held_out, max_tokens=16)
-    assert len(texts3) == 5
+    from grpo_ray.cluster.engines import EngineGroup
+
+    engine = trainer.engines.engines[0]
+    _, texts3 = evaluate(EngineGroup([engine, engine]), held_out, greedy)
+    assert texts3 == texts1
+    # sampled: several completions per prompt, the same draws for the same seed
+    sampled = Sampling(n=3, max_tokens=16, seed=5)
+    m4, texts4 = evaluate(trainer.engines, held_out, sampled)
+    assert m4["num_completions"] == 15 and m4["num_samples"] == 5
+    assert evaluate(EngineGroup([engine, engine]), held_out, sampled)[1] == texts4
 
 
-def test_fit_evaluates_before_every_step_and_after(trainer):
+@pytest.fixture(scope="module")
+def fitted(trainer):
+    """The module's trainer after its 2-step run (evaluations before, after step 1, after)."""
     trainer.fit()
+    return trainer
+
+
+def test_fit_evaluates_before_every_step_and_after(fitted):
+    trainer = fitted
     assert list(trainer.evals) == ["before", "step 1", "after"]
     assert [trainer.evals[t]["adapter_version"] for t in trainer.evals] == [0, 1, 2]
     rows = [json.loads(line) for line in (trainer.out / "eval.jsonl").read_text().splitlines()]
@@ -127,21 +143,23 @@ def test_fit_evaluates_before_every_step_and_after(trainer):
         assert trainer.sanity_answers[tag] in text
 
 
-def test_saved_adapter_read_back_answers_the_same(trainer):
+def test_saved_adapter_read_back_answers_the_same(fitted):
     """`read_adapter` (what `grpo-ray eval --adapter` loads) gives the engine the adapter the
     trainer saved: the greedy answers equal those of the adapter the engine already holds."""
     import ray
 
-    from grpo_ray.weight_sync.adapter import read_adapter
+    from grpo_ray.weight_sync.files import read_adapter
 
+    trainer = fitted
     held_out, _ = trainer.eval_prompts
-    engine = trainer.actors.engines[0]
-    metrics, expected = evaluate([engine], held_out, max_tokens=16)
-    payload = read_adapter(trainer.out / "adapter", version=3)
+    greedy = Sampling.greedy(16, stop=STOP)
+    metrics, expected = evaluate(trainer.engines, held_out, greedy)
+    version = int(metrics["adapter_version"]) + 1
+    payload = read_adapter(trainer.out / "adapter", version=version)
     assert payload.peft_config["r"] == 8 and len(payload.tensors) == 2 * 7 * 2
-    ray.get(engine.load_adapter.remote(payload))
-    again, texts = evaluate([engine], held_out, max_tokens=16)
-    assert again["adapter_version"] == 3 and texts == expected
+    trainer.engines.load_adapter(ray.put(payload))
+    again, texts = evaluate(trainer.engines, held_out, greedy)
+    assert again["adapter_version"] == version and texts == expected
 
 
 def test_eval_command_refuses_a_missing_adapter(tmp_path, tiny_model_path, capsys):

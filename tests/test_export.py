@@ -12,7 +12,8 @@ import torch
 
 from grpo_ray.config import ALL_PROJECTIONS
 from grpo_ray.export import ExportError, merge_adapter, push_to_hub, write_directory
-from grpo_ray.weight_sync.adapter import adapter_payload, read_adapter, write_adapter
+from grpo_ray.weight_sync.files import read_adapter, write_adapter
+from grpo_ray.weight_sync.sender import adapter_payload
 
 SECRET = "hf_SeCrEt0123456789abcdefTOKEN"
 IDS = torch.tensor([[5, 17, 42, 300, 7, 99, 12, 64]])

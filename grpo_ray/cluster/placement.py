@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from grpo_ray.cluster.engines import EngineGroup
 from grpo_ray.config import Config, UserError
 
 # Environment of every actor we start: vLLM's engine core in the actor's own process (simpler to
@@ -120,7 +121,7 @@ class Actors:
     """Handles of every actor of a run, and the placement group that holds them."""
 
     learner: Any
-    engines: list[Any]
+    engines: EngineGroup
     reward_workers: list[Any]
     placement_group: Any
     plan: Plan
@@ -129,9 +130,9 @@ class Actors:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for actor in [self.learner, *self.engines, *self.reward_workers]:
-            if actor is not None:  # engines-only groups (evaluation) have no learner
-                ray.kill(actor)
+        for actor in [self.learner, *self.reward_workers]:
+            ray.kill(actor)
+        self.engines.shutdown()
         remove_placement_group(self.placement_group)
 
 
@@ -148,19 +149,54 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     plan = plan_placement(cfg, _use_gpu(cfg, nodes))
     check_fits(plan, nodes)
     pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray")
-    engines = [ray.remote(engine_cls).options(**_actor_options(pg, plan.engine, b)).remote(*args)
-               for b, args in zip(plan.engine_bundles, engine_args)]
+    engines = _engine_group(pg, plan, engine_cls, engine_args)
     if plan.layout == "colocated":
         # vLLM sizes its KV cache from the GPU memory it sees free while it starts: let it
         # finish before the learner takes its share of the same GPU.
-        ray.get([e.__ray_ready__.remote() for e in engines])
+        ray.get([e.__ray_ready__.remote() for e in engines.engines])
     learner = ray.remote(learner_cls).options(
         **_actor_options(pg, plan.learner, plan.learner_bundle)).remote(*learner_args)
     rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
                                    plan.reward["CPU"], runtime_env={"env_vars": ACTOR_ENV})
     # constructors run remotely: surface their errors (a bad model path, say) here, at once
-    ray.get([a.__ray_ready__.remote() for a in [learner, *engines]])
+    ray.get([a.__ray_ready__.remote() for a in [learner, *engines.engines]])
     return Actors(learner, engines, rewards, pg, plan)
+
+
+def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> EngineGroup:
+    """Rollout engines alone (evaluation), each with the resources training gives it, in their
+    own placement group (removed by the group's `shutdown`). Returns once every engine has
+    started."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    nodes = cluster_nodes()
+    full = plan_placement(cfg, _use_gpu(cfg, nodes))
+    n = len(engine_args)
+    plan = Plan(full.layout, [dict(full.engine) for _ in range(n)], -1, {}, list(range(n)),
+                full.engine, 0, full.reward, [f"rollout engine {i}" for i in range(n)])
+    check_fits(plan, nodes)
+    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray-engines")
+    group = _engine_group(pg, plan, engine_cls, engine_args,
+                          on_shutdown=lambda: remove_placement_group(pg))
+    try:
+        ray.get([e.__ray_ready__.remote() for e in group.engines])
+    except BaseException:
+        group.shutdown()
+        raise
+    return group
+
+
+def _engine_group(pg: Any, plan: Plan, engine_cls: type, engine_args: list[tuple],
+                  on_shutdown: Any = None) -> EngineGroup:
+    """The engines started in their bundles; the group can start engine i again in its own."""
+    import ray
+
+    def start(i: int) -> Any:
+        options = _actor_options(pg, plan.engine, plan.engine_bundles[i])
+        return ray.remote(engine_cls).options(**options).remote(*engine_args[i])
+
+    return EngineGroup([start(i) for i in range(len(engine_args))], start, on_shutdown)
 
 
 def _use_gpu(cfg: Config, nodes: list[dict[str, float]]) -> bool:
@@ -197,26 +233,3 @@ def _actor_options(pg: Any, resources: dict[str, float], bundle: int) -> dict[st
                 runtime_env={"env_vars": ACTOR_ENV},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=bundle))
-
-
-def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> Actors:
-    """Rollout engines alone (evaluation), each with the resources training gives it, in their
-    own placement group; `learner` is None and there are no reward workers. Returns once every
-    engine has started."""
-    import ray
-
-    nodes = cluster_nodes()
-    full = plan_placement(cfg, _use_gpu(cfg, nodes))
-    n = len(engine_args)
-    plan = Plan(full.layout, [dict(full.engine) for _ in range(n)], -1, {}, list(range(n)),
-                full.engine, 0, full.reward, [f"rollout engine {i}" for i in range(n)])
-    check_fits(plan, nodes)
-    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray-engines")
-    engines = [ray.remote(engine_cls).options(**_actor_options(pg, plan.engine, b)).remote(*args)
-               for b, args in zip(plan.engine_bundles, engine_args)]
-    try:
-        ray.get([e.__ray_ready__.remote() for e in engines])
-    except BaseException:
-        Actors(None, engines, [], pg, plan).shutdown()
-        raise
-    return Actors(None, engines, [], pg, plan)

@@ -158,7 +158,7 @@ class PromptIterator:
         """Index, in this epoch's shuffled order, of the next batch's first row."""
         system = SYSTEM_PROMPT if system_prompt is None else system_prompt
         self.messages = [chat_messages(r["question"], system) for r in rows]
-        self.prompt_ids = [_chat_ids(tokenizer, m) for m in self.messages]
+        self.prompt_ids = [chat_ids(tokenizer, m) for m in self.messages]
         too_long = [i for i, ids in enumerate(self.prompt_ids) if len(ids) > max_prompt_length]
         if too_long:
             i = too_long[0]
@@ -214,7 +214,8 @@ class PromptIterator:
         self._order_epoch = -1
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` with the chat template and the generation prompt."""
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     # transformers 5 returns a BatchEncoding (return_dict=True by default); 4.x a list.
     ids = out["input_ids"] if hasattr(out, "keys") else out

@@ -8,7 +8,6 @@ A plain class: `ray.remote` is applied where it is placed, and tests build it di
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -20,10 +19,10 @@ from torch import Tensor
 
 from grpo_ray.algo.grpo import grpo_loss, probability_gap, truncated_is_weights
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
-from grpo_ray.contracts import AdapterPayload, TrainBatch
+from grpo_ray.contracts import TrainBatch
 from grpo_ray.learner.logprobs import token_logprobs
-from grpo_ray.weight_sync.adapter import (CudaIpcAdapter, CudaIpcExport, PackedAdapter,
-                                          packed_adapter)
+from grpo_ray.learner.model import load_policy
+from grpo_ray.learner.state import learner_state, load_learner_state
 
 
 @dataclass
@@ -59,12 +58,9 @@ class LearnerWorker:
         self.learner, self.algorithm = learner, algorithm
         self.max_completion_length, self.temperature = max_completion_length, temperature
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if learner.backend == "unsloth":
-            self.model = _load_unsloth(model_path, lora, learner, algorithm.seed)
-            self._compute_dtype = torch.bfloat16  # autocast as TRL + Unsloth run it (bf16=True)
-        else:
-            self.model, self._compute_dtype = _load_peft(model_path, model, lora, learner,
-                                                         self.device)
+        self.model, self._compute_dtype, self.description = load_policy(
+            model_path, model, lora, learner, algorithm.seed, self.device)
+        self._ipc_export: Any = None
         causal_lm = self.model.get_base_model()
         self._decoder = causal_lm.get_decoder()
         self._lm_head = causal_lm.get_output_embeddings()
@@ -218,85 +214,32 @@ class LearnerWorker:
         return out
 
     # ---- the adapter ---------------------------------------------------------------------------
-    def export_adapter(self, version: int) -> AdapterPayload:
-        from grpo_ray.weight_sync.adapter import adapter_payload
+    def export_adapter(self, version: int, transport: str = "tensors",
+                       dtype: str | None = None) -> Any:
+        """The adapter, for `weight_sync`: `tensors` (an AdapterPayload of CPU tensors, for
+        checkpoints and files), `packed` (one buffer cast to the engines' `dtype` on this device,
+        then copied once to the CPU: what the object store ships) or `cuda-ipc` (for engines on
+        this GPU: one GPU buffer refreshed in place every version; only a handle travels)."""
+        from grpo_ray.weight_sync import sender
 
-        return adapter_payload(self.model, version)
-
-    def export_packed_adapter(self, version: int, dtype: str | None = None) -> PackedAdapter:
-        """The adapter as AdapterBroadcast ships it: one buffer, cast to the engines' `dtype`
-        on this learner's device before the single copy to the CPU."""
-        return packed_adapter(self.model, version, dtype)
-
-    def export_cuda_ipc_adapter(self, version: int, dtype: str) -> CudaIpcAdapter:
-        """For engines on this learner's GPU: the adapter, cast to `dtype`, stays in one GPU
-        buffer refreshed in place for every version; only a CUDA IPC handle to it travels."""
-        if getattr(self, "_ipc_export", None) is None:
-            self._ipc_export = CudaIpcExport()
-        return self._ipc_export.export(self.model, version, dtype)
-
-    def save_adapter(self, path: str) -> str:
-        self.model.save_pretrained(path)
-        return path
-
-    def lora_parameter_norm(self) -> float:
-        with torch.no_grad():
-            return math.sqrt(sum(p.float().pow(2).sum().item() for p in self.params))
+        if transport == "tensors":
+            return sender.adapter_payload(self.model, version, dtype=dtype)
+        if transport == "packed":
+            return sender.packed_adapter(self.model, version, dtype)
+        if transport == "cuda-ipc":
+            if self._ipc_export is None:
+                self._ipc_export = sender.CudaIpcExport()
+            return self._ipc_export.export(self.model, version, dtype)
+        raise ValueError(f"unknown adapter transport {transport!r}")
 
     # ---- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed learner needs, as CPU tensors and plain Python values (loadable
-        with `torch.load(weights_only=True)`): the trainable LoRA parameters by name, optimizer
-        and scheduler state, and the torch / CUDA / `random` / numpy RNG states."""
-        import random
-
-        import numpy as np
-
-        np_state = np.random.get_state()
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype("int64")),
-                         "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                         "cached_gaussian": float(np_state[4])}}
-        if torch.cuda.is_available():
-            rng["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
-        with torch.no_grad():
-            lora = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()
-                    if p.requires_grad}
-        return {"lora": lora, "optimizer": _to_cpu(self.optimizer.state_dict()),
-                "scheduler": self.scheduler.state_dict(), "rng": rng}
+        """LoRA parameters, optimizer, scheduler and RNG states (`learner.state`)."""
+        return learner_state(self.model, self.optimizer, self.scheduler)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned; tensors go back to this learner's device."""
-        import random
-
-        import numpy as np
-
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        missing = sorted(set(params) - set(state["lora"]))
-        unexpected = sorted(set(state["lora"]) - set(params))
-        if missing or unexpected:
-            raise ValueError(f"checkpoint LoRA parameters do not match this learner's adapter "
-                             f"(lora.target_modules changed?): {len(missing)} missing "
-                             f"{missing[:1]}, {len(unexpected)} unexpected {unexpected[:1]}")
-        for name, p in params.items():
-            t = state["lora"][name]
-            if t.shape != p.shape:
-                raise ValueError(f"checkpoint LoRA parameter {name} has shape {tuple(t.shape)}, "
-                                 f"this learner's has {tuple(p.shape)} (lora.r changed?)")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state["lora"][name].to(p.device, p.dtype))
-        # Optimizer.load_state_dict moves each state tensor to its parameter's device.
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        n = rng["numpy"]
-        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                             n["has_gauss"], n["cached_gaussian"]))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        """Restore what `state_dict` returned, on this run's lr plan (`learner.state`)."""
+        load_learner_state(self.model, self.optimizer, self.scheduler, state)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -328,83 +271,7 @@ def _check_prompts(prompts: list[list[int]], rows: list[int] | range) -> None:
             raise ValueError(f"prompt_ids[{i}] is empty")
 
 
-def _to_cpu(value: Any) -> Any:
-    """A copy of a nested dict/list/tuple with every tensor moved to the CPU."""
-    if isinstance(value, Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
 def _cat_padded(parts: list[Tensor]) -> Tensor:
     """Stack (b_i, T_i) tensors into (sum b_i, max T_i), zero/False-padded on the right."""
     T = max(p.size(1) for p in parts)
     return torch.cat([torch.nn.functional.pad(p, (0, T - p.size(1))) for p in parts])
-
-
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def _use_4bit(setting: bool | None, device: torch.device) -> bool:
-    if setting is False:
-        return False
-    usable = device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
-    if setting and not usable:
-        raise RuntimeError("learner.load_in_4bit=true needs CUDA and the bitsandbytes package")
-    return usable
-
-
-def _load_peft(model_path: str, model: ModelConfig, lora: LoraConfig, learner: LearnerConfig,
-               device: torch.device) -> tuple[Any, torch.dtype]:
-    """transformers + bitsandbytes NF4 (QLoRA) or full precision, then a fresh LoRA adapter
-    (fp32, PEFT's default, so that small updates are not lost to bf16 rounding). Returns the
-    PEFT model and its compute dtype."""
-    import peft
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    checkpointing = {"use_reentrant": False}  # needs no input grads, works with frozen embeddings
-    dtype = _resolve_dtype(model.dtype, device)
-    if _use_4bit(learner.load_in_4bit, device):
-        dtype = torch.bfloat16
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
-        base = AutoModelForCausalLM.from_pretrained(
-            model_path, quantization_config=quant, dtype=torch.bfloat16,
-            device_map={"": torch.cuda.current_device()})
-        base = peft.prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=learner.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing)
-    else:
-        base = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype).to(device)
-        if learner.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-    base.config.use_cache = False
-    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-    return peft.get_peft_model(base, config), dtype
-
-
-def _load_unsloth(model_path: str, lora: LoraConfig, learner: LearnerConfig, seed: int) -> Any:
-    """Unsloth's 4-bit loader, kernels and gradient checkpointing (CUDA only)."""
-    try:
-        from unsloth import FastLanguageModel
-    except ImportError as e:
-        raise ImportError(f"learner.backend=unsloth: cannot import unsloth ({e})") from None
-    from transformers import AutoConfig
-
-    max_len = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 2048)
-    base, _ = FastLanguageModel.from_pretrained(
-        model_name=model_path, max_seq_length=max_len, dtype=None,
-        load_in_4bit=learner.load_in_4bit is not False)
-    return FastLanguageModel.get_peft_model(
-        base, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), random_state=seed,
-        use_gradient_checkpointing="unsloth" if learner.gradient_checkpointing else False)

@@ -15,14 +15,11 @@ Tiny models on CPU only: float32, full fine-tuning, torch and transformers impor
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 from typing import Any
 
-from grpo_ray.data.prompts import SYSTEM_PROMPT, chat_messages, extract_xml_answer, gold_answer
-
-STRICT_FORMAT = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$")
-"""The reference recipe's strict format (no DOTALL: one-line reasoning only)."""
+from grpo_ray.data.dataset import chat_ids
+from grpo_ray.data.prompts import SYSTEM_PROMPT, chat_messages, gold_answer
 
 BENCHMARK_WARMUP = dict(steps=1200, batch_size=16, lr=1e-3, correct_prob=0.3)
 """Warm-up of the learning benchmark, for `save_tiny`'s default shape on synthetic_rows(2000,
@@ -61,13 +58,6 @@ def wrong_result(gold: str, rng: random.Random, spread: int = 3) -> str:
     return str(value + d if value + d >= 0 else value + abs(d))
 
 
-def _prompt_ids(tokenizer: Any, row: dict[str, str], system_prompt: str) -> list[int]:
-    out = tokenizer.apply_chat_template(chat_messages(row["question"], system_prompt),
-                                        add_generation_prompt=True, tokenize=True)
-    # transformers 5 returns a BatchEncoding; 4.x a list
-    return [int(t) for t in (out["input_ids"] if hasattr(out, "keys") else out)]
-
-
 def completion_loss(model: Any, tokenizer: Any, rows: list[dict[str, str]],
                     system_prompt: str | None = None, rng: random.Random | None = None,
                     correct_prob: float = 1.0) -> Any:
@@ -84,7 +74,7 @@ def completion_loss(model: Any, tokenizer: Any, rows: list[dict[str, str]],
         result = None
         if correct_prob < 1.0 and rng.random() >= correct_prob:
             result = wrong_result(_reasoning_and_gold(row)[1], rng)
-        prompt = _prompt_ids(tokenizer, row, system)
+        prompt = chat_ids(tokenizer, chat_messages(row["question"], system))
         completion = tokenizer(demonstration(row, result), add_special_tokens=False)["input_ids"]
         seqs.append((prompt + completion + [tokenizer.eos_token_id], len(prompt)))
     width = max(len(ids) for ids, _ in seqs)
@@ -152,48 +142,16 @@ def sft_warmup(model_path: str, out_dir: str, rows: list[dict[str, str]], steps:
     return out
 
 
-def evaluate_accuracy(model_path: str, rows: list[dict[str, str]], temperature: float,
-                      samples: int = 1, seed: int = 0, system_prompt: str | None = None,
-                      max_new_tokens: int = 48, batch_size: int = 64) -> dict[str, float]:
-    """Generate `samples` completions per row with plain transformers and score them.
-
-    `temperature` 0 is greedy (one completion per row whatever `samples` says); otherwise pure
-    sampling (no top-k/top-p, as vLLM's defaults). Returns `accuracy` (share of completions whose
-    `extract_xml_answer` equals the row's gold), `format_rate` (share matching `STRICT_FORMAT`,
-    decoded without the EOS) and `n` (completions scored).
-    """
+def warm_up(model_path: str, out_dir: str, rows: list[dict[str, str]], seed: int,
+            system_prompt: str | None, threads: int) -> Path:
+    """`sft_warmup` with `BENCHMARK_WARMUP` on `threads` torch threads (the thread count changes
+    float sums, hence the model), restoring the caller's thread count after."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if temperature < 0 or samples < 1:
-        raise ValueError(f"evaluate_accuracy: needs temperature >= 0 and samples >= 1 "
-                         f"(got {temperature}, {samples})")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    system = SYSTEM_PROMPT if system_prompt is None else system_prompt
-    greedy = temperature == 0
-    samples = 1 if greedy else samples
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    torch.manual_seed(seed)
-    correct = formatted = total = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        prompts = [_prompt_ids(tokenizer, r, system) for r in chunk]
-        width = max(map(len, prompts))
-        # left padding: every prompt ends where generation starts
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        sampling = {} if greedy else dict(temperature=temperature, top_k=0, top_p=1.0)
-        with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=not greedy,
-                                 num_return_sequences=samples, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=pad, **sampling)
-        for i, seq in enumerate(out[:, width:].tolist()):
-            seq = seq[:seq.index(eos)] if eos in seq else seq
-            text = tokenizer.decode(seq, skip_special_tokens=False)
-            gold = _reasoning_and_gold(chunk[i // samples])[1]
-            correct += extract_xml_answer(text) == gold
-            formatted += STRICT_FORMAT.match(text) is not None
-            total += 1
-    return {"accuracy": correct / total, "format_rate": formatted / total, "n": float(total)}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return sft_warmup(model_path, out_dir, rows, seed=seed, system_prompt=system_prompt,
+                          **BENCHMARK_WARMUP)
+    finally:
+        torch.set_num_threads(previous)

@@ -1,6 +1,5 @@
 """Weight sync: only the LoRA adapter travels from the learner to the rollout engines.
-Nothing heavy is imported here (peft/safetensors/ray load inside the functions)."""
-from grpo_ray.weight_sync.adapter import (AdapterBroadcast, adapter_payload, vllm_lora_name,
-                                          write_adapter)
 
-__all__ = ["AdapterBroadcast", "adapter_payload", "vllm_lora_name", "write_adapter"]
+`sender` (the learner's half: payloads), `broadcast` (the driver's: `AdapterBroadcast.sync`),
+`receiver` (the engines': into vLLM, in memory) and `files` (the PEFT directory format).
+Nothing heavy is imported here (peft/safetensors/ray/vllm load inside the functions)."""

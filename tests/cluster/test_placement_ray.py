@@ -27,6 +27,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module")
 def two_nodes():
+    ray.shutdown()  # the session's local Ray, if a module before this one started it
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False})
     cluster.add_node(num_cpus=2, num_gpus=2)
@@ -48,7 +49,7 @@ def test_learner_and_engines_get_distinct_gpus_across_nodes(two_nodes):
     actors = place_actors(c, Probe, (), Probe, [(i,) for i in range(3)])
     try:
         assert actors.plan.layout == "dedicated"
-        where = ray.get([a.where.remote() for a in [actors.learner, *actors.engines]])
+        where = ray.get([a.where.remote() for a in [actors.learner, *actors.engines.engines]])
         gpus = [(node, gpu) for node, ids in where for gpu in ids]
         assert all(len(ids) == 1 for _, ids in where)          # one GPU each
         assert len(set(gpus)) == 4                              # no GPU shared
@@ -63,7 +64,7 @@ def test_colocated_learner_and_engine_share_one_gpu(two_nodes):
     actors = place_actors(c, Probe, (), Probe, [(0,)])
     try:
         (n1, g1), (n2, g2) = ray.get([actors.learner.where.remote(),
-                                      actors.engines[0].where.remote()])
+                                      actors.engines.engines[0].where.remote()])
         assert (n1, g1) == (n2, g2) and len(g1) == 1
     finally:
         actors.shutdown()

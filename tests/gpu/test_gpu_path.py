@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig, RolloutConfig
-from grpo_ray.contracts import TrainBatch
+from grpo_ray.contracts import PromptBatch, Sampling, TrainBatch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -132,7 +132,7 @@ def _perturb_lora_b(w, seed: int) -> int:
 
 
 def _adapter_files(w, version: int) -> list[str]:
-    return sorted(os.listdir(os.path.join(w._adapter_root, f"v{version}")))
+    return sorted(os.listdir(os.path.join(w.adapter._root, f"v{version}")))
 
 
 def _mean_gap(a: list[list[float]], b: list[list[float]]) -> float:
@@ -142,28 +142,30 @@ def _mean_gap(a: list[list[float]], b: list[list[float]]) -> float:
 
 def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_path):
     from grpo_ray.learner.worker import LearnerWorker
+    from grpo_ray.cluster.engines import EngineGroup
     from grpo_ray.rollout.worker import RolloutWorker
-    from grpo_ray.weight_sync.adapter import AdapterBroadcast
+    from grpo_ray.weight_sync.broadcast import AdapterBroadcast
 
     ray = ray_gpu
     rollout = RolloutConfig(num_generations=4, max_completion_length=16, max_model_len=512,
                             enforce_eager=True, gpu_memory_utilization=0.25)
     engine = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=0.5).remote(
-        model_path, rollout, LORA)
+        model_path, rollout, LORA.r)
+    engines = EngineGroup([engine])
     assert ray.get(engine.ready.remote())
     # bf16 learner (not 4-bit) so that its log-probs and the bf16 engine's can be compared
     learner = ray.remote(LearnerWorker).options(num_cpus=1, num_gpus=0.5).remote(
         model_path, ModelConfig(), LORA, learner_config(load_in_4bit=False),
         AlgorithmConfig(total_steps=5), 16)
     try:
-        prompts = [[1, 5, 9, 42, 7], [1, 300, 12, 77]]
-        base = ray.get(engine.generate.remote(prompts, seed=3))
+        prompts = PromptBatch([[1, 5, 9, 42, 7], [1, 300, 12, 77]], [[], []], ["", ""], ["", ""])
+        base = engines.generate(prompts, Sampling.training(rollout, seed=3))
         assert base.adapter_version == 0 and len(base) == 8
         base_scores = ray.get(engine.score.remote(base.prompt_ids, base.completion_ids))
 
         num_params = ray.get(learner.__ray_call__.remote(_perturb_lora_b, 0))
         sync = AdapterBroadcast()
-        stats = sync.sync(learner, [engine], 1)
+        stats = sync.sync(learner, engines, 1)
         print(f"\nsync v1 ({torch.cuda.get_device_name()}, {sync.transport}): {stats}")
         assert sync.transport == "cuda-ipc"  # both actors compute on the one GPU
         assert ray.get(engine.adapter_version.remote()) == 1
@@ -178,23 +180,27 @@ def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_p
         assert gap < 0.1 and moved > 3 * gap
 
         # One real update on the engine's own samples, then version 2 reaches the engine.
-        out = ray.get(engine.generate.remote(prompts, seed=4))
+        out = engines.generate(prompts, Sampling.training(rollout, seed=4))
         assert out.adapter_version == 1
         batch = TrainBatch(out.prompt_ids, out.completion_ids,
                            [1.0, -1.0] * (len(out) // 2), out.sampling_logprobs)
         train = ray.get(learner.train_step.remote(batch))
         assert train["gap_mean_abs_diff"] < 0.1  # rollout and learner agree before the update
-        stats = sync.sync(learner, [engine], 2)
+        stats = sync.sync(learner, engines, 2)
         assert ray.get(engine.adapter_version.remote()) == 2
         assert ray.get(engine.__ray_call__.remote(lambda w: w.llm.llm_engine.list_loras())) == {2}
         v2_scores = ray.get(engine.score.remote(base.prompt_ids, base.completion_ids))
         assert _mean_gap(v2_scores, engine_scores) > 1e-4
     finally:
-        ray.kill(engine)
+        engines.shutdown()
         ray.kill(learner)
 
 
 def test_colocated_trainer_on_one_gpu(ray_gpu, model_path, tmp_path):
+    """Three steps of the whole loop on one GPU (4-bit learner, engine, CUDA IPC sync), with a
+    reward a random model earns (longer completions score higher), so every update moves the
+    adapter: after each sync the engine's log-probs of a fixed completion move as the learner's
+    do (they differ by the 4-bit quantization error, which the change cancels)."""
     from grpo_ray.config import load_config
     from grpo_ray.trainer import Trainer
 
@@ -205,26 +211,38 @@ def test_colocated_trainer_on_one_gpu(ray_gpu, model_path, tmp_path):
         "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.25",
         "lora.r=16", "lora.alpha=32", "learner.micro_batch_size=8",
         "learner.learning_rate=1e-3", "learner.warmup_ratio=0", "algorithm.total_steps=3",
-        "reward.num_workers=2", "logging.tensorboard=false"])
+        "reward.num_workers=2", "logging.tensorboard=false",
+        "reward.functions=[{name: 'rewards_for_tests:text_length'}]"])
     assert cfg.cluster.colocate and cfg.learner.load_in_4bit
     trainer = Trainer(cfg, print_fn=print).setup()
     try:
         assert trainer.actors.plan.layout == "colocated"
-        history = trainer.fit()
+        fixed = ([[1, 5, 9, 42, 7, 11]], [[17, 300, 12, 77, 5, 9, 3, 250]])
+        engine_lp = [trainer.engines.score(*fixed)[0][0]]
+        learner_lp = [ray_gpu.get(trainer.actors.learner.sequence_logprobs.remote(*fixed))[0]]
+        history = []
+        for _ in range(cfg.algorithm.total_steps):
+            history.append(trainer.run_step())
+            engine_lp.append(trainer.engines.score(*fixed)[0][0])
+            learner_lp.append(ray_gpu.get(
+                trainer.actors.learner.sequence_logprobs.remote(*fixed))[0])
         assert [m["adapter_version"] for m in history] == [1.0, 2.0, 3.0]
-        assert ray_gpu.get(trainer.actors.engines[0].adapter_version.remote()) == 3
+        assert trainer.engines.adapter_versions() == [3]
+        assert trainer.broadcast.transport == "cuda-ipc"
         for m in history:
             for key in ["reward/mean", "learner/loss", "learner/peak_memory_gb", "time/generate_s",
                         "time/update_s", "sync/total_s", "sync/bytes", "rollout/tokens_per_s"]:
                 assert key in m and math.isfinite(m[key]), key
-            assert m["learner/peak_memory_gb"] > 0
-        # Random weights never write the XML schema: every reward is 0, so every advantage is 0
-        # and the update leaves the adapter where it is (the engine test checks real updates).
-        assert all(m["reward/mean"] == 0 and m["learner/loss"] == 0 for m in history)
+            assert m["learner/peak_memory_gb"] > 0 and m["reward/std"] > 0
+        moved = _mean_gap([learner_lp[-1]], [learner_lp[0]])
+        followed = _mean_gap([[e - e0 for e, e0 in zip(engine_lp[-1], engine_lp[0])]],
+                             [[x - x0 for x, x0 in zip(learner_lp[-1], learner_lp[0])]])
         print(f"\ncolocated steps ({torch.cuda.get_device_name()}): "
               + "; ".join(f"step {i + 1}: {m['time/step_s']:.2f} s, sync "
-                          f"{1000 * m['sync/total_s']:.1f} ms" for i, m in enumerate(history)))
-        assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+                          f"{1000 * m['sync/total_s']:.1f} ms" for i, m in enumerate(history))
+              + f"; learner log-probs moved {moved:.4f}, engine's change off by {followed:.4f}")
+        assert moved > 1e-3, "three updates with non-zero advantages left the adapter in place"
+        assert followed < 0.3 * moved, "the engine's log-probs did not follow the learner's"
     finally:
         trainer.close()
 

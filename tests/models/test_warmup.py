@@ -9,8 +9,13 @@ import torch
 
 from grpo_ray.data.prompts import extract_xml_answer
 from grpo_ray.data.synthetic import synthetic_rows
-from grpo_ray.models.warmup import (STRICT_FORMAT, completion_loss, demonstration,
-                                    evaluate_accuracy, sft_warmup, wrong_result)
+from grpo_ray.models.warmup import completion_loss, demonstration, sft_warmup, wrong_result
+from grpo_ray.reward.functions import parity_strict_format_reward
+
+
+def strict(text: str) -> bool:
+    """The reference recipe's strict format (one-line reasoning, final newline)."""
+    return parity_strict_format_reward([], [text]) == [0.5]
 
 ROWS = synthetic_rows(32, seed=5)
 
@@ -20,11 +25,11 @@ def test_demonstration_is_the_strict_format():
            "answer": "3 + 4 = 7\n#### 7"}
     text = demonstration(row)
     assert text == "<reasoning>\n3 + 4 = 7\n</reasoning>\n<answer>\n7\n</answer>\n"
-    assert STRICT_FORMAT.match(text)
+    assert strict(text)
     wrong = demonstration(row, result="9")
     assert wrong == "<reasoning>\n3 + 4 = 9\n</reasoning>\n<answer>\n9\n</answer>\n"
     for r in ROWS:
-        assert STRICT_FORMAT.match(demonstration(r))
+        assert strict(demonstration(r))
         assert extract_xml_answer(demonstration(r)) == r["answer"].split("####")[1].strip()
 
 
@@ -54,10 +59,19 @@ def _loss(path: str) -> float:
         return completion_loss(model, AutoTokenizer.from_pretrained(path), ROWS).item()
 
 
-def test_sft_warmup_lowers_loss_saves_loadable_and_is_deterministic(tiny_model_path, tmp_path):
+@pytest.fixture
+def one_torch_thread():
+    """The same thread count for two runs (identical float sums); the suite's count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sft_warmup_lowers_loss_saves_loadable_and_is_deterministic(tiny_model_path, tmp_path,
+                                                                     one_torch_thread):
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(1)  # same thread count twice: identical float sums
     before = _loss(tiny_model_path)
     a = sft_warmup(tiny_model_path, str(tmp_path / "a"), ROWS, steps=60, batch_size=8, seed=1)
     after = _loss(str(a))
@@ -69,8 +83,6 @@ def test_sft_warmup_lowers_loss_saves_loadable_and_is_deterministic(tiny_model_p
     for (name, pa), pb, p0 in zip(ma.named_parameters(), mb.parameters(), base.parameters()):
         assert torch.equal(pa, pb), name
         assert not torch.equal(pa, p0), f"{name} did not change: every weight is trained"
-    result = evaluate_accuracy(str(a), ROWS[:4], temperature=1.0, samples=2, seed=0)
-    assert result["n"] == 8 and 0 <= result["accuracy"] <= 1 and 0 <= result["format_rate"] <= 1
 
 
 def test_sft_warmup_rejects_bad_arguments(tiny_model_path, tmp_path):

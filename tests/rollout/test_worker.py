@@ -1,84 +1,35 @@
 """RolloutWorker on a real vLLM CPU engine and the tiny model, built directly (no Ray).
 
-One engine serves the whole module (its start and first generation take most of the time);
-the tests run in file order: base-model tests first, then adapter versions 1 and 2.
+The session's engine (`served_engine`) may hold an adapter from another test: every expectation
+is computed from the model it serves, and every test loads the next version it needs.
 """
 from __future__ import annotations
 
 import os
 
 import pytest
-import torch
+from helpers import chat_prompts, max_gap, naive_logprobs, peft_model
 
-from grpo_ray.config import ALL_PROJECTIONS, LoraConfig, RolloutConfig
-from grpo_ray.weight_sync.adapter import adapter_payload
+from grpo_ray.contracts import Sampling
+from grpo_ray.rollout.worker import request_calls
+from grpo_ray.weight_sync.sender import adapter_payload
 
 N, MAX_TOKENS, TOL = 4, 12, 1e-3
-QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?",
-             "A box holds 6 pens. How many pens are in 2 boxes?"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_path)
+def sample(n=N, temperature=1.0, seed=None, stop=None, max_tokens=MAX_TOKENS):
+    return Sampling(n=n, max_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop)
 
 
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    from grpo_ray.data.prompts import chat_messages
-
-    texts = [tokenizer.apply_chat_template(chat_messages(q), tokenize=False,
-                                           add_generation_prompt=True) for q in QUESTIONS]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+def expected_logprobs(model, rollout, temperature=1.0):
+    return [naive_logprobs(model, p, c, temperature)
+            for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
 
 
-@pytest.fixture(scope="module")
-def worker(tiny_model_path):
-    from grpo_ray.rollout.worker import RolloutWorker
-
-    rollout = RolloutConfig(num_generations=N, max_completion_length=MAX_TOKENS, max_model_len=512,
-                            enforce_eager=True, kv_cache_space_gb=1)
-    w = RolloutWorker(tiny_model_path, rollout, LoraConfig(r=8, alpha=16), seed=0)
-    yield w
-    w.close()
-
-
-def _model(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def _peft(path, seed):
-    """The tiny model with a rank-8 adapter whose B is random (nonzero), as after training."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = PeftLoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS,
-                            init_lora_weights=False)
-    return get_peft_model(_model(path), config).eval()
-
-
-@torch.no_grad()
-def _logprobs(model, prompt, completion, temperature=1.0):
-    """log p(completion[t] | prompt, completion[:t]) under `model` -> len(completion) floats."""
-    ids = torch.tensor([prompt + completion])
-    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
-
-
-def _assert_logprobs_match(model, rollout, temperature=1.0):
-    for p, c, lp in zip(rollout.prompt_ids, rollout.completion_ids, rollout.sampling_logprobs):
-        expected = _logprobs(model, p, c, temperature)
-        assert max(abs(a - b) for a, b in zip(lp, expected)) < TOL
-
-
-def test_generate_is_prompt_major_with_n_completions(worker, prompts, tokenizer):
-    out = worker.generate(prompts, seed=3)
-    assert out.adapter_version == 0 and len(out) == 2 * N
+def test_generate_is_prompt_major_with_n_completions(served_engine, tokenizer):
+    worker, prompts = served_engine.worker, chat_prompts(tokenizer)
+    out = worker.generate(prompts, sample(seed=3))
+    assert out.adapter_version == worker.adapter_version() and len(out) == 2 * N
     assert out.prompt_index == [0] * N + [1] * N
     assert out.prompt_ids == [prompts[0]] * N + [prompts[1]] * N
     vocab = len(tokenizer)
@@ -96,81 +47,94 @@ def test_generate_is_prompt_major_with_n_completions(worker, prompts, tokenizer)
         assert text.rstrip("\ufffd") == decoded.rstrip("\ufffd")
     # A group is n different samples, and the same seed reproduces the whole batch.
     assert len({tuple(ids) for ids in out.completion_ids[:N]}) > 1
-    assert worker.generate(prompts, seed=3).completion_ids == out.completion_ids
+    assert worker.generate(prompts, sample(seed=3)).completion_ids == out.completion_ids
 
 
-def test_sampling_logprobs_match_transformers(worker, prompts, tiny_model_path):
-    model = _model(tiny_model_path)
-    _assert_logprobs_match(model, worker.generate(prompts, n=2, seed=5))
+def test_sampling_logprobs_match_transformers(served_engine, tokenizer):
+    worker, prompts = served_engine.worker, chat_prompts(tokenizer)
+    out = worker.generate(prompts, sample(n=2, seed=5))
+    assert max_gap(out.sampling_logprobs, expected_logprobs(served_engine.model, out)) < TOL
     # processed logprobs: after temperature, as the learner's log_softmax(logits / T)
-    _assert_logprobs_match(model, worker.generate(prompts, n=2, temperature=0.7, seed=5), 0.7)
+    out = worker.generate(prompts, sample(n=2, temperature=0.7, seed=5))
+    assert max_gap(out.sampling_logprobs,
+                   expected_logprobs(served_engine.model, out, 0.7)) < TOL
 
 
-def test_greedy_is_one_argmax_completion_per_prompt(worker, prompts, tiny_model_path):
-    out = worker.generate(prompts, temperature=0)
+def test_greedy_is_one_argmax_completion_per_prompt(served_engine, tokenizer):
+    import torch
+
+    worker, prompts = served_engine.worker, chat_prompts(tokenizer)
+    out = worker.generate(prompts, Sampling.greedy(MAX_TOKENS))
     assert out.prompt_index == [0, 1]
-    model = _model(tiny_model_path)
     with torch.no_grad():
         for p, c in zip(out.prompt_ids, out.completion_ids):
-            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
+            logits = served_engine.model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1]
             assert logits.argmax(-1).tolist() == c
     # A stop string ends the completion and is kept in it.
     full = out.completion_texts[0]
     stop = full[2:6]
     assert len(stop) == 4
-    stopped = worker.generate(prompts[:1], temperature=0, stop=[stop])
+    stopped = worker.generate(prompts[:1], Sampling.greedy(MAX_TOKENS, stop=[stop]))
     assert stopped.finish_reasons == ["stop"] and len(stopped.completion_ids[0]) < MAX_TOKENS
     text = stopped.completion_texts[0]
     assert text.endswith(stop) and full.startswith(text)
     with pytest.raises(ValueError, match="greedy"):
-        worker.generate(prompts, n=2, temperature=0)
+        sample(n=2, temperature=0)
     with pytest.raises(ValueError, match=r"prompt_ids\[1\] is empty"):
-        worker.generate([prompts[0], []])
+        worker.generate([prompts[0], []], sample())
 
 
-def test_loaded_adapter_changes_sampling_and_matches_peft(worker, prompts, tiny_model_path):
-    base = worker.generate(prompts, n=2, seed=11)
-    peft_model = _peft(tiny_model_path, seed=1)
-    seconds = worker.load_adapter(adapter_payload(peft_model, version=1))
-    assert seconds > 0 and worker.adapter_version() == 1
-    tuned = worker.generate(prompts, n=2, seed=11)
-    assert tuned.adapter_version == 1
-    assert tuned.sampling_logprobs != base.sampling_logprobs
-    _assert_logprobs_match(peft_model, tuned)
+def test_loaded_adapter_changes_sampling_and_matches_peft(served_engine, tokenizer,
+                                                           tiny_model_path):
+    worker, prompts = served_engine.worker, chat_prompts(tokenizer)
+    before = worker.generate(prompts, sample(n=2, seed=11))
+    model = peft_model(tiny_model_path, seed=1)
+    version = served_engine.load(adapter_payload(model, served_engine.next_version), model)
+    assert worker.adapter_version() == version
+    tuned = worker.generate(prompts, sample(n=2, seed=11))
+    assert tuned.adapter_version == version
+    assert tuned.sampling_logprobs != before.sampling_logprobs
+    assert max_gap(tuned.sampling_logprobs, expected_logprobs(model, tuned)) < TOL
     # ... and the adapter's effect is far above the tolerance: the base model disagrees.
-    base_model = _model(tiny_model_path)
-    gaps = [abs(a - b) for p, c, lp in zip(tuned.prompt_ids, tuned.completion_ids,
-                                           tuned.sampling_logprobs)
-            for a, b in zip(lp, _logprobs(base_model, p, c))]
-    assert max(gaps) > 100 * TOL
+    from helpers import hf_model
+
+    base = hf_model(tiny_model_path)
+    assert max_gap(tuned.sampling_logprobs, expected_logprobs(base, tuned)) > 100 * TOL
 
 
-def test_stale_version_is_refused(worker, prompts, tiny_model_path):
-    payload = adapter_payload(_peft(tiny_model_path, seed=1), version=1)
-    with pytest.raises(ValueError, match="version 1 is not newer .* current version 1"):
-        worker.load_adapter(payload)
-    assert worker.adapter_version() == 1
+def test_stale_version_is_refused_and_the_next_replaces_the_previous(served_engine, tokenizer,
+                                                                      tiny_model_path):
+    worker = served_engine.worker
+    model = peft_model(tiny_model_path, seed=2)
+    version = served_engine.load(adapter_payload(model, served_engine.next_version), model)
+    with pytest.raises(ValueError, match=f"version {version} is not newer .* current version "
+                                         f"{version}"):
+        worker.load_adapter(adapter_payload(peft_model(tiny_model_path, seed=3), version))
+    assert worker.adapter_version() == version
+    assert worker.llm.llm_engine.list_loras() == {version}
+    assert os.listdir(worker.adapter._root) == [f"v{version}"]
+    out = worker.generate(chat_prompts(tokenizer), sample(n=2, seed=13))
+    assert max_gap(out.sampling_logprobs, expected_logprobs(model, out)) < TOL
 
 
-def test_next_version_replaces_the_previous_one(worker, prompts, tiny_model_path):
-    peft_model = _peft(tiny_model_path, seed=2)
-    worker.load_adapter(adapter_payload(peft_model, version=2))
-    assert worker.adapter_version() == 2
-    assert worker.llm.llm_engine.list_loras() == {2}
-    assert os.listdir(worker._adapter_root) == ["v2"]
-    _assert_logprobs_match(peft_model, worker.generate(prompts, n=2, seed=13))
+def test_requests_are_split_so_no_prompt_spans_two_scheduler_steps():
+    # 10 prompts of 63 tokens x 8 completions: at most 8 prompts (4032 tokens) per 4096
+    assert request_calls([63] * 10, 8, 4096) == [(0, 8), (8, 10)]
+    assert request_calls([5000, 10, 10], 1, 4096) == [(0, 1), (1, 3)]
+    assert request_calls([], 4, 4096) == []
 
 
-def test_adapter_dirs_of_dead_workers_are_removed(tmp_path):
-    import subprocess
-    import sys
+def test_a_batch_over_the_cpu_scheduler_budget_samples_as_one_call_would(served_engine,
+                                                                         tokenizer):
+    """vLLM's CPU engine fails a seeded prompt split over scheduler steps; the worker's calls
+    keep every prompt whole, so any batch size runs and seeds give the same draws."""
+    from grpo_ray.rollout.worker import CPU_BATCHED_TOKENS
 
-    from grpo_ray.rollout.worker import _DIR_PREFIX, _remove_dead_workers_dirs
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    (tmp_path / f"{_DIR_PREFIX}{dead}-engine0-x" / "v3").mkdir(parents=True)
-    (tmp_path / f"{_DIR_PREFIX}{os.getpid()}-engine1-y" / "v3").mkdir(parents=True)
-    (tmp_path / "unrelated").mkdir()
-    _remove_dead_workers_dirs(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [f"{_DIR_PREFIX}{os.getpid()}-engine1-y", "unrelated"]
+    worker = served_engine.worker
+    prompts = chat_prompts(tokenizer) * 40
+    n = -(-CPU_BATCHED_TOKENS // sum(len(p) for p in prompts[:2])) + 1
+    assert sum(len(p) for p in prompts) * n > 2 * CPU_BATCHED_TOKENS
+    out = worker.generate(prompts, sample(n=n, seed=7, max_tokens=4))
+    assert len(out) == len(prompts) * n
+    alone = worker.generate(prompts[-2:], sample(n=n, seed=7 + len(prompts) - 2, max_tokens=4))
+    assert out.completion_ids[-2 * n:] == alone.completion_ids

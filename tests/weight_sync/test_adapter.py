@@ -9,40 +9,22 @@ import sys
 import pytest
 import torch
 
-from grpo_ray.config import ALL_PROJECTIONS, LoraConfig, RolloutConfig
-from grpo_ray.weight_sync.adapter import (AdapterBroadcast, adapter_payload, packed_adapter,
-                                          vllm_lora_name, write_adapter)
+from helpers import hf_model, naive_logprobs
+from helpers import peft_model as make_peft
+
+from grpo_ray.config import ALL_PROJECTIONS, RolloutConfig
+from grpo_ray.contracts import Sampling
+from grpo_ray.weight_sync.broadcast import AdapterBroadcast
+from grpo_ray.weight_sync.files import vllm_lora_name, write_adapter
+from grpo_ray.weight_sync.sender import adapter_payload
 
 MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
            "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
-def _model(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def _peft(path, seed, **extra):
-    """The tiny model with a rank-8 adapter whose B is random (nonzero), as after training."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = PeftLoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS,
-                            init_lora_weights=False, **extra)
-    return get_peft_model(_model(path), config).eval()
-
-
-@torch.no_grad()
-def _logprobs(model, prompt, completion):
-    ids = torch.tensor([prompt + completion])
-    logp = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1:-1].float(), -1)
-    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
-
-
 @pytest.fixture(scope="module")
 def peft_model(tiny_model_path):
-    return _peft(tiny_model_path, seed=0)
+    return make_peft(tiny_model_path, seed=0)
 
 
 def test_payload_holds_only_the_lora_tensors_of_the_target_modules(peft_model):
@@ -79,7 +61,7 @@ def test_payload_holds_only_the_lora_tensors_of_the_target_modules(peft_model):
 def test_payload_refuses_non_lora_tensors(tiny_model_path):
     # bias="lora_only" also exports the q/k/v biases of the wrapped Qwen2 layers: not LoRA.
     with pytest.raises(ValueError, match=r"self_attn\.q_proj\.base_layer\.bias: not a LoRA"):
-        adapter_payload(_peft(tiny_model_path, seed=0, bias="lora_only"), version=1)
+        adapter_payload(make_peft(tiny_model_path, seed=0, bias="lora_only"), version=1)
 
 
 def test_vllm_lora_name_is_peft_name_and_vllm_parses_it():
@@ -107,7 +89,7 @@ def test_written_adapter_loads_in_peft_with_identical_logits(peft_model, tiny_mo
 
     path = write_adapter(adapter_payload(peft_model, version=1), tmp_path / "adapter")
     assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
-    loaded = PeftModel.from_pretrained(_model(tiny_model_path), str(path)).eval()
+    loaded = PeftModel.from_pretrained(hf_model(tiny_model_path), str(path)).eval()
     ids = torch.tensor([[1, 5, 9, 42, 7, 300, 12]])
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, peft_model(input_ids=ids).logits)
@@ -137,16 +119,18 @@ def test_failed_write_leaves_the_previous_adapter_and_no_temporaries(peft_model,
 
 
 class TinyLearner:
-    """Learner-like actor: owns a PEFT model, exports its adapter, can 'train' (perturb) it."""
+    """Learner-like actor: owns a PEFT model, exports its adapter as LearnerWorker does, can
+    'train' (perturb) it."""
 
     def __init__(self, model_path: str) -> None:
-        self.model = _peft(model_path, seed=1)
+        self.model = make_peft(model_path, seed=1)
 
-    def export_adapter(self, version: int):
-        return adapter_payload(self.model, version)
+    def export_adapter(self, version: int, transport: str = "tensors", dtype: str | None = None):
+        from grpo_ray.weight_sync.sender import packed_adapter
 
-    def export_packed_adapter(self, version: int, dtype: str | None = None):
-        return packed_adapter(self.model, version, dtype)
+        assert transport in ("tensors", "packed"), transport
+        return (adapter_payload(self.model, version) if transport == "tensors"
+                else packed_adapter(self.model, version, dtype))
 
     def perturb(self, seed: int) -> None:
         torch.manual_seed(seed)
@@ -156,7 +140,7 @@ class TinyLearner:
                     p.add_(torch.randn_like(p) * 0.1)
 
     def logprobs(self, prompt_ids, completion_ids):
-        return [_logprobs(self.model, p, c) for p, c in zip(prompt_ids, completion_ids)]
+        return [naive_logprobs(self.model, p, c) for p, c in zip(prompt_ids, completion_ids)]
 
 
 # Ray's workers cannot import this test module: ship TinyLearner (and its helpers) by value.
@@ -165,43 +149,45 @@ import ray.cloudpickle  # noqa: E402
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def _max_gap(rollout, expected):
-    return max(abs(a - b) for lp, ex in zip(rollout.sampling_logprobs, expected)
-               for a, b in zip(lp, ex))
-
-
 def test_sync_through_ray_moves_the_adapter_to_the_engine(ray_local, tiny_model_path):
+    from helpers import max_gap
+
+    from grpo_ray.cluster.engines import EngineGroup
+    from grpo_ray.contracts import PromptBatch
     from grpo_ray.rollout.worker import RolloutWorker
 
     ray = ray_local
     rollout = RolloutConfig(num_generations=2, max_completion_length=8, max_model_len=256,
-                            enforce_eager=True, kv_cache_space_gb=1)
+                            enforce_eager=True)
     engine = ray.remote(RolloutWorker).options(num_cpus=1).remote(
-        tiny_model_path, rollout, LoraConfig(r=8, alpha=16), seed=0)
+        tiny_model_path, rollout, 8, seed=0)
+    engines = EngineGroup([engine])
     learner = ray.remote(TinyLearner).options(num_cpus=1).remote(tiny_model_path)
-    prompts = [[1, 5, 9, 42, 7], [1, 300, 12]]
-    assert ray.get(engine.ready.remote())
-    base = ray.get(engine.generate.remote(prompts, seed=4))
-    assert base.adapter_version == 0
+    batch = PromptBatch([[1, 5, 9, 42, 7], [1, 300, 12]], [[], []], ["", ""], ["", ""])
+    sampling = Sampling.training(rollout, seed=4)
+    base = engines.generate(batch, sampling, expect_version=0)
 
     sync = AdapterBroadcast()
     for version in (1, 2):
         if version == 2:
             ray.get(learner.perturb.remote(seed=version))
-        stats = sync.sync(learner, [engine], version)
+        stats = sync.sync(learner, engines, version)
+        assert sync.transport == "object-store"
         assert set(stats) == {"export_s", "load_s", "total_s", "bytes"}
         assert 0 < stats["load_s"] <= stats["total_s"] and stats["bytes"] >= 2 * 16384 * 4
-        assert ray.get(engine.adapter_version.remote()) == version
-        out = ray.get(engine.generate.remote(prompts, seed=4))
-        assert out.adapter_version == version and out.sampling_logprobs != base.sampling_logprobs
+        assert engines.adapter_versions() == [version]
+        out = engines.generate(batch, sampling, expect_version=version)
+        assert out.sampling_logprobs != base.sampling_logprobs
         expected = ray.get(learner.logprobs.remote(out.prompt_ids, out.completion_ids))
-        assert _max_gap(out, expected) < 1e-3  # the engine samples with the learner's adapter
-    assert ray.get(engine.__ray_call__.remote(lambda w: os.listdir(w._adapter_root))) == ["v2"]
+        assert max_gap(out.sampling_logprobs, expected) < 1e-3  # the learner's adapter
+    with pytest.raises(RuntimeError, match=r"adapter versions \[2\], the learner is at 3"):
+        engines.generate(batch, sampling, expect_version=3)
+    assert ray.get(engine.__ray_call__.remote(lambda w: os.listdir(w.adapter._root))) == ["v2"]
 
     with pytest.raises(ValueError, match="version 1 is not newer .* current version 2"):
         ray.get(engine.load_adapter.remote(learner.export_adapter.remote(1)))
-    root = ray.get(engine.__ray_call__.remote(lambda w: w._adapter_root))
+    root = ray.get(engine.__ray_call__.remote(lambda w: w.adapter._root))
     ray.get(engine.__ray_call__.remote(lambda w: w.close()))
     assert not os.path.exists(root)
-    ray.kill(engine)
+    engines.shutdown()
     ray.kill(learner)

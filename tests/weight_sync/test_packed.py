@@ -8,25 +8,15 @@ import pickle
 import pytest
 import torch
 
-from grpo_ray.config import ALL_PROJECTIONS, LoraConfig, RolloutConfig
-from grpo_ray.weight_sync.adapter import (CONFIG_NAME, adapter_payload, pack_tensors,
-                                          packed_adapter)
+from helpers import peft_model as make_peft
 
-
-def _peft(path, seed):
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = PeftLoraConfig(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS,
-                            init_lora_weights=False)
-    return get_peft_model(base, config).eval()
+from grpo_ray.weight_sync.files import CONFIG_NAME
+from grpo_ray.weight_sync.sender import adapter_payload, pack_tensors, packed_adapter
 
 
 @pytest.fixture(scope="module")
 def peft_model(tiny_model_path):
-    return _peft(tiny_model_path, seed=1)
+    return make_peft(tiny_model_path, seed=1)
 
 
 def test_packed_holds_the_payloads_tensors_in_one_out_of_band_buffer(peft_model):
@@ -34,7 +24,7 @@ def test_packed_holds_the_payloads_tensors_in_one_out_of_band_buffer(peft_model)
     packed = packed_adapter(peft_model, version=3)
     assert packed.version == 3 and packed.peft_config == payload.peft_config
     assert packed.dtype == "float32" and packed.num_bytes == payload.num_bytes
-    unpacked = packed.tensors()
+    unpacked = packed.materialize()
     assert list(unpacked) == list(payload.tensors)
     for name, t in payload.tensors.items():
         assert torch.equal(unpacked[name], t)
@@ -53,30 +43,24 @@ def test_cast_to_the_engines_dtype_halves_the_bytes_and_rounds_like_a_cast():
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(8, 4)}
     packed = pack_tensors(tensors, 1, {}, dtype="bfloat16")
     assert packed.dtype == "bfloat16" and packed.num_bytes == 2 * 64
-    for name, t in packed.tensors().items():
+    for name, t in packed.materialize().items():
         assert t.dtype == torch.bfloat16 and torch.equal(t, tensors[name].to(torch.bfloat16))
     with pytest.raises(ValueError, match="not a LoRA tensor name"):
         pack_tensors({"model.embed_tokens.weight": torch.zeros(2)}, 1, {})
 
 
-def test_in_memory_load_equals_vllms_load_from_files(tiny_model_path, peft_model):
-    from grpo_ray.rollout.worker import RolloutWorker
-
-    rollout = RolloutConfig(num_generations=2, max_completion_length=8, max_model_len=256,
-                            enforce_eager=True, kv_cache_space_gb=1)
-    w = RolloutWorker(tiny_model_path, rollout, LoraConfig(r=8, alpha=16), seed=0)
-    try:
-        assert w.lora_dtype() == "float32" and w._in_memory
-        prompt, completion = [[1, 5, 9, 42, 7]], [[11, 12, 13, 14, 15, 16]]
-        base = w.score(prompt, completion)
-        w.load_adapter(packed_adapter(peft_model, version=1, dtype=w.lora_dtype()))
-        assert os.listdir(os.path.join(w._adapter_root, "v1")) == [CONFIG_NAME]  # no weights file
-        in_memory = w.score(prompt, completion)
-        w.load_adapter(adapter_payload(peft_model, version=2), from_file=True)
-        from_file = w.score(prompt, completion)
-        assert w.llm.llm_engine.list_loras() == {2}
-        gap = max(abs(a - b) for a, b in zip(in_memory[0], from_file[0]))
-        moved = max(abs(a - b) for a, b in zip(in_memory[0], base[0]))
-        assert gap < 1e-5 and moved > 1e-2
-    finally:
-        w.close()
+def test_in_memory_load_equals_vllms_load_from_files(served_engine, peft_model):
+    w = served_engine.worker
+    assert w.lora_dtype() == "float32" and w.adapter.in_memory
+    prompt, completion = [[1, 5, 9, 42, 7]], [[11, 12, 13, 14, 15, 16]]
+    before = w.score(prompt, completion)
+    v = served_engine.load(packed_adapter(peft_model, served_engine.next_version,
+                                          dtype=w.lora_dtype()), peft_model)
+    assert os.listdir(os.path.join(w.adapter._root, f"v{v}")) == [CONFIG_NAME]  # no weights
+    in_memory = w.score(prompt, completion)
+    served_engine.load(adapter_payload(peft_model, v + 1), peft_model, from_file=True)
+    from_file = w.score(prompt, completion)
+    assert w.llm.llm_engine.list_loras() == {v + 1}
+    gap = max(abs(a - b) for a, b in zip(in_memory[0], from_file[0]))
+    moved = max(abs(a - b) for a, b in zip(in_memory[0], before[0]))
+    assert gap < 1e-5 and moved > 1e-2

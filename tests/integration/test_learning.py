@@ -18,7 +18,7 @@ import pytest
 
 from grpo_ray.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 80
 SAMPLES = 4
 

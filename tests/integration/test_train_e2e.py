@@ -43,7 +43,7 @@ def fixed_sequence(trainer):
 
 
 def test_steps_move_the_engines_adapter(trainer):
-    engine, learner = trainer.actors.engines[0], trainer.actors.learner
+    engine, learner = trainer.engines.engines[0], trainer.actors.learner
     prompt, completion = fixed_sequence(trainer)
     before = ray.get(engine.score.remote([prompt], [completion]))[0]
     history = []

@@ -1,0 +1,92 @@
+"""`model.path` to a directory that transformers and vLLM load: a local directory or a Hub id as
+given, or a built-in tiny model built in code (`builtin:tiny`, `builtin:tiny-warm`) once per
+settings in the cache directory, so that runs with the same settings reuse it.
+
+The cache is `$GRPO_RAY_CACHE`, else `$XDG_CACHE_HOME/grpo-ray`, else `~/.cache/grpo-ray`: never
+the run's output directory, which a bad config must leave untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from grpo_ray.config import Config, UserError
+
+BUILTINS = ("builtin:tiny", "builtin:tiny-warm")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("GRPO_RAY_CACHE"):
+        return Path(os.environ["GRPO_RAY_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "grpo-ray"
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """The directory (or Hub id) of `model.path`, building a built-in model if needed.
+
+    A path that is neither a directory, a built-in nor a Hub model raises UserError in one line
+    (the tokenizer is loaded to find out: that is where a wrong path shows)."""
+    path = cfg.model.path
+    if path == "builtin:tiny":
+        return str(tiny_model(cfg.algorithm.seed))
+    if path == "builtin:tiny-warm":
+        return str(warm_tiny_model(cfg))
+    if path.startswith("builtin:"):
+        raise UserError(f"model.path={path}: unknown built-in model (known: {', '.join(BUILTINS)})")
+    from grpo_ray.data.dataset import load_tokenizer
+
+    try:
+        load_tokenizer(path)
+    except (OSError, ValueError) as e:  # a missing directory, a malformed or unknown Hub id
+        where = "no such directory" if path.startswith((".", "/", "~")) else \
+            "not a local directory, and the Hugging Face Hub has no such model (or is unreachable)"
+        raise UserError(f"model.path={path}: {where} ({type(e).__name__})") from None
+    return path
+
+
+def tiny_model(seed: int) -> Path:
+    """The tiny random-weight model and tokenizer of `models.tiny`, built once per seed."""
+    from grpo_ray.models.tiny import save_tiny
+
+    return _cached({"model": "tiny", "seed": seed}, lambda out: save_tiny(out, seed=seed))
+
+
+def warm_tiny_model(cfg: Config) -> Path:
+    """The tiny model (seed `algorithm.seed`) after `sft_warmup` with `BENCHMARK_WARMUP` on the
+    synthetic train rows: it writes the XML format with low correctness (~90 s on 2 CPU cores,
+    once per settings)."""
+    from grpo_ray.data.dataset import load_rows
+    from grpo_ray.models.warmup import BENCHMARK_WARMUP, warm_up
+
+    d = cfg.data
+    threads = 2  # fixed: the same float sums, hence the same model, whatever the core count
+    settings = dict(BENCHMARK_WARMUP, model="tiny-warm", seed=cfg.algorithm.seed,
+                    system_prompt=d.system_prompt, threads=threads,
+                    rows=[d.num_synthetic, d.seed, d.synthetic_max_value])
+
+    def build(out: Path) -> None:
+        base = tiny_model(cfg.algorithm.seed)
+        warm_up(str(base), str(out), load_rows(d), seed=cfg.algorithm.seed,
+                system_prompt=d.system_prompt, threads=threads)
+
+    return _cached(settings, build)
+
+
+def _cached(settings: dict[str, Any], build: Callable[[Path], Any]) -> Path:
+    """`<cache>/<model>-<hash of settings>`, built by `build(dir)` into a temporary sibling that
+    is renamed into place: a half-built model is never found, and concurrent builders agree."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / f"{settings['model']}-{key}"
+    if (path / "config.json").exists():
+        return path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}-") as tmp:
+        build(Path(tmp) / "model")
+        if not (path / "config.json").exists():  # another process may have finished first
+            os.replace(Path(tmp) / "model", path)
+    return path.resolve()

@@ -1,0 +1,53 @@
+"""Helpers shared by the tests: the tiny model as plain transformers and PEFT models, their
+log-probabilities computed naively, chat prompts, and an engine test double that knows which
+model it serves. Importable from every test (tests/ is on sys.path, see conftest.py)."""
+from __future__ import annotations
+
+import torch
+
+from grpo_ray.config import ALL_PROJECTIONS
+
+QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples does he have?",
+             "A box holds 6 pens. How many pens are in 2 boxes?"]
+
+
+def hf_model(path: str, dtype=torch.float32):
+    """The tiny model as a plain transformers model, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def peft_model(path: str, seed: int, r: int = 8, alpha: int = 16, **extra):
+    """The tiny model with a LoRA adapter on all seven projections whose B is random (nonzero),
+    as after training."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=ALL_PROJECTIONS,
+                        init_lora_weights=False, **extra)
+    return get_peft_model(hf_model(path), config).eval()
+
+
+@torch.no_grad()
+def naive_logprobs(model, prompt: list[int], completion: list[int],
+                   temperature: float = 1.0) -> list[float]:
+    """log p(completion[t] | prompt, completion[:t]) from one unpadded forward of `model`."""
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
+
+
+def max_gap(rows_a: list[list[float]], rows_b: list[list[float]]) -> float:
+    """Largest absolute difference between two ragged lists of log-probs of the same shape."""
+    assert [len(r) for r in rows_a] == [len(r) for r in rows_b]
+    return max(abs(a - b) for ra, rb in zip(rows_a, rows_b) for a, b in zip(ra, rb))
+
+
+def chat_prompts(tokenizer, questions: list[str] = QUESTIONS) -> list[list[int]]:
+    """Token ids of `questions` with the recipe's system prompt and the chat template."""
+    from grpo_ray.data.dataset import chat_ids
+    from grpo_ray.data.prompts import chat_messages
+
+    return [chat_ids(tokenizer, chat_messages(q)) for q in questions]
