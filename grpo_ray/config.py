@@ -7,6 +7,9 @@ one-line message that names the key, before anything starts. Values derived from
 (the engines' LoRA rank, the evaluation split, the colocated GPU shares, ...) are properties of
 `Config`, computed here and nowhere else. Field names follow TRL's `GRPOConfig` where they mean
 the same thing (`num_generations`, `beta`, `epsilon`, `loss_type`, `scale_rewards`, ...).
+
+Longer than other modules on purpose: every default and its documentation stand in this one
+file, so that a reader finds any setting, and what it does, in one place.
 """
 from __future__ import annotations
 
@@ -126,6 +129,11 @@ class RolloutConfig(_Section):
     """Largest LoRA rank the engines accept; None means `lora.r` (`Config.engine_lora_rank`)."""
     kv_cache_space_gb: int = Field(1, ge=1)
     """KV cache size of a CPU engine in GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)."""
+    merge_adapter: bool = False
+    """Fold each synced adapter into the engine's own weights (in memory, from a pristine copy
+    of the base kept beside them) and generate without LoRA, at plain vLLM's speed; the sync
+    still moves only the adapter. Costs a copy of the targeted base weights on the engine's
+    device; one GPU per engine (`weight_sync.merged`)."""
 
 
 class RewardFunctionConfig(_Section):
@@ -314,6 +322,9 @@ class Config(_Section):
         _require(self.lora.r <= self.engine_lora_rank, "rollout.max_lora_rank",
                  f"{self.engine_lora_rank} is below lora.r={self.lora.r}: the engines would "
                  "refuse the adapter")
+        if r.merge_adapter:
+            _require(r.gpus_per_engine == 1, "rollout.merge_adapter",
+                     "merges into unsharded weights: needs rollout.gpus_per_engine=1")
         if d.source == "local":
             _require(d.path is not None, "data.path", "is required with data.source=local")
         if self.model.path == "builtin:tiny-warm":

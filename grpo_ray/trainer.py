@@ -45,16 +45,20 @@ class Trainer:
 
     # ---- set-up ------------------------------------------------------------------------------
     def prepare_data(self) -> "Trainer":
-        """Model path, tokenizer, training and evaluation prompts: no Ray needed, so a bad path
-        or row fails here, before any actor or GPU is taken, and writes nothing."""
+        """Reward functions, data rows, model path, tokenizer, training and evaluation prompts:
+        no Ray needed, so a bad name, row or path fails here in one line, before any actor or
+        GPU is taken, and writes nothing to `output.dir`."""
         from grpo_ray.data.dataset import PromptIterator, load_rows, load_tokenizer
         from grpo_ray.evaluation import held_out_batch, sanity_batch
         from grpo_ray.models.resolve import resolve_model_path
+        from grpo_ray.reward.functions import get_reward_functions
 
         cfg = self.cfg
+        get_reward_functions(cfg.reward.functions, cfg.reward.mode)
+        rows = load_rows(cfg.data)
         self.model_path = resolve_model_path(cfg)
         tokenizer = load_tokenizer(self.model_path)
-        self.prompts = PromptIterator(load_rows(cfg.data), tokenizer, cfg.rollout.prompts_per_step,
+        self.prompts = PromptIterator(rows, tokenizer, cfg.rollout.prompts_per_step,
                                       cfg.data.max_prompt_length, cfg.data.system_prompt,
                                       cfg.data.seed)
         self.eval_prompts = held_out_batch(cfg, tokenizer), sanity_batch(cfg, tokenizer)
