@@ -65,7 +65,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from grpo_ray.config import UserError, load_config
     from grpo_ray.data.dataset import load_tokenizer
-    from grpo_ray.evaluation import evaluate, format_metrics, greedy, held_out_batch, sanity_batch
+    from grpo_ray.evaluation import (eval_sampling, evaluate, format_metrics, held_out_batch,
+                                     sanity_batch, sanity_sampling)
     from grpo_ray.models.resolve import resolve_model_path
     from grpo_ray.weight_sync.files import read_adapter
 
@@ -94,8 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         if payload is not None:
             engines.load_adapter(ray.put(payload))
-        metrics, texts = evaluate(engines, held_out, greedy(cfg))
-        _, (answer,) = evaluate(engines, sanity, greedy(cfg))
+        metrics, texts = evaluate(engines, held_out, eval_sampling(cfg))
+        _, (answer,) = evaluate(engines, sanity, sanity_sampling(cfg))
     finally:
         engines.shutdown()
     which = f"adapter {args.adapter}" if args.adapter else "base model"
@@ -104,8 +105,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"sanity check: {cfg.eval.sanity_question!r}\n{answer}")
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    samples = [{"question": q, "gold": g, "completion": t}
-               for q, g, t in zip(held_out.questions, held_out.answers, texts)]
+    per_prompt = len(texts) // len(held_out)
+    samples = [{"question": held_out.questions[k // per_prompt],
+                "gold": held_out.answers[k // per_prompt], "completion": t}
+               for k, t in enumerate(texts)]
     (out / "eval.json").write_text(json.dumps(
         {"model": model_path, "adapter": args.adapter, "split": cfg.eval_split,
          "metrics": metrics, "sanity_question": cfg.eval.sanity_question,

@@ -243,8 +243,14 @@ class EvalConfig(_Section):
     every_steps: int = Field(0, ge=0)
     """Also evaluate every N steps (0: only before the first step and after the last)."""
     max_tokens: int | None = None
-    """Longest greedy completion; None: `rollout.max_completion_length`
-    (`Config.eval_max_tokens`)."""
+    """Longest completion; None: `rollout.max_completion_length` (`Config.eval_max_tokens`)."""
+    temperature: float = Field(0.0, ge=0)
+    """0: greedy answers, stopped after `</answer>`. Above 0: `samples` completions per prompt
+    sampled at this temperature with a fixed seed, as the policy samples in training: accuracy
+    that moves smoothly with the policy, where greedy answers of a small model flip on small
+    changes."""
+    samples: int = Field(1, ge=1)
+    """Completions per held-out prompt (1 when greedy)."""
     sanity_question: str = "How many r's are in strawberry?"
     """Asked without and with the trained adapter, both answers printed (the reference notebook's
     check, answered greedily here with the XML system prompt both times)."""
@@ -346,6 +352,8 @@ class Config(_Section):
 
     def _eval_invariants(self) -> None:
         e, r, d = self.eval, self.rollout, self.data
+        _require(e.temperature > 0 or e.samples == 1, "eval.samples",
+                 f"must be 1 with eval.temperature=0 (greedy gives one answer; got {e.samples})")
         if e.max_tokens is not None:
             room = r.max_model_len - d.max_prompt_length
             _require(1 <= e.max_tokens <= room, "eval.max_tokens",

@@ -171,17 +171,20 @@ class Trainer:
         current adapter. Metrics go to `eval.jsonl` (with the tag) and, as `eval/...` at the
         current step, to TensorBoard / W&B; not to the console table or `metrics.jsonl`, whose
         rows are training steps. Prints one line."""
-        from grpo_ray.evaluation import evaluate, greedy
+        from grpo_ray.evaluation import eval_sampling, evaluate, sanity_sampling
 
         held_out, sanity = self.eval_prompts
         start = time.perf_counter()
-        metrics, _ = evaluate(self.engines, held_out, greedy(self.cfg))
-        _, (self.sanity_answers[tag],) = evaluate(self.engines, sanity, greedy(self.cfg))
+        metrics, _ = evaluate(self.engines, held_out, eval_sampling(self.cfg))
+        _, (self.sanity_answers[tag],) = evaluate(self.engines, sanity, sanity_sampling(self.cfg))
         metrics["time_s"] = time.perf_counter() - start
         self.tracker.log_eval(metrics, self.step, tag)
         self.evals[tag] = metrics
+        e = self.cfg.eval
+        how = "greedy" if e.temperature == 0 else f"x {e.samples} at T={e.temperature:g}"
         self.print(f"eval {tag} (step {self.step}, adapter version "
-                   f"{metrics['adapter_version']:.0f}, {metrics['num_samples']:.0f} prompts): "
+                   f"{metrics['adapter_version']:.0f}, {metrics['num_samples']:.0f} prompts "
+                   f"{how}): "
                    f"accuracy {metrics['accuracy_numeric']:.3f} (exact "
                    f"{metrics['accuracy_exact']:.3f}), format strict "
                    f"{metrics['strict_format']:.3f} soft {metrics['soft_format']:.3f}, "

@@ -122,3 +122,15 @@ def test_fields_are_documented_once_beside_them():
     from grpo_ray.config import RolloutConfig
 
     assert "Group size" in RolloutConfig.model_fields["num_generations"].description
+
+
+def test_evaluation_is_greedy_or_sampled():
+    from grpo_ray.evaluation import STOP, eval_sampling
+
+    greedy = eval_sampling(load_config(Path("configs/tiny-cpu.yaml")))
+    assert (greedy.temperature, greedy.n, greedy.stop, greedy.max_tokens) == (0, 1, STOP, 32)
+    sampled = eval_sampling(load_config(Path("configs/learn-cpu.yaml")))
+    assert (sampled.temperature, sampled.n, sampled.stop) == (1.0, 4, None)
+    assert sampled.seed == 3407  # the same draws at every evaluation
+    with pytest.raises(ConfigError, match="eval.samples: must be 1 with eval.temperature=0"):
+        load_config(Path("configs/tiny-cpu.yaml"), ["eval.samples=4"])
