@@ -104,7 +104,7 @@ class RolloutWorker:
             if not in_process:
                 raise RuntimeError("rollout.merge_adapter needs vLLM's engine core in the "
                                    "actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
-            self.adapter: Any = VllmMergedWeights(self.llm, device)
+            self.adapter: Any = VllmMergedWeights(self.llm, model_path, device)
         else:
             self.adapter = VllmAdapterSlot(self.llm, engine_index, in_process, device)
 
