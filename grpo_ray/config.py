@@ -84,16 +84,29 @@ class LoraConfig(_Section):
 
 class DataConfig(_Section):
     source: Literal["hub", "local", "synthetic"] = "synthetic"
-    """`hub`: `name`/`subset`/`split` through `datasets`; `local`: a JSONL or Parquet file at
-    `path` with GSM8K's columns (`question`, `answer` ending in `#### <gold>`); `synthetic`:
-    arithmetic word problems generated in code."""
+    """`hub`: `name`/`subset`/`split` through `datasets`; `local`: a JSONL, JSON, CSV or Parquet
+    file at `path`; `synthetic`: arithmetic word problems generated in code, in GSM8K's shape.
+    Hub and local rows are read through `question_field`, `answer_field` and `gold`."""
     name: str = "openai/gsm8k"
     subset: str = "main"
     split: str = "train"
     eval_split: str = "test"
     """Split used by evaluation (hub), or held-out rows (synthetic uses another seed)."""
     path: str | None = None
-    """Local JSONL/Parquet file, for `source: local`."""
+    """Local file, for `source: local`: `.jsonl` (one JSON object a line; blank lines skipped),
+    `.json` (JSON lines, or one array of objects), `.csv` (a header row; every value is text) or
+    `.parquet`."""
+    question_field: str = "question"
+    """Column of the question text. A row without it that has a `prompt` column of chat
+    messages (TRL's conversational format) uses those messages, with `system_prompt` put first
+    only when they hold no system message; its question is then the last user message."""
+    answer_field: str = "answer"
+    """Column the gold answer is taken from (see `gold`)."""
+    gold: Literal["after-hashes", "boxed", "field"] = "after-hashes"
+    """How the gold answer comes out of `answer_field`: `after-hashes` is the text after the
+    last `####` (GSM8K); `boxed` the content of the last `\\boxed{...}` (or `\\fbox{...}`) of a
+    worked solution (MATH); `field` the column as it is (text or a number). Rewards receive the
+    gold as the `answer` column and every other dataset column under its own name."""
     num_synthetic: int = Field(2000, ge=1)
     """Number of generated rows, for `source: synthetic`."""
     synthetic_max_value: int = Field(9, ge=1)
@@ -327,6 +340,7 @@ class Config(_Section):
                      "merges into unsharded weights: needs rollout.gpus_per_engine=1")
         if d.source == "local":
             _require(d.path is not None, "data.path", "is required with data.source=local")
+        self._data_invariants()
         if self.model.path == "builtin:tiny-warm":
             _require(d.source == "synthetic", "model.path",
                      f"builtin:tiny-warm warms up on synthetic rows; it needs "
@@ -343,6 +357,18 @@ class Config(_Section):
                      "the learner's share of the GPU it shares with the engine")
         self._eval_invariants()
         return self
+
+    def _data_invariants(self) -> None:
+        d = self.data
+        _require(d.question_field != d.answer_field, "data.answer_field",
+                 f"must differ from data.question_field (both {d.answer_field!r})")
+        if d.source == "synthetic":  # generated rows have GSM8K's shape, nothing to map
+            for key, value in (("question_field", d.question_field),
+                               ("answer_field", d.answer_field), ("gold", d.gold)):
+                default = DataConfig.model_fields[key].default
+                _require(value == default, f"data.{key}",
+                         f"applies to hub and local data; data.source=synthetic generates "
+                         f"GSM8K-shaped rows (got {value!r}, the default is {default!r})")
 
     def _eval_invariants(self) -> None:
         e, r, d = self.eval, self.rollout, self.data

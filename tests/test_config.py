@@ -90,6 +90,10 @@ def test_missing_and_malformed_files(tmp_path):
     (["reward.functions=[{name: correctness, wieght: 2}]"],
      "reward.functions[0].wieght: unknown key (known: name, weight)"),
     (["reward.functions=[]"], "reward.functions: needs at least 1"),
+    (["data.answer_field=question"],
+     "data.answer_field: must differ from data.question_field (both 'question')"),
+    (["data.gold=boxed"], "data.gold: applies to hub and local data; data.source=synthetic"),
+    (["data.question_field=problem"], "data.question_field: applies to hub and local data"),
 ])
 def test_invariants_name_the_key_they_are_about(overrides, message):
     with pytest.raises(ConfigError) as e:
