@@ -149,11 +149,22 @@ class RolloutConfig(_Section):
     device; one GPU per engine (`weight_sync.merged`)."""
 
 
+BUILTIN_REWARDS = ("correctness", "integer", "strict_format", "soft_format", "xml_count", "math",
+                   "overlong")
+"""Names of the built-in rewards (grpo_ray/reward/functions.py)."""
+_BUILTIN_KWARGS = {"math": ("timeout_s",), "overlong": ("max_completion_len", "soft_punish_cache")}
+
+
 class RewardFunctionConfig(_Section):
     name: str
-    """A built-in reward (`correctness`, `integer`, `strict_format`, `soft_format`, `xml_count`)
-    or an import path `package.module:function` with TRL's reward signature."""
+    """A built-in reward (`correctness`, `integer`, `strict_format`, `soft_format`, `xml_count`,
+    `math`, `overlong`) or an import path `package.module:function` with TRL's reward signature
+    (e.g. `trl.rewards:accuracy_reward`)."""
     weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the function on every call, over the dataset columns of the
+    same name: `math` takes `timeout_s`; `overlong` needs `max_completion_len` (equal to
+    `rollout.max_completion_length`) and `soft_punish_cache` (DAPO's L_cache, in tokens)."""
 
     def __init__(self, name: str | None = None, weight: float | None = None, **data: Any):
         # positional construction in code (`RewardFunctionConfig("correctness", 2.0)`); the
@@ -341,6 +352,7 @@ class Config(_Section):
         if d.source == "local":
             _require(d.path is not None, "data.path", "is required with data.source=local")
         self._data_invariants()
+        self._reward_invariants()
         if self.model.path == "builtin:tiny-warm":
             _require(d.source == "synthetic", "model.path",
                      f"builtin:tiny-warm warms up on synthetic rows; it needs "
@@ -369,6 +381,30 @@ class Config(_Section):
                 _require(value == default, f"data.{key}",
                          f"applies to hub and local data; data.source=synthetic generates "
                          f"GSM8K-shaped rows (got {value!r}, the default is {default!r})")
+
+    def _reward_invariants(self) -> None:
+        for i, f in enumerate(self.reward.functions):
+            key, kw = f"reward.functions[{i}].kwargs", f.kwargs
+            if f.name in BUILTIN_REWARDS:
+                known = _BUILTIN_KWARGS.get(f.name, ())
+                unknown = [k for k in kw if k not in known]
+                _require(not unknown, key, f"unknown argument(s) {', '.join(unknown)} of the "
+                         f"built-in {f.name!r} (it takes: {', '.join(known) or 'none'})")
+            if f.name == "math" and "timeout_s" in kw:
+                t = kw["timeout_s"]
+                _require(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0, key,
+                         f"math's timeout_s must be a number of seconds > 0 (got {t!r})")
+            if f.name != "overlong":
+                continue
+            limit = self.rollout.max_completion_length
+            _require(kw.get("max_completion_len") == limit, key,
+                     f"overlong needs max_completion_len equal to rollout.max_completion_length "
+                     f"({limit}; got {kw.get('max_completion_len')!r})")
+            cache = kw.get("soft_punish_cache")
+            _require(isinstance(cache, int) and not isinstance(cache, bool)
+                     and 1 <= cache <= limit, key,
+                     f"overlong needs soft_punish_cache, the tokens before max_completion_len "
+                     f"over which the penalty grows, in [1, {limit}] (got {cache!r})")
 
     def _eval_invariants(self) -> None:
         e, r, d = self.eval, self.rollout, self.data

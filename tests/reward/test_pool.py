@@ -174,3 +174,36 @@ def test_pool_timeout_and_failures_name_the_function(ray_local, custom_path):
 def test_bad_import_fails_before_any_actor_starts(ray_local):
     with pytest.raises(ValueError, match=r"reward.functions\[1\]: cannot import 'x.y:z'"):
         build_reward_workers([R("xml_count"), R("x.y:z")], "fixed", 2, 0.5)
+
+
+def test_trl_reward_functions_run_unchanged_in_the_pool(ray_local, custom_path):
+    """TRL's own functions by import path, on the reward actors (called from their threads),
+    with the dataset's `solution` column, beside a user's function reading extra columns."""
+    from trl.rewards import accuracy_reward, think_format_reward
+
+    functions = [R("trl.rewards:accuracy_reward"), R("trl.rewards:think_format_reward"),
+                 R(f"{MODULE}:level_check"), R("math")]
+    workers = build_reward_workers(functions, "fixed", num_workers=2, num_cpus=0.5,
+                                   runtime_env={"env_vars": {"PYTHONPATH": custom_path}})
+    batch, rollout = make_step([
+        "<think>\nhalf of 3/2\n</think>\nSo \\boxed{\\frac{3}{4}}.",
+        "<think>\nguess\n</think>\n\\boxed{0.75}",
+        "\\boxed{\\frac{1}{2}}",
+        "<think>\n2 * 3\n</think>\n<answer>\n6\n</answer>",
+        "<think>\nno</think> \\boxed{5}",
+        "<think><think></think>\\boxed{6}"])
+    batch.columns["solution"] = ["$\\frac{3}{4}$", "$6$"]
+    scores = RewardPool(workers, functions, timeout_s=60).score(batch, rollout)
+    by_name = scores.per_function
+    assert by_name["accuracy_reward"] == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert by_name["think_format_reward"] == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert by_name["level_check"] == [3.5, 3.5, 3.5, 5.0, 5.0, 5.0]
+    # the built-in reads the gold ("18", "6") and the <answer> block before any box
+    assert by_name["math"] == [0.0, 0.0, 0.0, 2.0, 0.0, 2.0]
+    # the same functions called here, unchanged, give the same scores
+    completions = [[{"role": "assistant", "content": t}] for t in rollout.completion_texts]
+    solutions = [batch.columns["solution"][i] for i in rollout.prompt_index]
+    assert accuracy_reward(completions, solutions) == by_name["accuracy_reward"]
+    assert think_format_reward(completions) == by_name["think_format_reward"]
+    for w in workers:
+        ray_local.kill(w)
