@@ -239,6 +239,10 @@ class AlgorithmConfig(_Section):
     """Weight each token by min(p_learner_old / p_rollout, cap): truncated importance sampling
     that corrects the rollout/learner probability gap."""
     importance_sampling_cap: float = Field(2.0, ge=1)
+    mask_truncated_completions: bool = False
+    """Leave completions cut at `rollout.max_completion_length` (finish reason `length`) out of
+    the loss (TRL's option of the same name, from DAPO): a truncated text is no evidence of a
+    good or bad answer. Their rewards still count in their group's advantages."""
     seed: int = 3407
 
 
