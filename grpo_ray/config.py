@@ -84,16 +84,29 @@ class LoraConfig(_Section):
 
 class DataConfig(_Section):
     source: Literal["hub", "local", "synthetic"] = "synthetic"
-    """`hub`: `name`/`subset`/`split` through `datasets`; `local`: a JSONL or Parquet file at
-    `path` with GSM8K's columns (`question`, `answer` ending in `#### <gold>`); `synthetic`:
-    arithmetic word problems generated in code."""
+    """`hub`: `name`/`subset`/`split` through `datasets`; `local`: a JSONL, JSON, CSV or Parquet
+    file at `path`; `synthetic`: arithmetic word problems generated in code, in GSM8K's shape.
+    Hub and local rows are read through `question_field`, `answer_field` and `gold`."""
     name: str = "openai/gsm8k"
     subset: str = "main"
     split: str = "train"
     eval_split: str = "test"
     """Split used by evaluation (hub), or held-out rows (synthetic uses another seed)."""
     path: str | None = None
-    """Local JSONL/Parquet file, for `source: local`."""
+    """Local file, for `source: local`: `.jsonl` (one JSON object a line; blank lines skipped),
+    `.json` (JSON lines, or one array of objects), `.csv` (a header row; every value is text) or
+    `.parquet`."""
+    question_field: str = "question"
+    """Column of the question text. A row without it that has a `prompt` column of chat
+    messages (TRL's conversational format) uses those messages, with `system_prompt` put first
+    only when they hold no system message; its question is then the last user message."""
+    answer_field: str = "answer"
+    """Column the gold answer is taken from (see `gold`)."""
+    gold: Literal["after-hashes", "boxed", "field"] = "after-hashes"
+    """How the gold answer comes out of `answer_field`: `after-hashes` is the text after the
+    last `####` (GSM8K); `boxed` the content of the last `\\boxed{...}` (or `\\fbox{...}`) of a
+    worked solution (MATH); `field` the column as it is (text or a number). Rewards receive the
+    gold as the `answer` column and every other dataset column under its own name."""
     num_synthetic: int = Field(2000, ge=1)
     """Number of generated rows, for `source: synthetic`."""
     synthetic_max_value: int = Field(9, ge=1)
@@ -136,11 +149,22 @@ class RolloutConfig(_Section):
     device; one GPU per engine (`weight_sync.merged`)."""
 
 
+BUILTIN_REWARDS = ("correctness", "integer", "strict_format", "soft_format", "xml_count", "math",
+                   "overlong")
+"""Names of the built-in rewards (grpo_ray/reward/functions.py)."""
+_BUILTIN_KWARGS = {"math": ("timeout_s",), "overlong": ("max_completion_len", "soft_punish_cache")}
+
+
 class RewardFunctionConfig(_Section):
     name: str
-    """A built-in reward (`correctness`, `integer`, `strict_format`, `soft_format`, `xml_count`)
-    or an import path `package.module:function` with TRL's reward signature."""
+    """A built-in reward (`correctness`, `integer`, `strict_format`, `soft_format`, `xml_count`,
+    `math`, `overlong`) or an import path `package.module:function` with TRL's reward signature
+    (e.g. `trl.rewards:accuracy_reward`)."""
     weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the function on every call, over the dataset columns of the
+    same name: `math` takes `timeout_s`; `overlong` needs `max_completion_len` (equal to
+    `rollout.max_completion_length`) and `soft_punish_cache` (DAPO's L_cache, in tokens)."""
 
     def __init__(self, name: str | None = None, weight: float | None = None, **data: Any):
         # positional construction in code (`RewardFunctionConfig("correctness", 2.0)`); the
@@ -215,6 +239,10 @@ class AlgorithmConfig(_Section):
     """Weight each token by min(p_learner_old / p_rollout, cap): truncated importance sampling
     that corrects the rollout/learner probability gap."""
     importance_sampling_cap: float = Field(2.0, ge=1)
+    mask_truncated_completions: bool = False
+    """Leave completions cut at `rollout.max_completion_length` (finish reason `length`) out of
+    the loss (TRL's option of the same name, from DAPO): a truncated text is no evidence of a
+    good or bad answer. Their rewards still count in their group's advantages."""
     seed: int = 3407
 
 
@@ -333,6 +361,8 @@ class Config(_Section):
                      "merges into unsharded weights: needs rollout.gpus_per_engine=1")
         if d.source == "local":
             _require(d.path is not None, "data.path", "is required with data.source=local")
+        self._data_invariants()
+        self._reward_invariants()
         if self.model.path == "builtin:tiny-warm":
             _require(d.source == "synthetic", "model.path",
                      f"builtin:tiny-warm warms up on synthetic rows; it needs "
@@ -349,6 +379,42 @@ class Config(_Section):
                      "the learner's share of the GPU it shares with the engine")
         self._eval_invariants()
         return self
+
+    def _data_invariants(self) -> None:
+        d = self.data
+        _require(d.question_field != d.answer_field, "data.answer_field",
+                 f"must differ from data.question_field (both {d.answer_field!r})")
+        if d.source == "synthetic":  # generated rows have GSM8K's shape, nothing to map
+            for key, value in (("question_field", d.question_field),
+                               ("answer_field", d.answer_field), ("gold", d.gold)):
+                default = DataConfig.model_fields[key].default
+                _require(value == default, f"data.{key}",
+                         f"applies to hub and local data; data.source=synthetic generates "
+                         f"GSM8K-shaped rows (got {value!r}, the default is {default!r})")
+
+    def _reward_invariants(self) -> None:
+        for i, f in enumerate(self.reward.functions):
+            key, kw = f"reward.functions[{i}].kwargs", f.kwargs
+            if f.name in BUILTIN_REWARDS:
+                known = _BUILTIN_KWARGS.get(f.name, ())
+                unknown = [k for k in kw if k not in known]
+                _require(not unknown, key, f"unknown argument(s) {', '.join(unknown)} of the "
+                         f"built-in {f.name!r} (it takes: {', '.join(known) or 'none'})")
+            if f.name == "math" and "timeout_s" in kw:
+                t = kw["timeout_s"]
+                _require(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0, key,
+                         f"math's timeout_s must be a number of seconds > 0 (got {t!r})")
+            if f.name != "overlong":
+                continue
+            limit = self.rollout.max_completion_length
+            _require(kw.get("max_completion_len") == limit, key,
+                     f"overlong needs max_completion_len equal to rollout.max_completion_length "
+                     f"({limit}; got {kw.get('max_completion_len')!r})")
+            cache = kw.get("soft_punish_cache")
+            _require(isinstance(cache, int) and not isinstance(cache, bool)
+                     and 1 <= cache <= limit, key,
+                     f"overlong needs soft_punish_cache, the tokens before max_completion_len "
+                     f"over which the penalty grows, in [1, {limit}] (got {cache!r})")
 
     def _eval_invariants(self) -> None:
         e, r, d = self.eval, self.rollout, self.data

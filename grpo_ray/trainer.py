@@ -107,13 +107,16 @@ class Trainer:
         import torch
 
         from grpo_ray.algo.grpo import group_advantages
+        from grpo_ray.algo.masking import loss_mask
 
         rewards = torch.tensor([math.nan if s is None else s for s in scores.total],
                                dtype=torch.float64)
         advantages = group_advantages(rewards, self.cfg.rollout.num_generations,
                                       self.cfg.algorithm.scale_rewards)
         return TrainBatch(rollout.prompt_ids, rollout.completion_ids, advantages.tolist(),
-                          rollout.sampling_logprobs, mask=[s is not None for s in scores.total])
+                          rollout.sampling_logprobs,
+                          mask=loss_mask(scores.total, rollout.finish_reasons,
+                                         self.cfg.algorithm.mask_truncated_completions))
 
     def run_step(self) -> dict[str, float]:
         import ray

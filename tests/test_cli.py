@@ -42,7 +42,7 @@ def test_bad_data_row_is_one_line_before_ray_starts(tmp_path, tiny_model_path, c
                  f"output.dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after datasets' progress bars
     assert code == 2
-    assert err == f"data error: data.path={path} row 1: answer has no '####' marker"
+    assert err == f"data error: data.path={path} line 2: column 'answer' has no '####' marker"
     assert not (tmp_path / "out").exists()  # bad input writes nothing
 
 
