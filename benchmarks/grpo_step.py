@@ -27,9 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_model, print_environment  # noqa: E402
 
+# learner/time_logprobs_s: every pass without gradients (the reference's, and the old
+# log-probs' when num_iterations > 1), of which time_ref_s the reference's; time_update_s: the rest
+# of the learner's step. The last three are figures of the learner's step, not times.
 STAGES = [("generate", "time/generate_s"), ("rewards", "time/reward_s"),
-          ("old+ref log-probs", "learner/time_logprobs_s"), ("update", "learner/time_update_s"),
-          ("learner call", "time/update_s"), ("sync", "time/sync_s"), ("step", "time/step_s")]
+          ("no-grad log-probs", "learner/time_logprobs_s"), ("of which ref", "learner/time_ref_s"),
+          ("update", "learner/time_update_s"), ("learner call", "time/update_s"),
+          ("sync", "time/sync_s"), ("step", "time/step_s"), ("padding", "learner/padding_fraction"),
+          ("learner TFLOP/s", "learner/tflops_per_s"), ("MFU", "learner/mfu")]
 
 
 class GpuMemorySampler:

@@ -209,7 +209,14 @@ class LearnerConfig(_Section):
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     max_grad_norm: float = Field(0.1, gt=0)
     micro_batch_size: int = Field(8, ge=1)
-    """Sequences per forward/backward; gradients accumulate over the whole step's batch."""
+    """Sequences per forward/backward when `max_tokens_per_micro_batch` is None; gradients
+    accumulate over the whole step's batch."""
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    """Budget of padded positions per forward/backward (rows x longest row), which bounds the
+    learner's activation memory whatever the completions' lengths; replaces `micro_batch_size`.
+    Rows are grouped longest first, so rows of like lengths share a micro-batch and little is
+    padding (`learner/padding_fraction`). Must hold the longest row, data.max_prompt_length +
+    rollout.max_completion_length."""
     logprob_chunk_size: int = Field(1024, ge=1)
     """Positions whose vocabulary logits are materialized at once when computing the chosen
     tokens' log-probabilities."""
@@ -371,6 +378,12 @@ class Config(_Section):
             _require(lr.num_gpus > 0 and self.cluster.use_gpu is not False, "learner.load_in_4bit",
                      "4-bit (bitsandbytes) needs the learner on a GPU: learner.num_gpus > 0 and "
                      "cluster.use_gpu not false")
+        if lr.max_tokens_per_micro_batch is not None:
+            longest = d.max_prompt_length + r.max_completion_length
+            _require(lr.max_tokens_per_micro_batch >= longest, "learner.max_tokens_per_micro_batch",
+                     f"{lr.max_tokens_per_micro_batch} < data.max_prompt_length + "
+                     f"rollout.max_completion_length ({d.max_prompt_length} + "
+                     f"{r.max_completion_length}): the longest row would not fit")
         if self.cluster.colocate:
             _require(r.num_engines == 1, "rollout.num_engines",
                      "must be 1 with cluster.colocate (one engine shares the learner's GPU)")

@@ -109,6 +109,10 @@ def test_missing_and_malformed_files(tmp_path):
     (["reward.functions=[{name: correctness, kwargs: {scale: 2}}]"],
      "reward.functions[0].kwargs: unknown argument(s) scale of the built-in 'correctness' "
      "(it takes: none)"),
+    (["learner.max_tokens_per_micro_batch=0"], "learner.max_tokens_per_micro_batch: must be >= 1"),
+    (["learner.max_tokens_per_micro_batch=159"],
+     "learner.max_tokens_per_micro_batch: 159 < data.max_prompt_length + "
+     "rollout.max_completion_length (128 + 32): the longest row would not fit"),
 ])
 def test_invariants_name_the_key_they_are_about(overrides, message):
     with pytest.raises(ConfigError) as e:
