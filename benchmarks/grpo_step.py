@@ -73,6 +73,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--sync-repeats", type=int, default=5,
                    help="syncs per transport after training (0: skip the comparison)")
+    p.add_argument("--rollout-repeats", type=int, default=3,
+                   help="timed generations of a step's batch before and after training")
     p.add_argument("--reward", default="rewards_bench:sevens",
                    help="reward function (import path); the default is one random weights earn")
     p.add_argument("--json", help="write the figures here")
@@ -138,6 +140,24 @@ def probe(trainer, fixed) -> tuple[list[float], list[float]]:
     return engine, learner
 
 
+def generation_rate(trainer, repeats: int) -> float:
+    """Median output tokens/s of the engines on a step-shaped batch (held-out prompts, the step's
+    sampling), with the adapter they hold now."""
+    from grpo_ray.contracts import PromptBatch, Sampling
+
+    cfg, held_out = trainer.cfg, trainer.eval_prompts[0]
+    n = cfg.rollout.prompts_per_step
+    batch = PromptBatch(held_out.prompt_ids[:n], held_out.prompts[:n], held_out.answers[:n],
+                        held_out.questions[:n])
+    rates = []
+    for i in range(repeats + 1):  # the first call warms up
+        start = time.perf_counter()
+        out = trainer.engines.generate(batch, Sampling.training(cfg.rollout, seed=i))
+        if i:
+            rates.append(sum(len(c) for c in out.completion_ids) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
 def mean_abs(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
 
@@ -170,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         setup_s = time.perf_counter() - start
         try:
             history, probes = [], [probe(trainer, fixed)]
+            rates = {"version 0": generation_rate(trainer, args.rollout_repeats)}
             start = time.perf_counter()
             while trainer.step < args.steps:
                 history.append(trainer.run_step())
                 probes.append(probe(trainer, fixed))
             fit_s = time.perf_counter() - start
+            rates[f"version {trainer.version}"] = generation_rate(trainer, args.rollout_repeats)
             syncs = (measure_syncs(trainer.actors, trainer.version + 1, args.sync_repeats)
                      if args.sync_repeats else {})
             learner = ray.get(trainer.actors.learner.__ray_call__.remote(
@@ -202,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
               + f" | {n:.0f} | {m['reward/std']:.3f} | {m['learner/peak_memory_gb']:.1f} | "
               f"{1000 * m['sync/total_s']:.0f} | {f['engine_vs_learner']:.4f} | "
               f"moved {f['learner_moved']:.4f}, off by {f['engine_change_off_by']:.4f} |")
+    print(f"generation, output tokens/s (median of {args.rollout_repeats}): "
+          + ", ".join(f"{k}: {v:,.0f}" for k, v in rates.items())
+          + (" (version 0 of a merged engine is plain vLLM without LoRA)"
+             if cfg.rollout.merge_adapter else ""))
     print(f"peak GPU memory in use (nvidia-smi, engine + learner + CUDA contexts): "
           f"{memory.peak_mib / 1024:.1f} GiB; the engine reserves "
           f"{cfg.rollout.gpu_memory_utilization:.0%} of the GPU")
@@ -216,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"environment": env, "learner": learner, "config": cfg.to_dict(), "setup_s": setup_s,
-             "fit_s": fit_s, "history": history, "follow": follow,
+             "fit_s": fit_s, "history": history, "follow": follow, "generation_rates": rates,
              "gpu_peak_mib": memory.peak_mib, "syncs": syncs}, indent=1))
     return 0
 

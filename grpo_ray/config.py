@@ -195,8 +195,10 @@ class RewardConfig(_Section):
 
 
 class LearnerConfig(_Section):
-    backend: Literal["peft", "unsloth"] = "peft"
-    """`unsloth` uses Unsloth's 4-bit loader and kernels where it is installed and on CUDA."""
+    backend: Literal["auto", "peft", "unsloth"] = "auto"
+    """`unsloth`: Unsloth's 4-bit loader and kernels (CUDA); `peft`: transformers +
+    bitsandbytes + PEFT; `auto`: Unsloth where it is installed and CUDA is there, else PEFT.
+    The start-up line says which runs and why."""
     load_in_4bit: bool | None = None
     """NF4 with double quantization through bitsandbytes; None: on CUDA when it is installed.
     True needs a GPU for the learner (`learner.num_gpus` > 0)."""

@@ -65,6 +65,8 @@ class Trainer:
         return self
 
     def setup(self) -> "Trainer":
+        import ray
+
         from grpo_ray.cluster.placement import place_actors
         from grpo_ray.learner.worker import LearnerWorker
         from grpo_ray.reward.pool import RewardPool
@@ -87,7 +89,8 @@ class Trainer:
         self.broadcast = AdapterBroadcast()
         self.tracker = Tracker(cfg.logging, self.out, cfg.to_dict(), self.print,
                                total_steps=cfg.algorithm.total_steps)
-        self.print(f"placed: {self.actors.plan.layout} layout, 1 learner, "
+        learner = ray.get(self.actors.learner.describe.remote())
+        self.print(f"placed: {self.actors.plan.layout} layout, 1 learner ({learner}), "
                    f"{len(self.actors.engines)} rollout engine(s), "
                    f"{len(self.actors.reward_workers)} reward worker(s); model {self.model_path}")
         return self

@@ -238,6 +238,10 @@ class LearnerWorker:
                     out[i] = logp[k, :len(completion_ids[i])].tolist()
         return out
 
+    def describe(self) -> str:
+        """What was loaded and why (`learner.model.load_policy`), for the start-up line."""
+        return self.description
+
     # ---- the adapter ---------------------------------------------------------------------------
     def export_adapter(self, version: int, transport: str = "tensors",
                        dtype: str | None = None) -> Any:

@@ -4,7 +4,6 @@ cache never serves keys of older weights, and the base comes back exactly."""
 from __future__ import annotations
 
 import pytest
-import torch
 from helpers import chat_prompts, hf_model, max_gap, naive_logprobs, peft_model
 
 from grpo_ray.contracts import Sampling
@@ -35,44 +34,47 @@ def test_merge_plan_maps_peft_names_onto_vllms_packed_weights():
 
 
 @pytest.fixture(scope="module")
-def merged_engine(tiny_model_path):
+def merged_engine(ray_local, tiny_model_path):
+    """A merged-rollout engine as a Ray actor (its own process: a second vLLM engine in the
+    test process would share vLLM's global parallel state with the session's one)."""
     from grpo_ray.config import RolloutConfig
     from grpo_ray.rollout.worker import RolloutWorker
 
     rollout = RolloutConfig(num_generations=2, max_completion_length=10, max_model_len=512,
                             enforce_eager=True, merge_adapter=True)
-    worker = RolloutWorker(tiny_model_path, rollout, max_lora_rank=8, seed=0)
-    yield worker
-    worker.close()
+    engine = ray_local.remote(RolloutWorker).options(num_cpus=1).remote(
+        tiny_model_path, rollout, 8, seed=0)
+    yield engine
+    ray_local.kill(engine)
 
 
 def expected(model, out):
     return [naive_logprobs(model, p, c) for p, c in zip(out.prompt_ids, out.completion_ids)]
 
 
-def test_merged_engine_serves_each_version_and_restores_the_base(merged_engine, tokenizer,
-                                                                 tiny_model_path):
-    w = merged_engine
-    assert w.adapter.request is None  # no LoRA at generation
+def test_merged_engine_serves_each_version_and_restores_the_base(ray_local, merged_engine,
+                                                                 tokenizer, tiny_model_path):
+    ray, w = ray_local, merged_engine
+    assert ray.get(w.__ray_call__.remote(lambda self: self.adapter.request)) is None  # no LoRA
     prompts = chat_prompts(tokenizer)
     sampling = Sampling(n=2, max_tokens=10, seed=9)
     base_model = hf_model(tiny_model_path)
-    base = w.generate(prompts, sampling)  # fills the prefix cache with the base's keys
+    base = ray.get(w.generate.remote(prompts, sampling))  # fills the prefix cache
     assert max_gap(base.sampling_logprobs, expected(base_model, base)) < 1e-4
-    first = w.adapter_version()
+    first = ray.get(w.adapter_version.remote())
     for seed in (1, 2):  # two versions: each merged from the base, not on the previous one
         model = peft_model(tiny_model_path, seed=seed)
-        version = w.adapter_version() + 1
-        assert w.load_adapter(adapter_payload(model, version)) > 0
-        out = w.generate(prompts, sampling)
+        version = ray.get(w.adapter_version.remote()) + 1
+        assert ray.get(w.load_adapter.remote(adapter_payload(model, version))) > 0
+        out = ray.get(w.generate.remote(prompts, sampling))
         assert out.adapter_version == version
         # the same prompts as before: a stale prefix cache would give the old weights' values
         assert max_gap(out.sampling_logprobs, expected(model, out)) < 1e-4
         assert max_gap(out.sampling_logprobs, expected(base_model, out)) > 0.1
-    assert w.adapter_version() == first + 2
+    assert ray.get(w.adapter_version.remote()) == first + 2
     with pytest.raises(ValueError, match="is not newer"):
-        w.load_adapter(adapter_payload(model, first + 1))
-    w.adapter.restore_base()
-    again = w.generate(prompts, sampling)
+        ray.get(w.load_adapter.remote(adapter_payload(model, first + 1)))
+    ray.get(w.__ray_call__.remote(lambda self: self.adapter.restore_base()))
+    again = ray.get(w.generate.remote(prompts, sampling))
     assert again.completion_ids == base.completion_ids
     assert again.sampling_logprobs == base.sampling_logprobs  # exactly the base again
