@@ -63,3 +63,42 @@ def test_bad_paths_and_names_are_one_line_before_ray_starts(overrides, message, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+
+def test_unreachable_ray_address_fails_in_time_with_one_line(tmp_path, tiny_model_path):
+    """RAY_ADDRESS naming a loopback port nobody listens on: exit 2 within
+    cluster.placement_timeout_s, one line naming the address as given, nothing written."""
+    import os
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # free once the socket closes
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": address}
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "grpo_ray", "train", "--config", "configs/tiny-cpu.yaml",
+         f"model.path={tiny_model_path}", f"output.dir={out}", "cluster.placement_timeout_s=3"],
+        env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    err = done.stderr.strip().splitlines()[-1]  # after datasets' progress bars, if any
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert err.startswith(f"cluster error: cannot reach the Ray cluster at RAY_ADDRESS={address}")
+    assert "cluster.placement_timeout_s=3" in err
+    assert "Ray" not in done.stdout and "\n" not in done.stdout.strip()
+    assert not out.exists()
+    # 3 s of probing after the config, data and tokenizer load (seconds on a busy machine);
+    # Ray's own retries took over 10 minutes
+    assert elapsed < 3 + 90, elapsed
+
+
+def test_head_endpoint_of_ray_addresses():
+    from grpo_ray.cli import head_endpoint
+
+    assert head_endpoint("10.0.0.1:6379") == ("10.0.0.1", 6379)
+    assert head_endpoint("ray://head.example:10001") == ("head.example", 10001)
+    assert head_endpoint("[::1]:6379") == ("::1", 6379)
+    assert head_endpoint("auto") is None and head_endpoint("local") is None
