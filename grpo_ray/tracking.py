@@ -104,7 +104,8 @@ class ProgressBar:
 
     While it is up, whatever the process prints to stdout or stderr (the table, evaluation
     lines, `--verbose` worker logs) goes above it: each complete line is written with the bar
-    cleared, then the bar is drawn again (tqdm's `write`, for streams it does not own)."""
+    cleared, then the bar is drawn again (as tqdm's `write` does, for any print to either
+    stream). It closes after the last step, so its final state stays under the table."""
 
     def __init__(self, total_steps: int):
         from tqdm import tqdm
@@ -121,7 +122,7 @@ class ProgressBar:
         self.bar.set_postfix({"reward": f"{metrics.get('reward/mean', float('nan')):.3f}",
                               "acc": f"{metrics.get('accuracy', float('nan')):.2f}",
                               "step_s": f"{metrics.get('time/step_s', float('nan')):.1f}"})
-        if step >= self.bar.total:  # the final bar stays under the last row of the table
+        if step >= self.bar.total:
             self.close()
 
     def close(self) -> None:
@@ -145,9 +146,9 @@ class _AboveBar:
         self.stream, self.bar, self.pending = stream, bar, threading.local()
 
     def write(self, text: str) -> int:
-        lines, _, rest = (getattr(self.pending, "text", "") + text).rpartition("\n")
+        lines, newline, rest = (getattr(self.pending, "text", "") + text).rpartition("\n")
         self.pending.text = rest
-        if _:
+        if newline:
             with self.bar.get_lock():
                 self.bar.clear(nolock=True)
                 self.stream.write(lines + "\n")
