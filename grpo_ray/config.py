@@ -348,7 +348,7 @@ class Config(_Section):
     # ---- invariants between fields -----------------------------------------------------------
     @model_validator(mode="after")
     def _invariants(self) -> "Config":
-        r, a, lr, d = self.rollout, self.algorithm, self.learner, self.data
+        r, lr, d = self.rollout, self.learner, self.data
         _require(r.num_generations >= 2, "rollout.num_generations",
                  f"must be >= 2 (got {r.num_generations}): group-relative advantages of a "
                  "group of one are always zero")
