@@ -1,0 +1,60 @@
+"""How a step's time and the GPUs' use scale with the number of rollout engines, with and without
+one-step-off overlap (`algorithm.max_staleness=1`): a model built from measured per-stage times
+of one step (docs/scaling.md has the figures and the table).
+
+On-policy, the stages run one after another: generate (split evenly over the engines), score,
+update, sync. One step off, the engines generate batch s+1 while the learner trains on batch s,
+so a step takes the longer of the two, plus the sync that must happen between generate calls.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Seconds of one step's stages, measured with one engine on its own GPU."""
+
+    generate: float
+    """The whole batch on one engine; N engines take `generate / N` (even split)."""
+    reward: float
+    learner: float
+    """Log-probs, update and optimizer step on the learner's GPU."""
+    sync: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    engines: int
+    overlap: bool
+    step_s: float
+    learner_busy: float
+    """Share of the step the learner's GPU computes (1.0: the learner is the limit)."""
+    engine_busy: float
+    """Share of the step each engine's GPU generates."""
+    tokens_per_s_per_gpu: float
+
+
+def predict(times: StageTimes, engines: int, overlap: bool, tokens: int) -> Prediction:
+    """Step time and GPU use for `engines` engines on GPUs of their own and the learner on one,
+    `tokens` completion tokens a step."""
+    if engines < 1 or min(times.generate, times.reward, times.learner, times.sync) < 0:
+        raise ValueError(f"predict: needs engines >= 1 and stage times >= 0 (got {engines}, "
+                         f"{times})")
+    generate = times.generate / engines
+    rollout = generate + times.reward
+    if overlap:
+        step = max(rollout, times.learner) + times.sync
+    else:
+        step = rollout + times.learner + times.sync
+    return Prediction(engines, overlap, step, times.learner / step, generate / step,
+                      tokens / step / (engines + 1))
+
+
+def engines_to_saturate(times: StageTimes) -> int:
+    """The fewest engines for which, one step off, generation no longer sets the pace: the
+    learner is then the limit and more engines only idle."""
+    if times.learner <= times.reward:
+        raise ValueError("the learner is faster than scoring alone: engines never saturate it")
+    return max(1, math.ceil(times.generate / (times.learner - times.reward)))
