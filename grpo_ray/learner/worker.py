@@ -46,6 +46,7 @@ class _Prepared:
     micro_batches: list[_MicroBatch]
     num_sequences: int
     num_tokens: int
+    rows: list[int]  # the batch rows of the micro-batches' rows, in order
 
 
 class LearnerWorker:
@@ -102,15 +103,34 @@ class LearnerWorker:
         self.scheduler.step()
         time_update = time.perf_counter() - start
 
-        mbs = prepared.micro_batches
-        gap = ({"mean_abs_diff": 0.0, "kl": 0.0} if not prepared.num_tokens else probability_gap(
-            _cat_padded([m.old_logp for m in mbs]), _cat_padded([m.sampling_logp for m in mbs]),
-            _cat_padded([m.mask for m in mbs])))
         peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else 0.0
-        return {**totals, "learning_rate": lr, "gap_mean_abs_diff": float(gap["mean_abs_diff"]),
-                "gap_kl": float(gap["kl"]), "num_tokens": float(prepared.num_tokens),
+        return {**totals, "learning_rate": lr, **self._gaps(prepared, batch.engine_index),
+                "num_tokens": float(prepared.num_tokens),
                 "time_logprobs_s": time_logprobs, "time_update_s": time_update,
                 "peak_memory_gb": peak}
+
+    @staticmethod
+    def _gaps(prepared: _Prepared, engine_index: list[int]) -> dict[str, float]:
+        """The rollout/learner probability gap of the batch (`gap_mean_abs_diff`, `gap_kl`) and,
+        with `engine_index`, of each engine's rows (`gap_kl/engine_<i>`, ...): an engine that
+        samples with other weights than the learner's stands out there."""
+        if not prepared.num_tokens:
+            return {"gap_mean_abs_diff": 0.0, "gap_kl": 0.0}
+        mbs = prepared.micro_batches
+        old, sampling, mask = (_cat_padded([m.old_logp for m in mbs]),
+                               _cat_padded([m.sampling_logp for m in mbs]),
+                               _cat_padded([m.mask for m in mbs]))
+        groups = {"": torch.ones(len(prepared.rows), dtype=torch.bool)}
+        if engine_index:
+            labels = torch.tensor([engine_index[i] for i in prepared.rows])
+            groups.update({f"/engine_{e}": labels == e for e in sorted(set(labels.tolist()))})
+        out = {}
+        for suffix, rows in groups.items():
+            rows = rows.to(old.device)
+            gap = probability_gap(old[rows], sampling[rows], mask[rows])
+            out[f"gap_mean_abs_diff{suffix}"] = float(gap["mean_abs_diff"])
+            out[f"gap_kl{suffix}"] = float(gap["kl"])
+        return out
 
     def _prepare(self, batch: TrainBatch) -> _Prepared:
         """Pad the active rows into micro-batches and attach their old and reference log-probs."""
@@ -127,7 +147,7 @@ class LearnerWorker:
                 if self.algorithm.beta:
                     with self.model.disable_adapter():
                         mb.ref_logp = self._logprobs(mb, train=False)
-        return _Prepared(mbs, len(rows), sum(len(batch.completion_ids[i]) for i in rows))
+        return _Prepared(mbs, len(rows), sum(len(batch.completion_ids[i]) for i in rows), rows)
 
     def _accumulate_gradients(self, prepared: _Prepared) -> dict[str, float]:
         """Zero the gradients, then backward every micro-batch's share of the batch loss: the
@@ -250,8 +270,10 @@ def _active_rows(batch: TrainBatch) -> list[int]:
         if len(getattr(batch, name)) != n:
             raise ValueError(f"TrainBatch.{name} has {len(getattr(batch, name))} rows, "
                              f"completion_ids has {n}")
-    if batch.mask and len(batch.mask) != n:
-        raise ValueError(f"TrainBatch.mask has {len(batch.mask)} rows, completion_ids has {n}")
+    for name in ["mask", "engine_index"]:  # optional: empty, or one per row
+        if getattr(batch, name) and len(getattr(batch, name)) != n:
+            raise ValueError(f"TrainBatch.{name} has {len(getattr(batch, name))} rows, "
+                             f"completion_ids has {n}")
     rows = [i for i in range(n) if not batch.mask or batch.mask[i]]
     _check_prompts([batch.prompt_ids[i] for i in rows], rows)
     for i in rows:
