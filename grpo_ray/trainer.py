@@ -17,7 +17,7 @@ from typing import Any
 from grpo_ray.checkpoint import step_dir_name
 from grpo_ray.config import Config, UserError
 from grpo_ray.contracts import PromptBatch, Rollout, Sampling, Scores, TrainBatch
-from grpo_ray.faults import ActorLostError, Interrupted, StopOnSignal
+from grpo_ray.faults import Interrupted, StopOnSignal
 from grpo_ray.metrics import StageTimer, sample_rows, step_metrics
 
 
@@ -47,8 +47,6 @@ class Trainer:
         self.evals: dict[str, dict[str, float]] = {}
         """Evaluation metrics by tag (`before`, `step N`, `after`)."""
         self.sanity_answers: dict[str, str] = {}
-        self.reported: set[str] = set()
-        """Reward functions whose first failure was printed."""
 
     # ---- set-up ------------------------------------------------------------------------------
     def prepare_data(self) -> "Trainer":
@@ -95,7 +93,9 @@ class Trainer:
         self.engines.notify = self.print
         self.rewards = RewardPool(self.actors.reward_workers, cfg.reward.functions,
                                   cfg.reward.timeout_s, start=self.actors.start_reward_worker,
-                                  max_restarts=cfg.cluster.max_restarts, notify=self.print)
+                                  max_restarts=cfg.cluster.max_restarts,
+                                  max_unscored_fraction=cfg.reward.max_unscored_fraction,
+                                  notify=self.print)
         self.broadcast = AdapterBroadcast()
         self.tracker = Tracker(cfg.logging, self.out, cfg.to_dict(), self.print,
                                total_steps=cfg.algorithm.total_steps)
@@ -121,23 +121,6 @@ class Trainer:
         seed = self.cfg.algorithm.seed * 1_000_003 + self.step * len(batch)
         return self.engines.generate(batch, Sampling.training(self.cfg.rollout, seed),
                                      expect_version=self.version)
-
-    def score(self, batch: PromptBatch, rollout: Rollout) -> Scores:
-        """The reward pool's scores. Each function's first failure is printed once (its counts
-        are in every step's metrics); a step with too few scored rows stops the run."""
-        from grpo_ray.reward.pool import RewardError, unscored_error
-
-        scores = self.rewards.score(batch, rollout)
-        for name, error in scores.errors.items():
-            if name not in self.reported:
-                self.reported.add(name)
-                self.print(f"reward function {name!r} failed on {scores.failed[name]} of "
-                           f"{len(scores.total)} completions at step {self.step + 1}: {error} "
-                           f"(its rows are unscored; counted in reward/{name}/failed)")
-        problem = unscored_error(scores, self.cfg.reward.max_unscored_fraction)
-        if problem:
-            raise RewardError(f"step {self.step + 1}: {problem}")
-        return scores
 
     def train_batch(self, rollout: Rollout, scores: Scores) -> TrainBatch:
         import torch
@@ -178,7 +161,7 @@ class Trainer:
         with timer("generate"):
             rollout = self.generate(batch)
         with timer("reward"):
-            scores = self.score(batch, rollout)
+            scores = self.rewards.score(batch, rollout)
         train_batch = self.train_batch(rollout, scores)
         with timer("update"):
             stats = ray.get(self.actors.learner.train_step.remote(train_batch))
@@ -224,7 +207,7 @@ class Trainer:
                         self.save_checkpoint()
                     if eval_every and self.step % eval_every == 0 and self.step < total:
                         self.evaluate(f"step {self.step}")
-            except (UserError, ActorLostError):
+            except UserError:  # a reward error, an actor lost for good: the learner is intact
                 self.save_checkpoint_if_new()
                 raise
             if stop.signum is not None:

@@ -151,10 +151,10 @@ def test_cli_names_the_damaged_file_before_ray_starts(tmp_path, capsys):
     assert main(["train", "--config", "configs/tiny-cpu.yaml", f"output.dir={out}",
                  "--resume"]) == 2
     err = capsys.readouterr().err.strip()
+    size = json.loads((path / "manifest.json").read_text())["files"]["trainer_state.json"]["bytes"]
     assert err == (f"checkpoint error: no checkpoint in {out / 'checkpoints'} can be resumed: "
-                   f"{path / 'trainer_state.json'}: 1 bytes, the manifest says "
-                   f"{json.loads((path / 'manifest.json').read_text())['files']['trainer_state.json']['bytes']}"
-                   " (truncated or overwritten)")
+                   f"{path / 'trainer_state.json'}: 1 bytes, the manifest says {size} "
+                   "(truncated or overwritten)")
     assert [p.name for p in out.iterdir()] == ["checkpoints"]  # not even the model was built
 
 

@@ -55,20 +55,23 @@ class RewardPool:
 
     `workers` is kept, not copied: a replaced worker takes its predecessor's place in the same
     list, which the placement's `Actors` shuts down at the end. `start()` starts one more worker
-    (None: a lost or hung worker ends the step with ActorLostError)."""
+    (None: a lost or hung worker ends the step with ActorLostError). `notify` gets one line per
+    worker replaced and the first failure of each function; a step with more unscored rows than
+    `max_unscored_fraction` raises RewardError (`unscored_error`)."""
 
     def __init__(self, workers: list[ray.actor.ActorHandle],
                  functions: list[RewardFunctionConfig], timeout_s: float,
                  start: Callable[[], ray.actor.ActorHandle] | None = None, max_restarts: int = 2,
-                 notify: Callable[[str], None] = print):
+                 max_unscored_fraction: float = 1.0, notify: Callable[[str], None] = print):
         if not workers:
             raise ValueError("reward pool: needs at least one worker")
         self.workers = workers
         self.weights = [float(f.weight) for f in functions]
-        self.timeout_s = timeout_s
+        self.timeout_s, self.max_unscored_fraction = timeout_s, max_unscored_fraction
         self._start, self.max_restarts, self.notify = start, max_restarts, notify
         self.restarts = 0
         """Workers started again over the pool's life (lost or hung)."""
+        self._reported: set[str] = set()  # functions whose first failure was told
 
     def score(self, batch: PromptBatch, rollout: Rollout) -> Scores:
         """Per-function scores and weighted totals of every completion, prompt-major."""
@@ -91,7 +94,16 @@ class RewardPool:
         parts = self._gather(call, shards)
         if not parts:
             return Scores(per_function={}, total=[])
-        return _merge(parts, self.weights)
+        scores = _merge(parts, self.weights)
+        for name in [n for n in scores.errors if n not in self._reported]:
+            self._reported.add(name)
+            self.notify(f"reward function {name!r} failed on {scores.failed[name]} of "
+                        f"{len(texts)} completions: {scores.errors[name]} (its rows are "
+                        f"unscored; counted in reward/{name}/failed, told once)")
+        problem = unscored_error(scores, self.max_unscored_fraction)
+        if problem:
+            raise RewardError(problem)
+        return scores
 
     def _gather(self, call: Callable[[int, dict[str, str]], ray.ObjectRef],
                 shards: list[tuple[int, int]]) -> list[ShardScores]:

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from grpo_ray.cluster.engines import EngineGroup, even_slices
+from grpo_ray.cluster.engines import even_slices
 from grpo_ray.config import load_config
 from grpo_ray.contracts import PromptBatch, Sampling
 from grpo_ray.faults import ActorLostError

@@ -120,7 +120,7 @@ def test_killed_actors_are_replaced_and_the_run_equals_an_uninterrupted_one(runs
 
 def test_a_reward_that_returns_nan_everywhere_stops_the_run_with_a_checkpoint(runs):
     """Step 3 of run B with a reward returning NaN for every row: one line naming the function,
-    and the 2 completed steps are checkpointed first."""
+    and the 2 completed steps are checkpointed first (step 3 never reaches the learner)."""
     from grpo_ray.reward.pool import RewardError, RewardPool, build_reward_workers
 
     _, (b, _, lines) = runs
@@ -128,15 +128,17 @@ def test_a_reward_that_returns_nan_everywhere_stops_the_run_with_a_checkpoint(ru
     for worker in b.actors.reward_workers:
         ray.kill(worker)
     b.actors.reward_workers[:] = build_reward_workers(functions, "fixed", 2, 0.25)
-    b.rewards = RewardPool(b.actors.reward_workers, functions, 60)
+    b.rewards = RewardPool(b.actors.reward_workers, functions, 60,
+                           max_unscored_fraction=b.cfg.reward.max_unscored_fraction,
+                           notify=lines.append)
     with pytest.raises(RewardError) as error:
         b.fit()
     assert str(error.value) == (
-        "step 3: nan_reward failed on 8 of 8 completions (returned a non-finite score "
-        "(nan)), more than reward.max_unscored_fraction=0.5")
-    assert lines[-2].startswith("reward function 'nan_reward' failed on 8 of 8 completions at "
-                                "step 3: returned a non-finite score (nan) (its rows are "
-                                "unscored; counted in reward/nan_reward/failed)")
+        "nan_reward failed on 8 of 8 completions (returned a non-finite score (nan)), more "
+        "than reward.max_unscored_fraction=0.5")
+    assert lines[-2] == ("reward function 'nan_reward' failed on 8 of 8 completions: returned a "
+                         "non-finite score (nan) (its rows are unscored; counted in "
+                         "reward/nan_reward/failed, told once)")
     path = latest_checkpoint(b.checkpoints)
     assert lines[-1] == f"checkpoint of step 2 written to {path}" and path.name == "step-000002"
     check_checkpoint(path)

@@ -15,8 +15,8 @@ from grpo_ray.data.prompts import chat_messages
 from grpo_ray.reward.functions import get_reward_functions
 from grpo_ray.contracts import Scores
 from grpo_ray.faults import ActorLostError
-from grpo_ray.reward.pool import (RewardPool, RewardWorker, _shards, build_reward_workers,
-                                  reward_worker_starter, unscored_error)
+from grpo_ray.reward.pool import (RewardError, RewardPool, RewardWorker, _shards,
+                                  build_reward_workers, reward_worker_starter, unscored_error)
 
 MODULE = "grpo_ray_pool_test_rewards"
 CUSTOM = '''
@@ -222,9 +222,24 @@ def test_hung_and_raising_functions_leave_their_rows_unscored(ray_local, custom_
     assert scores.errors["hang"] == "timed out after 2 s (reward.timeout_s)"
     assert scores.errors["broken"].startswith("raised ZeroDivisionError: division by zero at ")
     assert pool.restarts == 1 and workers[0] is not first  # replaced in the placement's list
-    assert lines == [lines[0]] and lines[0].startswith(
+    assert lines[0].startswith(
         "reward worker 0 ran hang past reward.timeout_s=2 s; scoring its 3 completions again "
         "without hang (new worker ready in ")
+    assert lines[1:] == [
+        "reward function 'hang' failed on 3 of 6 completions: timed out after 2 s "
+        "(reward.timeout_s) (its rows are unscored; counted in reward/hang/failed, told once)",
+        f"reward function 'broken' failed on 3 of 6 completions: {scores.errors['broken']} (its "
+        "rows are unscored; counted in reward/broken/failed, told once)"]
+    # told once; a step where half the rows fail one function is at the default limit, more
+    # is an error that names the function
+    pool.max_unscored_fraction = 0.5
+    batch, rollout = make_step(["x"] * 5 + ["boom"])
+    assert pool.score(batch, rollout).failed == {"broken": 3} and len(lines) == 3
+    pool.max_unscored_fraction = 0.4
+    with pytest.raises(RewardError, match=r"^broken failed on 3 of 6 completions \(raised "
+                                          r"ZeroDivisionError.*more than "
+                                          r"reward.max_unscored_fraction=0.4$"):
+        pool.score(batch, rollout)
     with pytest.raises(ray_local.exceptions.RayActorError):  # the hung worker is gone
         ray_local.get(first.names.remote())
     for w in workers:
