@@ -100,10 +100,8 @@ class EngineGroup:
         # An engine lost during the load is replaced with the previous adapter (what the others
         # still hold if this load fails), then loads this one like the rest.
         times = self._gather("adapter load", lambda i: self.engines[i].load_adapter.remote(payload))
-        import ray
-
         self._payload = payload
-        self._version = ray.get(self.engines[0].adapter_version.remote())
+        self._version = self.adapter_versions()[0]
         return times
 
     def score(self, prompt_ids: list[list[int]],
@@ -125,8 +123,8 @@ class EngineGroup:
     def set_probe(self, probe: SyncProbe) -> None:
         """Score `probe` on every engine while they serve the base model (version 0): each
         engine's reference for `verify`."""
-        self._probe = probe
-        self._engine_base = [s[0] for s in self.score([probe.prompt_ids], [probe.completion_ids])]
+        base = self.score([probe.prompt_ids], [probe.completion_ids])  # a lost engine: no probe yet
+        self._probe, self._engine_base = probe, [s[0] for s in base]
 
     def verify(self, learner_logprobs: list[float]) -> list[float]:
         """After a sync: each engine's probe gap to `learner_logprobs` (the learner's log-probs of
