@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# The GPU tests and every GPU figure of docs/benchmarks.md, from a machine with one CUDA GPU and
-# the `gpu` extra (vLLM 0.26, bitsandbytes, Ray) installed. Parts run in the order given:
-#   bash benchmarks/gpu_suite.sh setup tests step cli rollout
+# The GPU tests and the GPU figures of docs/benchmarks.md, from a machine with one CUDA GPU and
+# the `gpu` extra (vLLM 0.26, bitsandbytes, Ray; Unsloth for the unsloth parts) installed.
+# Parts run in the order given, e.g.
+#   bash benchmarks/gpu_suite.sh setup tests step-peft step-unsloth-merged learn rollout
 # setup: GPU, memory and versions into env.txt, and the model (random weights of Qwen2.5-3B's
-# shape) built at $MODEL (default /tmp/q3b) unless it is there. Logs and JSON go to $OUT
+# shape) built at $MODEL (default /tmp/q3b) unless it is there. Logs and JSON go to $SUITE
 # (default outputs/gpu-suite); each part has a time limit and the next part runs regardless.
+# step-<learner>[-merged][-overlap]: benchmarks/grpo_step.py with learner.backend=<learner>
+# (peft or unsloth), rollout.merge_adapter when -merged, algorithm.max_staleness=1 when -overlap.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-OUT=${OUT:-outputs/gpu-suite}
+export PYTHONPATH=$PWD:$PWD/benchmarks:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+SUITE=${SUITE:-outputs/gpu-suite}
 MODEL=${MODEL:-/tmp/q3b}
-mkdir -p "$OUT"
+STEPS=${STEPS:-4}
+mkdir -p "$SUITE"
 
-run() {  # run NAME SECONDS COMMAND...: log to $OUT/NAME.log, print its exit code and tail
+run() {  # run NAME SECONDS COMMAND...: log to $SUITE/NAME.log, print its exit code and tail
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
   echo "=== $name: $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"$SUITE/$name.log" 2>&1
   rc=$?
   echo "=== $name: exit $rc after $((SECONDS - start)) s"
-  grep -v -e "WARNING" -e "INFO" -e "it/s]" "$OUT/$name.log" | tail -n "${TAIL:-25}"
+  grep -v -e "WARNING" -e "INFO" -e "it/s]" -e "pid=" "$SUITE/$name.log" | tail -n "${TAIL:-25}"
 }
 
 for part in "$@"; do
@@ -29,22 +34,27 @@ for part in "$@"; do
         python3 -c "import torch, vllm, ray, transformers, peft, bitsandbytes, trl
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__version__,
       'ray', ray.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__,
-      'bitsandbytes', bitsandbytes.__version__, 'trl', trl.__version__)"; } >"$OUT/env.txt" 2>&1
-      tail -n 4 "$OUT/env.txt"
-      run build 300 python3 -c "import sys; sys.path.insert(0, 'benchmarks')
-from common import ensure_model; ensure_model('$MODEL'); print('model at $MODEL')";;
+      'bitsandbytes', bitsandbytes.__version__, 'trl', trl.__version__)"; } >"$SUITE/env.txt" 2>&1
+      tail -n 4 "$SUITE/env.txt"
+      run build 300 python3 -c "from common import ensure_model; ensure_model('$MODEL')";;
     tests)
-      TAIL=40 run tests "${TESTS_LIMIT:-420}" python3 -m pytest -m gpu tests/gpu -s -rA -p no:cacheprovider;;
-    step)
-      run step "${STEP_LIMIT:-320}" python3 benchmarks/grpo_step.py --model "$MODEL" \
-        --json "$OUT/step.json";;
-    cli)
-      run cli "${CLI_LIMIT:-240}" python3 -m grpo_ray train \
-        --config configs/qwen2.5-3b-gsm8k-1gpu.yaml "model.path=$MODEL" data.source=synthetic \
-        algorithm.total_steps=3 output.dir=/tmp/grpo-cli-run;;
+      TAIL=40 run tests "${TESTS_LIMIT:-480}" python3 -m pytest -m gpu tests/gpu -s -rA \
+        -p no:cacheprovider;;
+    step-*)
+      label=${part#step-}
+      backend=${label%%-*}
+      extra=()
+      [[ $label == *merged* ]] && extra+=(rollout.merge_adapter=true)
+      [[ $label == *overlap* ]] && extra+=(algorithm.max_staleness=1)
+      run "$part" "${STEP_LIMIT:-330}" python3 benchmarks/grpo_step.py --model "$MODEL" \
+        --steps "$STEPS" --sync-repeats "${SYNC_REPEATS:-3}" --json "$SUITE/$part.json" \
+        "learner.backend=$backend" "${extra[@]}";;
+    learn)
+      TAIL=12 run learn "${LEARN_LIMIT:-420}" python3 scripts/learning_benchmark.py \
+        --config configs/learn-gpu.yaml --eval-every 20 "output.dir=$SUITE/learn-gpu";;
     rollout)
       run rollout "${ROLLOUT_LIMIT:-540}" python3 benchmarks/rollout_throughput.py \
-        --model "$MODEL" --json "$OUT/rollout.json" ${ROLLOUT_ARGS:-};;
-    *) echo "unknown part $part (setup, tests, step, cli, rollout)"; exit 2;;
+        --model "$MODEL" --json "$SUITE/rollout.json" ${ROLLOUT_ARGS:-};;
+    *) echo "unknown part $part (setup, tests, step-*, learn, rollout)"; exit 2;;
   esac
 done

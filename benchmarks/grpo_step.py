@@ -3,11 +3,14 @@ stage by stage, then the adapter sync's transports compared on the same live act
 
     python benchmarks/grpo_step.py --model /tmp/q3b [--steps 3] [section.key=value ...]
 
-Runs what `grpo-ray train --config configs/qwen2.5-3b-gsm8k-1gpu.yaml` runs (the same Trainer,
+Runs the steps of `grpo-ray train --config configs/qwen2.5-3b-gsm8k-1gpu.yaml` (the same Trainer,
 through a local Ray), with random weights of Qwen2.5-3B's shape (built at --model if missing),
-synthetic prompts and completions of up to 256 tokens (random weights rarely stop earlier). Prints
-each step's stages (generation, rewards, the learner's old/reference log-probs and update, sync)
-and peak GPU memory (the learner's torch peak; the whole GPU's, sampled from nvidia-smi).
+synthetic prompts and completions of up to 256 tokens (random weights rarely stop earlier), and a
+reward random weights earn (`rewards_bench.sevens`), so every update moves the adapter. Prints
+each step's stages (generation, rewards, the learner's log-probs and update, sync), peak GPU
+memory (the learner's torch peak; the whole GPU's, sampled from nvidia-smi), and after every sync
+how far the engine's log-probs of a fixed completion are from the learner's and whether they
+moved as the learner's did.
 """
 from __future__ import annotations
 
@@ -24,9 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_model, print_environment  # noqa: E402
 
+# learner/time_logprobs_s: every pass without gradients (the reference's, and the old
+# log-probs' when num_iterations > 1), of which time_ref_s the reference's; time_update_s: the rest
+# of the learner's step. The last three are figures of the learner's step, not times.
 STAGES = [("generate", "time/generate_s"), ("rewards", "time/reward_s"),
-          ("old+ref log-probs", "learner/time_logprobs_s"), ("update", "learner/time_update_s"),
-          ("learner call", "time/update_s"), ("sync", "time/sync_s"), ("step", "time/step_s")]
+          ("no-grad log-probs", "learner/time_logprobs_s"), ("of which ref", "learner/time_ref_s"),
+          ("update", "learner/time_update_s"), ("learner call", "time/update_s"),
+          ("sync", "time/sync_s"), ("step", "time/step_s"), ("padding", "learner/padding_fraction"),
+          ("learner TFLOP/s", "learner/tflops_per_s"), ("MFU", "learner/mfu")]
 
 
 class GpuMemorySampler:
@@ -65,6 +73,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--sync-repeats", type=int, default=5,
                    help="syncs per transport after training (0: skip the comparison)")
+    p.add_argument("--rollout-repeats", type=int, default=3,
+                   help="timed generations of a step's batch before and after training")
+    p.add_argument("--reward", default="rewards_bench:sevens",
+                   help="reward function (import path); the default is one random weights earn")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
@@ -119,6 +131,37 @@ def measure_syncs(actors, first_version: int, repeats: int) -> dict[str, dict[st
     return out
 
 
+def probe(trainer, fixed) -> tuple[list[float], list[float]]:
+    """The engine's and the learner's log-probs of one fixed completion."""
+    import ray
+
+    engine = trainer.engines.score(*fixed)[0][0]
+    learner = ray.get(trainer.actors.learner.sequence_logprobs.remote(*fixed))[0]
+    return engine, learner
+
+
+def generation_rate(trainer, repeats: int) -> float:
+    """Median output tokens/s of the engines on a step-shaped batch (held-out prompts, the step's
+    sampling), with the adapter they hold now."""
+    from grpo_ray.contracts import PromptBatch, Sampling
+
+    cfg, held_out = trainer.cfg, trainer.eval_prompts[0]
+    n = cfg.rollout.prompts_per_step
+    batch = PromptBatch(held_out.prompt_ids[:n], held_out.prompts[:n], held_out.answers[:n],
+                        held_out.questions[:n])
+    rates = []
+    for i in range(repeats + 1):  # the first call warms up
+        start = time.perf_counter()
+        out = trainer.engines.generate(batch, Sampling.training(cfg.rollout, seed=i))
+        if i:
+            rates.append(sum(len(c) for c in out.completion_ids) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def mean_abs(a: list[float], b: list[float]) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from grpo_ray.config import load_config
@@ -127,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, [
         f"model.path={args.model}", "data.source=synthetic", f"algorithm.total_steps={args.steps}",
         f"rollout.max_completion_length={args.max_new_tokens}", f"output.dir={out_dir}",
-        "logging.samples_per_step=0", *args.overrides])
+        "logging.samples_per_step=0", f"reward.functions=[{{name: '{args.reward}'}}]",
+        *args.overrides])
     env = print_environment()
     ensure_model(args.model)
 
@@ -138,34 +182,52 @@ def main(argv: list[str] | None = None) -> int:
 
     connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
     trainer = Trainer(cfg)
+    # the same fixed completion before and after every sync: does the engine follow the learner?
+    fixed = ([list(range(11, 43))], [list(range(300, 364))])
     with GpuMemorySampler() as memory:
         start = time.perf_counter()
         trainer.setup()
         setup_s = time.perf_counter() - start
         try:
+            history, probes = [], [probe(trainer, fixed)]
+            rates = {"version 0": generation_rate(trainer, args.rollout_repeats)}
             start = time.perf_counter()
-            history = trainer.fit()
+            while trainer.step < args.steps:
+                history.append(trainer.run_step())
+                probes.append(probe(trainer, fixed))
             fit_s = time.perf_counter() - start
+            rates[f"version {trainer.version}"] = generation_rate(trainer, args.rollout_repeats)
             syncs = (measure_syncs(trainer.actors, trainer.version + 1, args.sync_repeats)
                      if args.sync_repeats else {})
+            learner = ray.get(trainer.actors.learner.__ray_call__.remote(
+                lambda w: getattr(w, "description", "")))
         finally:
             trainer.close()
     ray.shutdown()
+    follow = [{"engine_vs_learner": mean_abs(e, lr), "learner_moved": mean_abs(lr, lr0),
+               "engine_change_off_by": mean_abs([x - x0 for x, x0 in zip(e, e0)],
+                                                [y - y0 for y, y0 in zip(lr, lr0)])}
+              for (e, lr), (e0, lr0) in zip(probes[1:], probes[:-1])]
 
     tokens = [m["completion_length"] * cfg.rollout.prompts_per_step * cfg.rollout.num_generations
               for m in history]
-    print(f"\nGRPO steps on one GPU ({env['gpu']}; colocated={cfg.cluster.colocate}, 4-bit "
-          f"learner={cfg.learner.load_in_4bit}; {cfg.rollout.prompts_per_step} prompts x "
-          f"{cfg.rollout.num_generations} completions x up to {args.max_new_tokens} tokens; "
-          f"random weights of {args.model}); set-up {setup_s:.1f} s, fit {fit_s:.1f} s "
-          "(with the trainer's evaluations and checkpoint)")
+    print(f"\nGRPO steps on one GPU ({env['gpu']}; learner: {learner}; colocated="
+          f"{cfg.cluster.colocate}, merged rollout={cfg.rollout.merge_adapter}; "
+          f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.num_generations} completions x "
+          f"up to {args.max_new_tokens} tokens; random weights of {args.model}; reward "
+          f"{args.reward}); set-up {setup_s:.1f} s, {len(history)} steps {fit_s:.1f} s")
     print("| step | " + " | ".join(name for name, _ in STAGES) + " | completion tokens | "
-          "learner peak GiB | sync ms (export / load) |")
-    print("|---" * (len(STAGES) + 4) + "|")
-    for i, (m, n) in enumerate(zip(history, tokens)):
+          "reward std | learner peak GiB | sync ms | engine-learner gap | engine follows |")
+    print("|---" * (len(STAGES) + 7) + "|")
+    for i, (m, n, f) in enumerate(zip(history, tokens, follow)):
         print(f"| {i + 1} | " + " | ".join(f"{m.get(key, float('nan')):.2f}" for _, key in STAGES)
-              + f" | {n:.0f} | {m['learner/peak_memory_gb']:.1f} | {1000 * m['sync/total_s']:.0f}"
-              f" ({1000 * m['sync/export_s']:.0f} / {1000 * m['sync/load_s']:.0f}) |")
+              + f" | {n:.0f} | {m['reward/std']:.3f} | {m['learner/peak_memory_gb']:.1f} | "
+              f"{1000 * m['sync/total_s']:.0f} | {f['engine_vs_learner']:.4f} | "
+              f"moved {f['learner_moved']:.4f}, off by {f['engine_change_off_by']:.4f} |")
+    print(f"generation, output tokens/s (median of {args.rollout_repeats}): "
+          + ", ".join(f"{k}: {v:,.0f}" for k, v in rates.items())
+          + (" (version 0 of a merged engine is plain vLLM without LoRA)"
+             if cfg.rollout.merge_adapter else ""))
     print(f"peak GPU memory in use (nvidia-smi, engine + learner + CUDA contexts): "
           f"{memory.peak_mib / 1024:.1f} GiB; the engine reserves "
           f"{cfg.rollout.gpu_memory_utilization:.0%} of the GPU")
@@ -179,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{1000 * s['total_s']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"environment": env, "config": cfg.to_dict(), "setup_s": setup_s, "fit_s": fit_s,
-             "history": history, "gpu_peak_mib": memory.peak_mib, "syncs": syncs}, indent=1))
+            {"environment": env, "learner": learner, "config": cfg.to_dict(), "setup_s": setup_s,
+             "fit_s": fit_s, "history": history, "follow": follow, "generation_rates": rates,
+             "gpu_peak_mib": memory.peak_mib, "syncs": syncs}, indent=1))
     return 0
 
 

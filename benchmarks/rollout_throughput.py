@@ -2,13 +2,16 @@
 same GPU, in the same run, with the same engine arguments and the same rank-64 LoRA adapter.
 
     python benchmarks/rollout_throughput.py --model /tmp/q3b [--shapes 16x8x256,64x8x256]
+        [--modes actor,actor-merged,plain-base]
 
 Each mode runs in its own process, one after the other (a vLLM engine does not give its GPU
 memory back inside a process): `plain` (vLLM as a user runs it: `LLM(...)`, engine core in its
 own process, adapter from a directory), `plain-inproc` (the same with the engine core in the
-calling process, as the actor runs it) and `actor` (`ray.remote(RolloutWorker)`, timed from the
-driver, so Ray's transfer of the completions is included). Shapes are prompts x completions per
-prompt x new tokens; the model has random weights, so completions almost never stop early.
+calling process, as the actor runs it), `plain-base` (plain vLLM without LoRA: the speed limit),
+`actor` (`ray.remote(RolloutWorker)` with the adapter applied as LoRA, timed from the driver, so
+Ray's transfer of the completions is included) and `actor-merged` (the same actor with
+`rollout.merge_adapter`: the adapter folded into its weights). Shapes are prompts x completions
+per prompt x new tokens; the model has random weights, so completions almost never stop early.
 Prints figures; `--json` also writes them.
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_model, print_environment, prompt_ids, random_lora  # noqa: E402
 
-MODES = ["actor", "plain-inproc", "plain"]
+MODES = ["actor", "actor-merged", "plain-base", "plain-inproc", "plain"]
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -45,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="/tmp/q3b", help="model directory (built if missing)")
     p.add_argument("--shapes", type=parse_shapes, default=parse_shapes("16x8x256,64x8x256"))
     p.add_argument("--mode", choices=["all", *MODES], default="all")
+    p.add_argument("--modes", default="actor,actor-merged,plain-base",
+                   help="modes compared by --mode all, in order")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--max-model-len", type=int, default=1024)
@@ -63,12 +68,12 @@ def _dtype() -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-def _configs(args):
+def _configs(args, merge: bool = False):
     from grpo_ray.config import LoraConfig, RolloutConfig
 
     rollout = RolloutConfig(max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
                             gpu_memory_utilization=args.gpu_memory_utilization,
-                            temperature=1.0, top_p=1.0, top_k=-1)
+                            temperature=1.0, top_p=1.0, top_k=-1, merge_adapter=merge)
     return rollout, LoraConfig(r=args.lora_rank, alpha=args.lora_rank)
 
 
@@ -90,7 +95,7 @@ def _timed(run, shapes, prompts, repeats, mode) -> list[dict]:
     return rows
 
 
-def run_plain(args, in_process: bool) -> list[dict]:
+def run_plain(args, in_process: bool, with_lora: bool = True) -> list[dict]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     # this process has asked CUDA for its devices: a forked engine core could hang
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
@@ -101,7 +106,7 @@ def run_plain(args, in_process: bool) -> list[dict]:
     from grpo_ray.rollout.worker import engine_kwargs
     from grpo_ray.weight_sync.files import write_adapter
 
-    rollout, lora = _configs(args)
+    rollout, lora = _configs(args, merge=not with_lora)  # merge_adapter: an engine without LoRA
     tensors, config = random_lora(args.model, lora.r, lora.alpha, dtype=_dtype())
     adapter = write_adapter(AdapterPayload(1, tensors, config),
                             Path(tempfile.mkdtemp(prefix="bench-lora-")) / "v1")
@@ -109,7 +114,7 @@ def run_plain(args, in_process: bool) -> list[dict]:
     llm = LLM(args.model, **engine_kwargs(rollout, lora.r, _dtype(), 0,
                                           on_cuda=_dtype() != "float32"))
     start_s = time.perf_counter() - start
-    request = LoRARequest("bench", 1, str(adapter))
+    request = LoRARequest("bench", 1, str(adapter)) if with_lora else None
     prompts = prompt_ids(args.model, max(s[0] for s in args.shapes))
 
     def run(batch, n, T):
@@ -120,14 +125,14 @@ def run_plain(args, in_process: bool) -> list[dict]:
                             lora_request=request, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
-    mode = "plain-inproc" if in_process else "plain"
+    mode = ("plain-base" if not with_lora else "plain-inproc" if in_process else "plain")
     rows = _timed(run, args.shapes, prompts, args.repeats, mode)
     for r in rows:
         r["engine_start_s"] = start_s
     return rows
 
 
-def run_actor(args) -> list[dict]:
+def run_actor(args, merge: bool = False) -> list[dict]:
     import ray
 
     from grpo_ray.cluster.placement import ACTOR_ENV
@@ -135,7 +140,7 @@ def run_actor(args) -> list[dict]:
     from grpo_ray.rollout.worker import RolloutWorker
     from grpo_ray.weight_sync.sender import pack_tensors
 
-    rollout, lora = _configs(args)
+    rollout, lora = _configs(args, merge)
     tensors, config = random_lora(args.model, lora.r, lora.alpha, dtype=_dtype())
     gpus = 1 if _dtype() != "float32" else 0
     ray.init(address="local", num_cpus=4, num_gpus=gpus, include_dashboard=False,
@@ -152,7 +157,7 @@ def run_actor(args) -> list[dict]:
         out = ray.get(engine.generate.remote(batch, Sampling(n=n, max_tokens=T)))
         return sum(len(c) for c in out.completion_ids)
 
-    rows = _timed(run, args.shapes, prompts, args.repeats, "actor")
+    rows = _timed(run, args.shapes, prompts, args.repeats, "actor-merged" if merge else "actor")
     for r in rows:
         r["engine_start_s"], r["adapter_load_s"] = start_s, load_s
     ray.shutdown()
@@ -163,16 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     ensure_model(args.model)
     if args.mode != "all":
-        rows = run_actor(args) if args.mode == "actor" else run_plain(args, args.mode != "plain")
+        if args.mode.startswith("actor"):
+            rows = run_actor(args, merge=args.mode == "actor-merged")
+        else:
+            rows = run_plain(args, args.mode != "plain", with_lora=args.mode != "plain-base")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0
 
     env = print_environment()
     rows = []
-    for mode in MODES:  # one process per engine: each gets the whole GPU
+    modes = args.modes.split(",")
+    for mode in modes:  # one process per engine: each gets the whole GPU
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [sys.executable, __file__, "--mode", mode, "--json", f.name,
+            cmd = [sys.executable, __file__, "--mode", mode, "--json", f.name, "--modes", args.modes,
                    "--model", args.model, "--lora-rank", str(args.lora_rank),
                    "--shapes", ",".join("x".join(map(str, s)) for s in args.shapes),
                    "--gpu-memory-utilization", str(args.gpu_memory_utilization),
@@ -195,17 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     by = {(r["mode"], r["shape"]): r for r in rows}
     print(f"\nrollout throughput, output tokens/s ({env['gpu']}; vLLM {env['vllm']}; random "
           f"weights of Qwen2.5-3B's shape; rank-{args.lora_rank} LoRA on all 7 projections)")
-    columns = ["plain", "plain-inproc", "actor"]
-    print("| prompts x n x new tokens | plain vLLM | plain vLLM, in-process core | "
-          "RolloutWorker actor | actor / plain | actor / in-process |")
-    print("|---|---|---|---|---|---|")
+    first = modes[-1]  # the reference of the ratios: the last mode (plain-base by default)
+    print("| prompts x n x new tokens | " + " | ".join(modes) + " | "
+          + " | ".join(f"{m} / {first}" for m in modes[:-1]) + " |")
+    print("|---" * (2 * len(modes)) + "|")
     for P, n, T in args.shapes:
         shape = f"{P}x{n}x{T}"
-        tps = {m: by[(m, shape)]["tokens_per_s"] for m in MODES if (m, shape) in by}
-        ratios = [f"{tps['actor'] / tps[m]:.1%}" if {"actor", m} <= set(tps) else "-"
-                  for m in ("plain", "plain-inproc")]
-        print(f"| {shape} | " + " | ".join(f"{tps[m]:,.0f}" if m in tps else "-"
-                                           for m in columns) + f" | {' | '.join(ratios)} |")
+        tps = {m: by[(m, shape)]["tokens_per_s"] for m in modes if (m, shape) in by}
+        ratios = [f"{tps[m] / tps[first]:.1%}" if {m, first} <= set(tps) else "-"
+                  for m in modes[:-1]]
+        print(f"| {shape} | " + " | ".join(f"{tps[m]:,.0f}" if m in tps else "-" for m in modes)
+              + f" | {' | '.join(ratios)} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     return 0

@@ -1,31 +1,97 @@
 """`grpo-ray` (or `python -m grpo_ray`): the command line. Imports nothing heavy until a command runs, so `--help` is instant.
 
-    grpo-ray train --config configs/tiny-cpu.yaml [--resume] [section.key=value ...]
-    grpo-ray eval --config configs/tiny-cpu.yaml [--adapter DIR] [section.key=value ...]
+    grpo-ray train --config configs/tiny-cpu.yaml [--resume] [--verbose] [section.key=value ...]
+    grpo-ray eval --config configs/tiny-cpu.yaml [--adapter DIR] [--verbose] [section.key=value ...]
     grpo-ray export --config configs/tiny-cpu.yaml [--adapter DIR] [--merge] [--out DIR]
                     [--dtype bfloat16] [--push-to-hub USER/REPO]
     grpo-ray build-tiny PATH [--shape qwen2.5-3b]
 
 Without an address it starts an embedded local Ray; with `cluster.address` or RAY_ADDRESS (as
-under `ray job submit`) it joins that cluster.
+under `ray job submit`) it joins that cluster. The actors' own output goes to
+`<output.dir>/logs/` unless `--verbose` (grpo_ray/logs.py).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 
 
-def connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None) -> None:
+def connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None,
+                timeout_s: float = 120.0, verbose: bool = True) -> None:
+    """Join the cluster at `address` (else RAY_ADDRESS), or start an embedded local Ray.
+
+    A cluster that does not answer within `timeout_s` fails with one line naming the address as
+    given (Ray itself retries for many minutes and names the resolved address). Without
+    `verbose`, Ray forwards no worker output and prints only its errors."""
+    import logging
+
     import ray
 
     if ray.is_initialized():  # called from a program (or test) that already joined a cluster
         return
+    given = (f"cluster.address={address}" if address
+             else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}")
     address = address or os.environ.get("RAY_ADDRESS")
+    console = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        wait_for_cluster(address, timeout_s, given)
+        ray.init(address=address, **console)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **console)
+
+
+def head_endpoint(address: str) -> tuple[str, int] | None:
+    """Host and port of a Ray address (`host:port`, `ray://host:port`, `[::1]:6379`); None
+    for what Ray resolves itself (`auto`, `local`, no port)."""
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def wait_for_cluster(address: str, timeout_s: float, given: str) -> None:
+    """Return once something accepts connections at the address's host and port (a head may
+    still be starting); ClusterError naming `given` after `timeout_s`."""
+    import socket
+    import time
+
+    from grpo_ray.cluster.placement import ClusterError
+
+    endpoint = head_endpoint(address)
+    if endpoint is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection(endpoint, timeout=max(0.1, min(5.0, left))):
+                return
+        except OSError as e:
+            error = e.strerror or str(e) or type(e).__name__
+        if deadline - time.monotonic() < 1.0:
+            raise ClusterError(
+                f"cannot reach the Ray cluster at {given}: no answer within {timeout_s:g} s "
+                f"(cluster.placement_timeout_s={timeout_s:g}; last error: {error}); start its "
+                "head (ray start --head), correct the address, or unset it to start a local Ray")
+        time.sleep(1.0)
+
+
+def worker_logs(cfg, verbose: bool):
+    """Where the actors placed inside the block send their output: `<output.dir>/logs/` (one
+    line says so), or with `verbose` the console, through Ray."""
+    if verbose:
+        return nullcontext()
+    from pathlib import Path
+
+    from grpo_ray.logs import worker_logs_in
+
+    log_dir = Path(cfg.output.dir) / "logs"
+    print(f"worker logs (vLLM, transformers, Ray): {log_dir.absolute()}/ "
+          "(--verbose prints them here)")
+    return worker_logs_in(log_dir)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -53,13 +119,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer.prepare_data()
     try:
-        connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
-        # over Ray's own SIGTERM handler (an exit with code 15)
-        with stop_at_once_on_signals():
-            trainer.setup()
-            if checkpoint is not None:
-                trainer.restore(checkpoint)
-            trainer.fit()
+        connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus,
+                    cfg.cluster.placement_timeout_s, args.verbose)
+        # signals: over Ray's own SIGTERM handler (an exit with code 15)
+        with worker_logs(cfg, args.verbose), stop_at_once_on_signals():
+            try:
+                trainer.setup()
+                if checkpoint is not None:
+                    trainer.restore(checkpoint)
+                trainer.fit()
+            finally:
+                trainer.close()
         print(f"adapter saved to {trainer.out / 'adapter'}")
     except Interrupted as e:
         print(_interrupted_line(e.step, e.checkpoint, args), file=sys.stderr)
@@ -71,8 +141,6 @@ def cmd_train(args: argparse.Namespace) -> int:
               + (f"resume with: {_resume_command(args)}" if trainer.saved_step or checkpoint
                  else "nothing to resume"), file=sys.stderr)
         return EXIT_CODES.get(signum, 130)
-    finally:
-        trainer.close()
     return 0
 
 
@@ -96,7 +164,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from grpo_ray.config import UserError, load_config
     from grpo_ray.data.dataset import load_tokenizer
-    from grpo_ray.evaluation import evaluate, format_metrics, greedy, held_out_batch, sanity_batch
+    from grpo_ray.evaluation import (eval_sampling, evaluate, format_metrics, held_out_batch,
+                                     sanity_batch, sanity_sampling)
     from grpo_ray.models.resolve import resolve_model_path
     from grpo_ray.weight_sync.files import read_adapter
 
@@ -112,21 +181,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--adapter: {e}") from None
     # the engines must accept the adapter's rank, whatever lora.r says
     rank = max(cfg.engine_lora_rank, payload.peft_config.get("r", 0) if payload else 0)
-    connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
+    connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus,
+                cfg.cluster.placement_timeout_s, args.verbose)
 
     import ray
 
     from grpo_ray.cluster.placement import place_engines
     from grpo_ray.rollout.worker import RolloutWorker
 
-    engines = place_engines(cfg, RolloutWorker, [
-        (model_path, cfg.rollout, rank, cfg.model.dtype, cfg.algorithm.seed, i)
-        for i in range(cfg.rollout.num_engines)])
+    with worker_logs(cfg, args.verbose):
+        engines = place_engines(cfg, RolloutWorker, [
+            (model_path, cfg.rollout, rank, cfg.model.dtype, cfg.algorithm.seed, i)
+            for i in range(cfg.rollout.num_engines)])
     try:
         if payload is not None:
             engines.load_adapter(ray.put(payload))
-        metrics, texts = evaluate(engines, held_out, greedy(cfg))
-        _, (answer,) = evaluate(engines, sanity, greedy(cfg))
+        metrics, texts = evaluate(engines, held_out, eval_sampling(cfg))
+        _, (answer,) = evaluate(engines, sanity, sanity_sampling(cfg))
     finally:
         engines.shutdown()
     which = f"adapter {args.adapter}" if args.adapter else "base model"
@@ -135,8 +206,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"sanity check: {cfg.eval.sanity_question!r}\n{answer}")
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    samples = [{"question": q, "gold": g, "completion": t}
-               for q, g, t in zip(held_out.questions, held_out.answers, texts)]
+    per_prompt = len(texts) // len(held_out)
+    samples = [{"question": held_out.questions[k // per_prompt],
+                "gold": held_out.answers[k // per_prompt], "completion": t}
+               for k, t in enumerate(texts)]
     (out / "eval.json").write_text(json.dumps(
         {"model": model_path, "adapter": args.adapter, "split": cfg.eval_split,
          "metrics": metrics, "sanity_question": cfg.eval.sanity_question,
@@ -176,6 +249,10 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+VERBOSE_HELP = ("print the actors' own output (vLLM, transformers, Ray workers) here, as Ray "
+                "does; by default it goes to <output.dir>/logs/")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grpo-ray", description="GRPO on Ray: vLLM rollout actors, "
                                 "reward actors and a (Q)LoRA learner.")
@@ -186,10 +263,12 @@ def parser() -> argparse.ArgumentParser:
                    help="dotted overrides, applied after the file")
     t.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint under output.dir/checkpoints")
+    t.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     t.set_defaults(run=cmd_train)
     e = sub.add_parser("eval", help="evaluate the base model or an adapter on held-out prompts")
     e.add_argument("--config", help="YAML file under configs/ (defaults apply without one)")
     e.add_argument("--adapter", help="PEFT adapter directory (default: the base model alone)")
+    e.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     e.add_argument("overrides", nargs="*", metavar="section.key=value")
     e.set_defaults(run=cmd_eval)
     x = sub.add_parser("export", help="save the adapter or merge it into a 16-bit model; "

@@ -7,6 +7,9 @@ one-line message that names the key, before anything starts. Values derived from
 (the engines' LoRA rank, the evaluation split, the colocated GPU shares, ...) are properties of
 `Config`, computed here and nowhere else. Field names follow TRL's `GRPOConfig` where they mean
 the same thing (`num_generations`, `beta`, `epsilon`, `loss_type`, `scale_rewards`, ...).
+
+Longer than other modules on purpose: every default and its documentation stand in this one
+file, so that a reader finds any setting, and what it does, in one place.
 """
 from __future__ import annotations
 
@@ -81,16 +84,29 @@ class LoraConfig(_Section):
 
 class DataConfig(_Section):
     source: Literal["hub", "local", "synthetic"] = "synthetic"
-    """`hub`: `name`/`subset`/`split` through `datasets`; `local`: a JSONL or Parquet file at
-    `path` with GSM8K's columns (`question`, `answer` ending in `#### <gold>`); `synthetic`:
-    arithmetic word problems generated in code."""
+    """`hub`: `name`/`subset`/`split` through `datasets`; `local`: a JSONL, JSON, CSV or Parquet
+    file at `path`; `synthetic`: arithmetic word problems generated in code, in GSM8K's shape.
+    Hub and local rows are read through `question_field`, `answer_field` and `gold`."""
     name: str = "openai/gsm8k"
     subset: str = "main"
     split: str = "train"
     eval_split: str = "test"
     """Split used by evaluation (hub), or held-out rows (synthetic uses another seed)."""
     path: str | None = None
-    """Local JSONL/Parquet file, for `source: local`."""
+    """Local file, for `source: local`: `.jsonl` (one JSON object a line; blank lines skipped),
+    `.json` (JSON lines, or one array of objects), `.csv` (a header row; every value is text) or
+    `.parquet`."""
+    question_field: str = "question"
+    """Column of the question text. A row without it that has a `prompt` column of chat
+    messages (TRL's conversational format) uses those messages, with `system_prompt` put first
+    only when they hold no system message; its question is then the last user message."""
+    answer_field: str = "answer"
+    """Column the gold answer is taken from (see `gold`)."""
+    gold: Literal["after-hashes", "boxed", "field"] = "after-hashes"
+    """How the gold answer comes out of `answer_field`: `after-hashes` is the text after the
+    last `####` (GSM8K); `boxed` the content of the last `\\boxed{...}` (or `\\fbox{...}`) of a
+    worked solution (MATH); `field` the column as it is (text or a number). Rewards receive the
+    gold as the `answer` column and every other dataset column under its own name."""
     num_synthetic: int = Field(2000, ge=1)
     """Number of generated rows, for `source: synthetic`."""
     synthetic_max_value: int = Field(9, ge=1)
@@ -126,13 +142,29 @@ class RolloutConfig(_Section):
     """Largest LoRA rank the engines accept; None means `lora.r` (`Config.engine_lora_rank`)."""
     kv_cache_space_gb: int = Field(1, ge=1)
     """KV cache size of a CPU engine in GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)."""
+    merge_adapter: bool = False
+    """Fold each synced adapter into the engine's own weights (in memory, from a pristine copy
+    of the base kept beside them) and generate without LoRA, at plain vLLM's speed; the sync
+    still moves only the adapter. Costs a copy of the targeted base weights on the engine's
+    device; one GPU per engine (`weight_sync.merged`)."""
+
+
+BUILTIN_REWARDS = ("correctness", "integer", "strict_format", "soft_format", "xml_count", "math",
+                   "overlong")
+"""Names of the built-in rewards (grpo_ray/reward/functions.py)."""
+_BUILTIN_KWARGS = {"math": ("timeout_s",), "overlong": ("max_completion_len", "soft_punish_cache")}
 
 
 class RewardFunctionConfig(_Section):
     name: str
-    """A built-in reward (`correctness`, `integer`, `strict_format`, `soft_format`, `xml_count`)
-    or an import path `package.module:function` with TRL's reward signature."""
+    """A built-in reward (`correctness`, `integer`, `strict_format`, `soft_format`, `xml_count`,
+    `math`, `overlong`) or an import path `package.module:function` with TRL's reward signature
+    (e.g. `trl.rewards:accuracy_reward`)."""
     weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the function on every call, over the dataset columns of the
+    same name: `math` takes `timeout_s`; `overlong` needs `max_completion_len` (equal to
+    `rollout.max_completion_length`) and `soft_punish_cache` (DAPO's L_cache, in tokens)."""
 
     def __init__(self, name: str | None = None, weight: float | None = None, **data: Any):
         # positional construction in code (`RewardFunctionConfig("correctness", 2.0)`); the
@@ -172,8 +204,10 @@ class RewardConfig(_Section):
 
 
 class LearnerConfig(_Section):
-    backend: Literal["peft", "unsloth"] = "peft"
-    """`unsloth` uses Unsloth's 4-bit loader and kernels where it is installed and on CUDA."""
+    backend: Literal["auto", "peft", "unsloth"] = "auto"
+    """`unsloth`: Unsloth's 4-bit loader and kernels (CUDA); `peft`: transformers +
+    bitsandbytes + PEFT; `auto`: Unsloth where it is installed and CUDA is there, else PEFT.
+    The start-up line says which runs and why."""
     load_in_4bit: bool | None = None
     """NF4 with double quantization through bitsandbytes; None: on CUDA when it is installed.
     True needs a GPU for the learner (`learner.num_gpus` > 0)."""
@@ -186,7 +220,14 @@ class LearnerConfig(_Section):
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     max_grad_norm: float = Field(0.1, gt=0)
     micro_batch_size: int = Field(8, ge=1)
-    """Sequences per forward/backward; gradients accumulate over the whole step's batch."""
+    """Sequences per forward/backward when `max_tokens_per_micro_batch` is None; gradients
+    accumulate over the whole step's batch."""
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    """Budget of padded positions per forward/backward (rows x longest row), which bounds the
+    learner's activation memory whatever the completions' lengths; replaces `micro_batch_size`.
+    Rows are grouped longest first, so rows of like lengths share a micro-batch and little is
+    padding (`learner/padding_fraction`). Must hold the longest row, data.max_prompt_length +
+    rollout.max_completion_length."""
     logprob_chunk_size: int = Field(1024, ge=1)
     """Positions whose vocabulary logits are materialized at once when computing the chosen
     tokens' log-probabilities."""
@@ -216,6 +257,10 @@ class AlgorithmConfig(_Section):
     """Weight each token by min(p_learner_old / p_rollout, cap): truncated importance sampling
     that corrects the rollout/learner probability gap."""
     importance_sampling_cap: float = Field(2.0, ge=1)
+    mask_truncated_completions: bool = False
+    """Leave completions cut at `rollout.max_completion_length` (finish reason `length`) out of
+    the loss (TRL's option of the same name, from DAPO): a truncated text is no evidence of a
+    good or bad answer. Their rewards still count in their group's advantages."""
     seed: int = 3407
 
 
@@ -261,8 +306,14 @@ class EvalConfig(_Section):
     every_steps: int = Field(0, ge=0)
     """Also evaluate every N steps (0: only before the first step and after the last)."""
     max_tokens: int | None = None
-    """Longest greedy completion; None: `rollout.max_completion_length`
-    (`Config.eval_max_tokens`)."""
+    """Longest completion; None: `rollout.max_completion_length` (`Config.eval_max_tokens`)."""
+    temperature: float = Field(0.0, ge=0)
+    """0: greedy answers, stopped after `</answer>`. Above 0: `samples` completions per prompt
+    sampled at this temperature with a fixed seed, as the policy samples in training: accuracy
+    that moves smoothly with the policy, where greedy answers of a small model flip on small
+    changes."""
+    samples: int = Field(1, ge=1)
+    """Completions per held-out prompt (1 when greedy)."""
     sanity_question: str = "How many r's are in strawberry?"
     """Asked without and with the trained adapter, both answers printed (the reference notebook's
     check, answered greedily here with the XML system prompt both times)."""
@@ -323,7 +374,7 @@ class Config(_Section):
     # ---- invariants between fields -----------------------------------------------------------
     @model_validator(mode="after")
     def _invariants(self) -> "Config":
-        r, a, lr, d = self.rollout, self.algorithm, self.learner, self.data
+        r, lr, d = self.rollout, self.learner, self.data
         _require(r.num_generations >= 2, "rollout.num_generations",
                  f"must be >= 2 (got {r.num_generations}): group-relative advantages of a "
                  "group of one are always zero")
@@ -340,8 +391,13 @@ class Config(_Section):
         _require(self.lora.r <= self.engine_lora_rank, "rollout.max_lora_rank",
                  f"{self.engine_lora_rank} is below lora.r={self.lora.r}: the engines would "
                  "refuse the adapter")
+        if r.merge_adapter:
+            _require(r.gpus_per_engine == 1, "rollout.merge_adapter",
+                     "merges into unsharded weights: needs rollout.gpus_per_engine=1")
         if d.source == "local":
             _require(d.path is not None, "data.path", "is required with data.source=local")
+        self._data_invariants()
+        self._reward_invariants()
         if self.model.path == "builtin:tiny-warm":
             _require(d.source == "synthetic", "model.path",
                      f"builtin:tiny-warm warms up on synthetic rows; it needs "
@@ -350,6 +406,12 @@ class Config(_Section):
             _require(lr.num_gpus > 0 and self.cluster.use_gpu is not False, "learner.load_in_4bit",
                      "4-bit (bitsandbytes) needs the learner on a GPU: learner.num_gpus > 0 and "
                      "cluster.use_gpu not false")
+        if lr.max_tokens_per_micro_batch is not None:
+            longest = d.max_prompt_length + r.max_completion_length
+            _require(lr.max_tokens_per_micro_batch >= longest, "learner.max_tokens_per_micro_batch",
+                     f"{lr.max_tokens_per_micro_batch} < data.max_prompt_length + "
+                     f"rollout.max_completion_length ({d.max_prompt_length} + "
+                     f"{r.max_completion_length}): the longest row would not fit")
         if self.cluster.colocate:
             _require(r.num_engines == 1, "rollout.num_engines",
                      "must be 1 with cluster.colocate (one engine shares the learner's GPU)")
@@ -359,8 +421,46 @@ class Config(_Section):
         self._eval_invariants()
         return self
 
+    def _data_invariants(self) -> None:
+        d = self.data
+        _require(d.question_field != d.answer_field, "data.answer_field",
+                 f"must differ from data.question_field (both {d.answer_field!r})")
+        if d.source == "synthetic":  # generated rows have GSM8K's shape, nothing to map
+            for key, value in (("question_field", d.question_field),
+                               ("answer_field", d.answer_field), ("gold", d.gold)):
+                default = DataConfig.model_fields[key].default
+                _require(value == default, f"data.{key}",
+                         f"applies to hub and local data; data.source=synthetic generates "
+                         f"GSM8K-shaped rows (got {value!r}, the default is {default!r})")
+
+    def _reward_invariants(self) -> None:
+        for i, f in enumerate(self.reward.functions):
+            key, kw = f"reward.functions[{i}].kwargs", f.kwargs
+            if f.name in BUILTIN_REWARDS:
+                known = _BUILTIN_KWARGS.get(f.name, ())
+                unknown = [k for k in kw if k not in known]
+                _require(not unknown, key, f"unknown argument(s) {', '.join(unknown)} of the "
+                         f"built-in {f.name!r} (it takes: {', '.join(known) or 'none'})")
+            if f.name == "math" and "timeout_s" in kw:
+                t = kw["timeout_s"]
+                _require(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0, key,
+                         f"math's timeout_s must be a number of seconds > 0 (got {t!r})")
+            if f.name != "overlong":
+                continue
+            limit = self.rollout.max_completion_length
+            _require(kw.get("max_completion_len") == limit, key,
+                     f"overlong needs max_completion_len equal to rollout.max_completion_length "
+                     f"({limit}; got {kw.get('max_completion_len')!r})")
+            cache = kw.get("soft_punish_cache")
+            _require(isinstance(cache, int) and not isinstance(cache, bool)
+                     and 1 <= cache <= limit, key,
+                     f"overlong needs soft_punish_cache, the tokens before max_completion_len "
+                     f"over which the penalty grows, in [1, {limit}] (got {cache!r})")
+
     def _eval_invariants(self) -> None:
         e, r, d = self.eval, self.rollout, self.data
+        _require(e.temperature > 0 or e.samples == 1, "eval.samples",
+                 f"must be 1 with eval.temperature=0 (greedy gives one answer; got {e.samples})")
         if e.max_tokens is not None:
             room = r.max_model_len - d.max_prompt_length
             _require(1 <= e.max_tokens <= room, "eval.max_tokens",

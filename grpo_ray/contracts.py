@@ -25,8 +25,14 @@ class PromptBatch:
     prompts: list[list[dict[str, str]]]
     """Chat messages of each prompt (TRL's conversational `prompts` for reward functions)."""
     answers: list[str]
-    """Gold answer of each prompt (GSM8K: the text after `####`)."""
+    """Gold answer of each prompt (GSM8K: the text after `####`; see `data.gold`)."""
     questions: list[str]
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    """The dataset's other columns, by name, each a list with one value per prompt (None where
+    a row lacks the column). Reward functions receive them as keyword arguments, as TRL passes
+    dataset columns: e.g. `{"solution": [...], "level": [...]}`. Never holds the names the
+    rewards get otherwise (`prompt`, `prompts`, `completions`, `completion_ids`, `answer` = the
+    gold, `question`)."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

@@ -98,21 +98,25 @@ def score_completions(texts: list[str], golds: list[str],
     return out
 
 
-def greedy(cfg: Config) -> Sampling:
-    """Greedy answers stopped right after `</answer>`: how training evaluates."""
+def eval_sampling(cfg: Config) -> Sampling:
+    """How held-out prompts are answered (`eval.temperature`, `eval.samples`): greedy, stopped
+    right after `</answer>`; or sampled as the policy samples in training (not stopped), with a
+    fixed seed, so the same adapter gets the same draws at every evaluation."""
+    e = cfg.eval
+    if e.temperature == 0:
+        return Sampling.greedy(cfg.eval_max_tokens, stop=STOP)
+    return Sampling(n=e.samples, max_tokens=cfg.eval_max_tokens, temperature=e.temperature,
+                    seed=cfg.algorithm.seed)
+
+
+def sanity_sampling(cfg: Config) -> Sampling:
+    """The sanity question is always answered greedily, as the reference notebook does."""
     return Sampling.greedy(cfg.eval_max_tokens, stop=STOP)
-
-
-def sampled(samples: int, max_tokens: int, seed: int = 0, temperature: float = 1.0) -> Sampling:
-    """`samples` completions per prompt at `temperature`, not stopped at `</answer>` (as the
-    policy samples in training): rates that move smoothly with the policy rather than with a few
-    greedy flips. A fixed seed gives the same draws for the same adapter."""
-    return Sampling(n=samples, max_tokens=max_tokens, temperature=temperature, seed=seed)
 
 
 def evaluate(engines: EngineGroup, batch: PromptBatch,
              sampling: Sampling) -> tuple[dict[str, float], list[str]]:
-    """Completions of every prompt of `batch` from the engines (`greedy` or `sampled`), scored
+    """Completions of every prompt of `batch` from the engines (`eval_sampling`), scored
     against `batch.answers`. Returns `score_completions`' metrics plus `truncated_rate`,
     `num_samples` (prompts), `num_completions` and `adapter_version`, and the completion texts,
     prompt-major."""

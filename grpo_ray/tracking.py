@@ -3,8 +3,10 @@ Biases when configured. The loop calls one `Tracker`; a sink that is off is simp
 from __future__ import annotations
 
 import json
+import sys
+import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from grpo_ray.config import LoggingConfig
 
@@ -91,25 +93,79 @@ class WandbSink:
         self.run.finish()
 
 
+def on_terminal() -> bool:
+    """Nothing redirected: a bar in a file or a pipe is noise (carriage returns, one copy per
+    refresh)."""
+    return all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr))
+
+
 class ProgressBar:
-    """A bar over the run's steps with the headline figures; the table prints above it."""
+    """A bar over the run's steps with the headline figures, at the bottom of the terminal.
+
+    While it is up, whatever the process prints to stdout or stderr (the table, evaluation
+    lines, `--verbose` worker logs) goes above it: each complete line is written with the bar
+    cleared, then the bar is drawn again (as tqdm's `write` does, for any print to either
+    stream). It closes after the last step, so its final state stays under the table."""
 
     def __init__(self, total_steps: int):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=True)
+        self.streams = sys.stdout, sys.stderr
+        self.bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=True,
+                        file=sys.stderr)
+        sys.stdout, sys.stderr = (_AboveBar(s, self.bar) for s in self.streams)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.bar.disable:  # closed after the last step
+            return
         self.bar.n = step
         self.bar.set_postfix({"reward": f"{metrics.get('reward/mean', float('nan')):.3f}",
                               "acc": f"{metrics.get('accuracy', float('nan')):.2f}",
                               "step_s": f"{metrics.get('time/step_s', float('nan')):.1f}"})
-
-    def write(self, line: str) -> None:
-        self.bar.write(line)
+        if step >= self.bar.total:
+            self.close()
 
     def close(self) -> None:
+        if self.bar.disable:
+            return
+        for wrapper in (sys.stdout, sys.stderr):
+            if isinstance(wrapper, _AboveBar):
+                wrapper.finish()
+        if isinstance(sys.stdout, _AboveBar):  # unless someone replaced them since
+            sys.stdout = self.streams[0]
+        if isinstance(sys.stderr, _AboveBar):
+            sys.stderr = self.streams[1]
         self.bar.close()
+
+
+class _AboveBar:
+    """A console stream whose complete lines print above `bar`. Each thread keeps its own
+    unfinished line: Ray prints forwarded worker logs from a thread of its own."""
+
+    def __init__(self, stream: TextIO, bar: Any):
+        self.stream, self.bar, self.pending = stream, bar, threading.local()
+
+    def write(self, text: str) -> int:
+        lines, newline, rest = (getattr(self.pending, "text", "") + text).rpartition("\n")
+        self.pending.text = rest
+        if newline:
+            with self.bar.get_lock():
+                self.bar.clear(nolock=True)
+                self.stream.write(lines + "\n")
+                self.stream.flush()
+                self.bar.refresh(nolock=True)
+        return len(text)
+
+    def finish(self) -> None:
+        """Print this thread's unfinished line, if any."""
+        if getattr(self.pending, "text", ""):
+            self.write("\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
 
 
 class Tracker:
@@ -120,13 +176,9 @@ class Tracker:
                  print_fn=print, total_steps: int | None = None):
         self.out = out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.sinks: list[Sink] = [JsonlSink(out / "metrics.jsonl")]
-        if cfg.progress_bar and total_steps and print_fn is print:
-            bar = ProgressBar(total_steps)
-            # rows of the table go above the bar, not through it
-            self.sinks = [ConsoleTable(bar.write), bar, *self.sinks]
-        else:
-            self.sinks.insert(0, ConsoleTable(print_fn))
+        self.sinks: list[Sink] = [ConsoleTable(print_fn), JsonlSink(out / "metrics.jsonl")]
+        if cfg.progress_bar and total_steps and on_terminal():
+            self.sinks.append(ProgressBar(total_steps))
         if cfg.tensorboard:
             self.sinks.append(TensorBoardSink(out / "tensorboard"))
         if cfg.wandb:

@@ -50,17 +50,21 @@ class Trainer:
 
     # ---- set-up ------------------------------------------------------------------------------
     def prepare_data(self) -> "Trainer":
-        """Model path, tokenizer, training and evaluation prompts: no Ray needed, so a bad path
-        or row fails here, before any actor or GPU is taken, and writes nothing."""
+        """Reward functions, data rows, model path, tokenizer, training and evaluation prompts:
+        no Ray needed, so a bad name, row or path fails here in one line, before any actor or
+        GPU is taken, and writes nothing to `output.dir`."""
         from grpo_ray.data.dataset import PromptIterator, load_rows, load_tokenizer
         from grpo_ray.evaluation import held_out_batch, sanity_batch
         from grpo_ray.models.resolve import resolve_model_path
+        from grpo_ray.reward.functions import get_reward_functions
         from grpo_ray.weight_sync.probe import probe_sequence
 
         cfg = self.cfg
+        get_reward_functions(cfg.reward.functions, cfg.reward.mode)
+        rows = load_rows(cfg.data)
         self.model_path = resolve_model_path(cfg)
         tokenizer = load_tokenizer(self.model_path)
-        self.prompts = PromptIterator(load_rows(cfg.data), tokenizer, cfg.rollout.prompts_per_step,
+        self.prompts = PromptIterator(rows, tokenizer, cfg.rollout.prompts_per_step,
                                       cfg.data.max_prompt_length, cfg.data.system_prompt,
                                       cfg.data.seed)
         self.eval_prompts = held_out_batch(cfg, tokenizer), sanity_batch(cfg, tokenizer)
@@ -70,6 +74,8 @@ class Trainer:
         return self
 
     def setup(self) -> "Trainer":
+        import ray
+
         from grpo_ray.cluster.placement import place_actors
         from grpo_ray.learner.worker import LearnerWorker
         from grpo_ray.reward.pool import RewardPool
@@ -77,8 +83,6 @@ class Trainer:
         from grpo_ray.tracking import Tracker
         from grpo_ray.weight_sync.broadcast import AdapterBroadcast
         from grpo_ray.weight_sync.probe import SyncProbe, probe_tolerance
-
-        import ray
 
         cfg = self.cfg
         if not hasattr(self, "prompts"):
@@ -106,7 +110,8 @@ class Trainer:
             tolerance = probe_tolerance(cfg.cluster.sync_probe_tolerance,
                                         self.engines.lora_dtype())
             self.engines.set_probe(SyncProbe(prompt, completion, base[0], tolerance))
-        self.print(f"placed: {self.actors.plan.layout} layout, 1 learner, "
+        learner = ray.get(self.actors.learner.describe.remote())
+        self.print(f"placed: {self.actors.plan.layout} layout, 1 learner ({learner}), "
                    f"{len(self.actors.engines)} rollout engine(s), "
                    f"{len(self.actors.reward_workers)} reward worker(s); model {self.model_path}")
         return self
@@ -126,13 +131,16 @@ class Trainer:
         import torch
 
         from grpo_ray.algo.grpo import group_advantages
+        from grpo_ray.algo.masking import loss_mask
 
         rewards = torch.tensor([math.nan if s is None else s for s in scores.total],
                                dtype=torch.float64)
         advantages = group_advantages(rewards, self.cfg.rollout.num_generations,
                                       self.cfg.algorithm.scale_rewards)
         return TrainBatch(rollout.prompt_ids, rollout.completion_ids, advantages.tolist(),
-                          rollout.sampling_logprobs, mask=[s is not None for s in scores.total],
+                          rollout.sampling_logprobs,
+                          mask=loss_mask(scores.total, rollout.finish_reasons,
+                                         self.cfg.algorithm.mask_truncated_completions),
                           engine_index=rollout.engine_index)
 
     def sync(self) -> dict[str, float]:
@@ -231,17 +239,20 @@ class Trainer:
         current adapter. Metrics go to `eval.jsonl` (with the tag) and, as `eval/...` at the
         current step, to TensorBoard / W&B; not to the console table or `metrics.jsonl`, whose
         rows are training steps. Prints one line."""
-        from grpo_ray.evaluation import evaluate, greedy
+        from grpo_ray.evaluation import eval_sampling, evaluate, sanity_sampling
 
         held_out, sanity = self.eval_prompts
         start = time.perf_counter()
-        metrics, _ = evaluate(self.engines, held_out, greedy(self.cfg))
-        _, (self.sanity_answers[tag],) = evaluate(self.engines, sanity, greedy(self.cfg))
+        metrics, _ = evaluate(self.engines, held_out, eval_sampling(self.cfg))
+        _, (self.sanity_answers[tag],) = evaluate(self.engines, sanity, sanity_sampling(self.cfg))
         metrics["time_s"] = time.perf_counter() - start
         self.tracker.log_eval(metrics, self.step, tag)
         self.evals[tag] = metrics
+        e = self.cfg.eval
+        how = "greedy" if e.temperature == 0 else f"x {e.samples} at T={e.temperature:g}"
         self.print(f"eval {tag} (step {self.step}, adapter version "
-                   f"{metrics['adapter_version']:.0f}, {metrics['num_samples']:.0f} prompts): "
+                   f"{metrics['adapter_version']:.0f}, {metrics['num_samples']:.0f} prompts "
+                   f"{how}): "
                    f"accuracy {metrics['accuracy_numeric']:.3f} (exact "
                    f"{metrics['accuracy_exact']:.3f}), format strict "
                    f"{metrics['strict_format']:.3f} soft {metrics['soft_format']:.3f}, "

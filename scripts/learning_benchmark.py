@@ -2,16 +2,15 @@
 """The learning benchmark: does GRPO through the whole pipeline teach a model something?
 
     python scripts/learning_benchmark.py [--config configs/learn-cpu.yaml] [--eval-every 10]
-        [--eval-samples 4] [--eval-seed 0] [section.key=value ...]
+        [section.key=value ...]
 
 Starts from `builtin:tiny-warm` (the tiny model after a supervised warm-up that gives it the XML
 format but answers correctly only ~20% of the time at temperature 1), then runs GRPO steps with
 the real actors: an embedded local Ray (or RAY_ADDRESS), a vLLM engine, reward actors, the PEFT
 learner, the adapter synced to the engine after every step. Held-out correctness is measured
-by sampling at temperature 1 (`--eval-samples` completions of each of the `eval.num_samples`
-held-out prompts, the same seed every time) before training, every `--eval-every` steps and
-after the last step: greedy answers of a tiny model flip on small changes, sampled rates move
-smoothly with the policy.
+as the trainer evaluates (`Trainer.evaluate`; the config samples `eval.samples` completions of
+each of the `eval.num_samples` held-out prompts at `eval.temperature`, the same seed every time)
+before training, every `--eval-every` steps and after the last step.
 
 Writes to `output.dir`: `curve.csv` (one row per step; step 0 is the start), `curve.png`
 (reward, correctness and format against steps), `summary.json`, and the run's own logs.
@@ -51,46 +50,36 @@ class Result:
     """Seconds from the start of actor placement to the last evaluation."""
 
 
-def run_benchmark(cfg: Any, eval_every: int, eval_samples: int, eval_seed: int = 0,
-                  print_fn: Callable[[str], None] = print) -> Result:
-    """Warm-up (through `model.path`), then `algorithm.total_steps` GRPO steps with sampled
-    held-out evaluations (temperature 1) before, every `eval_every` steps and after. Joins the
-    Ray cluster already initialized, else starts one as `grpo-ray train` does."""
+def run_benchmark(cfg: Any, eval_every: int, print_fn: Callable[[str], None] = print) -> Result:
+    """Warm-up (through `model.path`), then `algorithm.total_steps` GRPO steps with held-out
+    evaluations before, every `eval_every` steps and after. Joins the Ray cluster already
+    initialized, else starts one as `grpo-ray train` does."""
     from grpo_ray.cli import connect_ray
-    from grpo_ray.evaluation import evaluate, sampled
     from grpo_ray.trainer import Trainer
 
-    if eval_every < 1 or eval_samples < 1:
-        raise ValueError(f"--eval-every and --eval-samples must be >= 1 "
-                         f"(got {eval_every}, {eval_samples})")
+    if eval_every < 1:
+        raise ValueError(f"--eval-every must be >= 1 (got {eval_every})")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer = Trainer(cfg, print_fn)
     start = time.perf_counter()
     trainer.prepare_data()  # builds builtin:tiny-warm (or finds it built)
     warmup_s = time.perf_counter() - start
     print_fn(f"model {trainer.model_path} ready in {warmup_s:.1f} s")
-    held_out = trainer.eval_prompts[0]
     connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
-    sampling = sampled(eval_samples, cfg.rollout.max_completion_length, seed=eval_seed)
-
-    def evaluate_now(step: int) -> dict[str, float]:
-        m, _ = evaluate(trainer.engines, held_out, sampling)
-        print_fn(f"held-out after step {step} ({len(held_out)} prompts x {eval_samples}, T=1): "
-                 f"accuracy {m['accuracy_numeric']:.3f}, strict format {m['strict_format']:.3f}")
-        return m
 
     total = cfg.algorithm.total_steps
     placed = time.perf_counter()
     try:
         trainer.setup()
-        before = after = evaluate_now(0)
+        before = after = trainer.evaluate("before")
         curve = [_row(0, None, before, 0.0, time.perf_counter() - placed)]
         train_s = 0.0
         while trainer.step < total:
             metrics = trainer.run_step()
             train_s += metrics["time/step_s"]
             step = trainer.step
-            held = evaluate_now(step) if step % eval_every == 0 or step == total else None
+            held = (trainer.evaluate(f"step {step}") if step % eval_every == 0 or step == total
+                    else None)
             after = held or after
             curve.append(_row(step, metrics, held, train_s, time.perf_counter() - placed))
         trainer.save_adapter(trainer.out / "adapter")
@@ -120,7 +109,7 @@ def write_csv(curve: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def plot(result: Result, path: Path, samples: int, prompts: int) -> Path:
+def plot(result: Result, path: Path, held_out: str) -> Path:
     """Three panels against steps: training reward, correctness (training batch and held-out),
     strict format (training batch and held-out)."""
     import matplotlib
@@ -147,7 +136,7 @@ def plot(result: Result, path: Path, samples: int, prompts: int) -> Path:
         ax.plot(x, [r[train_key] for r in steps], color="tab:gray", alpha=0.35,
                 label="training batch (per step)")
         ax.plot([r["step"] for r in held], [r[held_key] for r in held], "o-", color="tab:red",
-                label=f"held-out, {prompts} prompts x {samples} samples, T=1")
+                label=f"held-out, {held_out}")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(title)
     for ax in axes:
@@ -163,10 +152,18 @@ def plot(result: Result, path: Path, samples: int, prompts: int) -> Path:
     return path
 
 
-def summary(result: Result, cfg: Any, samples: int) -> dict[str, Any]:
+def held_out_label(cfg: Any) -> str:
+    """`256 prompts x 4 samples at T=1` (or `... greedy`)."""
+    e = cfg.eval
+    how = "greedy" if e.temperature == 0 else f"x {e.samples} samples at T={e.temperature:g}"
+    return f"{e.num_samples} prompts {how}"
+
+
+def summary(result: Result, cfg: Any) -> dict[str, Any]:
     b, a = result.before, result.after
     return {
-        "heldout_prompts": int(b["num_samples"]), "samples_per_prompt": samples,
+        "heldout_prompts": int(b["num_samples"]), "samples_per_prompt": cfg.eval.samples,
+        "heldout_temperature": cfg.eval.temperature,
         "heldout_accuracy_before": b["accuracy_numeric"],
         "heldout_accuracy_after": a["accuracy_numeric"],
         "heldout_format_before": b["strict_format"], "heldout_format_after": a["strict_format"],
@@ -180,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/learn-cpu.yaml")
     parser.add_argument("--eval-every", type=int, default=10,
-                        help="sampled held-out evaluation every N steps (and before, after)")
-    parser.add_argument("--eval-samples", type=int, default=4,
-                        help="completions sampled per held-out prompt (temperature 1)")
-    parser.add_argument("--eval-seed", type=int, default=0)
+                        help="held-out evaluation every N steps (and before, after)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args(argv)
 
@@ -197,14 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(cfg.output.dir)
-    result = run_benchmark(cfg, args.eval_every, args.eval_samples, args.eval_seed)
+    result = run_benchmark(cfg, args.eval_every)
     ray.shutdown()
     write_csv(result.curve, out / "curve.csv")
-    plot(result, out / "curve.png", args.eval_samples, int(result.before["num_samples"]))
-    figures = summary(result, cfg, args.eval_samples)
+    plot(result, out / "curve.png", held_out_label(cfg))
+    figures = summary(result, cfg)
     (out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n")
-    n = figures["heldout_prompts"]
-    print(f"held-out accuracy ({n} prompts x {args.eval_samples} samples, T=1): "
+    print(f"held-out accuracy ({held_out_label(cfg)}): "
           f"{figures['heldout_accuracy_before']:.3f} -> {figures['heldout_accuracy_after']:.3f} "
           f"({figures['heldout_accuracy_after'] - figures['heldout_accuracy_before']:+.3f})")
     print(f"held-out strict format: {figures['heldout_format_before']:.3f} -> "

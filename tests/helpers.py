@@ -51,3 +51,52 @@ def chat_prompts(tokenizer, questions: list[str] = QUESTIONS) -> list[list[int]]
     from grpo_ray.data.prompts import chat_messages
 
     return [chat_ids(tokenizer, chat_messages(q)) for q in questions]
+
+
+def run_in_terminal(cmd: list[str], timeout: float, env: dict | None = None,
+                    columns: int = 150) -> tuple[int, str]:
+    """Run `cmd` with a pseudo-terminal as stdin, stdout and stderr, as from a user's shell;
+    return its exit code and everything it wrote (carriage returns and escapes included)."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import signal
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env,
+                            start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        # until the command exits, then what is left (its children may hold the terminal)
+        while proc.poll() is None or select.select([master], [], [], 0.5)[0]:
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise AssertionError(f"{cmd} still running after {timeout} s:\n"
+                                     + b"".join(chunks).decode(errors="replace")[-3000:])
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    data = os.read(master, 1 << 16)
+                except OSError:  # EIO: nothing holds the terminal any more
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+    finally:
+        os.close(master)
+    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+def screen_lines(output: str) -> list[str]:
+    """The lines a terminal shows for `output`: per line, what follows its last carriage
+    return (a progress bar redraws itself over the same line), colour escapes removed."""
+    import re
+
+    output = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.replace("\r\n", "\n"))
+    return [line.rsplit("\r", 1)[-1] for line in output.split("\n")]

@@ -88,8 +88,31 @@ def test_missing_and_malformed_files(tmp_path):
     (["model.path=builtin:tiny-warm", "data.source=local", "data.path=x.jsonl", "eval.split=train"],
      "model.path: builtin:tiny-warm warms up on synthetic rows"),
     (["reward.functions=[{name: correctness, wieght: 2}]"],
-     "reward.functions[0].wieght: unknown key (known: name, weight)"),
+     "reward.functions[0].wieght: unknown key (known: kwargs, name, weight)"),
     (["reward.functions=[]"], "reward.functions: needs at least 1"),
+    (["data.answer_field=question"],
+     "data.answer_field: must differ from data.question_field (both 'question')"),
+    (["data.gold=boxed"], "data.gold: applies to hub and local data; data.source=synthetic"),
+    (["data.question_field=problem"], "data.question_field: applies to hub and local data"),
+    (["reward.functions=[{name: overlong, kwargs: {soft_punish_cache: 8}}]"],
+     "reward.functions[0].kwargs: overlong needs max_completion_len equal to "
+     "rollout.max_completion_length (32; got None)"),
+    (["reward.functions=[{name: overlong, kwargs: {max_completion_len: 32}}]"],
+     "reward.functions[0].kwargs: overlong needs soft_punish_cache"),
+    (["reward.functions=[{name: overlong, kwargs: {max_completion_len: 32, "
+      "soft_punish_cache: 33}}]"], "reward.functions[0].kwargs: overlong needs soft_punish_cache"),
+    (["reward.functions=[{name: math, kwargs: {timeout_s: 0}}]"],
+     "reward.functions[0].kwargs: math's timeout_s must be a number of seconds > 0 (got 0)"),
+    (["reward.functions=[{name: correctness}, {name: math, kwargs: {timeot_s: 1}}]"],
+     "reward.functions[1].kwargs: unknown argument(s) timeot_s of the built-in 'math' "
+     "(it takes: timeout_s)"),
+    (["reward.functions=[{name: correctness, kwargs: {scale: 2}}]"],
+     "reward.functions[0].kwargs: unknown argument(s) scale of the built-in 'correctness' "
+     "(it takes: none)"),
+    (["learner.max_tokens_per_micro_batch=0"], "learner.max_tokens_per_micro_batch: must be >= 1"),
+    (["learner.max_tokens_per_micro_batch=159"],
+     "learner.max_tokens_per_micro_batch: 159 < data.max_prompt_length + "
+     "rollout.max_completion_length (128 + 32): the longest row would not fit"),
 ])
 def test_invariants_name_the_key_they_are_about(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -122,3 +145,15 @@ def test_fields_are_documented_once_beside_them():
     from grpo_ray.config import RolloutConfig
 
     assert "Group size" in RolloutConfig.model_fields["num_generations"].description
+
+
+def test_evaluation_is_greedy_or_sampled():
+    from grpo_ray.evaluation import STOP, eval_sampling
+
+    greedy = eval_sampling(load_config(Path("configs/tiny-cpu.yaml")))
+    assert (greedy.temperature, greedy.n, greedy.stop, greedy.max_tokens) == (0, 1, STOP, 32)
+    sampled = eval_sampling(load_config(Path("configs/learn-cpu.yaml")))
+    assert (sampled.temperature, sampled.n, sampled.stop) == (1.0, 4, None)
+    assert sampled.seed == 3407  # the same draws at every evaluation
+    with pytest.raises(ConfigError, match="eval.samples: must be 1 with eval.temperature=0"):
+        load_config(Path("configs/tiny-cpu.yaml"), ["eval.samples=4"])

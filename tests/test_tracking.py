@@ -31,4 +31,39 @@ def test_tracker_writes_jsonl_tensorboard_samples_and_plot(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert len(lines) == 4  # header + 3 rows: the bar is only for a terminal's print
+    assert len(lines) == 4  # header + 3 rows; no bar: the output is not a terminal
+
+
+def test_bar_on_a_terminal_with_lines_printed_above_it(tmp_path):
+    """Under a pseudo-terminal (as from a shell): the bar is drawn and redrawn, and the table,
+    and anything else printed meanwhile, reads as whole lines above it."""
+    import re
+    import sys
+
+    from helpers import run_in_terminal, screen_lines
+
+    steps = [{"reward/mean": s / 4, "accuracy": 0.5, "time/step_s": 0.25} for s in (1, 2, 3)]
+    code = (
+        "import sys\n"
+        "from grpo_ray.config import LoggingConfig\nfrom grpo_ray.tracking import Tracker\n"
+        f"t = Tracker(LoggingConfig(tensorboard=False), {str(tmp_path)!r}, {{}}, total_steps=3)\n"
+        f"for step, m in enumerate({steps!r}, 1):\n"
+        "    t.log(m, step)\n"
+        "    print(f'eval line {step}', file=sys.stderr)\n"
+        "t.close()\nprint('after the bar')\n")
+    code_rc, out = run_in_terminal([sys.executable, "-c", code], timeout=120)
+    assert code_rc == 0, out
+    table: list[str] = []  # what the same rows print without a terminal
+    console = ConsoleTable(table.append)
+    for step, m in enumerate(steps, 1):
+        console.log(m, step)
+    header, expected = table[0], table[1:]
+
+    # drawn, then redrawn over itself (carriage returns) at every step
+    drawn = re.findall(r"\rgrpo:\s+\d+%\|[^|]*\| (\d)/3 \[[^\]]*(?:step/s|s/step)", out)
+    assert set(drawn) == {"0", "1", "2", "3"}, out
+    shown = [line for line in screen_lines(out) if line.strip()]
+    # the bar's last state stays under the last row; later lines print below it
+    assert re.match(r"grpo: 100%\|.*\| 3/3 \[.*reward=0.750", shown[6]), shown
+    assert shown[:6] + shown[7:] == [header, expected[0], "eval line 1", expected[1],
+                                     "eval line 2", expected[2], "eval line 3", "after the bar"]

@@ -14,9 +14,11 @@ from typing import Any, Callable
 
 from grpo_ray.cluster.engines import EngineGroup
 from grpo_ray.config import Config, UserError
+from grpo_ray.logs import actor_env_vars
 
 # Environment of every actor we start: vLLM's engine core in the actor's own process (simpler to
-# place and to clean up than its default subprocess), quiet tokenizers.
+# place and to clean up than its default subprocess), quiet tokenizers. `actor_env_vars` adds
+# where the actor's output goes (grpo_ray/logs.py).
 ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -24,6 +26,12 @@ class PlacementError(UserError, RuntimeError):
     """The cluster cannot hold the requested actors; the message says what is missing."""
 
     kind = "placement error"
+
+
+class ClusterError(UserError, ConnectionError):
+    """The Ray cluster named by cluster.address or RAY_ADDRESS does not answer."""
+
+    kind = "cluster error"
 
 
 @dataclass
@@ -157,13 +165,14 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
         # finish before the learner takes its share of the same GPU.
         ray.get([e.__ray_ready__.remote() for e in engines.engines])
     learner = ray.remote(learner_cls).options(
-        **_actor_options(pg, plan.learner, plan.learner_bundle)).remote(*learner_args)
+        **_actor_options(pg, plan.learner, plan.learner_bundle, "learner")).remote(*learner_args)
+    reward_env = {"env_vars": actor_env_vars(ACTOR_ENV, "reward")}
     rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
-                                   plan.reward["CPU"], runtime_env={"env_vars": ACTOR_ENV})
+                                   plan.reward["CPU"], runtime_env=reward_env)
     # constructors run remotely: surface their errors (a bad model path, say) here, at once
     ray.get([a.__ray_ready__.remote() for a in [learner, *engines.engines]])
     return Actors(learner, engines, rewards, pg, plan, reward_worker_starter(
-        cfg.reward.functions, cfg.reward.mode, plan.reward["CPU"], {"env_vars": ACTOR_ENV}))
+        cfg.reward.functions, cfg.reward.mode, plan.reward["CPU"], reward_env))
 
 
 def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> EngineGroup:
@@ -196,7 +205,7 @@ def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_arg
     import ray
 
     def start(i: int) -> Any:
-        options = _actor_options(pg, plan.engine, plan.engine_bundles[i])
+        options = _actor_options(pg, plan.engine, plan.engine_bundles[i], f"rollout-{i}")
         return ray.remote(engine_cls).options(**options).remote(*engine_args[i])
 
     return EngineGroup([start(i) for i in range(len(engine_args))], start, on_shutdown,
@@ -231,10 +240,12 @@ def _reserve(plan: Plan, timeout_s: float, name: str) -> Any:
     return pg
 
 
-def _actor_options(pg: Any, resources: dict[str, float], bundle: int) -> dict[str, Any]:
+def _actor_options(pg: Any, resources: dict[str, float], bundle: int,
+                   name: str) -> dict[str, Any]:
+    """Options of the actor `name` (its log file's name) in bundle `bundle` of `pg`."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return dict(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
-                runtime_env={"env_vars": ACTOR_ENV},
+                runtime_env={"env_vars": actor_env_vars(ACTOR_ENV, name)},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=bundle))

@@ -1,120 +1,166 @@
 """Rows of question/answer/gold from the hub, a local file or the generator, and the prompt
 iterator that tokenizes them once and yields seeded, resumable batches.
 
-`datasets` and `transformers` are imported inside functions: importing this module stays light.
+A row, as `load_rows` returns it:
+
+    {"question": "What is 1/2 + 1/4?",   # `data.question_field`, or the last user message
+     "answer": "... \\boxed{\\frac{3}{4}}",  # `data.answer_field` as text
+     "gold": "\\frac{3}{4}",              # taken out of it as `data.gold` says
+     "prompt": None,                      # the row's chat messages (TRL's conversational format)
+     "columns": {"level": 2}}             # every other column, for reward functions
+
+Files and the hub are read by `data.files`, which names every record by its line or row; every
+problem here is one `DataError` line naming the source, the line or row and the column.
+`transformers` is imported inside functions: importing this module stays light.
 """
 from __future__ import annotations
 
 import random
-from pathlib import Path
-from typing import Any
+import sys
+from typing import Any, Callable
 
-from grpo_ray.config import DataConfig, UserError
+from grpo_ray.config import DataConfig
 from grpo_ray.contracts import PromptBatch
-from grpo_ray.data.prompts import SYSTEM_PROMPT, chat_messages, gold_answer
+from grpo_ray.data.files import DataError, Record, kind, read_hub, read_local
+from grpo_ray.data.prompts import SYSTEM_PROMPT, chat_messages, gold_answer, last_boxed
 from grpo_ray.data.synthetic import held_out_rows, synthetic_rows
 
-_LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # The held-out synthetic rows come from another stream than the train rows (and skip every
 # train question, see held_out_rows); any offset works, 1 keeps it obvious.
 _EVAL_SEED_OFFSET = 1
+RESERVED_COLUMNS = ("prompt", "prompts", "completions", "completion_ids", "answer", "question")
+"""Names reward functions receive from the pool itself, so no dataset column is passed under
+them: `answer` is the gold, `question` the question text."""
+
+def _stderr_warning(message: str, _said: set[str] = set()) -> None:
+    if message not in _said:  # the same file loaded for training and evaluation warns once
+        _said.add(message)
+        print(f"data warning: {message}", file=sys.stderr)
 
 
-
-class DataError(UserError, ValueError):
-    """Data that cannot be trained on (a bad row, a missing file); the message names it."""
-
-    kind = "data error"
-
-
-def load_rows(cfg: DataConfig, split: str | None = None) -> list[dict[str, str]]:
-    """Rows `{"question", "answer" (full text), "gold" (after '####')}` of one split.
+def load_rows(cfg: DataConfig, split: str | None = None,
+              warn: Callable[[str], None] = _stderr_warning) -> list[dict[str, Any]]:
+    """Rows (see the module's docstring) of one split.
 
     `split` defaults to `cfg.split`. Synthetic data has two splits: `cfg.split` (seed `cfg.seed`)
     and `cfg.eval_split` (another seed, distinct questions, none of them in the train split).
     A local file is a single split: asking it for another than `cfg.split` is an error rather
-    than a silent evaluation on the training rows. A bad row raises ValueError naming the source
-    and the row (0-based, as `dataset[i]` counts).
+    than a silent evaluation on the training rows. Rows of a file or hub dataset that repeat an
+    earlier row's question are counted and `warn`ed about (printed to stderr by default);
+    synthetic rows repeat by design (they are drawn independently).
     """
     split = split or cfg.split
     if cfg.source == "synthetic":
         if split not in (cfg.split, cfg.eval_split):
             raise DataError(f"data.source=synthetic has splits {cfg.split!r} and "
-                             f"{cfg.eval_split!r}, not {split!r}")
+                            f"{cfg.eval_split!r}, not {split!r}")
         train = synthetic_rows(cfg.num_synthetic, cfg.seed, cfg.synthetic_max_value)
         if split == cfg.split:
             raw = train
         else:
             raw = held_out_rows(cfg.num_synthetic, cfg.seed + _EVAL_SEED_OFFSET,
                                 cfg.synthetic_max_value, {r["question"] for r in train})
-        return _validated(raw, f"data.source=synthetic split {split!r}")
+        return _validated([(f"row {i}", r) for i, r in enumerate(raw)],
+                          f"data.source=synthetic split {split!r}", cfg)
     if cfg.source == "local":
         if split != cfg.split:
             raise DataError(f"data.source=local has one split ({cfg.split!r}, the file "
-                             f"data.path={cfg.path}), not {split!r}")
-        return _validated(_load_local(cfg.path), f"data.path={cfg.path}")
-    if cfg.source == "hub":
-        import datasets
-
-        ds = datasets.load_dataset(cfg.name, cfg.subset, split=split)
-        return _validated(ds, f"data.name={cfg.name} ({cfg.subset}, {split})")
-    raise DataError(f"data.source: unknown source {cfg.source!r}")
-
-
-def _load_local(path: str | None) -> Any:
-    if path is None:
-        raise DataError("data.path: is required with data.source=local")
-    fmt = _LOCAL_FORMATS.get(Path(path).suffix.lower())
-    if fmt is None:
-        raise DataError(f"data.path={path}: unknown file type (expected one of "
-                         f"{', '.join(_LOCAL_FORMATS)})")
-    if not Path(path).is_file():
-        raise DataError(f"data.path={path}: file not found")
-    import datasets
-
-    # A single local file always loads as the "train" split of `datasets`.
-    return datasets.load_dataset(fmt, data_files=str(path), split="train")
+                            f"data.path={cfg.path}), not {split!r}")
+        source = f"data.path={cfg.path}"
+        rows = _validated(read_local(cfg.path, source), source, cfg)
+    elif cfg.source == "hub":
+        source = f"data.name={cfg.name} ({cfg.subset}, {split})"
+        rows = _validated(read_hub(cfg, split, source), source, cfg)
+    else:
+        raise DataError(f"data.source: unknown source {cfg.source!r}")
+    repeats = len(rows) - len({r["question"] for r in rows})
+    if repeats:
+        warn(f"{source}: {repeats} of {len(rows)} rows repeat an earlier row's question")
+    return rows
 
 
-def _validated(rows: Any, source: str) -> list[dict[str, str]]:
-    """Check every row and add its gold; `rows` is a list of dicts or a `datasets.Dataset`."""
-    columns = getattr(rows, "column_names", None)
-    if columns is not None:
-        for col in ("question", "answer"):
-            if col not in columns:
-                raise DataError(f"{source}: no {col!r} column (columns: {', '.join(columns)})")
-    if len(rows) == 0:
+# ---- checking ----------------------------------------------------------------------------------
+
+def _validated(records: list[Record], source: str, cfg: DataConfig) -> list[dict[str, Any]]:
+    """Check every row, take out its question (or chat messages) and gold answer."""
+    if not records:
         raise DataError(f"{source}: no rows")
-    if columns is not None:
-        rows = rows.to_list()  # one conversion instead of a per-row Arrow lookup
+    names = list(dict.fromkeys(k for _, row in records for k in row))
+    qcol = cfg.question_field
+    if qcol not in names:
+        if "prompt" not in names:
+            raise DataError(f"{source}: no {qcol!r} column, nor a 'prompt' column of chat "
+                            f"messages (columns: {', '.join(names)})")
+        qcol = "prompt"
+    if cfg.answer_field not in names:
+        raise DataError(f"{source}: no {cfg.answer_field!r} column (columns: "
+                        f"{', '.join(names)})")
     out = []
-    for i, row in enumerate(rows):
-        problem = _row_problem(row)
-        if problem is not None:
-            raise DataError(f"{source} row {i}: {problem}")
-        gold = gold_answer(row["answer"])
-        out.append({"question": row["question"], "answer": row["answer"], "gold": gold})
+    for where, row in records:
+        try:
+            out.append(_row(row, qcol, cfg))
+        except ValueError as e:
+            raise DataError(f"{source} {where}: {e}") from None
     return out
 
 
-def _row_problem(row: dict[str, Any]) -> str | None:
-    problem = _text_problem("question", row.get("question"))
-    problem = problem or _text_problem("answer", row.get("answer"))
-    if problem is None and "####" not in row["answer"]:
-        problem = "answer has no '####' marker"
-    if problem is None and not gold_answer(row["answer"]):
-        problem = "answer has nothing after its '####' marker"
-    return problem
+def _row(row: dict[str, Any], qcol: str, cfg: DataConfig) -> dict[str, Any]:
+    """The row's question, messages, answer text, gold and other columns; ValueError says what
+    is wrong with it."""
+    value = row.get(qcol)
+    messages = None
+    if isinstance(value, list):
+        messages = _messages(value, qcol)
+        question = [m["content"] for m in messages if m["role"] == "user"][-1]
+    else:
+        question = _text(qcol, value)
+    acol = cfg.answer_field
+    answer = row.get(acol)
+    if cfg.gold == "field" and isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    answer = _text(acol, answer)
+    if cfg.gold == "after-hashes":
+        if "####" not in answer:
+            raise ValueError(f"column {acol!r} has no '####' marker")
+        gold = gold_answer(answer)
+        if not gold:
+            raise ValueError(f"column {acol!r} has nothing after its '####' marker")
+    elif cfg.gold == "boxed":
+        boxed = last_boxed(answer)
+        if boxed is None:
+            raise ValueError(f"column {acol!r} has no \\boxed{{...}}"
+                             + (" (its last one is never closed)" if "\\boxed" in answer
+                                or "\\fbox" in answer else ""))
+        if not boxed:
+            raise ValueError(f"column {acol!r} has an empty \\boxed{{}}")
+        gold = boxed
+    else:
+        gold = answer.strip()
+    return {"question": question, "answer": answer, "gold": gold, "prompt": messages,
+            "columns": {k: v for k, v in row.items() if k not in RESERVED_COLUMNS}}
 
 
-def _text_problem(column: str, value: Any) -> str | None:
+def _text(column: str, value: Any) -> str:
     if value is None:
-        return f"{column!r} is missing"
+        raise ValueError(f"column {column!r} is missing")
     if not isinstance(value, str):
-        return f"{column!r} is not text ({type(value).__name__} {value!r:.40})"
+        raise ValueError(f"column {column!r} is not text ({kind(value)})")
     if not value.strip():
-        return f"{column!r} is empty"
-    return None
+        raise ValueError(f"column {column!r} is empty")
+    return value
+
+
+def _messages(value: list[Any], column: str) -> list[dict[str, str]]:
+    """TRL's conversational prompt: a list of `{"role", "content"}` with a user message."""
+    for k, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise ValueError(f"column {column!r} message {k} is not {{'role': text, "
+                             f"'content': text}} ({kind(m)})")
+    if not any(m["role"] == "user" for m in value):
+        raise ValueError(f"column {column!r} has no user message (roles: "
+                         f"{', '.join(m['role'] for m in value) or 'none'})")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def load_tokenizer(path: str) -> Any:
@@ -139,7 +185,7 @@ class PromptIterator:
     original would have.
     """
 
-    def __init__(self, rows: list[dict[str, str]], tokenizer: Any, batch_size: int,
+    def __init__(self, rows: list[dict[str, Any]], tokenizer: Any, batch_size: int,
                  max_prompt_length: int, system_prompt: str | None = None,
                  seed: int = 3407) -> None:
         if batch_size < 1:
@@ -157,7 +203,9 @@ class PromptIterator:
         self.position = 0
         """Index, in this epoch's shuffled order, of the next batch's first row."""
         system = SYSTEM_PROMPT if system_prompt is None else system_prompt
-        self.messages = [chat_messages(r["question"], system) for r in rows]
+        self.messages = [prompt_messages(r, system) for r in rows]
+        self.column_names = list(dict.fromkeys(k for r in rows for k in r.get("columns", {})))
+        """The rows' other columns (a row without one gives None), passed to the rewards."""
         self.prompt_ids = [chat_ids(tokenizer, m) for m in self.messages]
         too_long = [i for i, ids in enumerate(self.prompt_ids) if len(ids) > max_prompt_length]
         if too_long:
@@ -187,7 +235,9 @@ class PromptIterator:
         return PromptBatch(prompt_ids=[list(self.prompt_ids[i]) for i in picked],
                            prompts=[[dict(m) for m in self.messages[i]] for i in picked],
                            answers=[self.rows[i]["gold"] for i in picked],
-                           questions=[self.rows[i]["question"] for i in picked])
+                           questions=[self.rows[i]["question"] for i in picked],
+                           columns={name: [self.rows[i].get("columns", {}).get(name)
+                                           for i in picked] for name in self.column_names})
 
     def __iter__(self) -> "PromptIterator":
         return self
@@ -212,6 +262,17 @@ class PromptIterator:
                              f"{len(self.rows)} rows in batches of {self.batch_size}")
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
         self._order_epoch = -1
+
+
+def prompt_messages(row: dict[str, Any], system_prompt: str) -> list[dict[str, str]]:
+    """The chat of a row: its own messages (TRL's conversational `prompt`) with the system prompt
+    put first only when they hold no system message, else system prompt + the question."""
+    messages = row.get("prompt")
+    if messages is None:
+        return chat_messages(row["question"], system_prompt)
+    if any(m["role"] == "system" for m in messages):
+        return [dict(m) for m in messages]
+    return [{"role": "system", "content": system_prompt}, *(dict(m) for m in messages)]
 
 
 def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

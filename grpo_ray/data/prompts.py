@@ -1,6 +1,8 @@
 """The reference recipe's XML schema: system prompt, gold-answer and answer extraction."""
 from __future__ import annotations
 
+import re
+
 SYSTEM_PROMPT = """Respond in the following format:
 <reasoning>
 ...
@@ -15,6 +17,29 @@ def gold_answer(gsm8k_answer: str) -> str:
     if "####" not in gsm8k_answer:
         raise ValueError(f"answer has no '####' marker: {gsm8k_answer[:60]!r}")
     return gsm8k_answer.split("####")[-1].strip()
+
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`) of `text`, braces balanced
+    (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`; escaped `\\{`, `\\}` do not count), stripped;
+    None when there is none or the last one is never closed."""
+    starts = [m.end() for m in _BOX.finditer(text)]
+    if not starts:
+        return None
+    depth, i = 1, starts[-1]
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2  # an escaped character, `\\{` or `\\}` included
+            continue
+        depth += (c == "{") - (c == "}")
+        if depth == 0:
+            return text[starts[-1]:i].strip()
+        i += 1
+    return None
 
 
 def extract_xml_answer(text: str) -> str:

@@ -14,19 +14,33 @@ import torch
 from grpo_ray.config import LearnerConfig, LoraConfig, ModelConfig
 
 
+def choose_backend(setting: str, device: torch.device) -> tuple[str, str]:
+    """(`peft` or `unsloth`, why) for `learner.backend`: `auto` takes Unsloth where it can run
+    (CUDA, the package installed: its kernels make the 4-bit update about 2x faster), else
+    bitsandbytes + PEFT."""
+    if setting != "auto":
+        return setting, f"learner.backend={setting}"
+    if device.type != "cuda":
+        return "peft", "learner.backend=auto, no CUDA"
+    if importlib.util.find_spec("unsloth") is None:
+        return "peft", "learner.backend=auto, unsloth is not installed"
+    return "unsloth", "learner.backend=auto, unsloth is installed"
+
+
 def load_policy(model_path: str, model: ModelConfig, lora: LoraConfig, learner: LearnerConfig,
                 seed: int, device: torch.device) -> tuple[Any, torch.dtype, str]:
     """(PEFT model with a trainable LoRA adapter, compute dtype, one line saying what was
     loaded and why) for `learner.backend`."""
-    if learner.backend == "unsloth":
+    backend, why = choose_backend(learner.backend, device)
+    if backend == "unsloth":
         policy = _load_unsloth(model_path, lora, learner, seed)
+        bits = "4-bit" if learner.load_in_4bit is not False else "16-bit"
         # autocast as TRL + Unsloth run it (bf16=True)
-        return policy, torch.bfloat16, "unsloth 4-bit" if learner.load_in_4bit is not False \
-            else "unsloth 16-bit"
+        return policy, torch.bfloat16, f"Unsloth {bits} ({why})"
     four_bit = _use_4bit(learner.load_in_4bit, device)
     policy, dtype = _load_peft(model_path, model, lora, learner, device, four_bit)
-    what = ("bitsandbytes NF4 + PEFT" if four_bit else f"PEFT, base in {str(dtype)[6:]}")
-    return policy, dtype, what
+    what = "bitsandbytes NF4 + PEFT" if four_bit else f"PEFT, base in {str(dtype)[6:]}"
+    return policy, dtype, f"{what} ({why})"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -20,33 +20,24 @@ from torch import Tensor
 from grpo_ray.algo.grpo import grpo_loss, probability_gap, truncated_is_weights
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
 from grpo_ray.contracts import TrainBatch
+from grpo_ray.learner.batching import (MicroBatch, cat_padded, pad_rows, padding_fraction,
+                                       plan_micro_batches)
 from grpo_ray.learner.logprobs import token_logprobs
 from grpo_ray.learner.model import load_policy
 from grpo_ray.learner.state import learner_state, load_learner_state
-
-
-@dataclass
-class _MicroBatch:
-    """Right-padded rows of one forward/backward (b rows, L = longest prompt + completion,
-    T = longest completion)."""
-
-    input_ids: Tensor  # (b, L) prompt + completion, 0 after the end
-    attention_mask: Tensor  # (b, L)
-    positions: Tensor  # (b, T) index of the hidden state that predicts each completion token
-    targets: Tensor  # (b, T) completion ids, 0 after the end
-    mask: Tensor  # (b, T) bool, True on completion tokens
-    advantages: Tensor  # (b,)
-    sampling_logp: Tensor  # (b, T) the rollout engine's log-probs, 0 after the end
-    old_logp: Tensor | None = None  # (b, T) current adapter, before this step's update
-    ref_logp: Tensor | None = None  # (b, T) adapter disabled; None when beta == 0
+from grpo_ray.learner.throughput import Stopwatch, linear_params, peak_tflops, step_flops
 
 
 @dataclass
 class _Prepared:
-    micro_batches: list[_MicroBatch]
+    micro_batches: list[MicroBatch]
     num_sequences: int
     num_tokens: int
-    rows: list[int]  # the batch rows of the micro-batches' rows, in order
+    lengths: list[int]  # prompt + completion tokens of each active row
+    padding_fraction: float
+    separate_pass: bool  # old and reference log-probs computed before the update
+    # (num_iterations > 1); else the update computes them (old = its own log-probs, detached)
+    order: list[int]  # the batch row of each micro-batch row, micro-batch after micro-batch
 
 
 class LearnerWorker:
@@ -65,6 +56,7 @@ class LearnerWorker:
         causal_lm = self.model.get_base_model()
         self._decoder = causal_lm.get_decoder()
         self._lm_head = causal_lm.get_output_embeddings()
+        self._linear = linear_params(self._decoder)  # (frozen, trainable) for the FLOPs estimate
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=learner.learning_rate, betas=(learner.adam_beta1, learner.adam_beta2),
@@ -76,22 +68,32 @@ class LearnerWorker:
 
     # ---- one GRPO step -------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """Old and reference log-probs once, then `num_iterations` optimizer steps over the batch
-        (gradients accumulated over micro-batches), then one scheduler step. Rows whose mask is
-        False take no part in anything, metrics included."""
+        """`num_iterations` optimizer steps over the batch (gradients accumulated over
+        micro-batches), then one scheduler step. Rows whose mask is False take no part in
+        anything, metrics included.
+
+        With `num_iterations` 1 each micro-batch gets one forward + backward with the adapter and,
+        when beta > 0, one forward without it (the reference) just before: the "old" log-probs
+        are the update's own, detached (TRL's choice), so the ratio is exactly 1 and no separate
+        pass over the batch computes them. They are computed in train mode: with LoRA dropout > 0
+        they carry that step's dropout, as in TRL. With more iterations the old log-probs (eval
+        mode) and the reference's come from one pass before the first optimizer step."""
         a = self.algorithm
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        ref_watch = Stopwatch(self.device)
         start = time.perf_counter()
-        prepared = self._prepare(batch)
-        time_logprobs = time.perf_counter() - start
+        prepared = self._prepare(batch, ref_watch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the separate pass's time, not only its launches
+        time_prepare = time.perf_counter() - start
 
         lr = self.optimizer.param_groups[0]["lr"]
         totals = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_fraction": 0.0}
-        start = time.perf_counter()
+        start_update = time.perf_counter()
         if prepared.num_tokens:
             for _ in range(a.num_iterations):
-                stats = self._accumulate_gradients(prepared)
+                stats = self._accumulate_gradients(prepared, ref_watch)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.learner.max_grad_norm)
                 self.optimizer.step()
                 stats["grad_norm"] = grad_norm.item()
@@ -101,63 +103,80 @@ class LearnerWorker:
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer.step()
         self.scheduler.step()
-        time_update = time.perf_counter() - start
+        time_ref = ref_watch.seconds()
+        time_step = time.perf_counter() - start
+        ref_in_update = 0.0 if prepared.separate_pass else time_ref
 
-        peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else 0.0
-        return {**totals, "learning_rate": lr, **self._gaps(prepared, batch.engine_index),
+        flops = step_flops(tokens=sum(prepared.lengths), completion_tokens=prepared.num_tokens,
+                           frozen=self._linear[0], trainable=self._linear[1],
+                           lm_head=self._lm_head.weight.numel(), iterations=a.num_iterations,
+                           old_pass=prepared.separate_pass, ref_pass=a.beta > 0)
+        return {**totals, "learning_rate": lr, **_gaps(prepared, batch.engine_index),
                 "num_tokens": float(prepared.num_tokens),
-                "time_logprobs_s": time_logprobs, "time_update_s": time_update,
-                "peak_memory_gb": peak}
+                "padding_fraction": prepared.padding_fraction,
+                # all no-grad log-prob passes (old and reference), wherever they ran
+                "time_logprobs_s": time_prepare + ref_in_update, "time_ref_s": time_ref,
+                "time_update_s": time.perf_counter() - start_update - ref_in_update,
+                "tflops": flops / 1e12, **self._device_figures(flops / time_step)}
 
-    @staticmethod
-    def _gaps(prepared: _Prepared, engine_index: list[int]) -> dict[str, float]:
-        """The rollout/learner probability gap of the batch (`gap_mean_abs_diff`, `gap_kl`) and,
-        with `engine_index`, of each engine's rows (`gap_kl/engine_<i>`, ...): an engine that
-        samples with other weights than the learner's stands out there."""
-        if not prepared.num_tokens:
-            return {"gap_mean_abs_diff": 0.0, "gap_kl": 0.0}
-        mbs = prepared.micro_batches
-        old, sampling, mask = (_cat_padded([m.old_logp for m in mbs]),
-                               _cat_padded([m.sampling_logp for m in mbs]),
-                               _cat_padded([m.mask for m in mbs]))
-        groups = {"": torch.ones(len(prepared.rows), dtype=torch.bool)}
-        if engine_index:
-            labels = torch.tensor([engine_index[i] for i in prepared.rows])
-            groups.update({f"/engine_{e}": labels == e for e in sorted(set(labels.tolist()))})
-        out = {}
-        for suffix, rows in groups.items():
-            rows = rows.to(old.device)
-            gap = probability_gap(old[rows], sampling[rows], mask[rows])
-            out[f"gap_mean_abs_diff{suffix}"] = float(gap["mean_abs_diff"])
-            out[f"gap_kl{suffix}"] = float(gap["kl"])
+    def _device_figures(self, flops_per_s: float) -> dict[str, float]:
+        """Peak memory, achieved TFLOP/s and MFU on CUDA (`throughput`: model FLOPs of the step
+        over its wall time; MFU against the device's dense bf16 peak, absent for a device not in
+        `PEAK_BF16_TFLOPS`). On CPU only the peak memory key, 0: timings there say little, and
+        figures that vary from run to run would set apart a resumed run's logs."""
+        if self.device.type != "cuda":
+            return {"peak_memory_gb": 0.0}
+        out = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+               "tflops_per_s": flops_per_s / 1e12}
+        peak = peak_tflops(torch.cuda.get_device_name())
+        if peak is not None:
+            out["mfu"] = flops_per_s / 1e12 / peak
         return out
 
-    def _prepare(self, batch: TrainBatch) -> _Prepared:
-        """Pad the active rows into micro-batches and attach their old and reference log-probs."""
-        rows = _active_rows(batch)
-        size = self.learner.micro_batch_size
-        mbs = [self._pad([batch.prompt_ids[i] for i in chunk],
-                         [batch.completion_ids[i] for i in chunk],
-                         [batch.advantages[i] for i in chunk],
-                         [batch.sampling_logprobs[i] for i in chunk])
-               for chunk in (rows[s:s + size] for s in range(0, len(rows), size))]
-        with torch.no_grad():
-            for mb in mbs:
-                mb.old_logp = self._logprobs(mb, train=False)
-                if self.algorithm.beta:
-                    with self.model.disable_adapter():
-                        mb.ref_logp = self._logprobs(mb, train=False)
-        return _Prepared(mbs, len(rows), sum(len(batch.completion_ids[i]) for i in rows), rows)
+    def _plan(self, lengths: list[int]) -> list[list[int]]:
+        return plan_micro_batches(lengths, self.learner.micro_batch_size,
+                                  self.learner.max_tokens_per_micro_batch)
 
-    def _accumulate_gradients(self, prepared: _Prepared) -> dict[str, float]:
+    def _prepare(self, batch: TrainBatch, ref_watch: Stopwatch | None = None) -> _Prepared:
+        """Pad the active rows into micro-batches; with num_iterations > 1 attach their old and
+        reference log-probs (one pass, before any optimizer step)."""
+        ref_watch = ref_watch or Stopwatch(self.device)
+        rows = _active_rows(batch)
+        lengths = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in rows]
+        plan = self._plan(lengths)
+        mbs = [pad_rows([batch.prompt_ids[rows[j]] for j in mb],
+                        [batch.completion_ids[rows[j]] for j in mb],
+                        [batch.advantages[rows[j]] for j in mb],
+                        [batch.sampling_logprobs[rows[j]] for j in mb], self.device)
+               for mb in plan]
+        separate = self.algorithm.num_iterations > 1
+        if separate:
+            with torch.no_grad():
+                for mb in mbs:
+                    mb.old_logp = self._logprobs(mb, train=False)
+                    if self.algorithm.beta:
+                        mb.ref_logp = self._reference_logprobs(mb, ref_watch)
+        return _Prepared(mbs, len(rows), sum(len(batch.completion_ids[i]) for i in rows),
+                         lengths, padding_fraction(lengths, plan), separate,
+                         [rows[j] for mb in plan for j in mb])
+
+    def _accumulate_gradients(self, prepared: _Prepared,
+                              ref_watch: Stopwatch | None = None) -> dict[str, float]:
         """Zero the gradients, then backward every micro-batch's share of the batch loss: the
-        accumulated gradient is that of the whole batch's loss, whatever the micro-batch size."""
+        accumulated gradient is that of the whole batch's loss, whatever the micro-batches.
+        Without a separate pass, the reference forward of each micro-batch runs here, and its
+        old log-probs are set to this forward's, detached (kept for the step's metrics)."""
         a = self.algorithm
+        ref_watch = ref_watch or Stopwatch(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         # Tensors, not floats: .item() per micro-batch would wait for the GPU each time.
         loss = kl = clipped = torch.zeros((), device=self.device)
         for mb in prepared.micro_batches:
+            if a.beta and not prepared.separate_pass:
+                mb.ref_logp = self._reference_logprobs(mb, ref_watch)
             logp = self._logprobs(mb, train=True)
+            if not prepared.separate_pass:
+                mb.old_logp = logp.detach()
             is_weights = (truncated_is_weights(mb.old_logp, mb.sampling_logp,
                                                a.importance_sampling_cap)
                           if a.importance_sampling_correction else None)
@@ -175,10 +194,11 @@ class LearnerWorker:
         return {"loss": loss.item(), "kl": kl.item() / n, "clip_fraction": clipped.item() / n}
 
     # ---- log-probabilities ---------------------------------------------------------------------
-    def _logprobs(self, mb: _MicroBatch, train: bool) -> Tensor:
+    def _logprobs(self, mb: MicroBatch, train: bool) -> Tensor:
         """(b, T) log-probs of the completion tokens under the model as it is now (the adapter
-        is whatever is enabled). Eval mode without gradients, so old log-probs are deterministic
-        even with LoRA dropout; train mode (dropout, gradient checkpointing) with them."""
+        is whatever is enabled). Eval mode for the passes without gradients (the reference, a
+        separate pass's old log-probs: deterministic even with LoRA dropout); train mode
+        (dropout, gradient checkpointing) for the update's."""
         self.model.train(train)
         with self._autocast():
             hidden = self._decoder(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
@@ -195,43 +215,30 @@ class LearnerWorker:
             return torch.autocast("cuda", dtype=self._compute_dtype)
         return nullcontext()
 
-    def _pad(self, prompts: list[list[int]], completions: list[list[int]],
-             advantages: list[float], sampling: list[list[float]]) -> _MicroBatch:
-        b = len(prompts)
-        L = max(len(p) + len(c) for p, c in zip(prompts, completions))
-        T = max(1, max(len(c) for c in completions))
-        input_ids = torch.zeros(b, L, dtype=torch.long)
-        attention_mask = torch.zeros(b, L, dtype=torch.long)
-        positions = torch.zeros(b, T, dtype=torch.long)
-        targets = torch.zeros(b, T, dtype=torch.long)
-        mask = torch.zeros(b, T, dtype=torch.bool)
-        sampling_logp = torch.zeros(b, T, dtype=torch.float32)
-        for i, (p, c, s) in enumerate(zip(prompts, completions, sampling)):
-            n = len(p) + len(c)
-            input_ids[i, :n] = torch.tensor(p + c)
-            attention_mask[i, :n] = 1
-            # The hidden state at position k predicts token k + 1.
-            positions[i, :len(c)] = torch.arange(len(p) - 1, n - 1)
-            targets[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-            mask[i, :len(c)] = True
-            sampling_logp[i, :len(c)] = torch.tensor(s, dtype=torch.float32)
-        to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
-        return _MicroBatch(to(input_ids), to(attention_mask), to(positions), to(targets), to(mask),
-                           to(torch.tensor(advantages, dtype=torch.float32)), to(sampling_logp))
+    def _reference_logprobs(self, mb: MicroBatch, watch: Stopwatch) -> Tensor:
+        """(b, T) log-probs with the adapter disabled: the base model, the KL's reference."""
+        with watch, torch.no_grad(), self.model.disable_adapter():
+            return self._logprobs(mb, train=False)
 
     def sequence_logprobs(self, prompt_ids: list[list[int]],
                           completion_ids: list[list[int]]) -> list[list[float]]:
-        """Log-probs of each completion token under the current adapter (no gradient)."""
-        out: list[list[float]] = []
-        size = self.learner.micro_batch_size
+        """Log-probs of each completion token under the current adapter (no gradient), in the
+        rows' order, micro-batched as the update is."""
+        _check_prompts(prompt_ids, range(len(prompt_ids)))
+        out: list[list[float]] = [[] for _ in prompt_ids]
         with torch.no_grad():
-            for s in range(0, len(prompt_ids), size):
-                ps, cs = prompt_ids[s:s + size], completion_ids[s:s + size]
-                _check_prompts(ps, range(s, s + len(ps)))
-                mb = self._pad(ps, cs, [0.0] * len(ps), [[0.0] * len(c) for c in cs])
+            for plan in self._plan([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]):
+                cs = [completion_ids[i] for i in plan]
+                mb = pad_rows([prompt_ids[i] for i in plan], cs, [0.0] * len(cs),
+                              [[0.0] * len(c) for c in cs], self.device)
                 logp = self._logprobs(mb, train=False).cpu()
-                out += [logp[i, :len(c)].tolist() for i, c in enumerate(cs)]
+                for k, i in enumerate(plan):
+                    out[i] = logp[k, :len(completion_ids[i])].tolist()
         return out
+
+    def describe(self) -> str:
+        """What was loaded and why (`learner.model.load_policy`), for the start-up line."""
+        return self.description
 
     # ---- the adapter ---------------------------------------------------------------------------
     def export_adapter(self, version: int, transport: str = "tensors",
@@ -263,6 +270,25 @@ class LearnerWorker:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def _gaps(prepared: _Prepared, engine_index: list[int]) -> dict[str, float]:
+    """The rollout/learner probability gap of the batch (`gap_mean_abs_diff`, `gap_kl`) and,
+    with `engine_index`, of each engine's rows (`gap_kl/engine_<i>`, ...): an engine that
+    samples with other weights than the learner's stands out there."""
+    if not prepared.num_tokens:
+        return {"gap_mean_abs_diff": 0.0, "gap_kl": 0.0}
+    old, sampling, mask = (cat_padded([getattr(m, k) for m in prepared.micro_batches])
+                           for k in ("old_logp", "sampling_logp", "mask"))
+    groups = {"": torch.ones(len(prepared.order), dtype=torch.bool)}
+    if engine_index:
+        labels = torch.tensor([engine_index[i] for i in prepared.order])
+        groups.update({f"/engine_{e}": labels == e for e in sorted(set(labels.tolist()))})
+    out = {}
+    for suffix, rows in groups.items():
+        gap = probability_gap(*(t[rows.to(t.device)] for t in (old, sampling, mask)))
+        out[f"gap_mean_abs_diff{suffix}"], out[f"gap_kl{suffix}"] = gap["mean_abs_diff"], gap["kl"]
+    return out
+
+
 def _active_rows(batch: TrainBatch) -> list[int]:
     """Indices of the rows that take part in the loss, after checking the batch's shape."""
     n = len(batch.completion_ids)
@@ -291,9 +317,3 @@ def _check_prompts(prompts: list[list[int]], rows: list[int] | range) -> None:
     for p, i in zip(prompts, rows):
         if not p:  # the first completion token needs a position to be predicted from
             raise ValueError(f"prompt_ids[{i}] is empty")
-
-
-def _cat_padded(parts: list[Tensor]) -> Tensor:
-    """Stack (b_i, T_i) tensors into (sum b_i, max T_i), zero/False-padded on the right."""
-    T = max(p.size(1) for p in parts)
-    return torch.cat([torch.nn.functional.pad(p, (0, T - p.size(1))) for p in parts])

@@ -25,20 +25,25 @@ DOTALL) and `count_xml`.
 
 `None` ("cannot be scored", the row gets no advantage) is returned in one case only: fixed
 correctness for a row whose gold answer is None or empty.
+
+Two more built-ins, the same in both modes: `math` (correctness by mathematical equivalence
+through math-verify, for LaTeX answers; grpo_ray/reward/math.py) and `overlong` (DAPO's soft
+overlong penalty). A config entry's `kwargs` are bound to its function (`_Bound`).
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
-from grpo_ray.config import ConfigError, RewardFunctionConfig
+from grpo_ray.config import BUILTIN_REWARDS, ConfigError, RewardFunctionConfig
 from grpo_ray.data.prompts import extract_xml_answer
 
 RewardFn = Callable[..., list]
 MODES = ("fixed", "seed-parity")
-BUILTIN = {"correctness", "integer", "strict_format", "soft_format", "xml_count"}
+BUILTIN = set(BUILTIN_REWARDS)
 
 
 def completion_texts(completions: list[Any]) -> list[str]:
@@ -199,6 +204,27 @@ def xml_count_reward(prompts: list, completions: list, **kwargs: Any) -> list[fl
     return [count_xml(t) for t in completion_texts(completions)]
 
 
+# ---- in both modes -----------------------------------------------------------------------------
+
+def overlong_penalty(prompts: list, completions: list, completion_ids: list | None = None,
+                     max_completion_len: int | None = None, soft_punish_cache: int | None = None,
+                     **kwargs: Any) -> list[float]:
+    """DAPO's soft overlong punishment (its Eq. 13, TRL's `get_soft_overlong_punishment`): with
+    L = len(completion_ids), L_max = `max_completion_len`, L_cache = `soft_punish_cache`:
+    0 for L <= L_max - L_cache, (L_max - L_cache - L) / L_cache up to L_max (so -1 at L_max,
+    where the engine cuts), -1 beyond. Only ever a penalty; the config binds both lengths."""
+    if completion_ids is None or len(completion_ids) != len(completions):
+        raise ValueError("overlong: needs the token ids of every completion (completion_ids)")
+    if not isinstance(max_completion_len, int) or not isinstance(soft_punish_cache, int) or \
+            not 0 < soft_punish_cache <= max_completion_len:
+        raise ValueError(f"overlong: needs 0 < soft_punish_cache <= max_completion_len (got "
+                         f"{soft_punish_cache!r}, {max_completion_len!r})")
+    start = max_completion_len - soft_punish_cache
+    return [0.0 if len(ids) <= start else
+            (start - len(ids)) / soft_punish_cache if len(ids) <= max_completion_len else -1.0
+            for ids in completion_ids]
+
+
 _FUNCTIONS: dict[str, dict[str, RewardFn]] = {
     "seed-parity": {"correctness": parity_correctness_reward, "integer": parity_integer_reward,
                     "strict_format": parity_strict_format_reward,
@@ -211,6 +237,40 @@ _FUNCTIONS: dict[str, dict[str, RewardFn]] = {
 
 
 # ---- registry ---------------------------------------------------------------------------------
+
+def _builtin(mode: str, name: str) -> RewardFn:
+    from grpo_ray.reward.math import math_reward  # it builds on this module's helpers
+
+    both: dict[str, RewardFn] = {"math": math_reward, "overlong": overlong_penalty}
+    return {**_FUNCTIONS[mode], **both}[name]
+
+
+class _Bound:
+    """A reward function with the config's `kwargs` bound; they win over dataset columns of the
+    same name, so what the config says is what the function gets."""
+
+    def __init__(self, fn: RewardFn, kwargs: dict[str, Any]):
+        self.fn, self.kwargs = fn, dict(kwargs)
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+
+    def __call__(self, *args: Any, **columns: Any) -> list:
+        return self.fn(*args, **{**columns, **self.kwargs})
+
+
+def _check_kwargs(fn: RewardFn, kwargs: dict[str, Any], path: str, key: str) -> None:
+    """A function without `**kwargs` must name every bound argument (built-ins are checked by
+    the config, which knows their arguments)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin or C function)
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        raise ConfigError(f"{key}: {path!r} has no argument(s) {', '.join(unknown)} (its "
+                          f"arguments: {', '.join(params)})")
+
 
 def _import(path: str, key: str) -> RewardFn:
     module_name, _, attr = path.partition(":")
@@ -234,17 +294,21 @@ def get_reward_functions(names_and_weights: list[RewardFunctionConfig],
     """(unique name, function, weight) per configured reward, in config order.
 
     A built-in keeps its config name; an imported function is named by its `__name__`; a name
-    seen before gets a suffix (`_2`, `_3`, ...), so every column of scores is distinct."""
+    seen before gets a suffix (`_2`, `_3`, ...), so every column of scores is distinct. A
+    config's `kwargs` are bound to its function."""
     if mode not in MODES:
         raise ConfigError(f"reward.mode: must be one of {list(MODES)} (got {mode!r})")
     out: list[tuple[str, RewardFn, float]] = []
     seen: set[str] = set()
     for i, cfg in enumerate(names_and_weights):
         if cfg.name in BUILTIN:
-            name, fn = cfg.name, _FUNCTIONS[mode][cfg.name]
+            name, fn = cfg.name, _builtin(mode, cfg.name)
         else:
             fn = _import(cfg.name, f"reward.functions[{i}]")
             name = getattr(fn, "__name__", cfg.name.partition(":")[2])
+            _check_kwargs(fn, cfg.kwargs, cfg.name, f"reward.functions[{i}].kwargs")
+        if cfg.kwargs:
+            fn = _Bound(fn, cfg.kwargs)
         unique, k = name, 2
         while unique in seen:
             unique, k = f"{name}_{k}", k + 1

@@ -81,9 +81,12 @@ class RewardPool:
                              f"{len(rows)} rows, largest {max(rows, default=-1)}) does not "
                              f"match a batch of {len(batch)} prompts")
         prompts = [batch.prompts[i] for i in rows]
-        columns = {"answer": [batch.answers[i] for i in rows],
-                   "question": [batch.questions[i] for i in rows],
-                   "completion_ids": rollout.completion_ids}
+        # the dataset's own columns first, as TRL passes them; the gold answer, the question and
+        # the token ids keep their names over a dataset column of the same name
+        columns = {name: [values[i] for i in rows] for name, values in batch.columns.items()}
+        columns.update({"answer": [batch.answers[i] for i in rows],
+                        "question": [batch.questions[i] for i in rows],
+                        "completion_ids": rollout.completion_ids})
         shards = _shards(len(texts), len(self.workers))
 
         def call(k: int, skip: dict[str, str]) -> ray.ObjectRef:

@@ -14,6 +14,7 @@ from typing import Any
 
 from grpo_ray.config import RolloutConfig
 from grpo_ray.contracts import Rollout, Sampling
+from grpo_ray.weight_sync.merged import VllmMergedWeights
 from grpo_ray.weight_sync.receiver import VllmAdapterSlot
 
 CPU_BATCHED_TOKENS = 4096
@@ -39,9 +40,10 @@ def engine_kwargs(rollout: RolloutConfig, max_lora_rank: int, dtype: str, seed: 
     plain vLLM). `dtype` is resolved (no `auto`)."""
     from vllm.engine.arg_utils import EngineArgs
 
+    lora = {} if rollout.merge_adapter else dict(
+        enable_lora=True, max_loras=1, max_lora_rank=engine_lora_rank(max_lora_rank))
     kwargs: dict[str, Any] = dict(
-        enable_lora=True, max_loras=1, max_lora_rank=engine_lora_rank(max_lora_rank),
-        max_model_len=rollout.max_model_len,
+        **lora, max_model_len=rollout.max_model_len,
         gpu_memory_utilization=rollout.gpu_memory_utilization,
         enforce_eager=rollout.enforce_eager, seed=seed, dtype=dtype,
         enable_prefix_caching=True)
@@ -96,10 +98,15 @@ class RolloutWorker:
         # Adapters go to the engine in memory when its workers can be called in this process's
         # engine core; a separate engine-core process would need them pickled: files then.
         # One engine GPU: unpack straight onto it (one host-to-device copy of the whole buffer).
-        self.adapter = VllmAdapterSlot(
-            self.llm, engine_index,
-            in_memory=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0",
-            device="cuda" if self.on_cuda and rollout.gpus_per_engine == 1 else "cpu")
+        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        device = "cuda" if self.on_cuda and rollout.gpus_per_engine == 1 else "cpu"
+        if rollout.merge_adapter:
+            if not in_process:
+                raise RuntimeError("rollout.merge_adapter needs vLLM's engine core in the "
+                                   "actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+            self.adapter: Any = VllmMergedWeights(self.llm, model_path, device)
+        else:
+            self.adapter = VllmAdapterSlot(self.llm, engine_index, in_process, device)
 
     def ready(self) -> bool:
         return True

@@ -59,13 +59,8 @@ def _adapter_config(peft_model: Any, adapter_name: str) -> dict[str, Any]:
 
 
 @dataclass
-class PackedAdapter:
-    """An adapter as one flat byte buffer and its layout: the form AdapterBroadcast ships.
-
-    Ray stores a numpy buffer out of band, so sending it costs one copy into the object store
-    and reading it none (the reader maps it); a dict of torch tensors is pickled tensor by tensor
-    instead (240 MB on 2 CPU cores: 32 ms put + 4 ms get, against 870 + 150 ms).
-    """
+class FlatLayout:
+    """An adapter's tensors laid back to back in one buffer: what the buffer holds, in order."""
 
     version: int
     peft_config: dict[str, Any]
@@ -74,6 +69,17 @@ class PackedAdapter:
     shapes: list[tuple[int, ...]]
     dtype: str
     """torch dtype name of every tensor (`bfloat16`, `float32`)."""
+
+
+@dataclass
+class PackedAdapter(FlatLayout):
+    """An adapter as one flat byte buffer and its layout: the form AdapterBroadcast ships.
+
+    Ray stores a numpy buffer out of band, so sending it costs one copy into the object store
+    and reading it none (the reader maps it); a dict of torch tensors is pickled tensor by tensor
+    instead (240 MB on 2 CPU cores: 32 ms put + 4 ms get, against 870 + 150 ms).
+    """
+
     buffer: Any
     """numpy uint8 array: the tensors' bytes back to back."""
 
@@ -133,16 +139,11 @@ def packed_adapter(peft_model: Any, version: int, dtype: str | None = None,
 
 
 @dataclass
-class CudaIpcAdapter:
+class CudaIpcAdapter(FlatLayout):
     """An adapter left in the learner's GPU memory for engines on the same GPU (the colocated
     layout): only a CUDA IPC handle to the buffer travels, and each engine copies the buffer
     device to device. About 200 ms through the object store become a few ms for rank 64 on 3B."""
 
-    version: int
-    peft_config: dict[str, Any]
-    names: list[str]
-    shapes: list[tuple[int, ...]]
-    dtype: str
     device_uuid: str
     """UUID of the GPU that holds the buffer; a reader elsewhere refuses it."""
     handle: tuple[Any, tuple[Any, ...]]

@@ -1,6 +1,7 @@
 """Loading rows through the real `datasets` loaders, and the seeded, resumable prompt iterator."""
 from __future__ import annotations
 
+import csv
 import json
 import random
 
@@ -43,44 +44,274 @@ def _local(path) -> DataConfig:
     return DataConfig(source="local", path=str(path))
 
 
-def test_local_jsonl_and_parquet_give_gold_answers(tmp_path):
+def test_local_jsonl_json_csv_and_parquet_give_gold_answers(tmp_path):
     jsonl = _write_jsonl(tmp_path / "train.jsonl",
                          [dict(r, extra=i) for i, r in enumerate(GSM8K_ROWS)])
+    array = tmp_path / "train.json"
+    array.write_text(json.dumps(GSM8K_ROWS, indent=2))
     parquet = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(GSM8K_ROWS), parquet)
-    for path in (jsonl, parquet):
+    csv_path = tmp_path / "train.csv"
+    with open(csv_path, "w", newline="") as f:  # the answers hold newlines: quoted values
+        writer = csv.DictWriter(f, ["question", "answer"])
+        writer.writeheader()
+        writer.writerows(GSM8K_ROWS)
+    for path in (jsonl, array, parquet, csv_path):
         rows = load_rows(_local(path))
         assert [r["gold"] for r in rows] == GOLDS
         assert [r["question"] for r in rows] == [r["question"] for r in GSM8K_ROWS]
         assert [r["answer"] for r in rows] == [r["answer"] for r in GSM8K_ROWS]
-        assert all(set(r) == {"question", "answer", "gold"} for r in rows)
+        assert all(set(r) == {"question", "answer", "gold", "prompt", "columns"} for r in rows)
+        assert all(r["prompt"] is None for r in rows)
+    assert [r["columns"] for r in load_rows(_local(jsonl))] == [{"extra": i} for i in range(3)]
+    assert [r["columns"] for r in load_rows(_local(parquet))] == [{}, {}, {}]
 
 
 @pytest.mark.parametrize("bad_row, problem", [
-    ({"question": "How many?", "answer": "12 apples"}, "answer has no '####' marker"),
-    ({"question": "  ", "answer": "#### 3"}, "'question' is empty"),
-    ({"question": "How many?"}, "'answer' is missing"),
+    ({"question": "How many?", "answer": "12 apples"}, "column 'answer' has no '####' marker"),
+    ({"question": "  ", "answer": "#### 3"}, "column 'question' is empty"),
+    ({"question": "How many?"}, "column 'answer' is missing"),
+    ({"question": 7, "answer": "#### 3"}, "column 'question' is not text (int 7)"),
     ({"question": "How many?", "answer": "4 + 1 = 5\n####  "},
-     "answer has nothing after its '####' marker"),
+     "column 'answer' has nothing after its '####' marker"),
 ])
-def test_bad_row_names_the_source_and_row(tmp_path, bad_row, problem):
+def test_bad_row_names_the_source_and_line(tmp_path, bad_row, problem):
     path = _write_jsonl(tmp_path / "train.jsonl", GSM8K_ROWS[:2] + [bad_row] + GSM8K_ROWS[2:])
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(DataError) as err:
         load_rows(_local(path))
-    assert str(err.value) == f"data.path={path} row 2: {problem}"
+    assert str(err.value) == f"data.path={path} line 3: {problem}"
+
+
+def test_bad_parquet_row_is_named_by_its_index(tmp_path):
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(GSM8K_ROWS[:2] + [{"question": "Q?", "answer": "7"}]),
+                   path)
+    with pytest.raises(DataError) as err:
+        load_rows(_local(path))
+    assert str(err.value) == f"data.path={path} row 2: column 'answer' has no '####' marker"
+
+
+GOOD = json.dumps({"question": "What is 2 + 2?", "answer": "#### 4"})
+
+
+@pytest.mark.parametrize("name, content, where, problem", [
+    ("empty.jsonl", b"", "", "no rows (the file is empty)"),
+    ("blank.jsonl", b"\n  \n\n", "", "no rows (the file is only blank lines)"),
+    ("comma.jsonl", f'{GOOD}\n\n{{"question": "Q?" "answer": "#### 1"}}\n'.encode(), " line 3",
+     "not valid JSON (Expecting ',' delimiter at column 19)"),
+    ("cut.jsonl", f'{GOOD}\n{{"question": "Q?", "answ'.encode(), " line 2",
+     "not valid JSON (Unterminated string starting at column 20)"),
+    ("list.jsonl", f"{GOOD}\n[1, 2]\n".encode(), " line 2",
+     "expected a JSON object of columns, got list [1, 2]"),
+    ("latin1.jsonl", f"{GOOD}\n".encode() + '{"question": "Caf\xe9?"}\n'.encode("latin-1"),
+     " line 2", "not UTF-8 text (byte 18)"),
+    ("array.json", f'[\n  {GOOD},\n  {{"question": }}\n]'.encode(), " line 3",
+     "not valid JSON (Expecting value at column 16)"),
+    ("scalars.json", b"[1]", " row 0", "expected a JSON object of columns, got int 1"),
+    ("empty.csv", b"", "", "no rows (the file is empty)"),
+    ("wide.csv", b'question,answer\n"Q?","#### 1"\nQ2?,#### 2,extra\n', " line 3",
+     "cannot read as CSV (CSV parse error: Expected 2 columns, got 3: Q2?,#### 2,extra)"),
+    ("broken.parquet", b"PAR1 not really", "",
+     "cannot read as Parquet (Could not open Parquet input source '<Buffer>': Parquet file "
+     "size is 15 bytes, smaller than the minimum file footer (8 bytes))"),
+])
+def test_unreadable_files_are_one_line_naming_file_and_line(tmp_path, name, content, where,
+                                                              problem):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        load_rows(_local(path))
+    message = str(err.value)
+    assert "\n" not in message
+    if name == "broken.parquet":  # pyarrow's own words vary between versions; ours do not
+        assert message.startswith(f"data.path={path}: cannot read as Parquet (")
+    else:
+        assert message == f"data.path={path}{where}: {problem}"
+
+
+def test_blank_lines_are_skipped_and_lines_keep_their_numbers(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(f"\n{GOOD}\n\n   \n" + json.dumps({"question": "Q?", "answer": "1"}) + "\n\n")
+    with pytest.raises(DataError, match=r"line 5: column 'answer' has no '####' marker$"):
+        load_rows(_local(path))
+    path.write_text(f"\n{GOOD}\n\n{GOOD.replace('2 + 2', '3 + 3')}\n\n")
+    assert [r["question"] for r in load_rows(_local(path))] == ["What is 2 + 2?",
+                                                                "What is 3 + 3?"]
 
 
 def test_missing_column_and_bad_paths(tmp_path):
     path = _write_jsonl(tmp_path / "q.jsonl", [{"question": "a", "solution": "#### 1"}])
-    with pytest.raises(ValueError, match=r"^data.path=.*q.jsonl: no 'answer' column "
-                                         r"\(columns: question, solution\)$"):
+    with pytest.raises(DataError, match=r"^data.path=.*q.jsonl: no 'answer' column "
+                                        r"\(columns: question, solution\)$"):
         load_rows(_local(path))
-    with pytest.raises(ValueError, match=r"^data.path=.*rows.csv: unknown file type"):
-        load_rows(_local(tmp_path / "rows.csv"))
+    with pytest.raises(DataError, match=r"^data.path=.*q.jsonl: no 'problem' column, nor a "
+                                        r"'prompt' column of chat messages \(columns: "
+                                        r"question, solution\)$"):
+        load_rows(_local(path).model_copy(update={"question_field": "problem"}))
+    with pytest.raises(DataError, match=r"^data.path=.*rows.txt: unknown file type \(expected "
+                                        r"one of .jsonl, .json, .csv, .parquet\)$"):
+        load_rows(_local(tmp_path / "rows.txt"))
     with pytest.raises(DataError, match=r"^data.path=.*nowhere.jsonl: file not found$"):
         load_rows(_local(tmp_path / "nowhere.jsonl"))
-    with pytest.raises(ValueError, match=r"data.source=local has one split \('train'"):
+    with pytest.raises(DataError, match=r"data.source=local has one split \('train'"):
         load_rows(_local(path), "test")
+
+
+# ---- columns and gold --------------------------------------------------------------------------
+
+MATH_ROWS = [
+    {"problem": "What is 1/2 + 1/4?", "level": 1,
+     "solution": "1/2 + 1/4 = 2/4 + 1/4 = \\boxed{\\frac{3}{4}}."},
+    {"problem": "Solve x + 1 = 3.", "level": 2,
+     "solution": "Try \\boxed{1}; no: x = 3 - 1, so $x = \\boxed{2}$."},
+    {"problem": "Which set?", "level": 3, "solution": "It is \\fbox{\\{1, 2\\}}"},
+]
+
+
+def _math(path, **fields) -> DataConfig:
+    fields = {"question_field": "problem", "answer_field": "solution", "gold": "boxed", **fields}
+    return DataConfig(source="local", path=str(path), **fields)
+
+
+def test_boxed_gold_takes_the_last_box_with_nested_braces(tmp_path):
+    rows = load_rows(_math(_write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)))
+    assert [r["gold"] for r in rows] == ["\\frac{3}{4}", "2", "\\{1, 2\\}"]
+    assert [r["question"] for r in rows] == [r["problem"] for r in MATH_ROWS]
+    # every column but the reserved ones reaches the rewards, the worked solution included
+    assert rows[0]["columns"] == MATH_ROWS[0]
+
+
+@pytest.mark.parametrize("solution, problem", [
+    ("It is 3/4.", "column 'solution' has no \\boxed{...}"),
+    ("It is \\boxed{\\frac{3}{4}.", "column 'solution' has no \\boxed{...} (its last one is "
+                                    "never closed)"),
+    ("It is \\boxed{ }.", "column 'solution' has an empty \\boxed{}"),
+])
+def test_boxed_gold_problems_name_file_line_and_column(tmp_path, solution, problem):
+    path = _write_jsonl(tmp_path / "math.jsonl", MATH_ROWS[:2] + [dict(MATH_ROWS[2],
+                                                                       solution=solution)])
+    with pytest.raises(DataError) as err:
+        load_rows(_math(path))
+    assert str(err.value) == f"data.path={path} line 3: {problem}"
+
+
+def test_field_gold_is_the_column_as_is(tmp_path):
+    path = _write_jsonl(tmp_path / "qa.jsonl", [{"q": "What is 3/4 as a decimal?", "a": 0.75},
+                                                {"q": "What is 10^3?", "a": " 1000 "},
+                                                {"q": "Name the interval.", "a": "[1, 2)"}])
+    rows = load_rows(DataConfig(source="local", path=path, question_field="q",
+                                answer_field="a", gold="field"))
+    assert [r["gold"] for r in rows] == ["0.75", "1000", "[1, 2)"]
+    assert rows[0]["columns"] == {"q": "What is 3/4 as a decimal?", "a": 0.75}
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"q": "Q?", "a": True}])
+    with pytest.raises(DataError, match=r"line 1: column 'a' is not text \(bool True\)$"):
+        load_rows(DataConfig(source="local", path=bad, question_field="q", answer_field="a",
+                             gold="field"))
+
+
+def test_csv_values_are_text(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text('question,answer,level\n"What is 1/2 + 1/4?",0.75,3\n'
+                    '"Spread\nover lines?",NA,\n')
+    rows = load_rows(DataConfig(source="local", path=str(path), gold="field"))
+    assert [r["gold"] for r in rows] == ["0.75", "NA"]
+    assert rows[1]["question"] == "Spread\nover lines?"
+    assert [r["columns"] for r in rows] == [{"level": "3"}, {"level": ""}]
+
+
+# ---- TRL's conversational format ----------------------------------------------------------------
+
+CHATS = [
+    {"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "solution": "5"},
+    {"prompt": [{"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "What is 2 + 2?"},
+                {"role": "assistant", "content": "Four?"},
+                {"role": "user", "content": "And 3 + 3?"}], "solution": "6"},
+]
+
+
+def test_conversational_prompts_keep_their_messages(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    rows = load_rows(DataConfig(source="local", path=path, answer_field="solution",
+                                gold="field"))
+    assert [r["question"] for r in rows] == ["What is 2 + 3?", "And 3 + 3?"]
+    assert [r["gold"] for r in rows] == ["5", "6"]
+    assert [r["columns"] for r in rows] == [{"solution": "5"}, {"solution": "6"}]
+    batch = PromptIterator(rows, tokenizer, batch_size=2, max_prompt_length=256).next_batch()
+    by_question = dict(zip(batch.questions, batch.prompts))
+    # the system prompt comes first only where the row has none of its own
+    assert by_question["What is 2 + 3?"] == [{"role": "system", "content": SYSTEM_PROMPT},
+                                             *CHATS[0]["prompt"]]
+    assert by_question["And 3 + 3?"] == CHATS[1]["prompt"]
+    ids = dict(zip(batch.questions, batch.prompt_ids))["And 3 + 3?"]
+    assert tokenizer.decode(ids) == (
+        "<|im_start|>system\nAnswer in one word.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?"
+        "<|im_end|>\n<|im_start|>assistant\nFour?<|im_end|>\n<|im_start|>user\nAnd 3 + 3?"
+        "<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("prompt, problem", [
+    ([{"role": "system", "content": "Be brief."}], "column 'prompt' has no user message "
+                                                   "(roles: system)"),
+    ([], "column 'prompt' has no user message (roles: none)"),
+    ([{"role": "user", "text": "Hi"}], "column 'prompt' message 0 is not {'role': text, "
+                                       "'content': text} (dict {'role': 'user', 'text': 'Hi'})"),
+])
+def test_bad_conversational_prompt(tmp_path, prompt, problem):
+    path = _write_jsonl(tmp_path / "chat.jsonl", CHATS + [{"prompt": prompt, "solution": "1"}])
+    with pytest.raises(DataError) as err:
+        load_rows(DataConfig(source="local", path=path, answer_field="solution", gold="field"))
+    assert str(err.value) == f"data.path={path} line 3: {problem}"
+
+
+def test_extra_columns_reach_the_batch_by_name(tmp_path, tokenizer):
+    rows = [dict(r, level=i, source=f"s{i}") for i, r in enumerate(MATH_ROWS)]
+    rows[2].pop("source")  # a row without a column gives None for it
+    loaded = load_rows(_math(_write_jsonl(tmp_path / "math.jsonl", rows)))
+    it = PromptIterator(loaded, tokenizer, batch_size=3, max_prompt_length=256)
+    batch = it.next_batch()
+    assert set(batch.columns) == {"problem", "solution", "level", "source"}
+    for k, question in enumerate(batch.questions):
+        i = [r["problem"] for r in MATH_ROWS].index(question)
+        assert batch.columns["level"][k] == i
+        assert batch.columns["solution"][k] == MATH_ROWS[i]["solution"]
+        assert batch.columns["source"][k] == (None if i == 2 else f"s{i}")
+
+
+def test_repeated_questions_are_counted_in_one_warning(tmp_path, capsys):
+    path = _write_jsonl(tmp_path / "train.jsonl", GSM8K_ROWS + GSM8K_ROWS[:2] + GSM8K_ROWS[:1])
+    said: list[str] = []
+    rows = load_rows(_local(path), warn=said.append)
+    assert len(rows) == 6
+    assert said == [f"data.path={path}: 3 of 6 rows repeat an earlier row's question"]
+    load_rows(_local(path))
+    load_rows(_local(path))  # evaluation loads the same file again: still one line
+    assert capsys.readouterr().err == (f"data warning: data.path={path}: 3 of 6 rows repeat an "
+                                       "earlier row's question\n")
+    said.clear()
+    load_rows(_local(_write_jsonl(tmp_path / "once.jsonl", GSM8K_ROWS)), warn=said.append)
+    assert said == []
+
+
+def test_malformed_file_is_one_line_through_the_cli_before_ray_starts(tmp_path, tiny_model_path,
+                                                                     capsys, monkeypatch):
+    import grpo_ray.cli
+    from grpo_ray.cli import main
+
+    def never_connect(*args, **kwargs):
+        raise AssertionError("the command joined or started a Ray cluster")
+
+    monkeypatch.setattr(grpo_ray.cli, "connect_ray", never_connect)
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(GOOD + "\n" + GOOD[:-3] + "\n")
+    code = main(["train", "--config", "configs/tiny-cpu.yaml", "data.source=local",
+                 f"data.path={path}", "eval.split=train", f"model.path={tiny_model_path}",
+                 f"output.dir={tmp_path / 'out'}"])
+    assert code == 2
+    assert capsys.readouterr().err == (f"data error: data.path={path} line 2: not valid JSON "
+                                       "(Unterminated string starting at column 42)\n")
+    assert not (tmp_path / "out").exists()  # bad input writes nothing
 
 
 def test_hub_source_goes_through_load_dataset(tmp_path):

@@ -7,6 +7,7 @@ Run on a GPU machine: `python3 -m pytest -m gpu tests/gpu -s` (CI deselects them
 from __future__ import annotations
 
 import gc
+import importlib.util
 import math
 import os
 import sys
@@ -29,7 +30,10 @@ LORA = LoraConfig(r=16, alpha=32)
 def learner_config(**kw) -> LearnerConfig:
     return LearnerConfig(**{"learning_rate": 5e-3, "max_grad_norm": 1e6, "warmup_ratio": 0.0,
                             "lr_scheduler_type": "constant", "micro_batch_size": 4,
-                            "logprob_chunk_size": 64, **kw})
+                            "logprob_chunk_size": 64, "backend": "peft", **kw})
+
+
+HAS_UNSLOTH = importlib.util.find_spec("unsloth") is not None
 
 
 @pytest.fixture(scope="module")
@@ -80,19 +84,28 @@ def _naive_logprobs(w, prompts, completions) -> list[list[float]]:
     return out
 
 
-def test_4bit_learner_step_on_cuda(model_path):
+@pytest.mark.parametrize("backend", [
+    "peft", pytest.param("unsloth", marks=pytest.mark.skipif(
+        not HAS_UNSLOTH, reason="Unsloth is not installed (pip install -e '.[unsloth]')"))])
+def test_4bit_learner_step_on_cuda(model_path, backend):
     import bitsandbytes as bnb
 
     from grpo_ray.learner.worker import LearnerWorker
 
-    w = LearnerWorker(model_path, ModelConfig(), LORA, learner_config(load_in_4bit=True),
+    w = LearnerWorker(model_path, ModelConfig(), LORA,
+                      learner_config(load_in_4bit=True, backend=backend),
                       AlgorithmConfig(total_steps=5), max_completion_length=32)
     try:
+        print(f"\nlearner: {w.describe()}")
+        assert w.describe().startswith("Unsloth 4-bit" if backend == "unsloth"
+                                       else "bitsandbytes NF4 + PEFT")
         linear4 = [m for m in w.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert len(linear4) == 7 * SMALL_SHAPE["num_hidden_layers"]
         state = linear4[0].weight.quant_state
-        assert state.quant_type == "nf4" and state.nested  # NF4 with double quantization
-        assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in w.params)
+        assert state.quant_type == "nf4"
+        if backend == "peft":  # NF4 with double quantization, fp32 LoRA weights
+            assert state.nested
+            assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in w.params)
 
         batch = random_batch(4, 4, seed=0)
         got = w.sequence_logprobs(batch.prompt_ids, batch.completion_ids)
@@ -106,7 +119,7 @@ def test_4bit_learner_step_on_cuda(model_path):
                        if p.requires_grad}
         quant_before = linear4[0].weight.detach().clone()
         stats = w.train_step(batch)
-        print(f"\n4-bit learner step ({torch.cuda.get_device_name()}): {stats}")
+        print(f"4-bit {backend} learner step ({torch.cuda.get_device_name()}): {stats}")
         assert all(math.isfinite(v) for v in stats.values())
         assert stats["peak_memory_gb"] > 0 and stats["num_tokens"] > 0
         changed = [n for n, p in w.model.named_parameters()
@@ -140,7 +153,8 @@ def _mean_gap(a: list[list[float]], b: list[list[float]]) -> float:
     return sum(abs(x - y) for x, y in pairs) / len(pairs)
 
 
-def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_path):
+@pytest.mark.parametrize("merge", [False, True], ids=["lora", "merged"])
+def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_path, merge):
     from grpo_ray.learner.worker import LearnerWorker
     from grpo_ray.cluster.engines import EngineGroup
     from grpo_ray.rollout.worker import RolloutWorker
@@ -148,7 +162,7 @@ def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_p
 
     ray = ray_gpu
     rollout = RolloutConfig(num_generations=4, max_completion_length=16, max_model_len=512,
-                            enforce_eager=True, gpu_memory_utilization=0.25)
+                            enforce_eager=True, gpu_memory_utilization=0.25, merge_adapter=merge)
     engine = ray.remote(RolloutWorker).options(num_cpus=1, num_gpus=0.5).remote(
         model_path, rollout, LORA.r)
     engines = EngineGroup([engine])
@@ -166,12 +180,15 @@ def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_p
         num_params = ray.get(learner.__ray_call__.remote(_perturb_lora_b, 0))
         sync = AdapterBroadcast()
         stats = sync.sync(learner, engines, 1)
-        print(f"\nsync v1 ({torch.cuda.get_device_name()}, {sync.transport}): {stats}")
+        print(f"\nsync v1 ({torch.cuda.get_device_name()}, {sync.transport}, "
+              f"{'merged' if merge else 'LoRA'}): {stats}")
         assert sync.transport == "cuda-ipc"  # both actors compute on the one GPU
         assert ray.get(engine.adapter_version.remote()) == 1
         assert stats["bytes"] >= 2 * num_params  # bf16 on the wire
         assert stats["bytes"] < 2 * num_params + 65536
-        assert ray.get(engine.__ray_call__.remote(_adapter_files, 1)) == ["adapter_config.json"]
+        if not merge:  # the weights stayed in memory: only the config went to tmpfs
+            assert ray.get(engine.__ray_call__.remote(_adapter_files, 1)) == [
+                "adapter_config.json"]
         engine_scores = ray.get(engine.score.remote(base.prompt_ids, base.completion_ids))
         learner_scores = ray.get(learner.sequence_logprobs.remote(base.prompt_ids,
                                                                   base.completion_ids))
@@ -188,7 +205,11 @@ def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_p
         assert train["gap_mean_abs_diff"] < 0.1  # rollout and learner agree before the update
         stats = sync.sync(learner, engines, 2)
         assert ray.get(engine.adapter_version.remote()) == 2
-        assert ray.get(engine.__ray_call__.remote(lambda w: w.llm.llm_engine.list_loras())) == {2}
+        if merge:  # folded into the weights: no LoRA request at generation
+            assert ray.get(engine.__ray_call__.remote(lambda w: w.adapter.request)) is None
+        else:
+            assert ray.get(engine.__ray_call__.remote(
+                lambda w: w.llm.llm_engine.list_loras())) == {2}
         v2_scores = ray.get(engine.score.remote(base.prompt_ids, base.completion_ids))
         assert _mean_gap(v2_scores, engine_scores) > 1e-4
     finally:

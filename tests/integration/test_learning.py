@@ -40,8 +40,8 @@ def run(ray_local, tmp_path_factory):
                       [f"output.dir={out}", f"algorithm.total_steps={STEPS}",
                        "logging.progress_bar=false"])
     lines: list[str] = []
-    result = bench.run_benchmark(cfg, eval_every=STEPS, eval_samples=SAMPLES, eval_seed=0,
-                                 print_fn=lines.append)
+    assert cfg.eval.samples == SAMPLES and cfg.eval.temperature == 1.0
+    result = bench.run_benchmark(cfg, eval_every=STEPS, print_fn=lines.append)
     return bench, cfg, result, out
 
 
@@ -76,5 +76,5 @@ def test_curve_csv_and_plot(run):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == bench.CSV_COLUMNS and len(rows) == STEPS + 1
     assert float(rows[-1]["heldout_accuracy"]) == result.after["accuracy_numeric"]
-    png = bench.plot(result, out / "curve.png", SAMPLES, 256)
+    png = bench.plot(result, out / "curve.png", bench.held_out_label(cfg))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

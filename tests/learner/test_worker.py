@@ -76,20 +76,35 @@ def base_params(w):
     return {n: p.detach().clone() for n, p in w.model.named_parameters() if not p.requires_grad}
 
 
-def test_logprobs_equal_naive_forward_of_the_peft_model(tiny_model_path, batch):
-    w = make_worker(tiny_model_path, temperature=0.7, micro_batch_size=4)
+@pytest.mark.parametrize("learner", [{"micro_batch_size": 4}, {"max_tokens_per_micro_batch": 132}],
+                         ids=["rows", "token budget"])
+def test_logprobs_equal_naive_forward_of_the_peft_model(tiny_model_path, batch, learner):
+    w = make_worker(tiny_model_path, temperature=0.7, **learner)
+    plan = w._plan([len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)])
+    assert len(plan) == 2
+    if "max_tokens_per_micro_batch" in learner:
+        assert plan == [[3, 5, 1], [4, 0, 2]]  # rows of 44, 42, 40 and 38, 33, 29 tokens
     got = w.sequence_logprobs(batch.prompt_ids, batch.completion_ids)
     w.model.eval()
     assert_rows_close(got, naive_logprobs(w.model, batch.prompt_ids, batch.completion_ids, 0.7))
 
 
-def test_reference_is_the_base_model_and_the_adapter_matters(tiny_model_path, batch):
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_reference_is_the_base_model_and_the_adapter_matters(tiny_model_path, batch,
+                                                             num_iterations):
+    """Old and reference log-probs of every row: from a pass before the update (several
+    iterations) or from the update's own micro-batch loop (one)."""
     from transformers import AutoModelForCausalLM
 
-    w = make_worker(tiny_model_path, algorithm={"beta": 0.04})
+    w = make_worker(tiny_model_path, algorithm={"beta": 0.04, "num_iterations": num_iterations})
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     base = naive_logprobs(plain, batch.prompt_ids, batch.completion_ids)
+    current = w.sequence_logprobs(batch.prompt_ids, batch.completion_ids)
     prepared = w._prepare(batch)
+    assert prepared.separate_pass == (num_iterations > 1)
+    assert all(mb.ref_logp is None for mb in prepared.micro_batches) == (num_iterations == 1)
+    if num_iterations == 1:
+        w._accumulate_gradients(prepared)
     rows, ref, old = 0, [], []
     for mb in prepared.micro_batches:
         for i in range(mb.mask.size(0)):
@@ -99,7 +114,7 @@ def test_reference_is_the_base_model_and_the_adapter_matters(tiny_model_path, ba
             rows += 1
     assert rows == len(batch)
     assert_rows_close(ref, base)
-    assert_rows_close(old, w.sequence_logprobs(batch.prompt_ids, batch.completion_ids))
+    assert_rows_close(old, current)
     diff = max(abs(a - b) for r, o in zip(ref, old) for a, b in zip(r, o))
     assert diff > 1e-3  # nonzero lora_B: the policy is not the reference
 
@@ -111,14 +126,19 @@ def test_train_step_updates_only_the_adapter(tiny_model_path, batch):
     stats = w.train_step(batch)
 
     assert set(stats) == {"loss", "grad_norm", "learning_rate", "kl", "clip_fraction",
-                          "gap_mean_abs_diff", "gap_kl", "num_tokens", "time_logprobs_s",
-                          "time_update_s", "peak_memory_gb"}
+                          "gap_mean_abs_diff", "gap_kl", "num_tokens", "padding_fraction",
+                          "time_logprobs_s", "time_ref_s", "time_update_s", "tflops",
+                          "peak_memory_gb"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
     assert stats["num_tokens"] == sum(len(c) for c in batch.completion_ids) == 37
     assert stats["learning_rate"] == 1e-3 and stats["grad_norm"] > 0
     assert stats["kl"] > 0  # the adapter (noise in lora_B) moves the policy off the reference
     assert stats["clip_fraction"] == 0.0  # one iteration: ratio 1
     assert stats["gap_mean_abs_diff"] > 0 and stats["peak_memory_gb"] == 0.0
+    # rows of 28 + (5, 12, 1) and 35 + (9, 3, 7) tokens in micro-batches of 4 rows, in order
+    assert stats["padding_fraction"] == pytest.approx(
+        1 - (33 + 40 + 29 + 44 + 38 + 42) / (4 * 44 + 2 * 42))
+    assert 0 < stats["time_ref_s"] <= stats["time_logprobs_s"] and stats["tflops"] > 0
     # TRL's check: every adapter tensor changed, no base weight did.
     lora1, base1 = lora_params(w), base_params(w)
     assert len(lora1) == 2 * 2 * 7  # 2 layers x 7 projections x (A, B)

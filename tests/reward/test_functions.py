@@ -16,12 +16,15 @@ def conv(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
+RECIPE = ["correctness", "integer", "soft_format", "strict_format", "xml_count"]
+
+
 def scores(mode: str, text: str, gold: str | None = "18") -> dict[str, float | None]:
-    """Every built-in reward of one completion (in TRL's conversational form)."""
+    """The recipe's five rewards of one completion (in TRL's conversational form)."""
     prompt = [[{"role": "user", "content": "What is 9 + 9?"}]]
     return {name: fn(prompt, [conv(text)], answer=[gold])[0]
             for name, fn, _ in get_reward_functions(
-                [RewardFunctionConfig(n) for n in sorted(F.BUILTIN)], mode)}
+                [RewardFunctionConfig(n) for n in RECIPE], mode)}
 
 
 def test_perfect_completion_scores_in_both_modes():
@@ -186,3 +189,51 @@ def test_registry_errors(custom_module):
     with pytest.raises(ValueError, match=r"reward.mode: must be one of \['fixed', "
                                          r"'seed-parity'\] \(got 'parity'\)"):
         get_reward_functions(ok, "parity")
+
+
+# ---- overlong penalty, bound kwargs -------------------------------------------------------------
+
+def test_overlong_penalty_is_daposs_soft_punishment():
+    from trl.rewards import get_soft_overlong_punishment
+
+    ids = [[1] * n for n in (3, 6, 7, 8, 10, 12)]
+    mine = F.overlong_penalty(None, ["x"] * 6, completion_ids=ids, max_completion_len=10,
+                              soft_punish_cache=4)
+    # L_max 10, L_cache 4: nothing up to 6 tokens, then -(L - 6) / 4, -1 at 10 and beyond
+    assert mine == pytest.approx([0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
+    assert mine == pytest.approx(get_soft_overlong_punishment(10, 4)(ids))
+    with pytest.raises(ValueError, match="overlong: needs the token ids"):
+        F.overlong_penalty(None, ["x"], max_completion_len=10, soft_punish_cache=4)
+    with pytest.raises(ValueError, match="overlong: needs 0 < soft_punish_cache"):
+        F.overlong_penalty(None, ["x"], completion_ids=[[1]], max_completion_len=10)
+
+
+def test_config_kwargs_are_bound_over_columns(custom_module, tmp_path):
+    (tmp_path / "grpo_ray_test_kwargs.py").write_text(
+        "def scaled(prompts, completions, scale=1.0, level=None, **kwargs):\n"
+        "    return [scale * lv for lv in level]\n"
+        "def strict(prompts, completions, level):\n"
+        "    return list(level)\n")
+    cfgs = [RewardFunctionConfig("grpo_ray_test_kwargs:scaled", kwargs={"scale": 2.0}),
+            RewardFunctionConfig("overlong", kwargs={"max_completion_len": 4,
+                                                     "soft_punish_cache": 2})]
+    (scaled_name, scaled, _), (overlong_name, overlong, _) = get_reward_functions(cfgs, "fixed")
+    assert (scaled_name, overlong_name) == ("scaled", "overlong")
+    assert scaled(None, ["a", "b"], level=[1, 3]) == [2.0, 6.0]
+    # the config's value wins over a dataset column of the same name
+    assert scaled(None, ["a"], level=[1], scale=100.0) == [2.0]
+    assert overlong(None, ["a", "b"], completion_ids=[[1, 2], [1, 2, 3]]) == [0.0, -0.5]
+    with pytest.raises(ValueError, match=r"reward.functions\[0\].kwargs: "
+                                         r"'grpo_ray_test_kwargs:strict' has no argument\(s\) "
+                                         r"scale \(its arguments: prompts, completions, level\)"):
+        get_reward_functions([RewardFunctionConfig("grpo_ray_test_kwargs:strict",
+                                                   kwargs={"scale": 2.0})], "fixed")
+
+
+def test_math_and_overlong_are_builtins_of_both_modes():
+    from grpo_ray.reward.math import math_reward
+
+    cfgs = [RewardFunctionConfig("math"), RewardFunctionConfig("overlong")]
+    for mode in F.MODES:
+        fns = [fn for _, fn, _ in get_reward_functions(cfgs, mode)]
+        assert fns == [math_reward, F.overlong_penalty]

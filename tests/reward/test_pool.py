@@ -27,6 +27,10 @@ def columns_check(prompts, completions, answer, question, completion_ids, **kwar
     return [10.0 * (p[-1]["content"] == q) + float(a) + len(ids)
             for p, q, a, ids in zip(prompts, question, answer, completion_ids)]
 
+def level_check(prompts, completions, level, source=None, **kwargs):
+    """A TRL-style function reading extra dataset columns as keyword arguments."""
+    return [float(lv) + (0.5 if s == "book" else 0.0) for lv, s in zip(level, source)]
+
 def unsure(prompts, completions, **kwargs):
     return [None if "?" in c[0]["content"] else 0.25 for c in completions]
 
@@ -89,7 +93,8 @@ def make_step(texts: list[str]) -> tuple[PromptBatch, Rollout]:
     """P=2 prompts, n=3 completions each."""
     questions = ["What is 9 + 9?", "What is 2 * 3?"]
     batch = PromptBatch(prompt_ids=[[1, 2], [3]], prompts=[chat_messages(q) for q in questions],
-                        answers=["18", "6"], questions=questions)
+                        answers=["18", "6"], questions=questions,
+                        columns={"level": [3, 5], "source": ["book", None]})
     n = len(texts)
     rollout = Rollout(prompt_index=[0, 0, 0, 1, 1, 1], prompt_ids=[[1, 2]] * 3 + [[3]] * 3,
                       completion_ids=[[7] * (k + 1) for k in range(n)], completion_texts=texts,
@@ -104,6 +109,7 @@ def direct_scores(functions: list[R], mode: str, batch: PromptBatch,
     rows = rollout.prompt_index
     completions = [[{"role": "assistant", "content": t}] for t in rollout.completion_texts]
     return {name: fn([batch.prompts[i] for i in rows], completions,
+                     **{k: [v[i] for i in rows] for k, v in batch.columns.items()},
                      answer=[batch.answers[i] for i in rows],
                      question=[batch.questions[i] for i in rows],
                      completion_ids=rollout.completion_ids)
@@ -168,7 +174,8 @@ def test_unscored_error_names_the_functions():
 
 
 def test_pool_scores_equal_direct_calls(ray_local, custom_path):
-    functions = BUILTINS + [R(f"{MODULE}:columns_check", 0.5), R(f"{MODULE}:unsure")]
+    functions = BUILTINS + [R(f"{MODULE}:columns_check", 0.5), R(f"{MODULE}:unsure"),
+                            R(f"{MODULE}:level_check", 0.0)]
     workers = build_reward_workers(functions, "fixed", num_workers=2, num_cpus=0.5,
                                    runtime_env={"env_vars": {"PYTHONPATH": custom_path}})
     batch, rollout = make_step(TEXTS)
@@ -176,7 +183,8 @@ def test_pool_scores_equal_direct_calls(ray_local, custom_path):
 
     pool = RewardPool(workers, functions, timeout_s=60)
     with pytest.raises(ValueError, match="rollout of 6 completions .* a batch of 1 prompts"):
-        pool.score(PromptBatch(*(field[:1] for field in vars(batch).values())), rollout)
+        pool.score(PromptBatch(batch.prompt_ids[:1], batch.prompts[:1], batch.answers[:1],
+                               batch.questions[:1]), rollout)
     assert scores.per_function == direct_scores(functions, "fixed", batch, rollout)
     by_name = scores.per_function
     assert by_name["correctness"] == [2.0, 2.0, 0.0, 2.0, 0.0, 2.0]
@@ -184,6 +192,8 @@ def test_pool_scores_equal_direct_calls(ray_local, custom_path):
     # 10 (own question) + gold answer + number of completion ids (row k has k + 1)
     assert by_name["columns_check"] == [29.0, 30.0, 31.0, 20.0, 21.0, 22.0]
     assert by_name["unsure"] == [0.25, 0.25, None, 0.25, 0.25, 0.25]
+    # each completion got its own prompt's extra dataset columns
+    assert by_name["level_check"] == [3.5, 3.5, 3.5, 5.0, 5.0, 5.0]
     # Row 0: xml 0.5 + soft 0.5 + strict 0.5 + int 0.5 + 2 x 2.0 + 0.5 x 29 + 0.25
     assert scores.total[0] == pytest.approx(2.0 + 4.0 + 14.5 + 0.25)
     weights = [f.weight for f in functions]
@@ -283,3 +293,36 @@ def test_killed_worker_is_replaced_and_its_shard_scored_again(ray_local, custom_
 def test_bad_import_fails_before_any_actor_starts(ray_local):
     with pytest.raises(ValueError, match=r"reward.functions\[1\]: cannot import 'x.y:z'"):
         build_reward_workers([R("xml_count"), R("x.y:z")], "fixed", 2, 0.5)
+
+
+def test_trl_reward_functions_run_unchanged_in_the_pool(ray_local, custom_path):
+    """TRL's own functions by import path, on the reward actors (called from their threads),
+    with the dataset's `solution` column, beside a user's function reading extra columns."""
+    from trl.rewards import accuracy_reward, think_format_reward
+
+    functions = [R("trl.rewards:accuracy_reward"), R("trl.rewards:think_format_reward"),
+                 R(f"{MODULE}:level_check"), R("math")]
+    workers = build_reward_workers(functions, "fixed", num_workers=2, num_cpus=0.5,
+                                   runtime_env={"env_vars": {"PYTHONPATH": custom_path}})
+    batch, rollout = make_step([
+        "<think>\nhalf of 3/2\n</think>\nSo \\boxed{\\frac{3}{4}}.",
+        "<think>\nguess\n</think>\n\\boxed{0.75}",
+        "\\boxed{\\frac{1}{2}}",
+        "<think>\n2 * 3\n</think>\n<answer>\n6\n</answer>",
+        "<think>\nno</think> \\boxed{5}",
+        "<think><think></think>\\boxed{6}"])
+    batch.columns["solution"] = ["$\\frac{3}{4}$", "$6$"]
+    scores = RewardPool(workers, functions, timeout_s=60).score(batch, rollout)
+    by_name = scores.per_function
+    assert by_name["accuracy_reward"] == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    assert by_name["think_format_reward"] == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert by_name["level_check"] == [3.5, 3.5, 3.5, 5.0, 5.0, 5.0]
+    # the built-in reads the gold ("18", "6") and the <answer> block before any box
+    assert by_name["math"] == [0.0, 0.0, 0.0, 2.0, 0.0, 2.0]
+    # the same functions called here, unchanged, give the same scores
+    completions = [[{"role": "assistant", "content": t}] for t in rollout.completion_texts]
+    solutions = [batch.columns["solution"][i] for i in rollout.prompt_index]
+    assert accuracy_reward(completions, solutions) == by_name["accuracy_reward"]
+    assert think_format_reward(completions) == by_name["think_format_reward"]
+    for w in workers:
+        ray_local.kill(w)

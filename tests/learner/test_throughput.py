@@ -1,0 +1,61 @@
+"""The learner's FLOPs estimate (hand-counted on small cases and on the tiny PEFT model), the
+device peak table, and the stopwatch."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from grpo_ray.learner.throughput import Stopwatch, linear_params, peak_tflops, step_flops
+
+
+def test_step_flops_by_hand():
+    # 10 tokens, 4 of them completions; decoder matmuls of 100 frozen + 6 trainable weights,
+    # lm_head of 50. Forward: 2 x 10 x 106 + 2 x 4 x 50 = 2120 + 400 = 2520.
+    # Backward: input gradients 2 x 10 x 106 + 2 x 4 x 50, LoRA weight gradients 2 x 10 x 6:
+    # 2520 + 120 = 2640. Reference forward: 2 x 10 x 100 + 400 = 2400.
+    kw = dict(tokens=10, completion_tokens=4, frozen=100, trainable=6, lm_head=50)
+    assert step_flops(**kw, iterations=1, old_pass=False, ref_pass=False) == 2520 + 2640
+    assert step_flops(**kw, iterations=1, old_pass=False, ref_pass=True) == 2520 + 2640 + 2400
+    assert step_flops(**kw, iterations=2, old_pass=True, ref_pass=True) == (
+        2 * (2520 + 2640) + 2520 + 2400)
+    assert step_flops(**{**kw, "tokens": 0, "completion_tokens": 0}, iterations=1,
+                      old_pass=True, ref_pass=True) == 0
+
+
+def test_linear_params_of_the_tiny_peft_model(tiny_model_path):
+    from transformers import AutoConfig
+
+    from helpers import peft_model
+
+    c = AutoConfig.from_pretrained(tiny_model_path)
+    model = peft_model(tiny_model_path, seed=0, r=8)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    H, I, heads, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads
+    head_dim = H // heads
+    # q, o: H x H; k, v: H x kv x head_dim; gate, up, down: H x I
+    per_layer = 2 * H * H + 2 * H * kv * head_dim + 3 * H * I
+    # LoRA A (in x 8) and B (8 x out) of the same seven
+    lora_per_layer = 8 * (2 * (H + H) + 2 * (H + kv * head_dim) + 3 * (H + I))
+    frozen, trainable = linear_params(model.get_base_model().get_decoder())
+    assert frozen == c.num_hidden_layers * per_layer
+    assert trainable == c.num_hidden_layers * lora_per_layer
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # the SXM part's name
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_stopwatch_sums_its_blocks_on_cpu():
+    watch = Stopwatch(torch.device("cpu"))
+    for _ in range(2):
+        with watch:
+            time.sleep(0.02)
+    time.sleep(0.05)  # outside: not counted
+    assert watch.seconds() == pytest.approx(0.04, abs=0.03)
+    assert watch.seconds() < 0.09
