@@ -12,25 +12,12 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 from grpo_ray.checkpoint import step_dir_name
 from grpo_ray.config import Config, UserError
 from grpo_ray.contracts import PromptBatch, Rollout, Sampling, Scores, TrainBatch
 from grpo_ray.faults import Interrupted, StopOnSignal
 from grpo_ray.metrics import StageTimer, sample_rows, step_metrics
-
-
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts, as `key: old -> new`."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
 
 
 class Trainer:
@@ -82,7 +69,7 @@ class Trainer:
         from grpo_ray.rollout.worker import RolloutWorker
         from grpo_ray.tracking import Tracker
         from grpo_ray.weight_sync.broadcast import AdapterBroadcast
-        from grpo_ray.weight_sync.probe import SyncProbe, probe_tolerance
+        from grpo_ray.weight_sync.probe import attach_probe
 
         cfg = self.cfg
         if not hasattr(self, "prompts"):
@@ -103,13 +90,9 @@ class Trainer:
         self.broadcast = AdapterBroadcast()
         self.tracker = Tracker(cfg.logging, self.out, cfg.to_dict(), self.print,
                                total_steps=cfg.algorithm.total_steps)
-        if cfg.cluster.sync_probe:
-            # engines and learner score the probe before any training: their base models
-            prompt, completion = self.probe_ids
-            base = ray.get(self.actors.learner.sequence_logprobs.remote([prompt], [completion]))
-            tolerance = probe_tolerance(cfg.cluster.sync_probe_tolerance,
-                                        self.engines.lora_dtype())
-            self.engines.set_probe(SyncProbe(prompt, completion, base[0], tolerance))
+        if cfg.cluster.sync_probe:  # scored by engines and learner before any training
+            attach_probe(self.actors.learner, self.engines, self.probe_ids,
+                         cfg.cluster.sync_probe_tolerance)
         learner = ray.get(self.actors.learner.describe.remote())
         self.print(f"placed: {self.actors.plan.layout} layout, 1 learner ({learner}), "
                    f"{len(self.actors.engines)} rollout engine(s), "
@@ -145,19 +128,14 @@ class Trainer:
 
     def sync(self) -> dict[str, float]:
         """The new adapter to every engine, then the sync probe: each engine proves it serves
-        it (`EngineGroup.verify`). Returns `sync/...` figures."""
-        import ray
+        it (`weight_sync.probe`). Returns `sync/...` figures."""
+        from grpo_ray.weight_sync.probe import verify_sync
 
         learner = self.actors.learner
         out = {f"sync/{k}": v for k, v in
                self.broadcast.sync(learner, self.engines, self.version).items()}
         if self.cfg.cluster.sync_probe:
-            start = time.perf_counter()
-            prompt, completion = self.probe_ids
-            mine = ray.get(learner.sequence_logprobs.remote([prompt], [completion]))[0]
-            gaps = self.engines.verify(mine)
-            out["sync/probe_s"] = time.perf_counter() - start
-            out.update({f"sync/probe_gap/engine_{i}": g for i, g in enumerate(gaps)})
+            out.update(verify_sync(learner, self.engines, self.probe_ids))
         return out
 
     def run_step(self) -> dict[str, float]:
@@ -305,7 +283,7 @@ class Trainer:
         and the engines get the checkpoint's adapter. Call after `setup`."""
         import ray
 
-        from grpo_ray.checkpoint import load_checkpoint, truncate_jsonl
+        from grpo_ray.checkpoint import changed_keys, load_checkpoint, truncate_jsonl
 
         learner_state, state = load_checkpoint(path)
         ray.get(self.actors.learner.load_state_dict.remote(learner_state))
@@ -319,7 +297,7 @@ class Trainer:
         for name in ("metrics.jsonl", "completions.jsonl", "eval.jsonl"):
             truncate_jsonl(self.out / name, self.step)
         self.print(f"resumed from {path} at step {self.step}, adapter version {self.version}")
-        changed = _changed_keys(state.get("config", {}), self.cfg.to_dict())
+        changed = changed_keys(state.get("config", {}), self.cfg.to_dict())
         if changed:  # e.g. a longer run: the lr schedule is re-planned for the new total
             self.print(f"config differs from the checkpoint's: {', '.join(changed)}; the "
                        "learning-rate schedule follows this run's settings from step "

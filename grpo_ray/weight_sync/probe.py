@@ -16,7 +16,9 @@ probe once training has moved it. `cluster.sync_probe_tolerance` is the largest 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 PROBE_QUESTION = "What is 3 + 4?"
 PROBE_COMPLETION = "<reasoning>\n3 + 4 = 7\n</reasoning>\n<answer>\n7\n</answer>\n"
@@ -65,3 +67,28 @@ def probe_sequence(tokenizer) -> tuple[list[int], list[int]]:
     prompt = chat_ids(tokenizer, chat_messages(PROBE_QUESTION))
     completion = tokenizer.encode(PROBE_COMPLETION, add_special_tokens=False)
     return list(prompt), list(completion)
+
+
+def attach_probe(learner: Any, engines: Any, probe_ids: tuple[list[int], list[int]],
+                 tolerance: float | None) -> None:
+    """Before training: the learner (an actor handle) and every engine of `engines` (an
+    EngineGroup) score the probe with their base models; the group keeps both for `verify`."""
+    import ray
+
+    prompt, completion = probe_ids
+    base = ray.get(learner.sequence_logprobs.remote([prompt], [completion]))[0]
+    engines.set_probe(SyncProbe(prompt, completion, base,
+                                probe_tolerance(tolerance, engines.lora_dtype())))
+
+
+def verify_sync(learner: Any, engines: Any, probe_ids: tuple[list[int], list[int]]
+                ) -> dict[str, float]:
+    """After a sync: the learner scores the probe, every engine proves it moved the same way
+    (`EngineGroup.verify`, which repairs or fails). `sync/probe_s` and each engine's gap."""
+    import ray
+
+    start = time.perf_counter()
+    prompt, completion = probe_ids
+    gaps = engines.verify(ray.get(learner.sequence_logprobs.remote([prompt], [completion]))[0])
+    return {"sync/probe_s": time.perf_counter() - start,
+            **{f"sync/probe_gap/engine_{i}": g for i, g in enumerate(gaps)}}
