@@ -95,16 +95,22 @@ def worker_logs(cfg, verbose: bool):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from grpo_ray.checkpoint import latest_checkpoint
+    from grpo_ray.checkpoint import latest_checkpoint, resumable_checkpoint
     from grpo_ray.config import UserError, load_config
+    from grpo_ray.faults import EXIT_CODES, Interrupted, StopNow, stop_at_once_on_signals
     from grpo_ray.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
-    # before Ray starts: a run that would resume nothing, or overwrite one, fails at once
+    # before Ray starts: a run that would resume nothing, resume a damaged checkpoint, or
+    # overwrite a run fails (or falls back to an older checkpoint) at once
     checkpoint = latest_checkpoint(trainer.checkpoints)
-    if args.resume and checkpoint is None:
-        raise UserError(f"--resume: no checkpoint in {trainer.checkpoints}")
+    if args.resume:
+        if checkpoint is None:
+            raise UserError(f"--resume: no checkpoint in {trainer.checkpoints}")
+        checkpoint, skipped = resumable_checkpoint(trainer.checkpoints)
+        for line in skipped:
+            print(f"warning: {line}", file=sys.stderr)
     if not args.resume and checkpoint is not None:
         raise UserError(f"{trainer.checkpoints} already holds checkpoints (latest "
                         f"{checkpoint.name}): pass --resume to continue that run, or choose "
@@ -112,19 +118,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     # the driver itself never generates, but it may build the tiny model and tokenize prompts
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer.prepare_data()
-    connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus,
-                cfg.cluster.placement_timeout_s, args.verbose)
-
-    with worker_logs(cfg, args.verbose):
-        try:
-            trainer.setup()
-            if checkpoint is not None:
-                trainer.restore(checkpoint)
-            trainer.fit()
-            print(f"adapter saved to {trainer.out / 'adapter'}")
-        finally:
-            trainer.close()
+    try:
+        connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus,
+                    cfg.cluster.placement_timeout_s, args.verbose)
+        # signals: over Ray's own SIGTERM handler (an exit with code 15)
+        with worker_logs(cfg, args.verbose), stop_at_once_on_signals():
+            try:
+                trainer.setup()
+                if checkpoint is not None:
+                    trainer.restore(checkpoint)
+                trainer.fit()
+            finally:
+                trainer.close()
+        print(f"adapter saved to {trainer.out / 'adapter'}")
+    except Interrupted as e:
+        print(_interrupted_line(e.step, e.checkpoint, args), file=sys.stderr)
+        return e.exit_code
+    except (KeyboardInterrupt, StopNow) as e:  # before the loop, or a second signal in it
+        signum = getattr(e, "signum", 2)
+        print(f"stopped at once ({'SIGTERM' if signum == 15 else 'SIGINT'}) at step "
+              f"{trainer.step}, without a checkpoint of the step in flight; "
+              + (f"resume with: {_resume_command(args)}" if trainer.saved_step or checkpoint
+                 else "nothing to resume"), file=sys.stderr)
+        return EXIT_CODES.get(signum, 130)
     return 0
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    import shlex
+
+    config = ["--config", args.config] if args.config else []
+    return shlex.join(["grpo-ray", "train", *config, *args.overrides, "--resume"])
+
+
+def _interrupted_line(step: int, checkpoint: object, args: argparse.Namespace) -> str:
+    if checkpoint is None:
+        return "interrupted before step 1: nothing to resume (start again without --resume)"
+    return (f"interrupted at step {step}: checkpoint written to {checkpoint}; resume with: "
+            f"{_resume_command(args)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -191,7 +191,16 @@ class RewardConfig(_Section):
     """Reward actors in the pool."""
     cpus_per_worker: float = Field(0.25, ge=0)
     timeout_s: float = Field(60.0, gt=0)
-    """A scoring call that takes longer fails the step with the function's name."""
+    """A scoring call still running after this long is a hung function: its worker is killed and
+    replaced, and the shard is scored again without that function (its rows unscored for it)."""
+    max_unscored_fraction: float = Field(0.5, ge=0, le=1)
+    """The run fails, naming the functions, when more than this fraction of a step's completions
+    have no score, or when one function fails (raises, hangs, returns NaN/inf) on more than this
+    fraction. 0.5: a passing failure of one of the default two reward workers' shards (half the
+    step) still trains on the other half, while a function that fails everywhere, such as one
+    returning NaN for every row, stops the run at its first step instead of training on nothing
+    (or on the other functions alone) without a word. Raise it (up to 1) for functions that leave
+    most rows unscored by design."""
 
 
 class LearnerConfig(_Section):
@@ -270,6 +279,23 @@ class ClusterConfig(_Section):
     placement_timeout_s: float = Field(120.0, gt=0)
     """How long to wait for the cluster (joining it, and the placement group) before failing
     with what is missing."""
+    max_restarts: int = Field(2, ge=0)
+    """Rollout engines or reward workers started again within one call (a generation, an adapter
+    load, a probe, one step's scoring) after their process died, before the run fails. Per call,
+    not per run: a long run survives any number of separate losses, a crash loop fails at once."""
+    restart_timeout_s: float = Field(600.0, gt=0)
+    """How long a replacement rollout engine may take to be placed and to start (vLLM: ~1 min
+    on GPU) before the run fails."""
+    sync_probe: bool = True
+    """After every sync, each engine and the learner score a fixed short completion; an engine
+    whose log-probs have not moved as the learner's did is reloaded, then replaced, then the run
+    fails (`weight_sync.probe`). Costs one short forward on each side per step."""
+    sync_probe_tolerance: float | None = Field(None, gt=0)
+    """Largest accepted probe gap, in nats per token (mean over the probe's tokens of how far the
+    engine's move from its base model differs from the learner's). None: by the engines' dtype,
+    1e-3 for fp32 engines (they agree with the learner to ~1e-6 on CPU) and 0.1 for bf16/fp16
+    engines (rounding of 16-bit logits, plus a 4-bit learner's own error, which the comparison
+    with each side's base model mostly cancels)."""
 
 
 class EvalConfig(_Section):

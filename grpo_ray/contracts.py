@@ -92,6 +92,9 @@ class Rollout:
     """`stop` (EOS or stop string) or `length` (hit max_completion_length)."""
     adapter_version: int
     """Adapter version every completion was sampled with (0 = base model)."""
+    engine_index: list[int] = field(default_factory=list)
+    """Which engine of the group sampled each completion (set by `EngineGroup.generate`; empty
+    when unknown): the per-engine rollout/learner probability gap is computed from it."""
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -111,6 +114,7 @@ class Rollout:
             out.completion_texts += p.completion_texts
             out.sampling_logprobs += p.sampling_logprobs
             out.finish_reasons += p.finish_reasons
+            out.engine_index += p.engine_index
             offset += (max(p.prompt_index) + 1) if p.prompt_index else 0
         return out
 
@@ -124,6 +128,11 @@ class Scores:
     total: list[float | None]
     """Weighted sum of the functions that scored the row (TRL's rule); None when none did:
     such a row gets no advantage and no part in the loss."""
+    failed: dict[str, int] = field(default_factory=dict)
+    """Rows each function failed on (it raised, hung past `reward.timeout_s`, returned NaN/inf
+    or None instead of a list): their scores are None, as if the function did not apply."""
+    errors: dict[str, str] = field(default_factory=dict)
+    """The first error of each function that failed, one line."""
 
 
 @dataclass
@@ -140,6 +149,9 @@ class TrainBatch:
     mask: list[bool] = field(default_factory=list)
     """False for completions that take no part in the loss (reward could not be computed);
     empty means all take part."""
+    engine_index: list[int] = field(default_factory=list)
+    """The engine that sampled each completion (`Rollout.engine_index`); when given, the learner
+    reports the probability gap of each engine's rows too."""
 
     def __len__(self) -> int:
         return len(self.completion_ids)

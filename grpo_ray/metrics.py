@@ -41,6 +41,8 @@ def step_metrics(batch: PromptBatch, rollout: Rollout, scores: Scores) -> dict[s
         valid = [v for v in values if v is not None]
         key = "reward" if name == "total" else f"reward/{name}"
         out[f"{key}/mean"], out[f"{key}/std"] = _mean(valid), _std(valid)
+        if name != "total":  # rows it raised, hung or returned NaN/inf on (0 on a good step)
+            out[f"{key}/failed"] = float(scores.failed.get(name, 0))
     golds = [batch.answers[i] for i in rollout.prompt_index]
     # judged the same way whatever rewards are configured: numeric match, fixed strict format
     out["accuracy"] = _mean([float(answers_match(extract_answer(t), g))

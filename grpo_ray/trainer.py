@@ -1,31 +1,23 @@
 """The driver: places the actors, then runs GRPO steps in order:
-generate -> score -> advantages -> update -> sync the adapter -> log.
+generate -> score -> advantages -> update -> sync the adapter (verified) -> log.
 
 The driver holds no model. It moves token ids and scores between actors, computes the
 group-relative advantages (cheap, and it is the only place that sees whole groups), and logs.
+Lost engines and reward workers are replaced where they are owned (`EngineGroup`, `RewardPool`);
+the loop only reports what they did. A stop (SIGINT, SIGTERM, or a failure the actors survive)
+checkpoints the last completed step first (`fit`).
 """
 from __future__ import annotations
 
 import math
 import time
 from pathlib import Path
-from typing import Any
 
-from grpo_ray.config import Config
+from grpo_ray.checkpoint import step_dir_name
+from grpo_ray.config import Config, UserError
 from grpo_ray.contracts import PromptBatch, Rollout, Sampling, Scores, TrainBatch
+from grpo_ray.faults import Interrupted, StopOnSignal
 from grpo_ray.metrics import StageTimer, sample_rows, step_metrics
-
-
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts, as `key: old -> new`."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
 
 
 class Trainer:
@@ -52,6 +44,7 @@ class Trainer:
         from grpo_ray.evaluation import held_out_batch, sanity_batch
         from grpo_ray.models.resolve import resolve_model_path
         from grpo_ray.reward.functions import get_reward_functions
+        from grpo_ray.weight_sync.probe import probe_sequence
 
         cfg = self.cfg
         get_reward_functions(cfg.reward.functions, cfg.reward.mode)
@@ -62,6 +55,9 @@ class Trainer:
                                       cfg.data.max_prompt_length, cfg.data.system_prompt,
                                       cfg.data.seed)
         self.eval_prompts = held_out_batch(cfg, tokenizer), sanity_batch(cfg, tokenizer)
+        self.data_state = self.prompts.state_dict()
+        """Data position after the last completed step: what a checkpoint records."""
+        self.probe_ids = probe_sequence(tokenizer)
         return self
 
     def setup(self) -> "Trainer":
@@ -73,6 +69,7 @@ class Trainer:
         from grpo_ray.rollout.worker import RolloutWorker
         from grpo_ray.tracking import Tracker
         from grpo_ray.weight_sync.broadcast import AdapterBroadcast
+        from grpo_ray.weight_sync.probe import attach_probe
 
         cfg = self.cfg
         if not hasattr(self, "prompts"):
@@ -84,11 +81,18 @@ class Trainer:
             RolloutWorker, [(self.model_path, cfg.rollout, cfg.engine_lora_rank, cfg.model.dtype,
                              cfg.algorithm.seed, i) for i in range(cfg.rollout.num_engines)])
         self.engines = self.actors.engines
+        self.engines.notify = self.print
         self.rewards = RewardPool(self.actors.reward_workers, cfg.reward.functions,
-                                  cfg.reward.timeout_s)
+                                  cfg.reward.timeout_s, start=self.actors.start_reward_worker,
+                                  max_restarts=cfg.cluster.max_restarts,
+                                  max_unscored_fraction=cfg.reward.max_unscored_fraction,
+                                  notify=self.print)
         self.broadcast = AdapterBroadcast()
         self.tracker = Tracker(cfg.logging, self.out, cfg.to_dict(), self.print,
                                total_steps=cfg.algorithm.total_steps)
+        if cfg.cluster.sync_probe:  # scored by engines and learner before any training
+            attach_probe(self.actors.learner, self.engines, self.probe_ids,
+                         cfg.cluster.sync_probe_tolerance)
         learner = ray.get(self.actors.learner.describe.remote())
         self.print(f"placed: {self.actors.plan.layout} layout, 1 learner ({learner}), "
                    f"{len(self.actors.engines)} rollout engine(s), "
@@ -119,7 +123,20 @@ class Trainer:
         return TrainBatch(rollout.prompt_ids, rollout.completion_ids, advantages.tolist(),
                           rollout.sampling_logprobs,
                           mask=loss_mask(scores.total, rollout.finish_reasons,
-                                         self.cfg.algorithm.mask_truncated_completions))
+                                         self.cfg.algorithm.mask_truncated_completions),
+                          engine_index=rollout.engine_index)
+
+    def sync(self) -> dict[str, float]:
+        """The new adapter to every engine, then the sync probe: each engine proves it serves
+        it (`weight_sync.probe`). Returns `sync/...` figures."""
+        from grpo_ray.weight_sync.probe import verify_sync
+
+        learner = self.actors.learner
+        out = {f"sync/{k}": v for k, v in
+               self.broadcast.sync(learner, self.engines, self.version).items()}
+        if self.cfg.cluster.sync_probe:
+            out.update(verify_sync(learner, self.engines, self.probe_ids))
+        return out
 
     def run_step(self) -> dict[str, float]:
         import ray
@@ -134,19 +151,23 @@ class Trainer:
         train_batch = self.train_batch(rollout, scores)
         with timer("update"):
             stats = ray.get(self.actors.learner.train_step.remote(train_batch))
-        self.version += 1
+        # the step is done once the learner took it: a stop from here on checkpoints it
+        self.version, self.step = self.version + 1, self.step + 1
+        self.data_state = self.prompts.state_dict()
         with timer("sync"):
-            sync = self.broadcast.sync(self.actors.learner, self.engines, self.version)
-        self.step += 1
+            sync = self.sync()
 
         metrics = step_metrics(batch, rollout, scores)
         metrics.update({f"learner/{k}": v for k, v in stats.items()})
-        metrics.update({f"sync/{k}": v for k, v in sync.items()})
+        metrics.update(sync)
         metrics.update(timer.times)
         metrics["time/step_s"] = time.perf_counter() - start
         metrics["rollout/tokens_per_s"] = (sum(len(c) for c in rollout.completion_ids)
                                            / metrics["time/generate_s"])
         metrics["adapter_version"] = float(self.version)
+        metrics.update({"faults/engine_restarts": float(self.engines.restarts),
+                        "faults/engine_repairs": float(self.engines.repairs),
+                        "faults/reward_worker_restarts": float(self.rewards.restarts)})
         self.tracker.log(metrics, self.step)
         self.tracker.log_samples(sample_rows(batch, rollout, scores,
                                              self.cfg.logging.samples_per_step), self.step)
@@ -154,23 +175,42 @@ class Trainer:
 
     # ---- the run -----------------------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:
+        """Evaluate, train to `algorithm.total_steps`, checkpoint, save the adapter, evaluate.
+
+        SIGINT/SIGTERM stop it after the step in flight with a checkpoint (`Interrupted`); so do
+        failures the learner survives (a reward error, an actor that cannot be brought back),
+        which are raised again once the last completed step is saved."""
         history = []
         save_every, eval_every = self.cfg.output.save_every, self.cfg.eval.every_steps
         total = self.cfg.algorithm.total_steps
-        if self.step == 0:  # a resumed run was evaluated before its first step already
-            self.evaluate("before")
-        while self.step < total:
-            history.append(self.run_step())
-            if save_every and self.step % save_every == 0:
-                self.save_checkpoint()
-            if eval_every and self.step % eval_every == 0 and self.step < total:
-                self.evaluate(f"step {self.step}")
-        if self.saved_step != self.step:
-            self.save_checkpoint()
-        self.save_adapter(self.out / "adapter")
-        self.evaluate("after")
+        with StopOnSignal(self.print) as stop:
+            try:
+                if self.step == 0:  # a resumed run was evaluated before its first step already
+                    self.evaluate("before")
+                while self.step < total and stop.signum is None:
+                    history.append(self.run_step())
+                    if save_every and self.step % save_every == 0:
+                        self.save_checkpoint()
+                    if eval_every and self.step % eval_every == 0 and self.step < total:
+                        self.evaluate(f"step {self.step}")
+            except UserError:  # a reward error, an actor lost for good: the learner is intact
+                self.save_checkpoint_if_new()
+                raise
+            if stop.signum is not None:
+                raise Interrupted(stop.signum, self.step, self.save_checkpoint_if_new())
+            self.save_checkpoint_if_new()
+            self.save_adapter(self.out / "adapter")
+            self.evaluate("after")
         self.print_evaluation()
         return history
+
+    def save_checkpoint_if_new(self) -> Path | None:
+        """Checkpoint the last completed step unless it is saved already (None before step 1)."""
+        if self.step == 0 or self.saved_step == self.step:
+            return self.checkpoints / step_dir_name(self.step) if self.step else None
+        path = self.save_checkpoint()
+        self.print(f"checkpoint of step {self.step} written to {path}")
+        return path
 
     def evaluate(self, tag: str) -> dict[str, float]:
         """Greedy answers of the held-out prompts and of the sanity question with the engines'
@@ -231,7 +271,7 @@ class Trainer:
         learner = self.actors.learner
         state, adapter = ray.get([learner.state_dict.remote(),
                                   learner.export_adapter.remote(self.version)])
-        trainer_state = {"adapter_version": self.version, "data": self.prompts.state_dict(),
+        trainer_state = {"adapter_version": self.version, "data": self.data_state,
                          "config": self.cfg.to_dict()}
         path = save_checkpoint(self.checkpoints, self.step, state, trainer_state, adapter,
                                keep=self.cfg.output.keep_checkpoints)
@@ -243,20 +283,21 @@ class Trainer:
         and the engines get the checkpoint's adapter. Call after `setup`."""
         import ray
 
-        from grpo_ray.checkpoint import load_checkpoint, truncate_jsonl
+        from grpo_ray.checkpoint import changed_keys, load_checkpoint, truncate_jsonl
 
         learner_state, state = load_checkpoint(path)
         ray.get(self.actors.learner.load_state_dict.remote(learner_state))
         self.prompts.load_state_dict(state["data"])
+        self.data_state = self.prompts.state_dict()
         self.step, self.version = state["step"], state["adapter_version"]
         self.saved_step = self.step
         if self.version > 0:  # engines start with the base model, version 0
-            self.broadcast.sync(self.actors.learner, self.engines, self.version)
+            self.sync()
         # rows a crashed run logged after its last checkpoint are logged again from here
         for name in ("metrics.jsonl", "completions.jsonl", "eval.jsonl"):
             truncate_jsonl(self.out / name, self.step)
         self.print(f"resumed from {path} at step {self.step}, adapter version {self.version}")
-        changed = _changed_keys(state.get("config", {}), self.cfg.to_dict())
+        changed = changed_keys(state.get("config", {}), self.cfg.to_dict())
         if changed:  # e.g. a longer run: the lr schedule is re-planned for the new total
             self.print(f"config differs from the checkpoint's: {', '.join(changed)}; the "
                        "learning-rate schedule follows this run's settings from step "

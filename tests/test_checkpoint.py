@@ -3,13 +3,15 @@ round trip, the CLI's guards, and the issue's test: a run resumed after 2 steps 
 completions and final adapter of an uninterrupted 3-step run."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
 import pytest
 import torch
 
-from grpo_ray.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint,
+from grpo_ray.checkpoint import (CheckpointError, check_checkpoint, latest_checkpoint,
+                                 load_checkpoint, resumable_checkpoint, save_checkpoint,
                                  truncate_jsonl)
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig, load_config
 from grpo_ray.contracts import AdapterPayload, TrainBatch
@@ -34,7 +36,14 @@ def save(root, step, keep=2):
 def test_save_then_load_round_trip(tmp_path):
     path = save(tmp_path, 7)
     assert path == tmp_path / "step-000007" and (tmp_path / "latest").read_text() == "step-000007\n"
-    assert sorted(p.name for p in path.iterdir()) == ["adapter", "learner.pt", "trainer_state.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["adapter", "learner.pt", "manifest.json",
+                                                      "trainer_state.json"]
+    manifest = json.loads((path / "manifest.json").read_text())["files"]
+    assert sorted(manifest) == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                                "learner.pt", "trainer_state.json"]
+    learner_pt = (path / "learner.pt").read_bytes()
+    assert manifest["learner.pt"] == {"bytes": len(learner_pt),
+                                      "sha256": hashlib.sha256(learner_pt).hexdigest()}
     assert sorted(p.name for p in (path / "adapter").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors"]
     learner, state = load_checkpoint(latest_checkpoint(tmp_path))
@@ -92,6 +101,61 @@ def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     assert not list(tmp_path.glob(".*"))
     with pytest.raises(FileNotFoundError, match="step-000008: not a complete checkpoint"):
         load_checkpoint(tmp_path / "step-000008")
+
+
+def test_a_damaged_checkpoint_is_named_and_resume_falls_back(tmp_path):
+    for step in (1, 2, 3):
+        save(tmp_path, step, keep=3)
+    newest = tmp_path / "step-000003"
+    assert resumable_checkpoint(tmp_path) == (newest, [])
+    size = (newest / "learner.pt").stat().st_size
+    with open(newest / "learner.pt", "r+b") as f:  # a copy cut short
+        f.truncate(size - 100)
+    with pytest.raises(CheckpointError, match=rf"step-000003/learner.pt: {size - 100} bytes, "
+                                              rf"the manifest says {size} \(truncated"):
+        check_checkpoint(newest)
+    path, skipped = resumable_checkpoint(tmp_path)
+    assert path == tmp_path / "step-000002"
+    assert skipped == [f"skipping a damaged checkpoint: {newest}/learner.pt: {size - 100} bytes, "
+                       f"the manifest says {size} (truncated or overwritten); resuming from "
+                       "step-000002"]
+    # the same size, other bytes: the checksum tells
+    state = tmp_path / "step-000002" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"step": 2', '"step": 9'))
+    with pytest.raises(CheckpointError, match="trainer_state.json: its SHA-256 differs"):
+        check_checkpoint(tmp_path / "step-000002")
+    assert resumable_checkpoint(tmp_path)[0] == tmp_path / "step-000001"
+    (tmp_path / "step-000001" / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be resumed: .*"
+                       r"step-000003/learner.pt: .*step-000002/trainer_state.json: .*"
+                       r"step-000001/adapter/adapter_model.safetensors: missing"):
+        resumable_checkpoint(tmp_path)
+    (newest / "manifest.json").write_text('{"files": ')  # cut mid-write
+    with pytest.raises(CheckpointError, match="step-000003/manifest.json: not a valid manifest"):
+        check_checkpoint(newest)
+    # written before manifests existed: read and loaded instead
+    legacy = save(tmp_path / "old", 4)
+    (legacy / "manifest.json").unlink()
+    check_checkpoint(legacy)
+    (legacy / "learner.pt").write_bytes((legacy / "learner.pt").read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="step-000004: .*without a manifest"):
+        check_checkpoint(legacy)
+
+
+def test_cli_names_the_damaged_file_before_ray_starts(tmp_path, capsys):
+    from grpo_ray.cli import main
+
+    out = tmp_path / "run"
+    path = save(out / "checkpoints", 2)
+    (path / "trainer_state.json").write_text("{")
+    assert main(["train", "--config", "configs/tiny-cpu.yaml", f"output.dir={out}",
+                 "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    size = json.loads((path / "manifest.json").read_text())["files"]["trainer_state.json"]["bytes"]
+    assert err == (f"checkpoint error: no checkpoint in {out / 'checkpoints'} can be resumed: "
+                   f"{path / 'trainer_state.json'}: 1 bytes, the manifest says {size} "
+                   "(truncated or overwritten)")
+    assert [p.name for p in out.iterdir()] == ["checkpoints"]  # not even the model was built
 
 
 def test_truncate_jsonl_in_place_for_an_append_mode_writer(tmp_path):

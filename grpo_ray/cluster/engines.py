@@ -1,16 +1,27 @@
-"""The rollout engines of a run as one group: the only place that calls an engine to generate.
+"""The rollout engines of a run as one group: the only place that calls an engine.
 
 `EngineGroup` owns the engine actors (placed by `cluster.placement`), splits a batch of prompts
-over them in even contiguous slices, gathers the parts with one `ray.get` and checks that every
-engine sampled with the adapter version the caller expects (in the manner of OpenRLHF's
-`RayActorGroup`). Evaluation, training and the adapter sync all go through it.
+over them in even contiguous slices, gathers the parts and checks that every engine sampled with
+the adapter version the caller expects (in the manner of OpenRLHF's `RayActorGroup`).
+Evaluation, training and the adapter sync all go through it, and so does fault handling, so
+that callers never branch on it:
+
+- an engine whose process died (during a generation, an adapter load or a probe) is started
+  again in its own placement bundle, gets the adapter every engine holds (and passes the sync
+  probe), and the lost call is repeated with the same arguments: sampling seeds come from the
+  caller, so the regenerated slice is what the lost engine would have returned;
+- after each sync, `verify` scores the sync probe on every engine; an engine whose log-probs
+  disagree with the learner's is reloaded, then replaced, then the run fails.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable
 
 from grpo_ray.contracts import PromptBatch, Rollout, Sampling
+from grpo_ray.faults import ActorLostError, first_line, is_lost_actor
+from grpo_ray.weight_sync.probe import SyncProbe, probe_gap
 
 
 def even_slices(n: int, parts: int) -> list[tuple[int, int]]:
@@ -29,67 +40,205 @@ def even_slices(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 class EngineGroup:
-    """Handles of the rollout engines (RolloutWorker actors), and how to start engine i again."""
+    """Handles of the rollout engines (RolloutWorker actors), and how to start engine i again.
+
+    `start(i)` starts engine i in its placement bundle (None: a lost engine ends the call with
+    ActorLostError). `max_restarts`: engines started again within one call before it fails;
+    `ready_timeout_s`: how long a replacement may take to start. `notify` receives one line per
+    fault handled (the trainer passes its printer)."""
 
     def __init__(self, engines: list[Any], start: Callable[[int], Any] | None = None,
-                 on_shutdown: Callable[[], None] | None = None) -> None:
+                 on_shutdown: Callable[[], None] | None = None, max_restarts: int = 2,
+                 ready_timeout_s: float = 600.0,
+                 notify: Callable[[str], None] = print) -> None:
         if not engines:
             raise ValueError("EngineGroup: needs at least one engine")
         self.engines = list(engines)
-        self._start = start
-        self._on_shutdown = on_shutdown
+        self._start, self._on_shutdown = start, on_shutdown
+        self.max_restarts, self.ready_timeout_s, self.notify = max_restarts, ready_timeout_s, notify
+        self.restarts = 0
+        """Engines started again over the group's life."""
+        self.repairs = 0
+        """Engines whose adapter was reloaded after they failed the sync probe."""
+        self._payload: Any = None  # the adapter every engine holds (None: the base model)
+        self._version = 0
+        self._probe: SyncProbe | None = None
+        self._engine_base: list[list[float]] = []  # each engine's probe log-probs at version 0
+        self._learner_now: list[float] | None = None  # the learner's, at the current version
 
     def __len__(self) -> int:
         return len(self.engines)
 
+    # ---- calls ---------------------------------------------------------------------------------
     def generate(self, batch: PromptBatch, sampling: Sampling,
                  expect_version: int | None = None) -> Rollout:
         """`sampling.n` completions of every prompt of `batch`, prompt-major, from all engines at
-        once. With `expect_version`, a RuntimeError when any engine sampled with another adapter
-        version (an engine that missed a sync must never train the learner silently)."""
-        import ray
+        once (`Rollout.engine_index` says which engine sampled each row). With
+        `expect_version`, a RuntimeError when any engine sampled with another adapter version
+        (an engine that missed a sync must never train the learner silently)."""
+        slices = even_slices(len(batch), len(self.engines))
 
-        refs = []
-        for engine, (a, b) in zip(self.engines, even_slices(len(batch), len(self.engines))):
+        def submit(k: int) -> Any:
+            a, b = slices[k]
             seed = None if sampling.seed is None else sampling.seed + a
-            refs.append(engine.generate.remote(batch.prompt_ids[a:b],
-                                               dataclasses.replace(sampling, seed=seed)))
-        parts = ray.get(refs)
+            return self.engines[k].generate.remote(batch.prompt_ids[a:b],
+                                                   dataclasses.replace(sampling, seed=seed))
+
+        parts = self._gather("generation", submit, range(len(slices)))
         if expect_version is not None:
             versions = [p.adapter_version for p in parts]
             if any(v != expect_version for v in versions):
                 raise RuntimeError(f"engines sampled with adapter versions {versions}, the "
                                    f"learner is at {expect_version}")
+        for k, part in enumerate(parts):
+            part.engine_index = [k] * len(part)
         return Rollout.concat(parts)
 
     def load_adapter(self, payload: Any) -> list[float]:
         """Load `payload` (an ObjectRef of one, so Ray ships it once per node) on every engine;
-        seconds each engine took."""
-        import ray
-
-        return ray.get([e.load_adapter.remote(payload) for e in self.engines])
-
-    def adapter_versions(self) -> list[int]:
-        import ray
-
-        return ray.get([e.adapter_version.remote() for e in self.engines])
-
-    def gpu_uuids(self) -> list[str | None]:
-        import ray
-
-        return ray.get([e.gpu_uuid.remote() for e in self.engines])
-
-    def lora_dtype(self) -> str:
-        import ray
-
-        return ray.get(self.engines[0].lora_dtype.remote())
+        seconds each engine took. The group keeps it for engines it starts later."""
+        # An engine lost during the load is replaced with the previous adapter (what the others
+        # still hold if this load fails), then loads this one like the rest.
+        times = self._gather("adapter load", lambda i: self.engines[i].load_adapter.remote(payload))
+        self._payload = payload
+        self._version = self.adapter_versions()[0]
+        return times
 
     def score(self, prompt_ids: list[list[int]],
               completion_ids: list[list[int]]) -> list[list[list[float]]]:
         """Every engine's log-probs of the same completions (`RolloutWorker.score`), per engine."""
+        return self._gather("scoring",
+                            lambda i: self.engines[i].score.remote(prompt_ids, completion_ids))
+
+    def adapter_versions(self) -> list[int]:
+        return self._gather("version query", lambda i: self.engines[i].adapter_version.remote())
+
+    def gpu_uuids(self) -> list[str | None]:
+        return self._gather("GPU query", lambda i: self.engines[i].gpu_uuid.remote())
+
+    def lora_dtype(self) -> str:
+        return self._gather("dtype query", lambda i: self.engines[i].lora_dtype.remote(), [0])[0]
+
+    # ---- the sync probe ------------------------------------------------------------------------
+    def set_probe(self, probe: SyncProbe) -> None:
+        """Score `probe` on every engine while they serve the base model (version 0): each
+        engine's reference for `verify`."""
+        base = self.score([probe.prompt_ids], [probe.completion_ids])  # a lost engine: no probe yet
+        self._probe, self._engine_base = probe, [s[0] for s in base]
+
+    def verify(self, learner_logprobs: list[float]) -> list[float]:
+        """After a sync: each engine's probe gap to `learner_logprobs` (the learner's log-probs of
+        the probe at the version just loaded). An engine beyond the probe's tolerance is reloaded
+        once, then replaced; one that still disagrees fails the run (ActorLostError)."""
+        probe = self._probe
+        if probe is None:
+            raise RuntimeError("EngineGroup.verify: no probe set (set_probe)")
+        self._learner_now = list(learner_logprobs)
+        gaps = [self._gap(i, s[0])
+                for i, s in enumerate(self.score([probe.prompt_ids], [probe.completion_ids]))]
+        for i, gap in enumerate(gaps):
+            if gap > probe.tolerance:
+                gaps[i] = self._repair(i, gap)
+        return gaps
+
+    def _gap(self, i: int, engine_logprobs: list[float]) -> float:
+        assert self._probe is not None and self._learner_now is not None
+        return probe_gap(engine_logprobs, self._engine_base[i], self._learner_now,
+                         self._probe.learner_base)
+
+    def _probe_engine(self, i: int) -> float:
         import ray
 
-        return ray.get([e.score.remote(prompt_ids, completion_ids) for e in self.engines])
+        p = self._probe
+        assert p is not None
+        return self._gap(i, ray.get(self.engines[i].score.remote([p.prompt_ids],
+                                                                  [p.completion_ids]))[0])
+
+    def _repair(self, i: int, gap: float) -> float:
+        import ray
+
+        tolerance = self._probe.tolerance  # type: ignore[union-attr]
+        what = (f"rollout engine {i} failed the sync probe at adapter version {self._version} "
+                f"(gap {gap:.3g} nats/token > cluster.sync_probe_tolerance={tolerance:g})")
+        try:
+            ray.get(self.engines[i].load_adapter.remote(self._payload, reload=True))
+            gap = self._probe_engine(i)
+        except Exception as e:  # noqa: BLE001 - whatever broke the reload, a restart follows
+            gap = float("inf")
+            what += f"; the reload failed ({first_line(e)})"
+        self.repairs += 1
+        if gap <= tolerance:
+            self.notify(f"{what}: adapter reloaded, gap now {gap:.3g}")
+            return gap
+        self.replace(i, what)  # verifies the replacement, or raises
+        return self._probe_engine(i)
+
+    # ---- lost engines --------------------------------------------------------------------------
+    def _gather(self, what: str, submit: Callable[[int], Any],
+                indices: Any = None) -> list[Any]:
+        """`submit(i)` (an ObjectRef) on engines `indices` (default all) at once, then the
+        results in that order. An engine whose process is gone is replaced and its call
+        submitted again, at most `max_restarts` times in this call."""
+        import ray
+
+        indices = list(range(len(self.engines)) if indices is None else indices)
+        results: dict[int, Any] = {}
+        pending, restarts = indices, 0
+        while pending:
+            refs = [submit(i) for i in pending]
+            ray.wait(refs, num_returns=len(refs))  # all done, results or errors
+            lost: list[tuple[int, BaseException]] = []
+            for i, ref in zip(pending, refs):
+                try:
+                    results[i] = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - sorted just below
+                    if not is_lost_actor(e):
+                        raise
+                    lost.append((i, e))
+            for i, e in lost:
+                restarts += 1
+                if restarts > self.max_restarts:
+                    raise ActorLostError(
+                        f"rollout engine {i} lost during {what} ({first_line(e)}) after "
+                        f"{self.max_restarts} restart(s) in the same call "
+                        "(cluster.max_restarts); see the Ray logs of its node") from None
+                self.replace(i, f"rollout engine {i} lost during {what} ({first_line(e)})")
+            pending = [i for i, _ in lost]
+        return [results[i] for i in indices]
+
+    def replace(self, i: int, reason: str) -> None:
+        """Start engine i again in its bundle, load the adapter the others hold, check it with
+        the sync probe, and say so through `notify`. ActorLostError when it cannot."""
+        import ray
+
+        if self._start is None:
+            raise ActorLostError(f"{reason}; this engine group cannot start engines")
+        start = time.perf_counter()
+        ray.kill(self.engines[i], no_restart=True)  # already dead, or failing the probe
+        self.engines[i] = engine = self._start(i)
+        p = self._probe
+        try:
+            ray.get(engine.__ray_ready__.remote(), timeout=self.ready_timeout_s)
+            if p is not None:
+                self._engine_base[i] = ray.get(engine.score.remote([p.prompt_ids],
+                                                                   [p.completion_ids]))[0]
+            if self._payload is not None:
+                ray.get(engine.load_adapter.remote(self._payload))
+            gap = self._probe_engine(i) if p is not None and self._learner_now else None
+        except Exception as e:  # noqa: BLE001 - any failure to come back ends the run
+            raise ActorLostError(f"{reason}; starting it again failed: {first_line(e)} "
+                                 f"(cluster.restart_timeout_s={self.ready_timeout_s:g})") from None
+        if gap is not None and p is not None and gap > p.tolerance:
+            raise ActorLostError(
+                f"{reason}; a new engine disagrees too (probe gap {gap:.3g} > "
+                f"cluster.sync_probe_tolerance={p.tolerance:g}): the engines do not serve the "
+                "learner's adapter (raise the tolerance if the engine and learner dtypes "
+                "differ more than it allows)")
+        self.restarts += 1
+        checked = "" if gap is None else f", sync probe gap {gap:.3g}"
+        self.notify(f"{reason}: started again in its placement bundle in "
+                    f"{time.perf_counter() - start:.1f} s with adapter version "
+                    f"{self._version}{checked}")
 
     def shutdown(self) -> None:
         import ray

@@ -10,7 +10,7 @@ Three layouts, chosen from the config and the cluster:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from grpo_ray.cluster.engines import EngineGroup
 from grpo_ray.config import Config, UserError
@@ -133,6 +133,8 @@ class Actors:
     reward_workers: list[Any]
     placement_group: Any
     plan: Plan
+    start_reward_worker: Callable[[], Any] | None = None
+    """Starts one more reward worker like the others (the pool's replacement of a lost one)."""
 
     def shutdown(self) -> None:
         import ray
@@ -149,7 +151,7 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     """Check the plan against the cluster, reserve one placement group for the learner and the
     engines, start them there, start the reward workers (plain CPU actors) and wait until all
     are ready. `engine_args[i]` are engine i's constructor arguments."""
-    from grpo_ray.reward.pool import build_reward_workers
+    from grpo_ray.reward.pool import build_reward_workers, reward_worker_starter
 
     import ray
 
@@ -157,19 +159,20 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     plan = plan_placement(cfg, _use_gpu(cfg, nodes))
     check_fits(plan, nodes)
     pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray")
-    engines = _engine_group(pg, plan, engine_cls, engine_args)
+    engines = _engine_group(cfg, pg, plan, engine_cls, engine_args)
     if plan.layout == "colocated":
         # vLLM sizes its KV cache from the GPU memory it sees free while it starts: let it
         # finish before the learner takes its share of the same GPU.
         ray.get([e.__ray_ready__.remote() for e in engines.engines])
     learner = ray.remote(learner_cls).options(
         **_actor_options(pg, plan.learner, plan.learner_bundle, "learner")).remote(*learner_args)
+    reward_env = {"env_vars": actor_env_vars(ACTOR_ENV, "reward")}
     rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
-                                   plan.reward["CPU"],
-                                   runtime_env={"env_vars": actor_env_vars(ACTOR_ENV, "reward")})
+                                   plan.reward["CPU"], runtime_env=reward_env)
     # constructors run remotely: surface their errors (a bad model path, say) here, at once
     ray.get([a.__ray_ready__.remote() for a in [learner, *engines.engines]])
-    return Actors(learner, engines, rewards, pg, plan)
+    return Actors(learner, engines, rewards, pg, plan, reward_worker_starter(
+        cfg.reward.functions, cfg.reward.mode, plan.reward["CPU"], reward_env))
 
 
 def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> EngineGroup:
@@ -186,7 +189,7 @@ def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> En
                 full.engine, 0, full.reward, [f"rollout engine {i}" for i in range(n)])
     check_fits(plan, nodes)
     pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray-engines")
-    group = _engine_group(pg, plan, engine_cls, engine_args,
+    group = _engine_group(cfg, pg, plan, engine_cls, engine_args,
                           on_shutdown=lambda: remove_placement_group(pg))
     try:
         ray.get([e.__ray_ready__.remote() for e in group.engines])
@@ -196,7 +199,7 @@ def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> En
     return group
 
 
-def _engine_group(pg: Any, plan: Plan, engine_cls: type, engine_args: list[tuple],
+def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_args: list[tuple],
                   on_shutdown: Any = None) -> EngineGroup:
     """The engines started in their bundles; the group can start engine i again in its own."""
     import ray
@@ -205,7 +208,9 @@ def _engine_group(pg: Any, plan: Plan, engine_cls: type, engine_args: list[tuple
         options = _actor_options(pg, plan.engine, plan.engine_bundles[i], f"rollout-{i}")
         return ray.remote(engine_cls).options(**options).remote(*engine_args[i])
 
-    return EngineGroup([start(i) for i in range(len(engine_args))], start, on_shutdown)
+    return EngineGroup([start(i) for i in range(len(engine_args))], start, on_shutdown,
+                       max_restarts=cfg.cluster.max_restarts,
+                       ready_timeout_s=cfg.cluster.restart_timeout_s)
 
 
 def _use_gpu(cfg: Config, nodes: list[dict[str, float]]) -> bool:

@@ -37,6 +37,7 @@ class _Prepared:
     padding_fraction: float
     separate_pass: bool  # old and reference log-probs computed before the update
     # (num_iterations > 1); else the update computes them (old = its own log-probs, detached)
+    order: list[int]  # the batch row of each micro-batch row, micro-batch after micro-batch
 
 
 class LearnerWorker:
@@ -106,16 +107,12 @@ class LearnerWorker:
         time_step = time.perf_counter() - start
         ref_in_update = 0.0 if prepared.separate_pass else time_ref
 
-        mbs = prepared.micro_batches
-        gap = ({"mean_abs_diff": 0.0, "kl": 0.0} if not prepared.num_tokens else probability_gap(
-            cat_padded([m.old_logp for m in mbs]), cat_padded([m.sampling_logp for m in mbs]),
-            cat_padded([m.mask for m in mbs])))
         flops = step_flops(tokens=sum(prepared.lengths), completion_tokens=prepared.num_tokens,
                            frozen=self._linear[0], trainable=self._linear[1],
                            lm_head=self._lm_head.weight.numel(), iterations=a.num_iterations,
                            old_pass=prepared.separate_pass, ref_pass=a.beta > 0)
-        return {**totals, "learning_rate": lr, "gap_mean_abs_diff": float(gap["mean_abs_diff"]),
-                "gap_kl": float(gap["kl"]), "num_tokens": float(prepared.num_tokens),
+        return {**totals, "learning_rate": lr, **_gaps(prepared, batch.engine_index),
+                "num_tokens": float(prepared.num_tokens),
                 "padding_fraction": prepared.padding_fraction,
                 # all no-grad log-prob passes (old and reference), wherever they ran
                 "time_logprobs_s": time_prepare + ref_in_update, "time_ref_s": time_ref,
@@ -160,7 +157,8 @@ class LearnerWorker:
                     if self.algorithm.beta:
                         mb.ref_logp = self._reference_logprobs(mb, ref_watch)
         return _Prepared(mbs, len(rows), sum(len(batch.completion_ids[i]) for i in rows),
-                         lengths, padding_fraction(lengths, plan), separate)
+                         lengths, padding_fraction(lengths, plan), separate,
+                         [rows[j] for mb in plan for j in mb])
 
     def _accumulate_gradients(self, prepared: _Prepared,
                               ref_watch: Stopwatch | None = None) -> dict[str, float]:
@@ -272,6 +270,25 @@ class LearnerWorker:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def _gaps(prepared: _Prepared, engine_index: list[int]) -> dict[str, float]:
+    """The rollout/learner probability gap of the batch (`gap_mean_abs_diff`, `gap_kl`) and,
+    with `engine_index`, of each engine's rows (`gap_kl/engine_<i>`, ...): an engine that
+    samples with other weights than the learner's stands out there."""
+    if not prepared.num_tokens:
+        return {"gap_mean_abs_diff": 0.0, "gap_kl": 0.0}
+    old, sampling, mask = (cat_padded([getattr(m, k) for m in prepared.micro_batches])
+                           for k in ("old_logp", "sampling_logp", "mask"))
+    groups = {"": torch.ones(len(prepared.order), dtype=torch.bool)}
+    if engine_index:
+        labels = torch.tensor([engine_index[i] for i in prepared.order])
+        groups.update({f"/engine_{e}": labels == e for e in sorted(set(labels.tolist()))})
+    out = {}
+    for suffix, rows in groups.items():
+        gap = probability_gap(*(t[rows.to(t.device)] for t in (old, sampling, mask)))
+        out[f"gap_mean_abs_diff{suffix}"], out[f"gap_kl{suffix}"] = gap["mean_abs_diff"], gap["kl"]
+    return out
+
+
 def _active_rows(batch: TrainBatch) -> list[int]:
     """Indices of the rows that take part in the loss, after checking the batch's shape."""
     n = len(batch.completion_ids)
@@ -279,8 +296,10 @@ def _active_rows(batch: TrainBatch) -> list[int]:
         if len(getattr(batch, name)) != n:
             raise ValueError(f"TrainBatch.{name} has {len(getattr(batch, name))} rows, "
                              f"completion_ids has {n}")
-    if batch.mask and len(batch.mask) != n:
-        raise ValueError(f"TrainBatch.mask has {len(batch.mask)} rows, completion_ids has {n}")
+    for name in ["mask", "engine_index"]:  # optional: empty, or one per row
+        if getattr(batch, name) and len(getattr(batch, name)) != n:
+            raise ValueError(f"TrainBatch.{name} has {len(getattr(batch, name))} rows, "
+                             f"completion_ids has {n}")
     rows = [i for i in range(n) if not batch.mask or batch.mask[i]]
     _check_prompts([batch.prompt_ids[i] for i in rows], rows)
     for i in rows:

@@ -1,88 +1,41 @@
 """The reward actor pool: completions are sharded over CPU actors that run the reward functions.
 
-Rewards run outside the driver so that a slow or hung user function cannot stall the loop
-unnoticed: the pool waits `timeout_s` for all shards at once and then fails the step, naming the
-functions still running.
+Rewards run outside the driver so that a slow, hung or crashing user function cannot stall or
+kill the loop. What a function cannot do becomes unscored rows (None, TRL's rule), counted per
+function in `Scores.failed`, with its first error in `Scores.errors`:
+- it raises, or returns NaN/inf or None instead of a list: those rows (its whole shard when it
+  raises) are unscored for that function;
+- it runs past `reward.timeout_s`: its worker is killed and replaced, and the shard is scored
+  again without it;
+- its worker's process dies: the worker is replaced and the shard scored again (at most
+  `max_restarts` times in one call).
+A wrong number of scores or a value that is not a number is a bug in the function, not a passing
+failure: it fails the step at once with the function's name. `unscored_error` says when a step
+has too few scored rows to train on (`reward.max_unscored_fraction`).
 """
 from __future__ import annotations
 
-import math
-import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayTaskError
 
-from grpo_ray.config import RewardFunctionConfig
+from grpo_ray.config import RewardFunctionConfig, UserError
 from grpo_ray.contracts import PromptBatch, Rollout, Scores
+from grpo_ray.faults import ActorLostError, first_line, is_lost_actor
 from grpo_ray.reward.functions import get_reward_functions
+from grpo_ray.reward.worker import RewardWorker, ShardScores
 
 # Calls a worker runs at once: one scoring call plus `running()`, which the pool asks after a
-# timeout (a hung call from an earlier step may still hold a thread).
+# timeout.
 _WORKER_CONCURRENCY = 4
 
 
-class RewardWorker:
-    """Runs every configured reward function on a shard of completions (a plain class:
-    `ray.remote` is applied where it is placed)."""
+class RewardError(UserError, RuntimeError):
+    """Too many rows of a step could not be scored; the message names the functions."""
 
-    def __init__(self, functions: list[RewardFunctionConfig], mode: str):
-        self.functions = get_reward_functions(functions, mode)
-        self._running: dict[int, str] = {}  # thread id -> name of the function it runs
-
-    def names(self) -> list[str]:
-        return [name for name, _, _ in self.functions]
-
-    def running(self) -> list[str]:
-        """Names of the functions being run now (asked by the pool after a timeout)."""
-        return sorted(set(self._running.values()))
-
-    def score(self, prompts: list, completions: list[str],
-              columns: dict[str, list]) -> dict[str, list[float | None]]:
-        """Each function's scores of `completions`, by name.
-
-        prompts: one chat (list of messages) per completion; columns: per-completion lists passed
-        as keyword arguments (`answer`, `question`, ...), like TRL's dataset columns."""
-        n = len(completions)
-        for key, values in [("prompts", prompts), *columns.items()]:
-            if len(values) != n:
-                raise ValueError(f"reward worker: column {key!r} has {len(values)} rows for "
-                                 f"{n} completions")
-        wrapped = [[{"role": "assistant", "content": text}] for text in completions]
-        out: dict[str, list[float | None]] = {}
-        me = threading.get_ident()
-        try:
-            for name, fn, _ in self.functions:
-                self._running[me] = name
-                try:
-                    scores = fn(prompts=prompts, completions=wrapped, **columns)
-                except Exception as e:
-                    raise RuntimeError(f"reward function {name!r} failed: "
-                                       f"{type(e).__name__}: {e}") from e
-                out[name] = _as_scores(scores, n, name)
-        finally:
-            self._running.pop(me, None)
-        return out
-
-
-def _as_scores(scores: Any, n: int, name: str) -> list[float | None]:
-    try:
-        values = list(scores)
-    except TypeError:
-        raise TypeError(f"reward function {name!r} returned {type(scores).__name__}, "
-                        "not a list of scores") from None
-    if len(values) != n:
-        raise ValueError(f"reward function {name!r} returned {len(values)} scores for "
-                         f"{n} completions")
-    out: list[float | None] = []
-    for v in values:
-        try:
-            f = None if v is None else float(v)
-        except (TypeError, ValueError):
-            raise TypeError(f"reward function {name!r} returned {v!r}, not a number or "
-                            "None") from None
-        out.append(None if f is None or math.isnan(f) else f)  # TRL writes None as NaN
-    return out
+    kind = "reward error"
 
 
 def _shards(n: int, parts: int) -> list[tuple[int, int]]:
@@ -98,15 +51,27 @@ def _shards(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 class RewardPool:
-    """Scores a step's rollout on the reward workers and sums the weighted functions."""
+    """Scores a step's rollout on the reward workers and sums the weighted functions.
+
+    `workers` is kept, not copied: a replaced worker takes its predecessor's place in the same
+    list, which the placement's `Actors` shuts down at the end. `start()` starts one more worker
+    (None: a lost or hung worker ends the step with ActorLostError). `notify` gets one line per
+    worker replaced and the first failure of each function; a step with more unscored rows than
+    `max_unscored_fraction` raises RewardError (`unscored_error`)."""
 
     def __init__(self, workers: list[ray.actor.ActorHandle],
-                 functions: list[RewardFunctionConfig], timeout_s: float):
+                 functions: list[RewardFunctionConfig], timeout_s: float,
+                 start: Callable[[], ray.actor.ActorHandle] | None = None, max_restarts: int = 2,
+                 max_unscored_fraction: float = 1.0, notify: Callable[[str], None] = print):
         if not workers:
             raise ValueError("reward pool: needs at least one worker")
         self.workers = workers
         self.weights = [float(f.weight) for f in functions]
-        self.timeout_s = timeout_s
+        self.timeout_s, self.max_unscored_fraction = timeout_s, max_unscored_fraction
+        self._start, self.max_restarts, self.notify = start, max_restarts, notify
+        self.restarts = 0
+        """Workers started again over the pool's life (lost or hung)."""
+        self._reported: set[str] = set()  # functions whose first failure was told
 
     def score(self, batch: PromptBatch, rollout: Rollout) -> Scores:
         """Per-function scores and weighted totals of every completion, prompt-major."""
@@ -123,38 +88,156 @@ class RewardPool:
                         "question": [batch.questions[i] for i in rows],
                         "completion_ids": rollout.completion_ids})
         shards = _shards(len(texts), len(self.workers))
-        refs = [w.score.remote(prompts[a:b], texts[a:b], {k: v[a:b] for k, v in columns.items()})
-                for w, (a, b) in zip(self.workers, shards)]
-        try:
-            parts = ray.get(refs, timeout=self.timeout_s)
-        except GetTimeoutError:
-            raise TimeoutError(f"reward pool: scoring {len(texts)} completions took longer than "
-                               f"reward.timeout_s={self.timeout_s:g} s (still running: "
-                               f"{self._still_running(len(shards))})") from None
-        except RayTaskError as e:  # surface the one-line error naming the function, not Ray's
-            raise e.cause from e
+
+        def call(k: int, skip: dict[str, str]) -> ray.ObjectRef:
+            a, b = shards[k]
+            return self.workers[k].score.remote(prompts[a:b], texts[a:b],
+                                                {c: v[a:b] for c, v in columns.items()}, skip)
+
+        parts = self._gather(call, shards)
         if not parts:
             return Scores(per_function={}, total=[])
-        names = list(parts[0])
-        if len(names) != len(self.weights):
-            raise ValueError(f"reward pool: workers run {len(names)} functions ({names}) but "
-                             f"{len(self.weights)} weights were given")
-        per_function = {name: [s for part in parts for s in part[name]] for name in names}
-        # TRL's rule: a function's None means it does not apply to the row; the row is
-        # unscorable (no advantage) only when no function scored it.
-        total = []
-        for i in range(len(texts)):
-            row = [(w, per_function[name][i]) for w, name in zip(self.weights, names)]
-            scored = [w * s for w, s in row if s is not None]
-            total.append(sum(scored) if scored else None)
-        return Scores(per_function=per_function, total=total)
+        scores = _merge(parts, self.weights)
+        for name in [n for n in scores.errors if n not in self._reported]:
+            self._reported.add(name)
+            self.notify(f"reward function {name!r} failed on {scores.failed[name]} of "
+                        f"{len(texts)} completions: {scores.errors[name]} (its rows are "
+                        f"unscored; counted in reward/{name}/failed, told once)")
+        problem = unscored_error(scores, self.max_unscored_fraction)
+        if problem:
+            raise RewardError(problem)
+        return scores
 
-    def _still_running(self, used: int) -> str:
+    def _gather(self, call: Callable[[int, dict[str, str]], ray.ObjectRef],
+                shards: list[tuple[int, int]]) -> list[ShardScores]:
+        """Every shard's scores: all calls at once, one wait of `timeout_s`; a hung or lost
+        worker is replaced and its shard scored again (after a hang, without the function that
+        hung)."""
+        results: dict[int, ShardScores] = {}
+        skip: dict[int, dict[str, str]] = {k: {} for k in range(len(shards))}
+        pending, lost = list(range(len(shards))), 0
+        while pending:
+            refs = {k: call(k, skip[k]) for k in pending}
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s)
+            retry = []
+            for k, ref in refs.items():
+                rows = shards[k][1] - shards[k][0]
+                if ref not in ready:
+                    hung = self._running(k)
+                    why = f"timed out after {self.timeout_s:g} s (reward.timeout_s)"
+                    for name in hung or self._names(results):
+                        skip[k].setdefault(name, why)
+                    self._replace(k, f"reward worker {k} ran {', '.join(hung) or 'its functions'} "
+                                     f"past reward.timeout_s={self.timeout_s:g} s; scoring its "
+                                     f"{rows} completions again without "
+                                     f"{', '.join(hung) or 'any function'}")
+                    retry.append(k)
+                    continue
+                try:
+                    results[k] = ray.get(ref)
+                except RayTaskError as e:  # the one-line error naming the function, not Ray's
+                    raise e.cause from e
+                except Exception as e:  # noqa: BLE001 - lost workers are retried, else raise
+                    if not is_lost_actor(e):
+                        raise
+                    lost += 1
+                    reason = f"reward worker {k} lost ({first_line(e)})"
+                    if lost > self.max_restarts:
+                        raise ActorLostError(f"{reason} after {self.max_restarts} restart(s) in "
+                                             "one step (cluster.max_restarts)") from None
+                    self._replace(k, f"{reason}; scoring its {rows} completions again")
+                    retry.append(k)
+            pending = retry
+        return [results[k] for k in range(len(shards))]
+
+    def _running(self, k: int) -> list[str]:
+        """The functions worker k runs now ([] when it does not answer)."""
         try:
-            names = ray.get([w.running.remote() for w in self.workers[:used]], timeout=2.0)
-        except GetTimeoutError:
-            return "unknown, the workers do not answer"
-        return ", ".join(sorted({n for part in names for n in part})) or "none"
+            return ray.get(self.workers[k].running.remote(), timeout=2.0)
+        except Exception:  # noqa: BLE001 - a worker stuck outside Python, or gone
+            return []
+
+    def _names(self, results: dict[int, ShardScores]) -> list[str]:
+        """Every function's name (from a finished shard, else from a worker)."""
+        for part in results.values():
+            return list(part.per_function)
+        for k in range(len(self.workers)):
+            try:
+                return ray.get(self.workers[k].names.remote(), timeout=2.0)
+            except Exception:  # noqa: BLE001 - try the next worker
+                continue
+        raise ActorLostError("reward pool: no worker answers")
+
+    def _replace(self, k: int, reason: str) -> None:
+        if self._start is None:
+            raise ActorLostError(f"{reason}; this pool cannot start workers")
+        start = time.perf_counter()
+        ray.kill(self.workers[k], no_restart=True)  # a hung call dies with its process
+        worker = self._start()
+        try:
+            ray.get(worker.names.remote(), timeout=max(60.0, self.timeout_s))
+        except Exception as e:  # noqa: BLE001 - cannot come back: the step fails
+            ray.kill(worker)
+            raise ActorLostError(f"{reason}; starting a new reward worker failed: "
+                                 f"{first_line(e)}") from None
+        self.workers[k] = worker
+        self.restarts += 1
+        self.notify(f"{reason} (new worker ready in {time.perf_counter() - start:.1f} s)")
+
+
+def _merge(parts: list[ShardScores], weights: list[float]) -> Scores:
+    """The shards' scores joined in row order, and the weighted totals."""
+    names = list(parts[0].per_function)
+    if len(names) != len(weights):
+        raise ValueError(f"reward pool: workers run {len(names)} functions ({names}) but "
+                         f"{len(weights)} weights were given")
+    per_function = {name: [s for part in parts for s in part.per_function[name]]
+                    for name in names}
+    failed = {name: sum(part.failed.get(name, 0) for part in parts) for name in names}
+    errors: dict[str, str] = {}
+    for part in parts:
+        for name, error in part.errors.items():
+            errors.setdefault(name, error)
+    # TRL's rule: a function's None means it does not apply to the row; the row is
+    # unscorable (no advantage) only when no function scored it.
+    total = []
+    for i in range(len(per_function[names[0]])):
+        scored = [w * per_function[name][i] for w, name in zip(weights, names)
+                  if per_function[name][i] is not None]
+        total.append(sum(scored) if scored else None)
+    return Scores(per_function=per_function, total=total,
+                  failed={k: v for k, v in failed.items() if v}, errors=errors)
+
+
+def unscored_error(scores: Scores, max_fraction: float) -> str | None:
+    """One line naming the functions when more than `max_fraction` of the step's completions
+    are unscored, or when one function failed on more than that fraction (even if others
+    scored those rows: a function that fails that often is broken, not unlucky); else None."""
+    n = len(scores.total)
+    unscored = sum(t is None for t in scores.total)
+    failing = {k: c for k, c in scores.failed.items() if c > max_fraction * n}
+    if not failing and unscored <= max_fraction * n:
+        return None
+    limit = f"reward.max_unscored_fraction={max_fraction:g}"
+    if failing:
+        return "; ".join(f"{name} failed on {c} of {n} completions ({scores.errors[name]})"
+                         for name, c in failing.items()) + f", more than {limit}"
+    culprits = ", ".join(f"{k} ({scores.errors[k]})" for k in scores.failed) or (
+        f"{', '.join(scores.per_function)} returned None for them")
+    return (f"{unscored} of {n} completions unscored, more than {limit}: {culprits}; raise "
+            "the fraction if your functions leave rows unscored by design")
+
+
+def reward_worker_starter(functions: list[RewardFunctionConfig], mode: str, num_cpus: float,
+                          runtime_env: dict[str, Any] | None = None
+                          ) -> Callable[[], ray.actor.ActorHandle]:
+    """A function that starts one reward actor (without waiting for it): how the pool is built
+    and how it replaces a lost or hung worker."""
+    options: dict[str, Any] = {"num_cpus": num_cpus, "max_concurrency": _WORKER_CONCURRENCY}
+    if runtime_env is not None:
+        options["runtime_env"] = runtime_env
+    actor = ray.remote(RewardWorker).options(**options)
+    return lambda: actor.remote(functions, mode)
 
 
 def build_reward_workers(functions: list[RewardFunctionConfig], mode: str, num_workers: int,
@@ -166,11 +249,8 @@ def build_reward_workers(functions: list[RewardFunctionConfig], mode: str, num_w
     message before any actor starts. `runtime_env` carries custom reward modules to the workers
     (e.g. `{"py_modules": [...]}` on a cluster)."""
     get_reward_functions(functions, mode)
-    options: dict[str, Any] = {"num_cpus": num_cpus, "max_concurrency": _WORKER_CONCURRENCY}
-    if runtime_env is not None:
-        options["runtime_env"] = runtime_env
-    actor = ray.remote(RewardWorker)
-    workers = [actor.options(**options).remote(functions, mode) for _ in range(num_workers)]
+    start = reward_worker_starter(functions, mode, num_cpus, runtime_env)
+    workers = [start() for _ in range(num_workers)]
     try:
         ray.get([w.names.remote() for w in workers], timeout=ready_timeout_s)
     except GetTimeoutError:

@@ -127,9 +127,9 @@ class RolloutWorker:
         """Version of the adapter the next `generate` samples with (0 = base model)."""
         return self.adapter.version
 
-    def load_adapter(self, payload: Any, from_file: bool = False) -> float:
+    def load_adapter(self, payload: Any, from_file: bool = False, reload: bool = False) -> float:
         """Make `payload` the adapter of the next `generate` (`VllmAdapterSlot.load`)."""
-        return self.adapter.load(payload, from_file)
+        return self.adapter.load(payload, from_file, reload)
 
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Rollout:
         """`sampling.n` completions of each prompt with the current adapter, prompt-major."""

@@ -130,8 +130,13 @@ class VllmMergedWeights:
         self.llm, self.model_path, self.device = llm, model_path, device
         self.version = 0
 
-    def load(self, payload: Any, from_file: bool = False) -> float:
-        if payload.version <= self.version:
+    def load(self, payload: Any, from_file: bool = False, reload: bool = False) -> float:
+        """Merge `payload` into the weights; `reload` merges the current version again (the
+        sync probe's repair: every merge starts from the pristine base)."""
+        if reload and payload.version != self.version:
+            raise ValueError(f"reload: adapter version {payload.version} is not the engine's "
+                             f"current version {self.version}")
+        if not reload and payload.version <= self.version:
             raise ValueError(f"adapter version {payload.version} is not newer than the engine's "
                              f"current version {self.version}")
         start = time.perf_counter()

@@ -42,12 +42,24 @@ class VllmAdapterSlot:
         # actor leaves its directory to the next engine started on the node).
         self.close = weakref.finalize(self, shutil.rmtree, self._root, True)
 
-    def load(self, payload: Any, from_file: bool = False) -> float:
+    def load(self, payload: Any, from_file: bool = False, reload: bool = False) -> float:
         """Make `payload` (any form with `version`, `peft_config`, `materialize(device)`) the
-        adapter of the next `generate`; returns the seconds it took."""
+        adapter of the next `generate`; returns the seconds it took. `reload` loads the current
+        version again (the sync probe's repair of an engine whose weights disagree)."""
         from vllm.lora.request import LoRARequest
 
-        if payload.version <= self.version:
+        engine = self.llm.llm_engine
+        if reload:
+            if payload.version != self.version or self.request is None:
+                raise ValueError(f"reload: adapter version {payload.version} is not the engine's "
+                                 f"current version {self.version}")
+            # vLLM holds one adapter per id: drop the suspect copy first (until the new one is
+            # in, the slot says version 0, so a failed reload cannot pass as version N)
+            engine.remove_lora(self.request.lora_int_id)
+            self.request, self.version = None, 0
+            # cached prefixes were computed with the suspect weights under the same adapter id
+            self.llm.reset_prefix_cache()
+        elif payload.version <= self.version:
             raise ValueError(f"adapter version {payload.version} is not newer than the engine's "
                              f"current version {self.version}")
         start = time.perf_counter()
@@ -57,7 +69,6 @@ class VllmAdapterSlot:
                              os.path.join(self._root, f"v{payload.version}"),
                              weights=not in_memory)
         request = LoRARequest(f"adapter-v{payload.version}", payload.version, str(path))
-        engine = self.llm.llm_engine
         added = (all(self.llm.collective_rpc(_add_lora_from_tensors, args=(request, tensors)))
                  if in_memory else engine.add_lora(request))
         if not added:
@@ -77,7 +88,10 @@ def _add_lora_from_tensors(worker: Any, request: Any, tensors: dict[str, Any]) -
     holds only the adapter's config)."""
     manager = worker.model_runner.lora_manager
     loader = manager._lora_model_cls
-    weights = {k: v.to(manager.device) for k, v in tensors.items()}
+    # The engine's own copy: vLLM scales lora_b in place when it activates an adapter
+    # (`LoRALayerWeights.optimize`), and on the CPU `tensors` are views of the object store's
+    # buffer, which every engine of the node (and any engine started later) reads.
+    weights = {k: v.to(manager.device, copy=True) for k, v in tensors.items()}
     accepted = inspect.signature(loader.from_lora_tensors).parameters
 
     class _FromTensors(loader):  # type: ignore[misc, valid-type]

@@ -152,6 +152,25 @@ def test_train_step_updates_only_the_adapter(tiny_model_path, batch):
     assert all(torch.equal(exported[n], lora1[n]) for n in lora1)
 
 
+def test_the_gap_of_each_engine_shows_the_one_that_sampled_other_weights(tiny_model_path,
+                                                                           batch):
+    """Rows 3-5 come from an engine that served the learner's own weights (its log-probs are the
+    learner's), rows 0-2 from one that did not: only engine 0's gap is large."""
+    import dataclasses
+
+    w = make_worker(tiny_model_path)
+    own = w.sequence_logprobs(batch.prompt_ids[3:], batch.completion_ids[3:])
+    mixed = dataclasses.replace(batch, sampling_logprobs=batch.sampling_logprobs[:3] + own,
+                                engine_index=[0, 0, 0, 1, 1, 1])
+    stats = w.train_step(mixed)
+    assert stats["gap_kl/engine_1"] < 1e-9 and stats["gap_mean_abs_diff/engine_1"] < 1e-5
+    assert stats["gap_kl/engine_0"] > 0.1 and stats["gap_mean_abs_diff/engine_0"] > 0.1
+    assert stats["gap_kl/engine_1"] < stats["gap_kl"] < stats["gap_kl/engine_0"]
+    with pytest.raises(ValueError, match="TrainBatch.engine_index has 2 rows, completion_ids "
+                                         "has 6"):
+        w.train_step(dataclasses.replace(batch, engine_index=[0, 1]))
+
+
 def test_zero_learning_rate_changes_nothing(tiny_model_path, batch):
     w = make_worker(tiny_model_path, learning_rate=0.0)
     lora0 = lora_params(w)

@@ -1,6 +1,10 @@
-"""The reward pool on a real local Ray: sharding, per-completion columns, totals, timeouts."""
+"""The reward pool on a real local Ray: sharding, per-completion columns, totals, and faults:
+functions that raise, hang or return NaN leave their rows unscored and counted; a worker killed
+with SIGKILL (from outside, or in the middle of a call) is replaced and its shard scored again."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import pytest
@@ -9,7 +13,10 @@ from grpo_ray.config import RewardFunctionConfig as R
 from grpo_ray.contracts import PromptBatch, Rollout
 from grpo_ray.data.prompts import chat_messages
 from grpo_ray.reward.functions import get_reward_functions
-from grpo_ray.reward.pool import RewardPool, RewardWorker, _shards, build_reward_workers
+from grpo_ray.contracts import Scores
+from grpo_ray.faults import ActorLostError
+from grpo_ray.reward.pool import (RewardError, RewardPool, RewardWorker, _shards,
+                                  build_reward_workers, reward_worker_starter, unscored_error)
 
 MODULE = "grpo_ray_pool_test_rewards"
 CUSTOM = '''
@@ -41,7 +48,23 @@ def broken(prompts, completions, **kwargs):
         return [float("nan")] * len(completions)
     if any("text" in c[0]["content"] for c in completions):
         return ["x"] * len(completions)
+    if any("none" in c[0]["content"] for c in completions):
+        return None
     return [0.0] * len(completions)
+
+def hang(prompts, completions, **kwargs):
+    if any("hang" in c[0]["content"] for c in completions):
+        time.sleep(600)
+    return [1.0] * len(completions)
+
+def die(prompts, completions, **kwargs):
+    """SIGKILLs its own worker process, once, when the test leaves the marker file."""
+    import os, signal
+    try:
+        os.remove(os.environ["GRPO_RAY_TEST_DIE_MARKER"])
+    except (KeyError, FileNotFoundError):
+        return [float(len(c[0]["content"])) for c in completions]
+    os.kill(os.getpid(), signal.SIGKILL)
 '''
 
 PERFECT = "<reasoning>\n{r}\n</reasoning>\n<answer>\n{a}\n</answer>\n"
@@ -103,18 +126,51 @@ def test_shards_are_contiguous_and_balanced():
 def test_worker_is_a_plain_class(custom_path):
     worker = RewardWorker([R(f"{MODULE}:broken"), R(f"{MODULE}:broken")], "fixed")
     assert worker.names() == ["broken", "broken_2"]
-    assert worker.score([[]], ["fine"], {}) == {"broken": [0.0], "broken_2": [0.0]}
-    with pytest.raises(RuntimeError, match="reward function 'broken' failed: "
-                                           "ZeroDivisionError: division by zero"):
-        worker.score([[]], ["boom"], {})
+    fine = worker.score([[]], ["fine"], {})
+    assert (fine.per_function, fine.failed, fine.errors) == (
+        {"broken": [0.0], "broken_2": [0.0]}, {}, {})
+    # a function's failure is its rows' failure, counted, with the error and where it was raised
+    boom = worker.score([[]] * 2, ["boom", "x"], {})
+    assert boom.per_function == {"broken": [None, None], "broken_2": [None, None]}
+    assert boom.failed == {"broken": 2, "broken_2": 2}
+    line = CUSTOM.splitlines().index('        raise ZeroDivisionError("division by zero")') + 1
+    assert boom.errors["broken"] == (f"raised ZeroDivisionError: division by zero at {MODULE}.py:"
+                                     f"{line}")
+    nan = worker.score([[]], ["nan"], {})
+    assert nan.per_function["broken"] == [None] and nan.failed["broken"] == 1
+    assert nan.errors["broken"] == "returned a non-finite score (nan)"
+    nothing = worker.score([[]], ["none"], {})
+    assert nothing.failed["broken"] == 1
+    assert nothing.errors["broken"] == "returned None instead of a list of scores"
+    skipped = worker.score([[]], ["fine"], {}, skip={"broken": "timed out"})
+    assert skipped.per_function == {"broken": [None], "broken_2": [0.0]}
+    assert skipped.errors == {"broken": "timed out"}
+    # a wrong count or a value that is no number is a bug in the function: at once
     with pytest.raises(ValueError, match="reward function 'broken' returned 0 scores for 1"):
         worker.score([[]], ["short"], {})
-    assert worker.score([[]], ["nan"], {}) == {"broken": [None], "broken_2": [None]}
     with pytest.raises(TypeError, match="reward function 'broken' returned 'x', not a number"):
         worker.score([[]], ["text"], {})
     with pytest.raises(ValueError, match="column 'answer' has 2 rows for 1 completions"):
         worker.score([[]], ["fine"], {"answer": ["1", "2"]})
     assert worker.running() == []
+
+
+def test_unscored_error_names_the_functions():
+    def scores(total, failed=None, errors=None):
+        return Scores({"a": [1.0] * len(total), "b": list(total)}, total, failed or {},
+                      errors or {})
+
+    assert unscored_error(scores([1.0] * 4), 0.5) is None
+    assert unscored_error(scores([None, None, 1.0, 1.0]), 0.5) is None  # at the limit
+    assert unscored_error(scores([None] * 3 + [1.0]), 0.5) == (
+        "3 of 4 completions unscored, more than reward.max_unscored_fraction=0.5: a, b returned "
+        "None for them; raise the fraction if your functions leave rows unscored by design")
+    # a function failing everywhere is named even when another one scored every row
+    nan = "returned a non-finite score (nan)"
+    assert unscored_error(scores([1.0] * 4, {"b": 4}, {"b": nan}), 0.5) == (
+        "b failed on 4 of 4 completions (returned a non-finite score (nan)), more than "
+        "reward.max_unscored_fraction=0.5")
+    assert unscored_error(scores([1.0] * 4, {"b": 4}, {"b": "x"}), 1.0) is None
 
 
 def test_pool_scores_equal_direct_calls(ray_local, custom_path):
@@ -155,17 +211,80 @@ def test_pool_scores_equal_direct_calls(ray_local, custom_path):
         ray_local.kill(w)
 
 
-def test_pool_timeout_and_failures_name_the_function(ray_local, custom_path):
-    functions = [R("xml_count"), R(f"{MODULE}:slow"), R(f"{MODULE}:broken")]
+def test_hung_and_raising_functions_leave_their_rows_unscored(ray_local, custom_path):
+    """A function hung past the timeout: its worker is killed and replaced, and its shard scored
+    again without it. A raising function: its shard's rows unscored. Both counted."""
+    functions = [R("xml_count"), R(f"{MODULE}:hang"), R(f"{MODULE}:broken")]
+    env = {"env_vars": {"PYTHONPATH": custom_path}}
     workers = build_reward_workers(functions, "seed-parity", num_workers=2, num_cpus=0.5,
-                                   runtime_env={"env_vars": {"PYTHONPATH": custom_path}})
-    pool = RewardPool(workers, functions, timeout_s=1.0)
-    batch, rollout = make_step(["sleep"] + ["x"] * 5)
-    with pytest.raises(TimeoutError, match=r"reward pool: scoring 6 completions took longer than "
-                                           r"reward.timeout_s=1 s \(still running: slow\)"):
-        pool.score(batch, rollout)
+                                   runtime_env=env)
+    lines: list[str] = []
+    pool = RewardPool(workers, functions, timeout_s=2.0, notify=lines.append,
+                      start=reward_worker_starter(functions, "seed-parity", 0.5, env))
+    batch, rollout = make_step(["hang"] + ["x"] * 4 + ["boom"])
+    first = workers[0]
+    scores = pool.score(batch, rollout)
+    assert scores.per_function["hang"] == [None] * 3 + [1.0] * 3
+    assert scores.per_function["broken"] == [0.0] * 3 + [None] * 3
+    assert scores.per_function["xml_count"] == direct_scores(
+        [R("xml_count")], "seed-parity", batch, rollout)["xml_count"]  # the rescored shard too
+    assert scores.failed == {"hang": 3, "broken": 3}
+    assert scores.errors["hang"] == "timed out after 2 s (reward.timeout_s)"
+    assert scores.errors["broken"].startswith("raised ZeroDivisionError: division by zero at ")
+    assert pool.restarts == 1 and workers[0] is not first  # replaced in the placement's list
+    assert lines[0].startswith(
+        "reward worker 0 ran hang past reward.timeout_s=2 s; scoring its 3 completions again "
+        "without hang (new worker ready in ")
+    assert lines[1:] == [
+        "reward function 'hang' failed on 3 of 6 completions: timed out after 2 s "
+        "(reward.timeout_s) (its rows are unscored; counted in reward/hang/failed, told once)",
+        f"reward function 'broken' failed on 3 of 6 completions: {scores.errors['broken']} (its "
+        "rows are unscored; counted in reward/broken/failed, told once)"]
+    # told once; a step where half the rows fail one function is at the default limit, more
+    # is an error that names the function
+    pool.max_unscored_fraction = 0.5
     batch, rollout = make_step(["x"] * 5 + ["boom"])
-    with pytest.raises(RuntimeError, match="reward function 'broken' failed: ZeroDivisionError"):
+    assert pool.score(batch, rollout).failed == {"broken": 3} and len(lines) == 3
+    pool.max_unscored_fraction = 0.4
+    with pytest.raises(RewardError, match=r"^broken failed on 3 of 6 completions \(raised "
+                                          r"ZeroDivisionError.*more than "
+                                          r"reward.max_unscored_fraction=0.4$"):
+        pool.score(batch, rollout)
+    with pytest.raises(ray_local.exceptions.RayActorError):  # the hung worker is gone
+        ray_local.get(first.names.remote())
+    for w in workers:
+        ray_local.kill(w)
+
+
+def test_killed_worker_is_replaced_and_its_shard_scored_again(ray_local, custom_path, tmp_path):
+    """kill -9 of a worker's process between two steps, and in the middle of a call: both
+    shards come back with the scores an undisturbed pool gives."""
+    marker = tmp_path / "die"
+    functions = [R("correctness"), R(f"{MODULE}:die")]
+    env = {"env_vars": {"PYTHONPATH": custom_path, "GRPO_RAY_TEST_DIE_MARKER": str(marker)}}
+    workers = build_reward_workers(functions, "fixed", num_workers=2, num_cpus=0.5,
+                                   runtime_env=env)
+    lines: list[str] = []
+    pool = RewardPool(workers, functions, timeout_s=60, max_restarts=1, notify=lines.append,
+                      start=reward_worker_starter(functions, "fixed", 0.5, env))
+    batch, rollout = make_step(TEXTS)
+    expected = pool.score(batch, rollout)
+    assert expected.per_function["die"] == [float(len(t)) for t in TEXTS] and not expected.failed
+
+    pid = ray_local.get(workers[1].__ray_call__.remote(lambda self: os.getpid()))
+    os.kill(pid, signal.SIGKILL)  # between steps
+    assert pool.score(batch, rollout) == expected
+    marker.touch()  # the next call of `die` kills its own process, mid-call
+    assert pool.score(batch, rollout) == expected and not marker.exists()
+    assert pool.restarts == 2 and len(lines) == 2
+    assert all(line.startswith("reward worker ") and " lost (ActorDiedError" in line
+               and "; scoring its 3 completions again (new worker ready in " in line
+               for line in lines)
+    # a crash loop is bounded: the one restart of a call is spent, the next loss fails the step
+    marker.touch()
+    pool.max_restarts = 0
+    with pytest.raises(ActorLostError, match=r"reward worker \d lost \(ActorDiedError.*after 0 "
+                                             r"restart\(s\) in one step \(cluster.max_restarts\)"):
         pool.score(batch, rollout)
     for w in workers:
         ray_local.kill(w)
