@@ -253,10 +253,31 @@ class AlgorithmConfig(_Section):
     """Divide advantages by the std of the group, of the batch, or not at all (Dr. GRPO)."""
     num_iterations: int = Field(1, ge=1)
     """Optimizer passes over each generated batch (GRPO's mu); the ratio is 1 on the first."""
-    importance_sampling_correction: bool = False
-    """Weight each token by min(p_learner_old / p_rollout, cap): truncated importance sampling
-    that corrects the rollout/learner probability gap."""
+    importance_sampling_correction: bool | None = None
+    """Weight each token by min(p_learner / p_rollout, cap), p_rollout being the engine's
+    probability under the adapter version it sampled with: truncated importance sampling that
+    corrects the rollout/learner probability gap and, one step off policy, the version the
+    batch is behind. None: on when `max_staleness` > 0, off otherwise (resolved when the config
+    loads)."""
     importance_sampling_cap: float = Field(2.0, ge=1)
+    max_staleness: int = Field(0, ge=0, le=1)
+    """0: on policy, each step runs generate -> score -> update -> sync in turn. 1: one step off
+    policy: while the learner trains on batch s, the engines generate batch s+1 with the adapter
+    they hold (version s), and the new adapter reaches them between generate calls, never inside
+    one; each batch is then at most one version behind the learner."""
+    filter_zero_variance_groups: bool = False
+    """DAPO's dynamic sampling: groups whose rewards are all equal carry no gradient; drop them
+    and fill the batch with groups of extra prompts (whole batches of the next prompts, at most
+    `max_refill_rounds`), so every update sees `rollout.prompts_per_step` groups that teach."""
+    max_refill_rounds: int = Field(2, ge=0)
+    """Extra batches generated at most per step to refill dropped groups (the bound on
+    over-generation); a step that is still short trains on the groups it has."""
+
+    @model_validator(mode="after")
+    def _resolve_importance_sampling(self) -> "AlgorithmConfig":
+        if self.importance_sampling_correction is None:  # resolved once, here
+            self.importance_sampling_correction = self.max_staleness > 0
+        return self
     mask_truncated_completions: bool = False
     """Leave completions cut at `rollout.max_completion_length` (finish reason `length`) out of
     the loss (TRL's option of the same name, from DAPO): a truncated text is no evidence of a

@@ -37,6 +37,24 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    def select(self, indices: list[int]) -> "PromptBatch":
+        """The prompts at `indices`, in that order."""
+        return PromptBatch([self.prompt_ids[i] for i in indices],
+                           [self.prompts[i] for i in indices],
+                           [self.answers[i] for i in indices],
+                           [self.questions[i] for i in indices],
+                           {k: [v[i] for i in indices] for k, v in self.columns.items()})
+
+    @staticmethod
+    def concat(parts: list["PromptBatch"]) -> "PromptBatch":
+        names = list(dict.fromkeys(k for p in parts for k in p.columns))
+        return PromptBatch([x for p in parts for x in p.prompt_ids],
+                           [x for p in parts for x in p.prompts],
+                           [x for p in parts for x in p.answers],
+                           [x for p in parts for x in p.questions],
+                           {k: [x for p in parts for x in p.columns.get(k, [None] * len(p))]
+                            for k in names})
+
 
 @dataclass
 class Sampling:
@@ -118,6 +136,23 @@ class Rollout:
             offset += (max(p.prompt_index) + 1) if p.prompt_index else 0
         return out
 
+    def rows_of(self, prompts: list[int]) -> list[int]:
+        """Rows (completions) of the prompts at `prompts`, group by group in that order."""
+        by_prompt: dict[int, list[int]] = {}
+        for row, p in enumerate(self.prompt_index):
+            by_prompt.setdefault(p, []).append(row)
+        return [row for p in prompts for row in by_prompt.get(p, [])]
+
+    def select_prompts(self, prompts: list[int]) -> "Rollout":
+        """The groups of the prompts at `prompts`, in that order, renumbered 0, 1, ..."""
+        rows = self.rows_of(prompts)
+        new_index = {p: k for k, p in enumerate(prompts)}
+        pick = lambda values: [values[r] for r in rows] if values else []  # noqa: E731
+        return Rollout([new_index[self.prompt_index[r]] for r in rows], pick(self.prompt_ids),
+                       pick(self.completion_ids), pick(self.completion_texts),
+                       pick(self.sampling_logprobs), pick(self.finish_reasons),
+                       self.adapter_version, pick(self.engine_index))
+
 
 @dataclass
 class Scores:
@@ -133,6 +168,25 @@ class Scores:
     or None instead of a list): their scores are None, as if the function did not apply."""
     errors: dict[str, str] = field(default_factory=dict)
     """The first error of each function that failed, one line."""
+
+    def select(self, rows: list[int]) -> "Scores":
+        """The scores of `rows`, in that order (failure counts and errors kept as they were)."""
+        return Scores({k: [v[r] for r in rows] for k, v in self.per_function.items()},
+                      [self.total[r] for r in rows], dict(self.failed), dict(self.errors))
+
+    @staticmethod
+    def concat(parts: list["Scores"]) -> "Scores":
+        """The scores of consecutive parts of one batch, joined in order."""
+        names = list(parts[0].per_function) if parts else []
+        failed: dict[str, int] = {}
+        errors: dict[str, str] = {}
+        for p in parts:
+            for k, c in p.failed.items():
+                failed[k] = failed.get(k, 0) + c
+            for k, e in p.errors.items():
+                errors.setdefault(k, e)
+        return Scores({k: [x for p in parts for x in p.per_function[k]] for k in names},
+                      [x for p in parts for x in p.total], failed, errors)
 
 
 @dataclass
@@ -152,6 +206,10 @@ class TrainBatch:
     engine_index: list[int] = field(default_factory=list)
     """The engine that sampled each completion (`Rollout.engine_index`); when given, the learner
     reports the probability gap of each engine's rows too."""
+    sampling_version: int | None = None
+    """Adapter version the completions were sampled with (`Rollout.adapter_version`): one
+    step older than the learner's in one-step-off mode. `sampling_logprobs` are that version's,
+    which the truncated importance weights correct for."""
 
     def __len__(self) -> int:
         return len(self.completion_ids)

@@ -1,5 +1,7 @@
 """The driver: places the actors, then runs GRPO steps in order:
-generate -> score -> advantages -> update -> sync the adapter (verified) -> log.
+generate -> score -> advantages -> update -> sync the adapter (verified) -> log
+(`rollout.source` produces each step's scored batch; one step off policy, the next batch is
+generated while the learner updates).
 
 The driver holds no model. It moves token ids and scores between actors, computes the
 group-relative advantages (cheap, and it is the only place that sees whole groups), and logs.
@@ -15,9 +17,10 @@ from pathlib import Path
 
 from grpo_ray.checkpoint import step_dir_name
 from grpo_ray.config import Config, UserError
-from grpo_ray.contracts import PromptBatch, Rollout, Sampling, Scores, TrainBatch
+from grpo_ray.contracts import TrainBatch
 from grpo_ray.faults import Interrupted, StopOnSignal
 from grpo_ray.metrics import StageTimer, sample_rows, step_metrics
+from grpo_ray.rollout.source import ScoredBatch
 
 
 class Trainer:
@@ -66,6 +69,7 @@ class Trainer:
         from grpo_ray.cluster.placement import place_actors
         from grpo_ray.learner.worker import LearnerWorker
         from grpo_ray.reward.pool import RewardPool
+        from grpo_ray.rollout.source import RolloutSource
         from grpo_ray.rollout.worker import RolloutWorker
         from grpo_ray.tracking import Tracker
         from grpo_ray.weight_sync.broadcast import AdapterBroadcast
@@ -87,6 +91,7 @@ class Trainer:
                                   max_restarts=cfg.cluster.max_restarts,
                                   max_unscored_fraction=cfg.reward.max_unscored_fraction,
                                   notify=self.print)
+        self.rollouts = RolloutSource(cfg, self.prompts, self.engines, self.rewards)
         self.broadcast = AdapterBroadcast()
         self.tracker = Tracker(cfg.logging, self.out, cfg.to_dict(), self.print,
                                total_steps=cfg.algorithm.total_steps)
@@ -100,22 +105,13 @@ class Trainer:
         return self
 
     # ---- one step ----------------------------------------------------------------------------
-    def generate(self, batch: PromptBatch) -> Rollout:
-        """Every prompt's group from the engines, sampled with the learner's current adapter.
-
-        Prompt j of step s samples with seed `base + s * prompts_per_step + j`, so a step's
-        completions are a function of the adapter, the prompts and the step: a resumed run
-        samples what an uninterrupted one did, whatever the number of engines."""
-        seed = self.cfg.algorithm.seed * 1_000_003 + self.step * len(batch)
-        return self.engines.generate(batch, Sampling.training(self.cfg.rollout, seed),
-                                     expect_version=self.version)
-
-    def train_batch(self, rollout: Rollout, scores: Scores) -> TrainBatch:
+    def train_batch(self, scored: ScoredBatch) -> TrainBatch:
         import torch
 
         from grpo_ray.algo.grpo import group_advantages
         from grpo_ray.algo.masking import loss_mask
 
+        rollout, scores = scored.rollout, scored.scores
         rewards = torch.tensor([math.nan if s is None else s for s in scores.total],
                                dtype=torch.float64)
         advantages = group_advantages(rewards, self.cfg.rollout.num_generations,
@@ -124,7 +120,7 @@ class Trainer:
                           rollout.sampling_logprobs,
                           mask=loss_mask(scores.total, rollout.finish_reasons,
                                          self.cfg.algorithm.mask_truncated_completions),
-                          engine_index=rollout.engine_index)
+                          engine_index=rollout.engine_index, sampling_version=scored.version)
 
     def sync(self) -> dict[str, float]:
         """The new adapter to every engine, then the sync probe: each engine proves it serves
@@ -139,31 +135,47 @@ class Trainer:
         return out
 
     def run_step(self) -> dict[str, float]:
+        """One step: this step's scored batch (prefetched one step off, else generated now),
+        the update, then the sync of the new adapter. One step off, the engines generate the
+        next step's batch while the learner updates, and the sync waits for them."""
         import ray
 
         timer = StageTimer()
         start = time.perf_counter()
-        batch = self.prompts.next_batch()
-        with timer("generate"):
-            rollout = self.generate(batch)
-        with timer("reward"):
-            scores = self.rewards.score(batch, rollout)
-        train_batch = self.train_batch(rollout, scores)
+        with timer("rollout"):  # on policy: generation and rewards; one step off: the wait
+            scored = self.rollouts.take(self.step)
+        staleness = self.version - scored.version
+        if not 0 <= staleness <= self.cfg.algorithm.max_staleness:
+            raise RuntimeError(f"step {self.step + 1} would train on adapter version "
+                               f"{scored.version}'s samples at version {self.version}, beyond "
+                               f"algorithm.max_staleness={self.cfg.algorithm.max_staleness}")
+        update = self.actors.learner.train_step.remote(self.train_batch(scored))
+        if self.cfg.algorithm.max_staleness and self.step + 1 < self.cfg.algorithm.total_steps:
+            self.rollouts.prefetch(self.step + 1)  # the engines still hold this version
         with timer("update"):
-            stats = ray.get(self.actors.learner.train_step.remote(train_batch))
+            stats = ray.get(update)
         # the step is done once the learner took it: a stop from here on checkpoints it
         self.version, self.step = self.version + 1, self.step + 1
+        with timer("wait_rollout"):
+            self.rollouts.complete()  # a sync never lands inside a generate call
         self.data_state = self.prompts.state_dict()
         with timer("sync"):
             sync = self.sync()
+        return self.log_step(scored, stats, sync, timer.times, staleness,
+                             time.perf_counter() - start)
 
+    def log_step(self, scored: ScoredBatch, stats: dict[str, float], sync: dict[str, float],
+                 times: dict[str, float], staleness: int, step_s: float) -> dict[str, float]:
+        batch, rollout, scores = scored.batch, scored.rollout, scored.scores
         metrics = step_metrics(batch, rollout, scores)
         metrics.update({f"learner/{k}": v for k, v in stats.items()})
         metrics.update(sync)
-        metrics.update(timer.times)
-        metrics["time/step_s"] = time.perf_counter() - start
+        metrics.update(scored.metrics)
+        metrics.update(times)
+        metrics["time/step_s"] = step_s
         metrics["rollout/tokens_per_s"] = (sum(len(c) for c in rollout.completion_ids)
-                                           / metrics["time/generate_s"])
+                                           / max(metrics["time/generate_s"], 1e-9))
+        metrics["rollout/staleness"] = float(staleness)
         metrics["adapter_version"] = float(self.version)
         metrics.update({"faults/engine_restarts": float(self.engines.restarts),
                         "faults/engine_repairs": float(self.engines.repairs),
@@ -272,7 +284,7 @@ class Trainer:
         state, adapter = ray.get([learner.state_dict.remote(),
                                   learner.export_adapter.remote(self.version)])
         trainer_state = {"adapter_version": self.version, "data": self.data_state,
-                         "config": self.cfg.to_dict()}
+                         "config": self.cfg.to_dict(), "prefetched": self.rollouts.state_dict()}
         path = save_checkpoint(self.checkpoints, self.step, state, trainer_state, adapter,
                                keep=self.cfg.output.keep_checkpoints)
         self.saved_step = self.step
@@ -289,6 +301,7 @@ class Trainer:
         ray.get(self.actors.learner.load_state_dict.remote(learner_state))
         self.prompts.load_state_dict(state["data"])
         self.data_state = self.prompts.state_dict()
+        self.rollouts.load_state_dict(state.get("prefetched"))
         self.step, self.version = state["step"], state["adapter_version"]
         self.saved_step = self.step
         if self.version > 0:  # engines start with the base model, version 0

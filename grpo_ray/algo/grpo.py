@@ -58,10 +58,20 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     elif scale == "batch":
         adv = adv / (_nanstd(rewards.view(1, -1)) + eps)
     # Groups with one distinct valid value carry no signal; exact zeros keep them out of the loss.
-    hi = torch.where(torch.isnan(groups), -torch.inf, groups).amax(dim=1, keepdim=True)
-    lo = torch.where(torch.isnan(groups), torch.inf, groups).amin(dim=1, keepdim=True)
-    adv = torch.where(hi == lo, torch.zeros_like(adv), adv)
+    adv = torch.where(zero_variance_groups(rewards, group_size).unsqueeze(1),
+                      torch.zeros_like(adv), adv)
     return torch.nan_to_num(adv, nan=0.0).view(-1)
+
+
+def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """(B,) rewards (NaN = unscored), prompt-major -> (B / group_size,) bool: the groups that
+    carry no gradient, because fewer than two of their rows are scored or every scored reward is
+    the same (their advantages are all 0). DAPO's dynamic sampling drops them."""
+    groups = rewards.view(-1, group_size)
+    valid = ~torch.isnan(groups)
+    hi = torch.where(valid, groups, -torch.inf).amax(dim=1)
+    lo = torch.where(valid, groups, torch.inf).amin(dim=1)
+    return (hi == lo) | (valid.sum(dim=1) < 2)
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from grpo_ray.contracts import PromptBatch, Rollout, Sampling
 from grpo_ray.faults import ActorLostError, first_line, is_lost_actor
@@ -37,6 +37,66 @@ def even_slices(n: int, parts: int) -> list[tuple[int, int]]:
             bounds.append((start, end))
         start = end
     return bounds
+
+
+class PendingGeneration:
+    """A generation in flight on every engine of a group, each on its even slice of the batch.
+
+    Slice k (prompts a..b) samples with seed `sampling.seed + a`, so a slice generated again by
+    a replacement engine is what the lost one would have returned."""
+
+    def __init__(self, group: "EngineGroup", batch: PromptBatch, sampling: Sampling) -> None:
+        self.group, self.batch, self.sampling = group, batch, sampling
+        self.slices = even_slices(len(batch), len(group.engines))
+        self._refs = {k: self._submit(k) for k in range(len(self.slices))}
+        self._restarts = 0
+
+    def _submit(self, k: int) -> Any:
+        a, b = self.slices[k]
+        seed = None if self.sampling.seed is None else self.sampling.seed + a
+        return self.group.engines[k].generate.remote(self.batch.prompt_ids[a:b],
+                                                     dataclasses.replace(self.sampling, seed=seed))
+
+    def arrivals(self) -> Iterator[tuple[int, Rollout]]:
+        """(k, part) for each slice k as soon as its engine returns it; an engine whose process
+        is gone is replaced and its slice generated again (at most `max_restarts` times)."""
+        import ray
+
+        while self._refs:
+            ready, _ = ray.wait(list(self._refs.values()), num_returns=1)
+            k = next(k for k, ref in self._refs.items() if ref == ready[0])
+            del self._refs[k]
+            try:
+                part = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - lost engines are replaced, else raise
+                if not is_lost_actor(e):
+                    raise
+                self._restarts += 1
+                if self._restarts > self.group.max_restarts:
+                    raise ActorLostError(
+                        f"rollout engine {k} lost during generation ({first_line(e)}) after "
+                        f"{self.group.max_restarts} restart(s) in the same call "
+                        "(cluster.max_restarts); see the Ray logs of its node") from None
+                self.group.replace(k, f"rollout engine {k} lost during generation "
+                                      f"({first_line(e)})")
+                self._refs[k] = self._submit(k)
+                continue
+            part.engine_index = [k] * len(part)
+            yield k, part
+
+    def result(self, expect_version: int | None = None) -> Rollout:
+        """Every slice, joined in prompt order (see `EngineGroup.generate`)."""
+        parts = dict(self.arrivals())
+        ordered = [parts[k] for k in range(len(self.slices))]
+        check_versions([p.adapter_version for p in ordered], expect_version)
+        return Rollout.concat(ordered)
+
+
+def check_versions(versions: list[int], expect: int | None) -> None:
+    """RuntimeError when an engine sampled with another adapter version than `expect`."""
+    if expect is not None and any(v != expect for v in versions):
+        raise RuntimeError(f"engines sampled with adapter versions {versions}, the learner is "
+                           f"at {expect}")
 
 
 class EngineGroup:
@@ -76,23 +136,12 @@ class EngineGroup:
         once (`Rollout.engine_index` says which engine sampled each row). With
         `expect_version`, a RuntimeError when any engine sampled with another adapter version
         (an engine that missed a sync must never train the learner silently)."""
-        slices = even_slices(len(batch), len(self.engines))
+        return self.submit(batch, sampling).result(expect_version)
 
-        def submit(k: int) -> Any:
-            a, b = slices[k]
-            seed = None if sampling.seed is None else sampling.seed + a
-            return self.engines[k].generate.remote(batch.prompt_ids[a:b],
-                                                   dataclasses.replace(sampling, seed=seed))
-
-        parts = self._gather("generation", submit, range(len(slices)))
-        if expect_version is not None:
-            versions = [p.adapter_version for p in parts]
-            if any(v != expect_version for v in versions):
-                raise RuntimeError(f"engines sampled with adapter versions {versions}, the "
-                                   f"learner is at {expect_version}")
-        for k, part in enumerate(parts):
-            part.engine_index = [k] * len(part)
-        return Rollout.concat(parts)
+    def submit(self, batch: PromptBatch, sampling: Sampling) -> "PendingGeneration":
+        """Start `generate` on every engine and return at once: the caller collects the parts
+        as they arrive (`PendingGeneration.arrivals`) or all together (`.result`)."""
+        return PendingGeneration(self, batch, sampling)
 
     def load_adapter(self, payload: Any) -> list[float]:
         """Load `payload` (an ObjectRef of one, so Ray ships it once per node) on every engine;

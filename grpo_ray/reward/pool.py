@@ -73,8 +73,10 @@ class RewardPool:
         """Workers started again over the pool's life (lost or hung)."""
         self._reported: set[str] = set()  # functions whose first failure was told
 
-    def score(self, batch: PromptBatch, rollout: Rollout) -> Scores:
-        """Per-function scores and weighted totals of every completion, prompt-major."""
+    def score(self, batch: PromptBatch, rollout: Rollout, check_unscored: bool = True) -> Scores:
+        """Per-function scores and weighted totals of every completion, prompt-major. With
+        `check_unscored`, RewardError when too many rows are unscored (`unscored_error`; a
+        caller scoring a step in parts checks the whole once)."""
         rows, texts = rollout.prompt_index, rollout.completion_texts
         if len(rows) != len(texts) or any(not 0 <= i < len(batch) for i in rows):
             raise ValueError(f"reward pool: rollout of {len(texts)} completions (prompt_index: "
@@ -103,7 +105,7 @@ class RewardPool:
             self.notify(f"reward function {name!r} failed on {scores.failed[name]} of "
                         f"{len(texts)} completions: {scores.errors[name]} (its rows are "
                         f"unscored; counted in reward/{name}/failed, told once)")
-        problem = unscored_error(scores, self.max_unscored_fraction)
+        problem = unscored_error(scores, self.max_unscored_fraction) if check_unscored else None
         if problem:
             raise RewardError(problem)
         return scores

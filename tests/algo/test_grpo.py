@@ -252,3 +252,19 @@ def test_probability_gap_hand_computed():
     assert gap["mean_abs_diff"] == pytest.approx(LN(2) / 2, abs=1e-12)
     assert gap["kl"] == pytest.approx((2 - LN(2) - 1) / 2, abs=1e-12)
     assert probability_gap(learner, sampling, torch.zeros(1, 3)) == {"mean_abs_diff": 0.0, "kl": 0.0}
+
+
+def test_zero_variance_groups_are_the_ones_without_a_gradient():
+    from grpo_ray.algo.grpo import zero_variance_groups
+
+    nan = float("nan")
+    rewards = torch.tensor([1.0, 1.0, 1.0,      # all equal
+                            0.0, 2.0, 2.0,      # varies
+                            nan, 3.0, nan,      # one scored row
+                            nan, 1.0, 1.0,      # scored rows equal
+                            nan, 0.5, 1.5,      # scored rows differ
+                            nan, nan, nan], dtype=torch.float64)
+    assert zero_variance_groups(rewards, 3).tolist() == [True, False, True, True, False, True]
+    adv = group_advantages(rewards, 3).view(-1, 3)
+    # exactly the groups it names get no advantage
+    assert ((adv == 0).all(dim=1) == zero_variance_groups(rewards, 3)).all()

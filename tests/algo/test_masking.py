@@ -24,7 +24,8 @@ def test_lengths_must_agree():
 
 def test_the_driver_masks_what_the_config_asks():
     from grpo_ray.config import load_config
-    from grpo_ray.contracts import Rollout, Scores
+    from grpo_ray.contracts import PromptBatch, Rollout, Scores
+    from grpo_ray.rollout.source import ScoredBatch
     from grpo_ray.trainer import Trainer
 
     rollout = Rollout(prompt_index=[0] * 4, prompt_ids=[[1]] * 4, completion_ids=[[2, 3]] * 4,
@@ -35,4 +36,5 @@ def test_the_driver_masks_what_the_config_asks():
                              (True, [True, False, False, False])):
         cfg = load_config("configs/tiny-cpu.yaml",
                           [f"algorithm.mask_truncated_completions={str(masked).lower()}"])
-        assert Trainer(cfg).train_batch(rollout, scores).mask == expected
+        scored = ScoredBatch(PromptBatch([[1]], [[]], ["1"], ["q"]), rollout, scores)
+        assert Trainer(cfg).train_batch(scored).mask == expected

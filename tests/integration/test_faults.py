@@ -128,9 +128,9 @@ def test_a_reward_that_returns_nan_everywhere_stops_the_run_with_a_checkpoint(ru
     for worker in b.actors.reward_workers:
         ray.kill(worker)
     b.actors.reward_workers[:] = build_reward_workers(functions, "fixed", 2, 0.25)
-    b.rewards = RewardPool(b.actors.reward_workers, functions, 60,
-                           max_unscored_fraction=b.cfg.reward.max_unscored_fraction,
-                           notify=lines.append)
+    b.rewards = b.rollouts.rewards = RewardPool(
+        b.actors.reward_workers, functions, 60,
+        max_unscored_fraction=b.cfg.reward.max_unscored_fraction, notify=lines.append)
     with pytest.raises(RewardError) as error:
         b.fit()
     assert str(error.value) == (

@@ -59,6 +59,8 @@ def head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
          f"--port={free_port()}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+         # its own agent port: the suite's local Ray, alive beside it, holds Ray's default one
+         f"--dashboard-agent-listen-port={free_port()}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
          f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
