@@ -6,8 +6,9 @@
 # setup: GPU, memory and versions into env.txt, and the model (random weights of Qwen2.5-3B's
 # shape) built at $MODEL (default /tmp/q3b) unless it is there. Logs and JSON go to $SUITE
 # (default outputs/gpu-suite); each part has a time limit and the next part runs regardless.
-# step-<learner>[-merged][-overlap]: benchmarks/grpo_step.py with learner.backend=<learner>
-# (peft or unsloth), rollout.merge_adapter when -merged, algorithm.max_staleness=1 when -overlap.
+# step-<learner>[-merged][-compare]: benchmarks/grpo_step.py with learner.backend=<learner>
+# (peft or unsloth), rollout.merge_adapter when -merged, and with -compare $STEPS more steps one
+# step off policy on the same actors (algorithm.max_staleness=1, importance sampling on in both).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD:$PWD/benchmarks:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
@@ -45,10 +46,11 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       backend=${label%%-*}
       extra=()
       [[ $label == *merged* ]] && extra+=(rollout.merge_adapter=true)
-      [[ $label == *overlap* ]] && extra+=(algorithm.max_staleness=1)
+      overlap=0
+      [[ $label == *compare* ]] && { overlap=$STEPS; extra+=(algorithm.importance_sampling_correction=true); }
       run "$part" "${STEP_LIMIT:-330}" python3 benchmarks/grpo_step.py --model "$MODEL" \
-        --steps "$STEPS" --sync-repeats "${SYNC_REPEATS:-3}" --json "$SUITE/$part.json" \
-        "learner.backend=$backend" "${extra[@]}";;
+        --steps "$STEPS" --overlap-steps "$overlap" --sync-repeats "${SYNC_REPEATS:-3}" \
+        --json "$SUITE/$part.json" "learner.backend=$backend" "${extra[@]}";;
     learn)
       TAIL=12 run learn "${LEARN_LIMIT:-420}" python3 scripts/learning_benchmark.py \
         --config configs/learn-gpu.yaml --eval-every 20 "output.dir=$SUITE/learn-gpu";;

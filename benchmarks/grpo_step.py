@@ -33,7 +33,9 @@ from common import ensure_model, print_environment  # noqa: E402
 STAGES = [("generate", "time/generate_s"), ("rewards", "time/reward_s"),
           ("no-grad log-probs", "learner/time_logprobs_s"), ("of which ref", "learner/time_ref_s"),
           ("update", "learner/time_update_s"), ("learner call", "time/update_s"),
-          ("sync", "time/sync_s"), ("step", "time/step_s"), ("padding", "learner/padding_fraction"),
+          ("wait for rollout", "time/wait_rollout_s"), ("sync", "time/sync_s"),
+          ("step", "time/step_s"), ("staleness", "rollout/staleness"),
+          ("padding", "learner/padding_fraction"),
           ("learner TFLOP/s", "learner/tflops_per_s"), ("MFU", "learner/mfu")]
 
 
@@ -73,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--sync-repeats", type=int, default=5,
                    help="syncs per transport after training (0: skip the comparison)")
+    p.add_argument("--overlap-steps", type=int, default=0,
+                   help="after --steps on policy, this many steps one step off policy "
+                   "(algorithm.max_staleness=1) on the same actors")
     p.add_argument("--rollout-repeats", type=int, default=3,
                    help="timed generations of a step's batch before and after training")
     p.add_argument("--reward", default="rewards_bench:sevens",
@@ -167,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     from grpo_ray.config import load_config
 
     out_dir = tempfile.mkdtemp(prefix="grpo-step-")
+    total = args.steps + args.overlap_steps
     cfg = load_config(args.config, [
-        f"model.path={args.model}", "data.source=synthetic", f"algorithm.total_steps={args.steps}",
+        f"model.path={args.model}", "data.source=synthetic", f"algorithm.total_steps={total}",
         f"rollout.max_completion_length={args.max_new_tokens}", f"output.dir={out_dir}",
         "logging.samples_per_step=0", f"reward.functions=[{{name: '{args.reward}'}}]",
         *args.overrides])
@@ -192,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             history, probes = [], [probe(trainer, fixed)]
             rates = {"version 0": generation_rate(trainer, args.rollout_repeats)}
             start = time.perf_counter()
-            while trainer.step < args.steps:
+            while trainer.step < total:
+                if trainer.step == args.steps:  # the same actors, now one step off policy
+                    trainer.cfg.algorithm.max_staleness = 1
                 history.append(trainer.run_step())
                 probes.append(probe(trainer, fixed))
             fit_s = time.perf_counter() - start
@@ -224,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
               + f" | {n:.0f} | {m['reward/std']:.3f} | {m['learner/peak_memory_gb']:.1f} | "
               f"{1000 * m['sync/total_s']:.0f} | {f['engine_vs_learner']:.4f} | "
               f"moved {f['learner_moved']:.4f}, off by {f['engine_change_off_by']:.4f} |")
+    if args.overlap_steps:
+        phases = {"on policy": history[1:args.steps], "one step off": history[args.steps + 1:]}
+        print("steady state (the first step of each phase left out): " + "; ".join(
+            f"{name}: step {statistics.median(m['time/step_s'] for m in ms):.2f} s, "
+            f"{statistics.median(c * m['completion_length'] / m['time/step_s'] for m in ms):,.0f}"
+            " completion tokens/s" for name, ms in phases.items() if ms
+            for c in [cfg.rollout.prompts_per_step * cfg.rollout.num_generations]))
     print(f"generation, output tokens/s (median of {args.rollout_repeats}): "
           + ", ".join(f"{k}: {v:,.0f}" for k, v in rates.items())
           + (" (version 0 of a merged engine is plain vLLM without LoRA)"

@@ -46,7 +46,7 @@ class Trainer:
         from grpo_ray.data.dataset import PromptIterator, load_rows, load_tokenizer
         from grpo_ray.evaluation import held_out_batch, sanity_batch
         from grpo_ray.models.resolve import resolve_model_path
-        from grpo_ray.reward.functions import get_reward_functions
+        from grpo_ray.reward.registry import get_reward_functions
         from grpo_ray.weight_sync.probe import probe_sequence
 
         cfg = self.cfg

@@ -21,10 +21,11 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayTaskError
 
+from grpo_ray.cluster.engines import even_slices
 from grpo_ray.config import RewardFunctionConfig, UserError
 from grpo_ray.contracts import PromptBatch, Rollout, Scores
 from grpo_ray.faults import ActorLostError, first_line, is_lost_actor
-from grpo_ray.reward.functions import get_reward_functions
+from grpo_ray.reward.registry import get_reward_functions
 from grpo_ray.reward.worker import RewardWorker, ShardScores
 
 # Calls a worker runs at once: one scoring call plus `running()`, which the pool asks after a
@@ -36,18 +37,6 @@ class RewardError(UserError, RuntimeError):
     """Too many rows of a step could not be scored; the message names the functions."""
 
     kind = "reward error"
-
-
-def _shards(n: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) row ranges, sizes differing by at most one, none empty."""
-    size, extra = divmod(n, parts)
-    bounds, start = [], 0
-    for k in range(parts):
-        end = start + size + (1 if k < extra else 0)
-        if end > start:
-            bounds.append((start, end))
-        start = end
-    return bounds
 
 
 class RewardPool:
@@ -89,7 +78,7 @@ class RewardPool:
         columns.update({"answer": [batch.answers[i] for i in rows],
                         "question": [batch.questions[i] for i in rows],
                         "completion_ids": rollout.completion_ids})
-        shards = _shards(len(texts), len(self.workers))
+        shards = even_slices(len(texts), len(self.workers))
 
         def call(k: int, skip: dict[str, str]) -> ray.ObjectRef:
             a, b = shards[k]

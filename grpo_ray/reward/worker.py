@@ -15,7 +15,7 @@ from typing import Any
 
 from grpo_ray.config import RewardFunctionConfig
 from grpo_ray.faults import first_line
-from grpo_ray.reward.functions import get_reward_functions
+from grpo_ray.reward.registry import get_reward_functions
 
 
 @dataclass

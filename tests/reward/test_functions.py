@@ -5,7 +5,8 @@ import pytest
 
 from grpo_ray.config import RewardFunctionConfig
 from grpo_ray.reward import functions as F
-from grpo_ray.reward.functions import get_reward_functions, parse_number
+from grpo_ray.reward.functions import parse_number
+from grpo_ray.reward.registry import MODES, get_reward_functions
 
 PERFECT = "<reasoning>\n9 + 9 = 18\n</reasoning>\n<answer>\n18\n</answer>\n"
 MULTILINE = "<reasoning>\nstep one\nstep two\n</reasoning>\n<answer>\n18\n</answer>\n"
@@ -234,6 +235,6 @@ def test_math_and_overlong_are_builtins_of_both_modes():
     from grpo_ray.reward.math import math_reward
 
     cfgs = [RewardFunctionConfig("math"), RewardFunctionConfig("overlong")]
-    for mode in F.MODES:
+    for mode in MODES:
         fns = [fn for _, fn, _ in get_reward_functions(cfgs, mode)]
         assert fns == [math_reward, F.overlong_penalty]

@@ -12,10 +12,10 @@ import pytest
 from grpo_ray.config import RewardFunctionConfig as R
 from grpo_ray.contracts import PromptBatch, Rollout
 from grpo_ray.data.prompts import chat_messages
-from grpo_ray.reward.functions import get_reward_functions
+from grpo_ray.reward.registry import get_reward_functions
 from grpo_ray.contracts import Scores
 from grpo_ray.faults import ActorLostError
-from grpo_ray.reward.pool import (RewardError, RewardPool, RewardWorker, _shards,
+from grpo_ray.reward.pool import (RewardError, RewardPool, RewardWorker,
                                   build_reward_workers, reward_worker_starter, unscored_error)
 
 MODULE = "grpo_ray_pool_test_rewards"
@@ -117,10 +117,12 @@ def direct_scores(functions: list[R], mode: str, batch: PromptBatch,
 
 
 def test_shards_are_contiguous_and_balanced():
-    assert _shards(6, 2) == [(0, 3), (3, 6)]
-    assert _shards(5, 2) == [(0, 3), (3, 5)]
-    assert _shards(1, 2) == [(0, 1)]
-    assert _shards(0, 2) == []
+    from grpo_ray.cluster.engines import even_slices  # engines and reward workers split alike
+
+    assert even_slices(6, 2) == [(0, 3), (3, 6)]
+    assert even_slices(5, 2) == [(0, 3), (3, 5)]
+    assert even_slices(1, 2) == [(0, 1)]
+    assert even_slices(0, 2) == []
 
 
 def test_worker_is_a_plain_class(custom_path):
