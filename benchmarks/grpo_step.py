@@ -233,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{1000 * m['sync/total_s']:.0f} | {f['engine_vs_learner']:.4f} | "
               f"moved {f['learner_moved']:.4f}, off by {f['engine_change_off_by']:.4f} |")
     if args.overlap_steps:
-        phases = {"on policy": history[1:args.steps], "one step off": history[args.steps + 1:]}
-        print("steady state (the first step of each phase left out): " + "; ".join(
+        # steady state: not the first step of a phase (it makes its own batch on the spot), nor
+        # the run's last (nothing left to prefetch while it trains)
+        phases = {"on policy": history[1:args.steps],
+                  "one step off": history[args.steps + 1:-1]}
+        print("steady state (first step of each phase and the last step left out): " + "; ".join(
             f"{name}: step {statistics.median(m['time/step_s'] for m in ms):.2f} s, "
             f"{statistics.median(c * m['completion_length'] / m['time/step_s'] for m in ms):,.0f}"
             " completion tokens/s" for name, ms in phases.items() if ms
