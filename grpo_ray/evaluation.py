@@ -160,6 +160,17 @@ def sanity_batch(cfg: Config, tokenizer: Any) -> PromptBatch:
     return prompt_batch(rows, tokenizer, cfg.data.max_prompt_length, cfg.data.system_prompt)
 
 
+def eval_line(tag: str, step: int, metrics: dict[str, float], cfg: Config) -> str:
+    """The one line training prints for an evaluation."""
+    e = cfg.eval
+    how = "greedy" if e.temperature == 0 else f"x {e.samples} at T={e.temperature:g}"
+    return (f"eval {tag} (step {step}, adapter version {metrics['adapter_version']:.0f}, "
+            f"{metrics['num_samples']:.0f} prompts {how}): accuracy "
+            f"{metrics['accuracy_numeric']:.3f} (exact {metrics['accuracy_exact']:.3f}), format "
+            f"strict {metrics['strict_format']:.3f} soft {metrics['soft_format']:.3f}, reasoning "
+            f"{metrics['reasoning_words_mean']:.1f} words, {metrics['time_s']:.1f} s")
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
     """One aligned line per evaluation metric present."""
     rows = [(label, metrics[key]) for key, label in TABLE if key in metrics]

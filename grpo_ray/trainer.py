@@ -225,11 +225,11 @@ class Trainer:
         return path
 
     def evaluate(self, tag: str) -> dict[str, float]:
-        """Greedy answers of the held-out prompts and of the sanity question with the engines'
-        current adapter. Metrics go to `eval.jsonl` (with the tag) and, as `eval/...` at the
-        current step, to TensorBoard / W&B; not to the console table or `metrics.jsonl`, whose
-        rows are training steps. Prints one line."""
-        from grpo_ray.evaluation import eval_sampling, evaluate, sanity_sampling
+        """Answers of the held-out prompts (`evaluation.eval_sampling`) and of the sanity question
+        with the engines' current adapter. Metrics go to `eval.jsonl` (with the tag) and, as
+        `eval/...` at the current step, to TensorBoard / W&B; not to the console table or
+        `metrics.jsonl`, whose rows are training steps. Prints one line."""
+        from grpo_ray.evaluation import eval_line, eval_sampling, evaluate, sanity_sampling
 
         held_out, sanity = self.eval_prompts
         start = time.perf_counter()
@@ -238,16 +238,7 @@ class Trainer:
         metrics["time_s"] = time.perf_counter() - start
         self.tracker.log_eval(metrics, self.step, tag)
         self.evals[tag] = metrics
-        e = self.cfg.eval
-        how = "greedy" if e.temperature == 0 else f"x {e.samples} at T={e.temperature:g}"
-        self.print(f"eval {tag} (step {self.step}, adapter version "
-                   f"{metrics['adapter_version']:.0f}, {metrics['num_samples']:.0f} prompts "
-                   f"{how}): "
-                   f"accuracy {metrics['accuracy_numeric']:.3f} (exact "
-                   f"{metrics['accuracy_exact']:.3f}), format strict "
-                   f"{metrics['strict_format']:.3f} soft {metrics['soft_format']:.3f}, "
-                   f"reasoning {metrics['reasoning_words_mean']:.1f} words, "
-                   f"{metrics['time_s']:.1f} s")
+        self.print(eval_line(tag, self.step, metrics, self.cfg))
         return metrics
 
     def print_evaluation(self) -> None:

@@ -9,10 +9,13 @@ whole-batch counts.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from grpo_ray.contracts import TrainBatch
 
 
 def plan_micro_batches(lengths: list[int], max_rows: int,
@@ -98,3 +101,33 @@ def cat_padded(parts: list[Tensor]) -> Tensor:
     """Stack (b_i, T_i) tensors into (sum b_i, max T_i), zero/False-padded on the right."""
     T = max(p.size(1) for p in parts)
     return torch.cat([torch.nn.functional.pad(p, (0, T - p.size(1))) for p in parts])
+
+
+def active_rows(batch: TrainBatch) -> list[int]:
+    """Indices of the rows that take part in the loss, after checking the batch's shape."""
+    n = len(batch.completion_ids)
+    for name in ["prompt_ids", "advantages", "sampling_logprobs"]:
+        if len(getattr(batch, name)) != n:
+            raise ValueError(f"TrainBatch.{name} has {len(getattr(batch, name))} rows, "
+                             f"completion_ids has {n}")
+    for name in ["mask", "engine_index"]:  # optional: empty, or one per row
+        if getattr(batch, name) and len(getattr(batch, name)) != n:
+            raise ValueError(f"TrainBatch.{name} has {len(getattr(batch, name))} rows, "
+                             f"completion_ids has {n}")
+    rows = [i for i in range(n) if not batch.mask or batch.mask[i]]
+    check_prompts([batch.prompt_ids[i] for i in rows], rows)
+    for i in rows:
+        if len(batch.sampling_logprobs[i]) != len(batch.completion_ids[i]):
+            raise ValueError(f"TrainBatch.sampling_logprobs[{i}] has "
+                             f"{len(batch.sampling_logprobs[i])} values for "
+                             f"{len(batch.completion_ids[i])} completion tokens")
+        if not math.isfinite(batch.advantages[i]):
+            raise ValueError(f"TrainBatch.advantages[{i}] is {batch.advantages[i]} on a row "
+                             "whose mask is True")
+    return rows
+
+
+def check_prompts(prompts: list[list[int]], rows: list[int] | range) -> None:
+    for p, i in zip(prompts, rows):
+        if not p:  # the first completion token needs a position to be predicted from
+            raise ValueError(f"prompt_ids[{i}] is empty")

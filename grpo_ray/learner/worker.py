@@ -20,8 +20,8 @@ from torch import Tensor
 from grpo_ray.algo.grpo import grpo_loss, probability_gap, truncated_is_weights
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
 from grpo_ray.contracts import TrainBatch
-from grpo_ray.learner.batching import (MicroBatch, cat_padded, pad_rows, padding_fraction,
-                                       plan_micro_batches)
+from grpo_ray.learner.batching import (MicroBatch, active_rows, cat_padded, check_prompts,
+                                       pad_rows, padding_fraction, plan_micro_batches)
 from grpo_ray.learner.logprobs import token_logprobs
 from grpo_ray.learner.model import load_policy
 from grpo_ray.learner.state import learner_state, load_learner_state
@@ -141,7 +141,7 @@ class LearnerWorker:
         """Pad the active rows into micro-batches; with num_iterations > 1 attach their old and
         reference log-probs (one pass, before any optimizer step)."""
         ref_watch = ref_watch or Stopwatch(self.device)
-        rows = _active_rows(batch)
+        rows = active_rows(batch)
         lengths = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in rows]
         plan = self._plan(lengths)
         mbs = [pad_rows([batch.prompt_ids[rows[j]] for j in mb],
@@ -224,7 +224,7 @@ class LearnerWorker:
                           completion_ids: list[list[int]]) -> list[list[float]]:
         """Log-probs of each completion token under the current adapter (no gradient), in the
         rows' order, micro-batched as the update is."""
-        _check_prompts(prompt_ids, range(len(prompt_ids)))
+        check_prompts(prompt_ids, range(len(prompt_ids)))
         out: list[list[float]] = [[] for _ in prompt_ids]
         with torch.no_grad():
             for plan in self._plan([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]):
@@ -287,33 +287,3 @@ def _gaps(prepared: _Prepared, engine_index: list[int]) -> dict[str, float]:
         gap = probability_gap(*(t[rows.to(t.device)] for t in (old, sampling, mask)))
         out[f"gap_mean_abs_diff{suffix}"], out[f"gap_kl{suffix}"] = gap["mean_abs_diff"], gap["kl"]
     return out
-
-
-def _active_rows(batch: TrainBatch) -> list[int]:
-    """Indices of the rows that take part in the loss, after checking the batch's shape."""
-    n = len(batch.completion_ids)
-    for name in ["prompt_ids", "advantages", "sampling_logprobs"]:
-        if len(getattr(batch, name)) != n:
-            raise ValueError(f"TrainBatch.{name} has {len(getattr(batch, name))} rows, "
-                             f"completion_ids has {n}")
-    for name in ["mask", "engine_index"]:  # optional: empty, or one per row
-        if getattr(batch, name) and len(getattr(batch, name)) != n:
-            raise ValueError(f"TrainBatch.{name} has {len(getattr(batch, name))} rows, "
-                             f"completion_ids has {n}")
-    rows = [i for i in range(n) if not batch.mask or batch.mask[i]]
-    _check_prompts([batch.prompt_ids[i] for i in rows], rows)
-    for i in rows:
-        if len(batch.sampling_logprobs[i]) != len(batch.completion_ids[i]):
-            raise ValueError(f"TrainBatch.sampling_logprobs[{i}] has "
-                             f"{len(batch.sampling_logprobs[i])} values for "
-                             f"{len(batch.completion_ids[i])} completion tokens")
-        if not math.isfinite(batch.advantages[i]):
-            raise ValueError(f"TrainBatch.advantages[{i}] is {batch.advantages[i]} on a row "
-                             "whose mask is True")
-    return rows
-
-
-def _check_prompts(prompts: list[list[int]], rows: list[int] | range) -> None:
-    for p, i in zip(prompts, rows):
-        if not p:  # the first completion token needs a position to be predicted from
-            raise ValueError(f"prompt_ids[{i}] is empty")

@@ -39,7 +39,11 @@ def record_batches(trainer) -> list[tuple[int, int]]:
 
     def recorded(scored):
         seen.append((trainer.version, scored.version))
-        return original(scored)
+        batch = original(scored)
+        # the loss gets the probabilities of the version each sample was drawn with
+        assert batch.sampling_version == scored.version
+        assert batch.sampling_logprobs is scored.rollout.sampling_logprobs
+        return batch
     trainer.train_batch = recorded
     return seen
 
