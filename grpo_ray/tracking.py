@@ -3,6 +3,8 @@ Biases when configured. The loop calls one `Tracker`; a sink that is off is simp
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -99,6 +101,13 @@ def on_terminal() -> bool:
     return all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr))
 
 
+def _width(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 class ProgressBar:
     """A bar over the run's steps with the headline figures, at the bottom of the terminal.
 
@@ -111,7 +120,11 @@ class ProgressBar:
         from tqdm import tqdm
 
         self.streams = sys.stdout, sys.stderr
-        self.bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=True,
+        # A terminal that reports no size (a pty without a window size, as `script` gives)
+        # would get a bar of 0 columns and rows, i.e. none: it gets shutil's fallback size.
+        size = None if _width(sys.stderr) > 0 else shutil.get_terminal_size()
+        self.bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=size is None,
+                        ncols=size and size.columns, nrows=size and size.lines,
                         file=sys.stderr)
         sys.stdout, sys.stderr = (_AboveBar(s, self.bar) for s in self.streams)
 

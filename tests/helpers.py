@@ -68,7 +68,8 @@ def run_in_terminal(cmd: list[str], timeout: float, env: dict | None = None,
     import time
 
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    rows = 50 if columns else 0  # columns 0: a terminal that reports no size at all
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env,
                             start_new_session=True)
     os.close(slave)

@@ -1,6 +1,8 @@
 """What a user sees: the console table, metrics.jsonl, TensorBoard events and the curves plot."""
 import json
 
+import pytest
+
 from grpo_ray.config import LoggingConfig
 from grpo_ray.tracking import ConsoleTable, Tracker
 
@@ -34,9 +36,11 @@ def test_tracker_writes_jsonl_tensorboard_samples_and_plot(tmp_path):
     assert len(lines) == 4  # header + 3 rows; no bar: the output is not a terminal
 
 
-def test_bar_on_a_terminal_with_lines_printed_above_it(tmp_path):
-    """Under a pseudo-terminal (as from a shell): the bar is drawn and redrawn, and the table,
-    and anything else printed meanwhile, reads as whole lines above it."""
+@pytest.mark.parametrize("columns", [150, 0], ids=["sized", "no window size"])
+def test_bar_on_a_terminal_with_lines_printed_above_it(tmp_path, columns):
+    """Under a pseudo-terminal (as from a shell; `script` gives one that reports no size): the
+    bar is drawn and redrawn, and the table, and anything else printed meanwhile, reads as whole
+    lines above it."""
     import re
     import sys
 
@@ -51,7 +55,7 @@ def test_bar_on_a_terminal_with_lines_printed_above_it(tmp_path):
         "    t.log(m, step)\n"
         "    print(f'eval line {step}', file=sys.stderr)\n"
         "t.close()\nprint('after the bar')\n")
-    code_rc, out = run_in_terminal([sys.executable, "-c", code], timeout=120)
+    code_rc, out = run_in_terminal([sys.executable, "-c", code], timeout=120, columns=columns)
     assert code_rc == 0, out
     table: list[str] = []  # what the same rows print without a terminal
     console = ConsoleTable(table.append)
@@ -60,7 +64,7 @@ def test_bar_on_a_terminal_with_lines_printed_above_it(tmp_path):
     header, expected = table[0], table[1:]
 
     # drawn, then redrawn over itself (carriage returns) at every step
-    drawn = re.findall(r"\rgrpo:\s+\d+%\|[^|]*\| (\d)/3 \[[^\]]*(?:step/s|s/step)", out)
+    drawn = re.findall(r"\rgrpo:\s+\d+%\|[^|]*\| (\d)/3 \[[^\]\r]*(?:step/s|s/step)", out)
     assert set(drawn) == {"0", "1", "2", "3"}, out
     shown = [line for line in screen_lines(out) if line.strip()]
     # the bar's last state stays under the last row; later lines print below it
