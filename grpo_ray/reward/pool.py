@@ -94,10 +94,15 @@ class RewardPool:
             self.notify(f"reward function {name!r} failed on {scores.failed[name]} of "
                         f"{len(texts)} completions: {scores.errors[name]} (its rows are "
                         f"unscored; counted in reward/{name}/failed, told once)")
-        problem = unscored_error(scores, self.max_unscored_fraction) if check_unscored else None
+        if check_unscored:
+            self.check_unscored(scores)
+        return scores
+
+    def check_unscored(self, scores: Scores) -> None:
+        """RewardError when a step has too many unscored rows (`unscored_error`)."""
+        problem = unscored_error(scores, self.max_unscored_fraction)
         if problem:
             raise RewardError(problem)
-        return scores
 
     def _gather(self, call: Callable[[int, dict[str, str]], ray.ObjectRef],
                 shards: list[tuple[int, int]]) -> list[ShardScores]:

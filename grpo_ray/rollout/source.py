@@ -95,11 +95,7 @@ class RolloutSource:
         else:
             metrics["dynamic/zero_variance_fraction"] = _zero_fraction(
                 scores, self.cfg.rollout.num_generations)
-        problem = _unscored_error(self.rewards, scores)
-        if problem:
-            from grpo_ray.reward.pool import RewardError
-
-            raise RewardError(problem)
+        self.rewards.check_unscored(scores)  # the whole batch, once (its parts were not)
         metrics["time/reward_s"] = reward_s
         self._ready, self._ready_step = ScoredBatch(batch, rollout, scores, metrics), step
 
@@ -196,9 +192,3 @@ def _varied_prompts(scores: Scores, group_size: int) -> list[int]:
 def _zero_fraction(scores: Scores, group_size: int) -> float:
     groups = len(scores.total) // group_size
     return 1 - len(_varied_prompts(scores, group_size)) / groups if groups else 0.0
-
-
-def _unscored_error(rewards: Any, scores: Scores) -> str | None:
-    from grpo_ray.reward.pool import unscored_error
-
-    return unscored_error(scores, rewards.max_unscored_fraction)
