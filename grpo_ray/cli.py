@@ -294,13 +294,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from grpo_ray.config import UserError
+    from grpo_ray.faults import EXIT_INFRA, InfraError
 
-    # what a user can fix (config, data, placement, export) gets one line naming the culprit
+    # what a user can fix (config, data, placement, export) gets one line naming the culprit;
+    # a failure of the machines gets one line too, and another exit code
     try:
         return args.run(args)
     except UserError as e:
         print(f"{e.kind}: {e}", file=sys.stderr)
         return 2
+    except InfraError as e:
+        print(f"{e.kind}: {e}", file=sys.stderr)
+        return EXIT_INFRA
 
 
 if __name__ == "__main__":

@@ -14,10 +14,20 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from grpo_ray.config import UserError
+class InfraError(RuntimeError):
+    """A failure of the machines, not of the user's input (an actor that cannot be brought back,
+    a sync the engines keep failing): the command line prints its one line and exits with
+    `EXIT_INFRA`, after the trainer has checkpointed the last completed step. Running the same
+    command again resumes from that checkpoint."""
+
+    kind = "infrastructure error"
 
 
-class ActorLostError(UserError, RuntimeError):
+EXIT_INFRA = 3
+"""Exit code of an infrastructure failure (bad input is 2, a signal 128 + its number)."""
+
+
+class ActorLostError(InfraError):
     """An actor could not be brought back (it died again and again, or its replacement did not
     start): the message says which, during what, and why."""
 

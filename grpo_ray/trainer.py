@@ -18,7 +18,7 @@ from pathlib import Path
 from grpo_ray.checkpoint import step_dir_name
 from grpo_ray.config import Config, UserError
 from grpo_ray.contracts import TrainBatch
-from grpo_ray.faults import Interrupted, StopOnSignal
+from grpo_ray.faults import InfraError, Interrupted, StopOnSignal
 from grpo_ray.metrics import StageTimer, sample_rows, step_metrics
 from grpo_ray.rollout.source import ScoredBatch
 
@@ -205,7 +205,8 @@ class Trainer:
                         self.save_checkpoint()
                     if eval_every and self.step % eval_every == 0 and self.step < total:
                         self.evaluate(f"step {self.step}")
-            except UserError:  # a reward error, an actor lost for good: the learner is intact
+            except (UserError, InfraError):  # a reward error, an actor lost for good: the
+                # learner is intact; what it learned is kept
                 self.save_checkpoint_if_new()
                 raise
             if stop.signum is not None:
