@@ -233,7 +233,7 @@ class LearnerConfig(_Section):
     tokens' log-probabilities."""
     num_gpus: float = Field(1.0, ge=0, le=1)
     """GPUs of the learner actor: 1, 0 on CPU, or with `cluster.colocate` the fraction of the
-    shared GPU it takes (the engine gets the rest). The learner computes on one device."""
+    shared GPU it takes (the engines split the rest). The learner computes on one device."""
     num_cpus: float = Field(1.0, ge=0)
 
 
@@ -388,9 +388,10 @@ class Config(_Section):
 
     @property
     def colocated_gpu_shares(self) -> tuple[float, float]:
-        """(learner, engine) fractions of the one GPU they share with `cluster.colocate`."""
+        """(learner, each engine) fractions of the one GPU they share with `cluster.colocate`:
+        the engines split what the learner leaves."""
         share = self.learner.num_gpus
-        return share, round(1 - share, 6)
+        return share, round((1 - share) / self.rollout.num_engines, 6)
 
     # ---- invariants between fields -----------------------------------------------------------
     @model_validator(mode="after")
@@ -434,8 +435,6 @@ class Config(_Section):
                      f"rollout.max_completion_length ({d.max_prompt_length} + "
                      f"{r.max_completion_length}): the longest row would not fit")
         if self.cluster.colocate:
-            _require(r.num_engines == 1, "rollout.num_engines",
-                     "must be 1 with cluster.colocate (one engine shares the learner's GPU)")
             _require(0 < lr.num_gpus < 1, "learner.num_gpus",
                      f"must be a fraction in (0, 1) with cluster.colocate (got {lr.num_gpus:g}): "
                      "the learner's share of the GPU it shares with the engine")

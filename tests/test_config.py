@@ -55,8 +55,6 @@ def test_overrides_apply_last_and_parse_yaml_values():
     (["rollout.max_model_len=100"], "rollout.max_model_len: 100 <"),
     (["rollout.max_lora_rank=4"], "rollout.max_lora_rank: 4 is below lora.r=8"),
     (["data.source=local"], "data.path: is required"),
-    (["cluster.colocate=true", "rollout.num_engines=2", "rollout.prompts_per_step=2"],
-     "rollout.num_engines: must be 1 with cluster.colocate"),
     (["reward.functions=[{weight: 2}]"], "reward.functions[0]"),
     (["rollout"], "an override must look like"),
 ])
@@ -139,6 +137,9 @@ def test_derived_values_are_computed_once_in_the_config():
     assert cfg.eval_split == cfg.data.eval_split and cfg.eval_max_tokens == 32
     one_gpu = load_config(Path("configs/qwen2.5-3b-gsm8k-1gpu.yaml"))
     assert one_gpu.colocated_gpu_shares == (0.5, 0.5)
+    two_engines = load_config(Path("configs/qwen2.5-3b-gsm8k-1gpu.yaml"),
+                              ["rollout.num_engines=2", "learner.num_gpus=0.4"])
+    assert two_engines.colocated_gpu_shares == (0.4, 0.3)
 
 
 def test_fields_are_documented_once_beside_them():

@@ -4,8 +4,8 @@ actors for the reward pool, and a start-up check that refuses what the cluster c
 Three layouts, chosen from the config and the cluster:
 - `cpu`: no GPUs anywhere (development, CI); bundles hold CPUs only.
 - `dedicated`: the learner on its own GPU(s), each engine on its own `gpus_per_engine` GPUs.
-- `colocated` (`cluster.colocate`): one GPU bundle shared by the learner and one engine through
-  fractional GPU resources; vLLM's `gpu_memory_utilization` bounds the engine's memory.
+- `colocated` (`cluster.colocate`): one GPU bundle shared by the learner and the engines through
+  fractional GPU resources; vLLM's `gpu_memory_utilization` bounds each engine's memory.
 """
 from __future__ import annotations
 
@@ -71,9 +71,10 @@ def plan_placement(cfg: Config, use_gpu: bool) -> Plan:
         learner_share, engine_share = cfg.colocated_gpu_shares
         learner = {"CPU": lr.num_cpus, "GPU": learner_share}
         engine = {"CPU": r.cpus_per_engine, "GPU": engine_share}
-        bundle = {"CPU": lr.num_cpus + r.cpus_per_engine, "GPU": 1.0}
-        return Plan("colocated", [bundle], 0, learner, [0], engine, cfg.reward.num_workers,
-                    reward, ["learner + rollout engine 0 (shared GPU)"])
+        bundle = {"CPU": lr.num_cpus + r.cpus_per_engine * r.num_engines, "GPU": 1.0}
+        return Plan("colocated", [bundle], 0, learner, [0] * r.num_engines, engine,
+                    cfg.reward.num_workers, reward,
+                    [f"learner + {r.num_engines} rollout engine(s) (shared GPU)"])
     learner = {"CPU": lr.num_cpus, "GPU": 1.0}  # the learner computes on one device
     engine = {"CPU": r.cpus_per_engine, "GPU": float(r.gpus_per_engine)}
     bundles = [dict(learner)] + [dict(engine) for _ in range(r.num_engines)]
@@ -159,11 +160,10 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     plan = plan_placement(cfg, _use_gpu(cfg, nodes))
     check_fits(plan, nodes)
     pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray")
-    engines = _engine_group(cfg, pg, plan, engine_cls, engine_args)
-    if plan.layout == "colocated":
-        # vLLM sizes its KV cache from the GPU memory it sees free while it starts: let it
-        # finish before the learner takes its share of the same GPU.
-        ray.get([e.__ray_ready__.remote() for e in engines.engines])
+    # vLLM sizes its KV cache from the GPU memory it sees free while it starts: on a shared GPU
+    # each engine finishes starting before the next one, and all before the learner
+    engines = _engine_group(cfg, pg, plan, engine_cls, engine_args,
+                            one_by_one=plan.layout == "colocated")
     learner = ray.remote(learner_cls).options(
         **_actor_options(pg, plan.learner, plan.learner_bundle, "learner")).remote(*learner_args)
     reward_env = {"env_vars": actor_env_vars(ACTOR_ENV, "reward")}
@@ -200,15 +200,21 @@ def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> En
 
 
 def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_args: list[tuple],
-                  on_shutdown: Any = None) -> EngineGroup:
-    """The engines started in their bundles; the group can start engine i again in its own."""
+                  on_shutdown: Any = None, one_by_one: bool = False) -> EngineGroup:
+    """The engines started in their bundles (`one_by_one`: each ready before the next starts);
+    the group can start engine i again in its own."""
     import ray
 
     def start(i: int) -> Any:
         options = _actor_options(pg, plan.engine, plan.engine_bundles[i], f"rollout-{i}")
         return ray.remote(engine_cls).options(**options).remote(*engine_args[i])
 
-    return EngineGroup([start(i) for i in range(len(engine_args))], start, on_shutdown,
+    engines = []
+    for i in range(len(engine_args)):
+        engines.append(start(i))
+        if one_by_one:
+            ray.get(engines[-1].__ray_ready__.remote())
+    return EngineGroup(engines, start, on_shutdown,
                        max_restarts=cfg.cluster.max_restarts,
                        ready_timeout_s=cfg.cluster.restart_timeout_s)
 

@@ -34,6 +34,14 @@ def test_colocated_plan_shares_one_gpu():
     assert plan.engine_bundles == [0] and plan.learner_bundle == 0
 
 
+def test_colocated_plan_puts_every_engine_on_the_shared_gpu():
+    plan = plan_placement(cfg("cluster.colocate=true", "learner.num_gpus=0.4",
+                              "rollout.num_engines=2", "rollout.prompts_per_step=2"), use_gpu=True)
+    assert len(plan.bundles) == 1 and plan.engine_bundles == [0, 0]
+    assert plan.learner["GPU"] + 2 * plan.engine["GPU"] == pytest.approx(1.0)
+    assert plan.bundles[0]["CPU"] == pytest.approx(plan.learner["CPU"] + 2 * plan.engine["CPU"])
+
+
 def test_check_fits_refuses_too_few_gpus_with_what_is_missing():
     plan = plan_placement(cfg("rollout.num_engines=2", "learner.num_gpus=1"), use_gpu=True)
     with pytest.raises(PlacementError) as e:
