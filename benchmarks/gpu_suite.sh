@@ -6,6 +6,8 @@
 # setup: GPU, memory and versions into env.txt, and the model (random weights of Qwen2.5-3B's
 # shape) built at $MODEL (default /tmp/q3b) unless it is there. Logs and JSON go to $SUITE
 # (default outputs/gpu-suite); each part has a time limit and the next part runs regardless.
+# learn-<learner>: 200 steps of configs/learn-gpu.yaml, checked (benchmarks/reliability_gpu.py);
+# multi-engine, faults: an engine killed beside another on the GPU; sync faults injected.
 # step-<learner>[-merged][-compare]: benchmarks/grpo_step.py with learner.backend=<learner>
 # (peft or unsloth), rollout.merge_adapter when -merged, and with -compare $STEPS more steps one
 # step off policy on the same actors (algorithm.max_staleness=1, importance sampling on in both).
@@ -51,12 +53,21 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       run "$part" "${STEP_LIMIT:-330}" python3 benchmarks/grpo_step.py --model "$MODEL" \
         --steps "$STEPS" --overlap-steps "$overlap" --sync-repeats "${SYNC_REPEATS:-3}" \
         --json "$SUITE/$part.json" "learner.backend=$backend" "${extra[@]}";;
+    learn-peft|learn-unsloth)  # 200 steps of configs/learn-gpu.yaml, its own settings
+      TAIL=12 run "$part" "${LEARN_LIMIT:-900}" python3 scripts/learning_benchmark.py \
+        --config configs/learn-gpu.yaml --eval-every 50 "output.dir=$SUITE/$part" \
+        "algorithm.total_steps=${LEARN_STEPS:-200}" "learner.backend=${part#learn-}"
+      # fails unless held-out accuracy rose by 0.3 and no engine was replaced or repaired
+      run "$part-check" 60 python3 benchmarks/reliability_gpu.py learn-check "$SUITE/$part" \
+        --json "$SUITE/reliability.jsonl";;
     learn)
-      TAIL=12 run learn "${LEARN_LIMIT:-420}" python3 scripts/learning_benchmark.py \
-        --config configs/learn-gpu.yaml --eval-every 20 "output.dir=$SUITE/learn-gpu";;
+      "$0" learn-peft learn-unsloth;;
+    multi-engine|faults)  # benchmarks/reliability_gpu.py: an engine killed; sync faults injected
+      run "$part" "${FAULTS_LIMIT:-600}" python3 benchmarks/reliability_gpu.py "$part" "output.dir=$SUITE/$part" \
+        --json "$SUITE/reliability.jsonl";;
     rollout)
       run rollout "${ROLLOUT_LIMIT:-540}" python3 benchmarks/rollout_throughput.py \
         --model "$MODEL" --json "$SUITE/rollout.json" ${ROLLOUT_ARGS:-};;
-    *) echo "unknown part $part (setup, tests, step-*, learn, rollout)"; exit 2;;
+    *) echo "unknown part $part (setup, tests, step-*, learn[-peft|-unsloth], multi-engine, faults, rollout)"; exit 2;;
   esac
 done
