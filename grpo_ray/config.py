@@ -153,13 +153,19 @@ BUILTIN_REWARDS = ("correctness", "integer", "strict_format", "soft_format", "xm
                    "overlong")
 """Names of the built-in rewards (grpo_ray/reward/functions.py)."""
 _BUILTIN_KWARGS = {"math": ("timeout_s",), "overlong": ("max_completion_len", "soft_punish_cache")}
+TRL_PREFIX = "trl:"
+"""`trl:NAME` names a reward function of `trl.rewards` (grpo_ray/reward/registry.py)."""
+_OVERLONG = ("overlong", "trl:get_soft_overlong_punishment")
+"""The same function (TRL's DAPO soft overlong punishment), so the same rules on its lengths."""
 
 
 class RewardFunctionConfig(_Section):
     name: str
     """A built-in reward (`correctness`, `integer`, `strict_format`, `soft_format`, `xml_count`,
-    `math`, `overlong`) or an import path `package.module:function` with TRL's reward signature
-    (e.g. `trl.rewards:accuracy_reward`)."""
+    `math`, `overlong`), one of TRL's by short name (`trl:accuracy_reward`, which reads a
+    `solution` column, `trl:think_format_reward`; a `trl:get_*` factory such as
+    `trl:get_cosine_scaled_reward` gets `kwargs` and makes the function) or an import path
+    `package.module:function` with TRL's reward signature."""
     weight: float = 1.0
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the function on every call, over the dataset columns of the
@@ -461,20 +467,25 @@ class Config(_Section):
                 unknown = [k for k in kw if k not in known]
                 _require(not unknown, key, f"unknown argument(s) {', '.join(unknown)} of the "
                          f"built-in {f.name!r} (it takes: {', '.join(known) or 'none'})")
+            if f.name.startswith(TRL_PREFIX):
+                short = f.name[len(TRL_PREFIX):]
+                _require(short.isidentifier(), f"reward.functions[{i}].name",
+                         f"{f.name!r}: after 'trl:' comes the name of a function of trl.rewards, "
+                         "e.g. trl:accuracy_reward")
             if f.name == "math" and "timeout_s" in kw:
                 t = kw["timeout_s"]
                 _require(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0, key,
                          f"math's timeout_s must be a number of seconds > 0 (got {t!r})")
-            if f.name != "overlong":
+            if f.name not in _OVERLONG:
                 continue
             limit = self.rollout.max_completion_length
             _require(kw.get("max_completion_len") == limit, key,
-                     f"overlong needs max_completion_len equal to rollout.max_completion_length "
+                     f"{f.name} needs max_completion_len equal to rollout.max_completion_length "
                      f"({limit}; got {kw.get('max_completion_len')!r})")
             cache = kw.get("soft_punish_cache")
             _require(isinstance(cache, int) and not isinstance(cache, bool)
                      and 1 <= cache <= limit, key,
-                     f"overlong needs soft_punish_cache, the tokens before max_completion_len "
+                     f"{f.name} needs soft_punish_cache, the tokens before max_completion_len "
                      f"over which the penalty grows, in [1, {limit}] (got {cache!r})")
 
     def _eval_invariants(self) -> None:

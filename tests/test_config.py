@@ -99,6 +99,13 @@ def test_missing_and_malformed_files(tmp_path):
      "reward.functions[0].kwargs: overlong needs soft_punish_cache"),
     (["reward.functions=[{name: overlong, kwargs: {max_completion_len: 32, "
       "soft_punish_cache: 33}}]"], "reward.functions[0].kwargs: overlong needs soft_punish_cache"),
+    (["reward.functions=[{name: 'trl:get_soft_overlong_punishment', kwargs: "
+      "{max_completion_len: 64, soft_punish_cache: 8}}]"],
+     "reward.functions[0].kwargs: trl:get_soft_overlong_punishment needs max_completion_len "
+     "equal to rollout.max_completion_length (32; got 64)"),
+    (["reward.functions=[{name: 'trl:accuracy reward'}]"],
+     "reward.functions[0].name: 'trl:accuracy reward': after 'trl:' comes the name of a "
+     "function of trl.rewards"),
     (["reward.functions=[{name: math, kwargs: {timeout_s: 0}}]"],
      "reward.functions[0].kwargs: math's timeout_s must be a number of seconds > 0 (got 0)"),
     (["reward.functions=[{name: correctness}, {name: math, kwargs: {timeot_s: 1}}]"],

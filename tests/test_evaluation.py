@@ -12,8 +12,8 @@ import math
 import pytest
 
 from grpo_ray.contracts import Sampling
-from grpo_ray.evaluation import (STOP, evaluate, format_side_by_side, percentile,
-                                 reasoning_words, score_completions)
+from grpo_ray.evaluation import (STOP, evaluate, format_side_by_side, reasoning_words,
+                                 score_completions)
 
 TEXTS = [
     # exact and numeric match, strict (ends right after </answer>) and soft format; 5 words
@@ -44,12 +44,15 @@ def test_score_completions_hand_computed():
     assert "completion_tokens_mean" not in score_completions(TEXTS, GOLDS)
 
 
-def test_reasoning_words_and_percentile():
+def test_reasoning_words_and_percentiles():
     assert [reasoning_words(t) for t in TEXTS] == [5, 6, 0, 0, 0]
     assert reasoning_words("<reasoning>a b</reasoning> <reasoning>c</reasoning>") == 2
-    assert percentile([4, 1, 3, 2], 50) == pytest.approx(2.5)
-    assert percentile([1, 2, 3, 4], 10) == pytest.approx(1.3)
-    assert percentile([7], 90) == 7 and math.isnan(percentile([], 50))
+    # numpy's linear interpolation between order statistics, on words [4, 1, 3, 2]
+    texts = [f"<reasoning>{' '.join('w' * n)}</reasoning>" for n in (4, 1, 3, 2)]
+    m = score_completions(texts, ["1"] * 4)
+    assert m["reasoning_words_p50"] == pytest.approx(2.5)
+    assert m["reasoning_words_p10"] == pytest.approx(1.3)
+    assert score_completions(texts[:1], ["1"])["reasoning_words_p90"] == 4
 
 
 def test_score_completions_refuses_mismatched_inputs():

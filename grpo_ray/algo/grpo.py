@@ -5,6 +5,9 @@ The formulas follow TRL 1.16's `GRPOTrainer` (`_generate_and_score_completions` 
 advantages and the vLLM importance-sampling ratio, `_compute_loss` for the loss), checked by
 `tests/algo/test_parity_trl.py`. Deliberate differences are stated where they occur.
 
+TRL components: `trl.trainer.utils.nanstd` (the group and batch std of the advantages), imported
+where it is used, as TRL loads transformers and accelerate.
+
 Shapes: B sequences (completions, prompt-major: row i*n+j is sample j of prompt i), T completion
 positions (right-padded). Padded positions must hold finite values: the mask multiplies them
 away, as in TRL, and NaN * 0 is NaN.
@@ -20,15 +23,6 @@ SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 
 
-def _nanstd(x: Tensor) -> Tensor:
-    """(G, n) -> (G, 1): unbiased (Bessel) std of each row ignoring NaN, NaN where a row has
-    fewer than two values (TRL's `nanstd`)."""
-    count = (~torch.isnan(x)).sum(dim=1, keepdim=True)
-    sq = (x - torch.nanmean(x, dim=1, keepdim=True)) ** 2
-    var = torch.nansum(sq, dim=1, keepdim=True) / (count - 1).clamp(min=1)
-    return torch.where(count > 1, var.sqrt(), torch.full_like(var, float("nan")))
-
-
 def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
     """Group-relative advantages, one per completion.
 
@@ -38,6 +32,8 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     TRL and `torch.std`), by `std_batch + eps` (scale "batch": the mean stays per group, as TRL),
     or not divided (scale "none", Dr. GRPO).
 
+    The std is TRL's `nanstd`: unbiased, ignoring NaN, NaN for fewer than two values; its Bessel
+    factor is computed in float32 (torch's default dtype), ~1e-8 off (relative) in float64.
     A group with fewer than two valid rows gets 0 (TRL: its NaN std turns into 0 too). A group
     whose valid rewards are all equal gets exactly 0; TRL divides the rounding residue of
     r - mean by 1e-4 there (|A| ~ 1e-12), a deliberate, harmless difference.
@@ -51,12 +47,14 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     if torch.isinf(rewards).any():
         raise ValueError("rewards contain inf; mark unscorable rows with NaN instead")
 
+    from trl.trainer.utils import nanstd
+
     groups = rewards.view(-1, group_size)
     adv = groups - torch.nanmean(groups, dim=1, keepdim=True)
     if scale == "group":
-        adv = adv / (_nanstd(groups) + eps)
+        adv = adv / (nanstd(groups, dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        adv = adv / (_nanstd(rewards.view(1, -1)) + eps)
+        adv = adv / (nanstd(rewards) + eps)
     # Groups with one distinct valid value carry no signal; exact zeros keep them out of the loss.
     adv = torch.where(zero_variance_groups(rewards, group_size).unsqueeze(1),
                       torch.zeros_like(adv), adv)

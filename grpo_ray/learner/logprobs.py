@@ -4,12 +4,19 @@ With Qwen2.5's 152k vocabulary, fp32 logits of 16 x 416 positions take 4 GB, and
 them (and their softmax) for backward: most of a naive learner's peak memory. Here positions go
 through the lm_head a chunk at a time, and each chunk is checkpointed, so backward recomputes
 one chunk's logits at a time too.
+
+TRL components: `trl.trainer.utils.selective_log_softmax`, on each chunk's logits (TRL's Triton
+kernel on a GPU). The chunking stays ours on purpose: TRL's function takes a batch's full logits,
+and TRL's hidden-states kernel (`trl.kernels.ChunkedLogProbFunction`) multiplies in the hidden
+states' dtype (bf16), where this keeps the fp32 logits of an fp32 lm_head (PEFT's 4-bit setup).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+# Bound at import: the learner may load Unsloth later, which patches TRL as it loads.
+from trl.trainer.utils import selective_log_softmax
 
 
 def _chunk_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float) -> Tensor:
@@ -18,8 +25,8 @@ def _chunk_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         logits = hidden.to(weight.dtype) @ weight.T
         # At least fp32: bf16 logits lose the small differences that log-prob ratios are made of.
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return selective_log_softmax(logits, targets, temperature)
 
 
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int,

@@ -1,28 +1,22 @@
-"""What a learner step costs: an estimate of its model FLOPs, the device's peak to compare them
-with (model FLOPs utilization, MFU), and a stopwatch for work queued on a GPU.
+"""What a learner step costs: an estimate of its model FLOPs and a stopwatch for work queued on a
+GPU. The learner divides the FLOPs by TRL's peak of the device (`trl.trainer.utils.compute_mfu`
+and `get_peak_flops`: model FLOPs utilization, MFU).
 
 Model FLOPs count the matrix multiplications the algorithm needs, on real tokens only: padding,
 gradient checkpointing's recomputed forwards and the chunked lm_head's recomputation are not
 counted, so MFU falls when the learner wastes work on them (PaLM's definition). Attention's
 score and value products (4 x layers x sequence x width per token, a few percent at a few hundred
 tokens on a 3B model), norms and activations are left out too.
+
+TRL components: none here. TRL's `compute_flops_per_token` is not used on purpose: it counts a full
+fine-tune (3 x forward), where a LoRA step skips the frozen weights' gradients and adds the
+reference and old-log-prob passes (`step_flops`).
 """
 from __future__ import annotations
 
 import time
 
 import torch
-
-# Dense bf16 tensor-core peaks in TFLOP/s (NVIDIA's data sheets, without sparsity), matched in
-# order against `torch.cuda.get_device_name()` ("NVIDIA H100 80GB HBM3" is the SXM part).
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
-    ("A100", 312.0))
-
-
-def peak_tflops(device_name: str) -> float | None:
-    """Dense bf16 peak of a device by its name; None for a device not in the table."""
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
 def linear_params(module: torch.nn.Module) -> tuple[int, int]:

@@ -4,6 +4,9 @@ The reference policy is the same model with the adapter disabled, so the learner
 of the base weights. Log-probabilities come from the decoder body's last hidden states through
 `token_logprobs`, so the vocabulary logits of the batch never exist at once.
 
+TRL components: `use_adapter` (the reference pass with the adapter off), `get_peak_flops` and
+`compute_mfu` (MFU), from `trl.trainer.utils`; `selective_log_softmax` through `token_logprobs`.
+
 A plain class: `ray.remote` is applied where it is placed, and tests build it directly.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from trl.trainer.utils import compute_mfu, get_peak_flops, use_adapter
 
 from grpo_ray.algo.grpo import grpo_loss, probability_gap, truncated_is_weights
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
@@ -25,7 +29,7 @@ from grpo_ray.learner.batching import (MicroBatch, active_rows, cat_padded, chec
 from grpo_ray.learner.logprobs import token_logprobs
 from grpo_ray.learner.model import load_policy
 from grpo_ray.learner.state import learner_state, load_learner_state
-from grpo_ray.learner.throughput import Stopwatch, linear_params, peak_tflops, step_flops
+from grpo_ray.learner.throughput import Stopwatch, linear_params, step_flops
 
 
 @dataclass
@@ -117,20 +121,24 @@ class LearnerWorker:
                 # all no-grad log-prob passes (old and reference), wherever they ran
                 "time_logprobs_s": time_prepare + ref_in_update, "time_ref_s": time_ref,
                 "time_update_s": time.perf_counter() - start_update - ref_in_update,
-                "tflops": flops / 1e12, **self._device_figures(flops / time_step)}
+                "tflops": flops / 1e12,
+                **self._device_figures(flops, sum(prepared.lengths), time_step)}
 
-    def _device_figures(self, flops_per_s: float) -> dict[str, float]:
-        """Peak memory, achieved TFLOP/s and MFU on CUDA (`throughput`: model FLOPs of the step
-        over its wall time; MFU against the device's dense bf16 peak, absent for a device not in
-        `PEAK_BF16_TFLOPS`). On CPU only the peak memory key, 0: timings there say little, and
-        figures that vary from run to run would set apart a resumed run's logs."""
+    def _device_figures(self, flops: float, tokens: int, seconds: float) -> dict[str, float]:
+        """Peak memory, achieved TFLOP/s and MFU (a fraction) on CUDA (`throughput`: model FLOPs
+        of the step over its wall time; MFU against TRL's dense peak of the device in the compute
+        dtype, absent where TRL knows none). On CPU only the peak memory key, 0: timings there
+        say little, and figures that vary from run to run would set apart a resumed run's logs."""
         if self.device.type != "cuda":
             return {"peak_memory_gb": 0.0}
         out = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
-               "tflops_per_s": flops_per_s / 1e12}
-        peak = peak_tflops(torch.cuda.get_device_name())
-        if peak is not None:
-            out["mfu"] = flops_per_s / 1e12 / peak
+               "tflops_per_s": flops / seconds / 1e12}
+        dtype = str(self._compute_dtype).removeprefix("torch.")
+        peak = get_peak_flops(torch.cuda.get_device_name(), dtype)
+        if peak is not None and tokens:
+            out["mfu"] = compute_mfu(flops_per_token=flops / tokens,
+                                     tokens_per_second=tokens / seconds, world_size=1,
+                                     peak_flops_per_device=peak) / 100  # TRL's is a percentage
         return out
 
     def _plan(self, lengths: list[int]) -> list[list[int]]:
@@ -217,7 +225,7 @@ class LearnerWorker:
 
     def _reference_logprobs(self, mb: MicroBatch, watch: Stopwatch) -> Tensor:
         """(b, T) log-probs with the adapter disabled: the base model, the KL's reference."""
-        with watch, torch.no_grad(), self.model.disable_adapter():
+        with watch, torch.no_grad(), use_adapter(self.model, None):
             return self._logprobs(mb, train=False)
 
     def sequence_logprobs(self, prompt_ids: list[list[int]],

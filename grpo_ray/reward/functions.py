@@ -28,7 +28,12 @@ correctness for a row whose gold answer is None or empty.
 
 Two more built-ins, the same in both modes: `math` (correctness by mathematical equivalence
 through math-verify, for LaTeX answers; grpo_ray/reward/math.py) and `overlong` (DAPO's soft
-overlong penalty).
+overlong penalty: TRL's `get_soft_overlong_punishment`, made in `reward.registry`).
+
+TRL components: none here. These functions have no twin in `trl.rewards`: TRL's
+`accuracy_reward` judges `\boxed{}` answers against a `solution` column with math-verify, and
+`think_format_reward` checks `<think>` tags, where the recipe's answers are in `<answer>` tags
+(both are available as `trl:accuracy_reward` and `trl:think_format_reward`).
 """
 from __future__ import annotations
 
@@ -197,24 +202,3 @@ def count_xml(text: str) -> float:
 
 def xml_count_reward(prompts: list, completions: list, **kwargs: Any) -> list[float]:
     return [count_xml(t) for t in completion_texts(completions)]
-
-
-# ---- in both modes -----------------------------------------------------------------------------
-
-def overlong_penalty(prompts: list, completions: list, completion_ids: list | None = None,
-                     max_completion_len: int | None = None, soft_punish_cache: int | None = None,
-                     **kwargs: Any) -> list[float]:
-    """DAPO's soft overlong punishment (its Eq. 13, TRL's `get_soft_overlong_punishment`): with
-    L = len(completion_ids), L_max = `max_completion_len`, L_cache = `soft_punish_cache`:
-    0 for L <= L_max - L_cache, (L_max - L_cache - L) / L_cache up to L_max (so -1 at L_max,
-    where the engine cuts), -1 beyond. Only ever a penalty; the config binds both lengths."""
-    if completion_ids is None or len(completion_ids) != len(completions):
-        raise ValueError("overlong: needs the token ids of every completion (completion_ids)")
-    if not isinstance(max_completion_len, int) or not isinstance(soft_punish_cache, int) or \
-            not 0 < soft_punish_cache <= max_completion_len:
-        raise ValueError(f"overlong: needs 0 < soft_punish_cache <= max_completion_len (got "
-                         f"{soft_punish_cache!r}, {max_completion_len!r})")
-    start = max_completion_len - soft_punish_cache
-    return [0.0 if len(ids) <= start else
-            (start - len(ids)) / soft_punish_cache if len(ids) <= max_completion_len else -1.0
-            for ids in completion_ids]

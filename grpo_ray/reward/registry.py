@@ -1,5 +1,10 @@
-"""Config names to reward functions: a built-in (in the mode `reward.mode` says) or an import path
-`package.module:function`, each with the config's `kwargs` bound, under a unique name.
+"""Config names to reward functions: a built-in (in the mode `reward.mode` says), one of TRL's
+reward functions by short name (`trl:accuracy_reward`) or an import path `package.module:function`,
+each with the config's `kwargs` bound, under a unique name.
+
+TRL components: every function of `trl.rewards` (`trl:NAME`; a `get_*` factory is called with the
+config's kwargs and its function is the reward), and `get_soft_overlong_punishment`, the built-in
+`overlong`.
 """
 from __future__ import annotations
 
@@ -7,9 +12,9 @@ import importlib
 import inspect
 from typing import Any
 
-from grpo_ray.config import BUILTIN_REWARDS, ConfigError, RewardFunctionConfig
+from grpo_ray.config import BUILTIN_REWARDS, TRL_PREFIX, ConfigError, RewardFunctionConfig
 from grpo_ray.reward.functions import (RewardFn, correctness_reward, integer_reward,
-                                       overlong_penalty, parity_correctness_reward,
+                                       parity_correctness_reward,
                                        parity_integer_reward, parity_soft_format_reward,
                                        parity_strict_format_reward, parity_xml_count_reward,
                                        soft_format_reward, strict_format_reward,
@@ -32,8 +37,31 @@ _FUNCTIONS: dict[str, dict[str, RewardFn]] = {
 def _builtin(mode: str, name: str) -> RewardFn:
     from grpo_ray.reward.math import math_reward  # it builds on this module's helpers
 
-    both: dict[str, RewardFn] = {"math": math_reward, "overlong": overlong_penalty}
-    return {**_FUNCTIONS[mode], **both}[name]
+    return {**_FUNCTIONS[mode], "math": math_reward}[name]
+
+
+def _trl(name: str, key: str) -> RewardFn:
+    """`trl:NAME`: the function (or `get_*` factory) NAME of `trl.rewards`."""
+    import trl.rewards
+
+    short = name[len(TRL_PREFIX):]
+    fn = getattr(trl.rewards, short, None) if short in trl.rewards.__all__ else None
+    if not callable(fn):
+        known = [n for n in trl.rewards.__all__ if callable(getattr(trl.rewards, n))]
+        raise ConfigError(f"{key}: trl.rewards has no reward function {short!r} (it has: "
+                          f"{', '.join(sorted(known))})")
+    return fn
+
+
+def _make(factory: RewardFn, kwargs: dict[str, Any], name: str, key: str) -> RewardFn:
+    """The reward that `factory` makes from the config's kwargs; a missing or unknown argument
+    is the config's error."""
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:
+        params = ", ".join(inspect.signature(factory).parameters)
+        raise ConfigError(f"{key}: {name!r} {e} (its arguments: {params})") from None
+    return factory(**kwargs)
 
 
 class _Bound:
@@ -46,6 +74,10 @@ class _Bound:
 
     def __call__(self, *args: Any, **columns: Any) -> list:
         return self.fn(*args, **{**columns, **self.kwargs})
+
+
+def _bind(fn: RewardFn, kwargs: dict[str, Any]) -> RewardFn:
+    return _Bound(fn, kwargs) if kwargs else fn
 
 
 def _check_kwargs(fn: RewardFn, kwargs: dict[str, Any], path: str, key: str) -> None:
@@ -80,26 +112,39 @@ def _import(path: str, key: str) -> RewardFn:
     return fn
 
 
+def _resolve(cfg: RewardFunctionConfig, mode: str, key: str) -> tuple[str, RewardFn]:
+    """(score column name, function with the config's kwargs applied) of one configured reward."""
+    if cfg.name == "overlong":  # DAPO's soft overlong punishment, as TRL makes it
+        from trl.rewards import get_soft_overlong_punishment
+
+        return cfg.name, _make(get_soft_overlong_punishment, cfg.kwargs, cfg.name, f"{key}.kwargs")
+    if cfg.name in BUILTIN:
+        return cfg.name, _bind(_builtin(mode, cfg.name), cfg.kwargs)
+    if cfg.name.startswith(TRL_PREFIX):
+        fn = _trl(cfg.name, key)
+        if fn.__name__.startswith("get_"):  # a factory: the kwargs make the reward function
+            fn = _make(fn, cfg.kwargs, cfg.name, f"{key}.kwargs")
+            return fn.__name__, fn
+    else:
+        fn = _import(cfg.name, key)
+    _check_kwargs(fn, cfg.kwargs, cfg.name, f"{key}.kwargs")
+    return getattr(fn, "__name__", cfg.name.partition(":")[2]), _bind(fn, cfg.kwargs)
+
+
 def get_reward_functions(names_and_weights: list[RewardFunctionConfig],
                          mode: str) -> list[tuple[str, RewardFn, float]]:
     """(unique name, function, weight) per configured reward, in config order.
 
-    A built-in keeps its config name; an imported function is named by its `__name__`; a name
-    seen before gets a suffix (`_2`, `_3`, ...), so every column of scores is distinct. A
-    config's `kwargs` are bound to its function."""
+    A built-in keeps its config name; an imported or TRL function is named by its `__name__`
+    (a factory's by its function's); a name seen before gets a suffix (`_2`, `_3`, ...), so every
+    column of scores is distinct. A config's `kwargs` are bound to its function, or given to its
+    factory (`overlong`, TRL's `get_*`)."""
     if mode not in MODES:
         raise ConfigError(f"reward.mode: must be one of {list(MODES)} (got {mode!r})")
     out: list[tuple[str, RewardFn, float]] = []
     seen: set[str] = set()
     for i, cfg in enumerate(names_and_weights):
-        if cfg.name in BUILTIN:
-            name, fn = cfg.name, _builtin(mode, cfg.name)
-        else:
-            fn = _import(cfg.name, f"reward.functions[{i}]")
-            name = getattr(fn, "__name__", cfg.name.partition(":")[2])
-            _check_kwargs(fn, cfg.kwargs, cfg.name, f"reward.functions[{i}].kwargs")
-        if cfg.kwargs:
-            fn = _Bound(fn, cfg.kwargs)
+        name, fn = _resolve(cfg, mode, f"reward.functions[{i}]")
         unique, k = name, 2
         while unique in seen:
             unique, k = f"{name}_{k}", k + 1

@@ -122,6 +122,9 @@ def test_4bit_learner_step_on_cuda(model_path, backend):
         print(f"4-bit {backend} learner step ({torch.cuda.get_device_name()}): {stats}")
         assert all(math.isfinite(v) for v in stats.values())
         assert stats["peak_memory_gb"] > 0 and stats["num_tokens"] > 0
+        from trl.trainer.utils import get_peak_flops
+        if get_peak_flops(torch.cuda.get_device_name(), "bfloat16"):  # TRL knows this GPU
+            assert 0 < stats["mfu"] < 1  # a fraction (TRL's compute_mfu gives a percentage)
         changed = [n for n, p in w.model.named_parameters()
                    if p.requires_grad and not torch.equal(p, lora_before[n])]
         assert any("lora_B" in n for n in changed) and any("lora_A" in n for n in changed)
@@ -132,6 +135,32 @@ def test_4bit_learner_step_on_cuda(model_path, backend):
         del w
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def test_chunked_logprobs_through_trls_kernel_on_cuda():
+    """token_logprobs on CUDA takes TRL's Triton log-softmax (`selective_log_softmax`) for each
+    chunk: values and gradients against the full fp64 log_softmax, with bf16 hidden states and
+    an fp32 lm_head (PEFT's 4-bit setup) and a temperature, over a 152k vocabulary."""
+    from grpo_ray.learner.logprobs import token_logprobs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T, H, V = 4, 96, 256, 151_936
+    hidden = torch.randn(B, T, H, device="cuda", generator=g).bfloat16().requires_grad_()
+    weight = (0.05 * torch.randn(V, H, device="cuda", generator=g)).requires_grad_()
+    targets = torch.randint(0, V, (B, T), device="cuda", generator=g)
+    upstream = torch.randn(B, T, device="cuda", generator=g)
+    got = token_logprobs(hidden, weight, targets, chunk_size=100, temperature=0.7)
+    (got * upstream).sum().backward()
+    got_dh, got_dw = hidden.grad.double(), weight.grad.double()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = ((h64 @ w64.T) / 0.7).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (want * upstream.double()).sum().backward()
+    # loose enough for TF32 matmuls (if a library turned them on); a wrong target, position or
+    # gradient of the kernel would be off by far more
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-3)
+    torch.testing.assert_close(got_dw, w64.grad, rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(got_dh, h64.grad, rtol=2e-2, atol=2e-2)  # bf16 hidden gradient
 
 
 def _perturb_lora_b(w, seed: int) -> int:

@@ -1,7 +1,8 @@
 """The MATH-style recipe (configs/qwen2.5-3b-math.yaml) through the whole pipeline: a local JSONL
 of problems with `\\boxed{}` solutions, read with its column mapping, the `math` reward on the
-reward actors (math-verify in its child processes), a vLLM CPU engine and the PEFT learner, on
-the tiny model, for two steps."""
+reward actors (math-verify in its child processes), two of TRL's reward functions by short name
+(`trl:accuracy_reward` on the raw `solution` column, `trl:think_format_reward`), a vLLM CPU engine
+and the PEFT learner, on the tiny model, for two steps."""
 import json
 import math
 
@@ -32,6 +33,9 @@ def recipe_on_the_tiny_model(tmp_path, tiny_model_path) -> dict:
     for f in data["reward"]["functions"]:
         if f["name"] == "overlong":
             f["kwargs"] = {"max_completion_len": limit, "soft_punish_cache": limit // 2}
+    # TRL's own, by short name, as a TRL user would add them
+    data["reward"]["functions"] += [{"name": "trl:accuracy_reward", "weight": 0.5},
+                                    {"name": "trl:think_format_reward"}]
     # a random model's samples all score 0 on the recipe's rewards: add one they differ in
     data["reward"]["functions"].append({"name": "rewards_for_tests:text_length"})
     data["model"]["path"] = tiny_model_path
@@ -72,12 +76,16 @@ def test_two_steps_with_the_math_reward(run):
     for m in history:
         # math-verify scored the completions (the mean of none would be NaN); none left out
         assert m["unscored_rate"] == 0.0
-        for key in ("reward/math/mean", "reward/overlong/mean", "learner/loss",
-                    "learner/grad_norm", "learner/kl"):
+        for key in ("reward/math/mean", "reward/overlong/mean", "reward/accuracy_reward/mean",
+                    "reward/think_format_reward/mean", "learner/loss", "learner/grad_norm",
+                    "learner/kl"):
             assert math.isfinite(m[key]), key
     samples = [json.loads(line) for line in
                (trainer.out / "completions.jsonl").read_text().splitlines()]
     assert samples and all(s["rewards"]["math"] in (0.0, 2.0) for s in samples)
+    # TRL's functions scored every sample (every gold parses): 0 or 1 each, none left unscored
+    assert all(s["rewards"]["accuracy_reward"] in (0.0, 1.0) and
+               s["rewards"]["think_format_reward"] in (0.0, 1.0) for s in samples)
     assert {s["gold"] for s in samples} <= {"\\frac{3}{4}", "12", "3", "8", "0.75"}
 
 

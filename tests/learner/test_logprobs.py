@@ -40,6 +40,17 @@ def test_equals_naive_values_and_gradients(chunk_size, temperature):
     torch.testing.assert_close(got_dw, weight.grad, rtol=0, atol=1e-12)
 
 
+def test_matches_trl_on_the_full_logits():
+    """TRL's per-token log-probs: `selective_log_softmax` of the whole batch's logits."""
+    from trl.trainer.utils import selective_log_softmax
+
+    hidden, weight, targets = (x.detach().float() if x.is_floating_point() else x
+                               for x in _inputs())
+    want = selective_log_softmax(hidden @ weight.T, targets, temperature=0.7)
+    got = token_logprobs(hidden, weight, targets, chunk_size=4, temperature=0.7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_hand_computed_and_low_precision_inputs():
     # One position, logits [0, ln 3] -> p(target=1) = 3/4.
     hidden = torch.tensor([[[1.0]]])

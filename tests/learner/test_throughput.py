@@ -1,5 +1,5 @@
-"""The learner's FLOPs estimate (hand-counted on small cases and on the tiny PEFT model), the
-device peak table, and the stopwatch."""
+"""The learner's FLOPs estimate (hand-counted on small cases and on the tiny PEFT model), TRL's
+device peaks and MFU as the learner reads them (a check on the TRL pin), and the stopwatch."""
 from __future__ import annotations
 
 import time
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from grpo_ray.learner.throughput import Stopwatch, linear_params, peak_tflops, step_flops
+from grpo_ray.learner.throughput import Stopwatch, linear_params, step_flops
 
 
 def test_step_flops_by_hand():
@@ -44,11 +44,19 @@ def test_linear_params_of_the_tiny_peft_model(tiny_model_path):
     assert trainable == c.num_hidden_layers * lora_per_layer
 
 
-def test_peak_table():
-    assert peak_tflops("NVIDIA H200") == 989.0
-    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # the SXM part's name
-    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert peak_tflops("NVIDIA GeForce RTX 4090") is None
+def test_trl_peaks_and_mfu_as_the_learner_reads_them():
+    """The learner passes `torch.cuda.get_device_name()` and its compute dtype's name, and takes
+    TRL's MFU, a percentage, as a fraction."""
+    from trl.trainer.utils import compute_mfu, get_peak_flops
+
+    assert get_peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert get_peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12  # the SXM part's name
+    assert get_peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert get_peak_flops("NVIDIA H200", "float32") is None  # no MFU for fp32 matmuls
+    assert get_peak_flops("Some Unknown Accelerator", "bfloat16") is None
+    # 2e14 FLOPs over 1000 tokens in 0.5 s on a 1e15 FLOP/s device: 40%
+    assert compute_mfu(flops_per_token=2e14 / 1000, tokens_per_second=1000 / 0.5, world_size=1,
+                       peak_flops_per_device=1e15) == pytest.approx(40.0)
 
 
 def test_stopwatch_sums_its_blocks_on_cpu():

@@ -1,4 +1,5 @@
-"""The five rewards in both modes, on crafted completions with hand-computed values."""
+"""The five rewards in both modes, on crafted completions with hand-computed values; the
+registry's names, TRL's reward functions (`trl:NAME`) and bound kwargs."""
 from __future__ import annotations
 
 import pytest
@@ -194,19 +195,50 @@ def test_registry_errors(custom_module):
 
 # ---- overlong penalty, bound kwargs -------------------------------------------------------------
 
-def test_overlong_penalty_is_daposs_soft_punishment():
-    from trl.rewards import get_soft_overlong_punishment
-
+def test_overlong_is_trls_soft_punishment():
+    cfg = RewardFunctionConfig("overlong", kwargs={"max_completion_len": 10,
+                                                   "soft_punish_cache": 4})
+    [(name, fn, _)] = get_reward_functions([cfg], "fixed")
     ids = [[1] * n for n in (3, 6, 7, 8, 10, 12)]
-    mine = F.overlong_penalty(None, ["x"] * 6, completion_ids=ids, max_completion_len=10,
-                              soft_punish_cache=4)
-    # L_max 10, L_cache 4: nothing up to 6 tokens, then -(L - 6) / 4, -1 at 10 and beyond
-    assert mine == pytest.approx([0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
-    assert mine == pytest.approx(get_soft_overlong_punishment(10, 4)(ids))
-    with pytest.raises(ValueError, match="overlong: needs the token ids"):
-        F.overlong_penalty(None, ["x"], max_completion_len=10, soft_punish_cache=4)
-    with pytest.raises(ValueError, match="overlong: needs 0 < soft_punish_cache"):
-        F.overlong_penalty(None, ["x"], completion_ids=[[1]], max_completion_len=10)
+    # L_max 10, L_cache 4: nothing up to 6 tokens, then -(L - 6) / 4, -1 at 10 and beyond;
+    # called as the reward worker calls every function, by keyword
+    got = fn(prompts=[None] * 6, completions=[conv("x")] * 6, completion_ids=ids, answer=["1"] * 6)
+    assert name == "overlong" and got == pytest.approx([0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
+    with pytest.raises(ValueError, match=r"reward.functions\[0\].kwargs: 'overlong' missing a "
+                                         r"required argument: 'soft_punish_cache' \(its "
+                                         r"arguments: max_completion_len, soft_punish_cache\)"):
+        get_reward_functions([RewardFunctionConfig("overlong", kwargs={"max_completion_len": 4})],
+                             "fixed")
+
+
+def test_trl_reward_functions_by_short_name():
+    cfgs = [RewardFunctionConfig("trl:accuracy_reward", 2.0),
+            RewardFunctionConfig("trl:think_format_reward"),
+            RewardFunctionConfig("trl:get_cosine_scaled_reward", kwargs={"max_len": 100})]
+    (acc_name, acc, acc_w), (think_name, think, _), (cos_name, cos, _) = \
+        get_reward_functions(cfgs, "seed-parity")
+    assert (acc_name, acc_w, think_name, cos_name) == (
+        "accuracy_reward", 2.0, "think_format_reward", "cosine_scaled_reward")
+    completions = [conv(r"<think>\nhalf of 6</think> \boxed{\frac{1}{2}}"),
+                   conv(r"The answer is \boxed{3}")]
+    # TRL's accuracy reads the raw `solution` column; an unparseable gold is None (not scored)
+    columns = dict(solution=[r"\boxed{0.5}", "no number here"], answer=["0.5", "?"],
+                   completion_ids=[[1] * 50, [1] * 50])
+    assert acc(prompts=[None] * 2, completions=completions, **columns) == [1.0, None]
+    assert think(prompts=[None] * 2, completions=completions, **columns) == [1.0, 0.0]
+    assert cos(prompts=[None] * 2, completions=completions[:1],
+               **{k: v[:1] for k, v in columns.items()}) == pytest.approx([0.75])
+
+
+def test_trl_reward_errors():
+    with pytest.raises(ValueError, match=r"reward.functions\[0\]: trl.rewards has no reward "
+                                         r"function 'accuracy' \(it has: accuracy_reward, "):
+        get_reward_functions([RewardFunctionConfig("trl:accuracy")], "fixed")
+    with pytest.raises(ValueError, match=r"reward.functions\[0\].kwargs: "
+                                         r"'trl:get_cosine_scaled_reward' missing a required "
+                                         r"argument: 'max_len' \(its arguments: max_len, "):
+        get_reward_functions([RewardFunctionConfig("trl:get_cosine_scaled_reward",
+                                                   kwargs={"max_length": 10})], "fixed")
 
 
 def test_config_kwargs_are_bound_over_columns(custom_module, tmp_path):
@@ -223,7 +255,8 @@ def test_config_kwargs_are_bound_over_columns(custom_module, tmp_path):
     assert scaled(None, ["a", "b"], level=[1, 3]) == [2.0, 6.0]
     # the config's value wins over a dataset column of the same name
     assert scaled(None, ["a"], level=[1], scale=100.0) == [2.0]
-    assert overlong(None, ["a", "b"], completion_ids=[[1, 2], [1, 2, 3]]) == [0.0, -0.5]
+    assert overlong(prompts=None, completions=["a", "b"],
+                    completion_ids=[[1, 2], [1, 2, 3]]) == [0.0, -0.5]
     with pytest.raises(ValueError, match=r"reward.functions\[0\].kwargs: "
                                          r"'grpo_ray_test_kwargs:strict' has no argument\(s\) "
                                          r"scale \(its arguments: prompts, completions, level\)"):
@@ -234,7 +267,9 @@ def test_config_kwargs_are_bound_over_columns(custom_module, tmp_path):
 def test_math_and_overlong_are_builtins_of_both_modes():
     from grpo_ray.reward.math import math_reward
 
-    cfgs = [RewardFunctionConfig("math"), RewardFunctionConfig("overlong")]
+    cfgs = [RewardFunctionConfig("math"),
+            RewardFunctionConfig("overlong", kwargs={"max_completion_len": 8,
+                                                     "soft_punish_cache": 2})]
     for mode in MODES:
         fns = [fn for _, fn, _ in get_reward_functions(cfgs, mode)]
-        assert fns == [math_reward, F.overlong_penalty]
+        assert fns[0] is math_reward and type(fns[1]).__name__ == "_SoftOverlongPunishment"
