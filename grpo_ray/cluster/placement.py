@@ -158,7 +158,8 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     nodes = cluster_nodes()
     plan = plan_placement(cfg, _use_gpu(cfg, nodes))
     check_fits(plan, nodes)
-    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray")
+    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray",
+                  cfg.cluster.placement_strategy)
     engines = _engine_group(cfg, pg, plan, engine_cls, engine_args)
     if plan.layout == "colocated":
         # vLLM sizes its KV cache from the GPU memory it sees free while it starts: let it
@@ -188,7 +189,8 @@ def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> En
     plan = Plan(full.layout, [dict(full.engine) for _ in range(n)], -1, {}, list(range(n)),
                 full.engine, 0, full.reward, [f"rollout engine {i}" for i in range(n)])
     check_fits(plan, nodes)
-    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray-engines")
+    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray-engines",
+                  cfg.cluster.placement_strategy)
     group = _engine_group(cfg, pg, plan, engine_cls, engine_args,
                           on_shutdown=lambda: remove_placement_group(pg))
     try:
@@ -222,13 +224,15 @@ def _use_gpu(cfg: Config, nodes: list[dict[str, float]]) -> bool:
     return use_gpu
 
 
-def _reserve(plan: Plan, timeout_s: float, name: str) -> Any:
-    """A ready placement group of the plan's bundles, or PlacementError after `timeout_s`."""
+def _reserve(plan: Plan, timeout_s: float, name: str, strategy: str = "PACK") -> Any:
+    """A ready placement group of the plan's bundles, or PlacementError after `timeout_s`.
+    `strategy` (`cluster.placement_strategy`): PACK keeps bundles on one node but spreads over
+    nodes when one is too small; SPREAD puts them on different nodes where it can. Neither is
+    strict, so Ray can place a lost node's bundle again beside the others on a survivor."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    # PACK keeps a node's bundles together but spreads over nodes when one is too small.
-    pg = placement_group(plan.bundles, strategy="PACK", name=name)
+    pg = placement_group(plan.bundles, strategy=strategy, name=name)
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
