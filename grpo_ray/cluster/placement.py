@@ -172,8 +172,10 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
                                    plan.reward["CPU"], runtime_env=reward_env)
     # constructors run remotely: surface their errors (a bad model path, say) here, at once
     ray.get([a.__ray_ready__.remote() for a in [learner, *engines.engines]])
-    return Actors(learner, engines, rewards, pg, plan, reward_worker_starter(
-        cfg.reward.functions, cfg.reward.mode, plan.reward["CPU"], reward_env))
+    start_reward = reward_worker_starter(cfg.reward.functions, cfg.reward.mode,
+                                         plan.reward["CPU"], reward_env)
+    return Actors(learner, engines, rewards, pg, plan, lambda: start_until_up(
+        start_reward, cfg.cluster.restart_timeout_s))
 
 
 def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> EngineGroup:
@@ -210,9 +212,39 @@ def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_arg
         options = _actor_options(pg, plan.engine, plan.engine_bundles[i], f"rollout-{i}")
         return ray.remote(engine_cls).options(**options).remote(*engine_args[i])
 
-    return EngineGroup([start(i) for i in range(len(engine_args))], start, on_shutdown,
+    def start_again(i: int) -> Any:  # a replacement: its bundle may be on a node just lost
+        return start_until_up(lambda: start(i), cfg.cluster.restart_timeout_s)
+
+    return EngineGroup([start(i) for i in range(len(engine_args))], start_again, on_shutdown,
                        max_restarts=cfg.cluster.max_restarts,
                        ready_timeout_s=cfg.cluster.restart_timeout_s)
+
+
+def start_until_up(start: Callable[[], Any], timeout_s: float) -> Any:
+    """`start()` an actor (a replacement) and wait until it is up. One that dies before it is up
+    from a failure of the machines, not of its own constructor, is started again every second
+    until `timeout_s`: after a node is lost, Ray marks it dead only after its health checks
+    fail (seconds), and until then a placement bundle of that node is not placed again, so an
+    actor started in it dies with the node. Returns the last actor started, up or not (the
+    caller's own wait reports a constructor's error or a timeout)."""
+    import time
+
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        actor = start()
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            return actor
+        except GetTimeoutError:
+            return actor
+        except RayActorError as e:
+            if e.actor_init_failed or time.monotonic() + 1.0 >= deadline:
+                return actor
+        ray.kill(actor)
+        time.sleep(1.0)
 
 
 def _use_gpu(cfg: Config, nodes: list[dict[str, float]]) -> bool:
