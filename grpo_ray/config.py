@@ -303,6 +303,11 @@ class ClusterConfig(_Section):
     colocate: bool = False
     """Learner and the rollout engine share one GPU through fractional resources (one-GPU
     mode): the learner takes `learner.num_gpus` of it, the engine the rest."""
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    """How the placement group lays the learner's and the engines' bundles over the nodes
+    (Ray's strategies): PACK fills a node before the next (fewest nodes, the learner beside
+    the engines); SPREAD puts them on different nodes where it can (a node lost takes fewer
+    roles with it). Either way a bundle of a lost node is placed again on a survivor with room."""
     placement_timeout_s: float = Field(120.0, gt=0)
     """How long to wait for the cluster (joining it, and the placement group) before failing
     with what is missing."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from grpo_ray.checkpoint import step_dir_name
 from grpo_ray.config import Config, UserError
 from grpo_ray.contracts import TrainBatch
-from grpo_ray.faults import InfraError, Interrupted, StopOnSignal
+from grpo_ray.faults import InfraError, Interrupted, StopOnSignal, first_line
 from grpo_ray.metrics import StageTimer, sample_rows, step_metrics
 from grpo_ray.rollout.source import ScoredBatch
 
@@ -207,7 +207,11 @@ class Trainer:
                         self.evaluate(f"step {self.step}")
             except (UserError, InfraError):  # a reward error, an actor lost for good: the
                 # learner is intact; what it learned is kept
-                self.save_checkpoint_if_new()
+                try:
+                    self.save_checkpoint_if_new()
+                except Exception as e:  # noqa: BLE001 - the learner itself may be what broke
+                    self.print(f"no checkpoint of step {self.step} could be written: "
+                               f"{first_line(e)}")
                 raise
             if stop.signum is not None:
                 raise Interrupted(stop.signum, self.step, self.save_checkpoint_if_new())
