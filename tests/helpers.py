@@ -111,8 +111,8 @@ def inject(worker, fault: str, persistent: bool = False, old=None) -> None:
     request of None; a merged engine's base weights back). The others act on the next adapter
     load (every load with `persistent`): `no-adapter` loads, then serves the base model as above;
     `previous` ignores the load (the engine keeps the previous version); `old` loads the payload
-    `old` (an older version) under the version sent; `zero` / `double` load the adapter with its
-    first lora_B tensor zeroed / scaled by 2."""
+    `old` (an older version) under the version sent; `zero` / `double` load the adapter with one
+    nonzero tensor (a lora_B when training moved one) zeroed / scaled by 2."""
     import dataclasses
 
     adapter = worker.adapter
@@ -153,7 +153,9 @@ def _damaged(payload, fault: str, device: str):
     from grpo_ray.contracts import AdapterPayload
 
     tensors = {k: v.clone() for k, v in payload.materialize(device).items()}
-    name = sorted(n for n in tensors if "lora_B" in n)[0]
+    # a lora_B that training moved (it starts at zero), else any nonzero tensor
+    name = min((n for n in tensors if tensors[n].abs().max() > 0),
+               key=lambda n: ("lora_B" not in n, n))
     tensors[name] = tensors[name] * (0 if fault == "zero" else 2)
     return AdapterPayload(payload.version, tensors, payload.peft_config, payload.digest)
 

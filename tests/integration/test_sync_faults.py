@@ -25,7 +25,9 @@ def build(out, model_path, lines: list[str], *overrides: str) -> Trainer:
     cfg = load_config("configs/tiny-cpu.yaml", [
         f"output.dir={out}", f"model.path={model_path}", "learner.learning_rate=5e-3",
         "learner.warmup_ratio=0", "logging.tensorboard=false", "eval.num_samples=2",
-        "cluster.max_restarts=1", *overrides])
+        "cluster.max_restarts=1",  # rewards that differ within a group: the adapter moves
+        "reward.functions=[{name: correctness}, {name: 'rewards_for_tests:text_length'}]",
+        *overrides])
     return Trainer(cfg, print_fn=lines.append).setup()
 
 
@@ -59,7 +61,7 @@ def test_faults_are_caught_at_their_sync_and_reloaded(ray_local, tiny_model_path
             assert trainer.version == step
             assert_serves_the_learners_adapter(trainer)
         caught = failures(lines)
-        assert len(caught) == 3, lines
+        assert len(caught) == 3, "\n".join(lines)
         assert caught[0].startswith(CAUGHT.format(1, "it holds adapter version 0 with digest "
                                                      "none (the base model), the learner "
                                                      "exported version 1 with digest "))
