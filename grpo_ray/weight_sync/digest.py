@@ -6,12 +6,13 @@ reports (version, digest). Equal means bit-identical tensors (up to a 2^-60 chan
 the transport; an engine that missed a load, kept an older version or received damaged tensors
 differs exactly at that sync, with no tolerance to tune.
 
-The sum runs on the tensors' device (no copy of the adapter to the host): each tensor's bytes
-are read as 16-bit words w_k (a 1-byte dtype: bytes), and for two fixed multipliers
-m_k = (a * (k + 1) + b) mod p, p = 2^31 - 1, the sum over all words of w_k * m_k mod p is taken
-in int64, which never overflows (w < 2^16, m < 2^31; at most 2^24 products summed at once),
-so CPU and CUDA, any reduction order, give the same number. Changing any one word changes each
-sum (w and m are below p, p is prime). sha256 over names, shapes, dtypes and the two sums.
+The sums run on the tensors' device (no copy of the adapter to the host) in exact integer
+arithmetic: each tensor's bytes are read as 16-bit words w_k (a 1-byte dtype: bytes), k their
+position in name order, and for two fixed weightings m_k = ((a * k + b) mod 2^30) | 1 the sum of
+w_k * m_k is taken mod p = 2^31 - 1. Products stay below 2^46 and are summed in rows of 2^16
+before any reduction mod p, so int64 never overflows and CPU and CUDA, any reduction order, give
+the same number; no integer division per element (cheap on a GPU). Changing any one word changes
+each sum (0 < m < p, |w' - w| < p, p prime). sha256 over names, shapes, dtypes and the two sums.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import hashlib
 from typing import Any
 
 _P = 2**31 - 1
-_MULTIPLIERS = ((48271, 11), (69621, 7))  # (a, b) of two independent position weights
+_MULTIPLIERS = ((48271, 11), (69621, 7))  # (a, b) of two independent position weightings
+_ROW = 1 << 16  # products summed exactly before reducing mod p: 2^16 * 2^46 < 2^63
 _CHUNK = 1 << 24  # words per step: bounds the int64 temporaries (128 MB each)
 
 
@@ -45,9 +47,11 @@ def tensor_digest(tensors: dict[str, Any]) -> str:
         flat = torch.cat(words) if len(words) > 1 else words[0]
         for start in range(0, flat.numel(), _CHUNK):
             w = flat[start:start + _CHUNK].to(torch.int64) & 0xFFFF
-            k = torch.arange(start + 1, start + 1 + w.numel(), device=w.device, dtype=torch.int64)
+            w = torch.nn.functional.pad(w, (0, -w.numel() % _ROW))  # zeros add nothing
+            k = torch.arange(start, start + w.numel(), device=w.device, dtype=torch.int64)
             for j, (a, b) in enumerate(_MULTIPLIERS):
-                m = (k * a + b) % _P
-                sums[j] = (sums[j] + int(((w * m) % _P).sum().item())) % _P
+                m = ((k * a + b) & (2**30 - 1)) | 1
+                rows = (w * m).view(-1, _ROW).sum(1) % _P
+                sums[j] = (sums[j] + int(rows.sum().item())) % _P
     header.update(",".join(str(s) for s in sums).encode())
     return header.hexdigest()
