@@ -107,17 +107,18 @@ def test_every_fault_is_caught_and_repaired_and_the_run_finishes(ray_local, tiny
                 old = trainer.broadcast._payload  # ObjectRef of version 2's payload
             assert_serves_the_learners_adapter(trainer)
         caught = failures(lines)
+        print("\n" + "\n".join(caught))
         versions = [int(line.split("adapter version ")[1].split(":")[0]) for line in caught]
         assert versions == [1, 2, 3, 4, 5, 7], lines
         assert "slope 0" in caught[2] and "digest" in caught[3] and "digest" in caught[5]
-        assert [line.endswith(RELOADED) for line in caught] == [True] * 4 + [False, True]
+        assert [line.endswith(RELOADED) for line in caught] == [True] * 4 + [False, True], \
+            "\n".join(caught)
         assert "reloaded, still: it holds adapter version 5" in caught[4]
         assert trainer.engines.restarts == 1 and trainer.broadcast.repairs == 6
         restarted = [line for line in lines if "started again in its placement bundle" in line]
         assert len(restarted) == 1 and restarted[0].startswith(CAUGHT.format(5, ""))
         rows = jsonl(tmp_path / "metrics.jsonl")
         assert all(r["sync/probe/slope/engine_0"] == pytest.approx(1, abs=1e-3) for r in rows)
-        print("\n" + "\n".join(caught))
     finally:
         trainer.close()
 
