@@ -143,9 +143,9 @@ def test_a_fault_a_new_engine_has_too_ends_the_run_with_the_figures(ray_local, t
         print("\n" + message)
         assert message.startswith(CAUGHT.format(3, "its probe log-probs do not move as the "
                                                    "learner's: slope 0"))
-        for figure in ("+-", "gap ", "learner movement ", "tokens", "reloaded, still: ",
-                       "the new rollout engine 0 disagrees too: its probe log-probs do not move",
-                       "cluster.sync_probe_min_slope"):
+        for figure in ("+-", "gap ", "learner movement ", "tokens", "cluster.sync_probe_min_slope",
+                       "; reloaded, still failing; replaced, and the new rollout engine 0 "
+                       "disagrees too: its probe log-probs do not move as the learner's: slope "):
             assert figure in message, figure
         assert latest_checkpoint(trainer.checkpoints).name == "step-000003"
     finally:
