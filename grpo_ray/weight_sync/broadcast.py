@@ -108,6 +108,7 @@ class AdapterBroadcast:
             out = self._sync(learner, engines, version, "packed")
         out["fallback_object_store"] = float(self.fell_back)
         if engines is self._engines:
+            self._learner = learner  # the current one (a restarted learner is another actor)
             out.update(self.verify(version))
         return out
 
