@@ -121,7 +121,7 @@ class EngineGroup:
         """Engines started again over the group's life."""
         self.after_replace: Callable[[int], None] | None = None
         """Called with i once a replacement engine i has started and holds the group's adapter:
-        the weight sync checks it there (raising ActorLostError when it disagrees)."""
+        the weight sync checks it there (raising an InfraError when it disagrees)."""
         self._payload: Any = None  # the adapter every engine holds (None: the base model)
         self._version = 0
 
@@ -223,7 +223,7 @@ class EngineGroup:
             raise ActorLostError(f"{reason}; starting it again failed: {first_line(e)} "
                                  f"(cluster.restart_timeout_s={self.ready_timeout_s:g})") from None
         if self.after_replace is not None:
-            self.after_replace(i)  # ActorLostError when the new engine disagrees too
+            self.after_replace(i)  # an InfraError when the new engine disagrees too
         self.restarts += 1
         self.notify(f"{reason}: started again in its placement bundle in "
                     f"{time.perf_counter() - start:.1f} s with adapter version {self._version}")

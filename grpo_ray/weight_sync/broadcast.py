@@ -50,7 +50,7 @@ class AdapterBroadcast:
         """True once a CUDA IPC sync failed and the object store took over."""
         self.repairs = 0
         """Engines reloaded or replaced because they failed the sync check."""
-        self.rule = ProbeRule()
+        self.rule: ProbeRule | None = None
         self.probe: SyncProbe | None = None
         self._learner: Any = None
         self._engines: Any = None
@@ -65,11 +65,14 @@ class AdapterBroadcast:
                rule: ProbeRule | None = None) -> None:
         """Verify every later sync of `engines` (an EngineGroup, all at version 0) against
         `learner` (an actor handle), and every engine the group starts anew. With `probe_ids`
-        (`probe.probe_sequences`) both sides score the probe now, with their base models."""
+        (`probe.probe_sequences`) both sides score the probe now, with their base models, and
+        `rule` judges it (None: the defaults of `cluster.sync_probe_*`)."""
         import ray
 
+        from grpo_ray.config import ClusterConfig
+
         self._learner, self._engines = learner, engines
-        self.rule = rule or ProbeRule()
+        self.rule = rule or ClusterConfig().probe_rule()
         if probe_ids is not None:
             prompts, completions = probe_ids
             learner_base = flatten(ray.get(learner.sequence_logprobs.remote(
@@ -168,7 +171,7 @@ class AdapterBroadcast:
             return (f"it holds adapter version {held[0]} with digest {_short(held[1])}, the "
                     f"learner exported version {self._expected[0]} with digest "
                     f"{_short(self._expected[1])} (an exact check: no setting relaxes it)"), stats
-        if stats is not None and stats.fails(self.rule):
+        if stats is not None and self.rule is not None and stats.fails(self.rule):
             return (f"its probe log-probs do not move as the learner's: {stats.describe()} "
                     f"(fails outside slope [{self.rule.min_slope:g}, {self.rule.max_slope:g}] "
                     f"by {self.rule.z:g} standard errors, once the learner moved "

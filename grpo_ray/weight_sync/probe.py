@@ -57,12 +57,13 @@ token is of the kind the policy is trained on, so training moves their log-probs
 
 @dataclass
 class ProbeRule:
-    """When an engine fails the probe (module docstring; `cluster.sync_probe_*`)."""
+    """When an engine fails the probe (module docstring); `ClusterConfig.probe_rule` holds the
+    defaults (`cluster.sync_probe_*`)."""
 
-    min_slope: float = 0.5
-    max_slope: float = 1.5
-    z: float = 4.0
-    min_movement: float = 1e-3
+    min_slope: float
+    max_slope: float
+    z: float
+    min_movement: float
 
 
 @dataclass
