@@ -18,11 +18,13 @@ loop never sees how the tensors travel (`weight_sync.sender` makes the payloads,
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable
 
 from grpo_ray.faults import InfraError, first_line
-from grpo_ray.weight_sync.probe import ProbeRule, ProbeStats, SyncProbe, flatten, probe_stats
+from grpo_ray.weight_sync.probe import (ProbeRule, ProbeStats, SyncProbe, default_min_movement,
+                                        flatten, probe_stats)
 
 
 class SyncCheckError(InfraError):
@@ -73,6 +75,9 @@ class AdapterBroadcast:
 
         self._learner, self._engines = learner, engines
         self.rule = rule or ClusterConfig().probe_rule()
+        if self.rule.min_movement is None:
+            self.rule = dataclasses.replace(
+                self.rule, min_movement=default_min_movement(engines.lora_dtype()))
         if probe_ids is not None:
             prompts, completions = probe_ids
             learner_base = flatten(ray.get(learner.sequence_logprobs.remote(

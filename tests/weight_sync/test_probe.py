@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from grpo_ray.weight_sync.probe import ProbeRule, probe_sequences, probe_stats
+from grpo_ray.weight_sync.probe import ProbeRule, ProbeStats, probe_sequences, probe_stats
 
 RULE = ProbeRule(min_slope=0.5, max_slope=1.5, z=4.0, min_movement=1e-3)
 
@@ -77,3 +77,17 @@ def test_probe_sequences_are_a_few_hundred_tokens_in_the_recipe_format(tokenizer
     assert len(prompts) == len(completions) == 4
     assert 150 <= sum(len(c) for c in completions) <= 600
     assert all(tokenizer.decode(c).startswith("<reasoning>\n") for c in completions)
+
+
+def test_default_min_movement_by_the_engines_dtype():
+    from grpo_ray.config import ClusterConfig
+    from grpo_ray.weight_sync.probe import default_min_movement
+
+    assert default_min_movement("float32") == 1e-3
+    assert default_min_movement("bfloat16") == default_min_movement("float16") == 0.05
+    assert ClusterConfig().probe_rule().min_movement is None  # resolved at attach
+    # the H200 case that stopped a healthy Unsloth run at version 2: slope 0.2 +- 0.049 at
+    # movement 0.0117; below the 16-bit floor it is not judged
+    stats = ProbeStats(0.2, 0.049, 0.0154, 0.0117, 368)
+    assert stats.fails(ProbeRule(0.5, 1.5, 4.0, 1e-3))
+    assert not stats.fails(ProbeRule(0.5, 1.5, 4.0, default_min_movement("bfloat16")))
