@@ -135,6 +135,8 @@ class Actors:
     plan: Plan
     start_reward_worker: Callable[[], Any] | None = None
     """Starts one more reward worker like the others (the pool's replacement of a lost one)."""
+    start_learner: Callable[[int], Any] | None = None
+    """Starts the learner again in its bundle (`start_learner(0)`: the learner group's `start`)."""
 
     def shutdown(self) -> None:
         import ray
@@ -164,15 +166,19 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
         # vLLM sizes its KV cache from the GPU memory it sees free while it starts: let it
         # finish before the learner takes its share of the same GPU.
         ray.get([e.__ray_ready__.remote() for e in engines.engines])
-    learner = ray.remote(learner_cls).options(
-        **_actor_options(pg, plan.learner, plan.learner_bundle, "learner")).remote(*learner_args)
+    def start_learner(i: int = 0) -> Any:
+        return ray.remote(learner_cls).options(
+            **_actor_options(pg, plan.learner, plan.learner_bundle, "learner")
+        ).remote(*learner_args)
+
+    learner = start_learner()
     reward_env = {"env_vars": actor_env_vars(ACTOR_ENV, "reward")}
     rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
                                    plan.reward["CPU"], runtime_env=reward_env)
     # constructors run remotely: surface their errors (a bad model path, say) here, at once
     ray.get([a.__ray_ready__.remote() for a in [learner, *engines.engines]])
     return Actors(learner, engines, rewards, pg, plan, reward_worker_starter(
-        cfg.reward.functions, cfg.reward.mode, plan.reward["CPU"], reward_env))
+        cfg.reward.functions, cfg.reward.mode, plan.reward["CPU"], reward_env), start_learner)
 
 
 def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> EngineGroup:
@@ -209,8 +215,7 @@ def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_arg
         return ray.remote(engine_cls).options(**options).remote(*engine_args[i])
 
     return EngineGroup([start(i) for i in range(len(engine_args))], start, on_shutdown,
-                       max_restarts=cfg.cluster.max_restarts,
-                       ready_timeout_s=cfg.cluster.restart_timeout_s)
+                       cfg.cluster)
 
 
 def _use_gpu(cfg: Config, nodes: list[dict[str, float]]) -> bool:

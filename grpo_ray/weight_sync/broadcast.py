@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 
 class AdapterBroadcast:
@@ -20,9 +20,12 @@ class AdapterBroadcast:
         self.transport: str | None = None
         """`cuda-ipc` or `object-store`, once the first sync has chosen."""
 
-    def sync(self, learner: Any, engines: Any, version: int) -> dict[str, float]:
+    def sync(self, learner: Any, engines: Any, version: int, force: bool = False,
+             wait_export: Callable[[Any], None] | None = None) -> dict[str, float]:
         """Export adapter `version` on `learner` (an actor handle) and load it on every engine of
-        `engines` (an EngineGroup).
+        `engines` (an EngineGroup). `force`: the engines accept an older version too (a learner
+        restored from a checkpoint). `wait_export(ref)` waits for the export (default: without a
+        deadline); the trainer's waits with one and replaces a learner lost on the way.
 
         Returns seconds `export_s` (learner side, until the payload is in the object store),
         `load_s` (slowest engine's unpack + register), `total_s`, and `bytes` (the adapter's
@@ -37,21 +40,25 @@ class AdapterBroadcast:
             self.transport = "cuda-ipc" if same_gpu else "object-store"
         if self.transport == "cuda-ipc":
             try:
-                return self._sync(learner, engines, version, "cuda-ipc")
+                return self._sync(learner, engines, version, "cuda-ipc", force, wait_export)
             except Exception as e:  # noqa: BLE001 - any failure of IPC: the object store works
                 warnings.warn(f"CUDA IPC adapter sync failed, using Ray's object store from now "
                               f"on: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
                 self.transport = "object-store"
-        return self._sync(learner, engines, version, "packed")
+        return self._sync(learner, engines, version, "packed", force, wait_export)
 
-    def _sync(self, learner: Any, engines: Any, version: int, form: str) -> dict[str, float]:
+    def _sync(self, learner: Any, engines: Any, version: int, form: str, force: bool = False,
+              wait_export: Callable[[Any], None] | None = None) -> dict[str, float]:
         import ray
 
         start = time.perf_counter()
         payload_ref = learner.export_adapter.remote(version, form, self._dtype)
-        ray.wait([payload_ref], fetch_local=False)
+        if wait_export is None:
+            ray.wait([payload_ref], fetch_local=False)
+        else:
+            wait_export(payload_ref)
         export_s = time.perf_counter() - start
-        load_times = engines.load_adapter(payload_ref)
+        load_times = engines.load_adapter(payload_ref, force=force)
         total_s = time.perf_counter() - start
         size = (ray.get(payload_ref).num_bytes if form == "cuda-ipc"  # a small handle
                 else _object_bytes(payload_ref))
