@@ -178,11 +178,11 @@ class Trainer:
     def sync(self) -> dict[str, float]:
         """The new adapter to every engine, then the sync probe: each engine proves it serves
         it (`weight_sync.probe`). Returns `sync/...` figures."""
-        from grpo_ray.weight_sync.probe import verify_sync
-
         return self._sync()
 
     def _sync(self, force: bool = False) -> dict[str, float]:
+        from grpo_ray.weight_sync.probe import verify_sync
+
         learner, timeout = self.learner, self.cfg.cluster.call_timeout_s
 
         def wait_export(ref) -> None:

@@ -53,8 +53,9 @@ class PendingGeneration:
         self.slices = even_slices(len(batch), len(group.engines))
         self.deadline_s = group.generate_deadline(max(b - a for a, b in self.slices), sampling)
         # every slice is submitted now; the caller collects them as they arrive
-        self._stream = group.group.stream("generation", self._submit, self.deadline_s,
-                                          range(len(self.slices)))
+        self._stream = group.group.stream(
+            "generation", self._submit, self.deadline_s, range(len(self.slices)),
+            setting="cluster.generate_floor_tokens_per_s, cluster.deadline_slack_s")
 
     def _submit(self, k: int) -> Any:
         a, b = self.slices[k]
