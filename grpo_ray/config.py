@@ -375,10 +375,12 @@ class LoggingConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = "outputs/run"
-    save_every: int = Field(0, ge=0)
+    save_every: int = Field(10, ge=0)
     """Checkpoint every N steps (0: only at the end). A lost or hung learner is restarted from
     the newest checkpoint (none yet: from step 0 and the base model), so this bounds the steps
-    it redoes."""
+    it redoes. 10: on the 2-core CPU a checkpoint of the tiny learner costs 13-28 ms against
+    0.2-0.6 s steps (<1%); for the 3B rank-64 recipe (~1.9 GB written and hashed, est. 2-5 s,
+    against 5-10 s steps) about 5% of the run, and at most 10 steps (~1.5 min) redone."""
     keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints kept under `<dir>/checkpoints` (the newest ones); older ones are deleted once
     a newer one is complete."""
