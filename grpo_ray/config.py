@@ -313,11 +313,34 @@ class ClusterConfig(_Section):
     with what is missing."""
     max_restarts: int = Field(2, ge=0)
     """Rollout engines or reward workers started again within one call (a generation, an adapter
-    load, a probe, one step's scoring) after their process died, before the run fails. Per call,
-    not per run: a long run survives any number of separate losses, a crash loop fails at once."""
+    load, a probe, one step's scoring) after their process died or their call ran past its
+    deadline, before the run fails; for the learner, restarts before it completes a step again.
+    Per call, not per run: a long run survives any number of separate losses, a crash loop fails
+    at once."""
     restart_timeout_s: float = Field(600.0, gt=0)
-    """How long a replacement rollout engine may take to be placed and to start (vLLM: ~1 min
-    on GPU) before the run fails."""
+    """How long a replacement actor may take to be placed and to start (a vLLM engine: 56-180 s
+    on an H200 with compilation, ~10 s on CPU; the learner: ~2 min for a 3B 4-bit load, ~5 s for
+    the tiny CPU model) before the run fails."""
+    generate_floor_tokens_per_s: float = Field(200.0, gt=0)
+    """Deadline of a generation call: the engine's share of prompts x n x max_tokens at this
+    throughput, plus `deadline_slack_s`; a call past it is a hung engine (killed, replaced, its
+    slice generated again). 200 tok/s is 65-125x below a 3B LoRA engine on an H200 (13-25k tok/s)
+    and 4-15x below the tiny model's vLLM CPU engine on 2 shared cores (750-2900 tok/s on 8
+    sequences). A hang of the reference recipe's step (16 x 8 x 200 tokens) fires after ~5 min."""
+    update_floor_tokens_per_s: float = Field(200.0, gt=0)
+    """Deadline of a learner update: the batch's prompt + completion tokens, times
+    `algorithm.num_iterations`, at this throughput, plus `deadline_slack_s`; past it the learner
+    is hung: restarted from the newest checkpoint. 200 tok/s is 30-60x below a 3B QLoRA step on an
+    H200 (16 x 8 x 456 tokens in 5-10 s) and ~50x below the tiny CPU learner (~740 tokens in
+    0.05-0.08 s). A hang of the reference recipe's update fires after ~8 min."""
+    deadline_slack_s: float = Field(180.0, gt=0)
+    """Added to every deadline that follows from the work: a first call's compilation (up to a
+    minute on GPU; a recompile for a new shape took 12.7 s), scheduling, a busy machine."""
+    call_timeout_s: float = Field(180.0, gt=0)
+    """Deadline of the small calls: an adapter load (70-250 ms on GPU), the sync probe's scoring,
+    version and device queries, the learner's adapter export, its probe log-probs (the first may
+    compile: ~1 min) and its checkpoint state (~1.4 GB for a 3B rank-64 learner: seconds). Past
+    it the actor is hung and is replaced."""
     sync_probe: bool = True
     """After every sync, each engine and the learner score a few fixed completions (a few
     hundred tokens, one short forward each); an engine whose log-probs did not move as the
@@ -390,8 +413,12 @@ class LoggingConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = "outputs/run"
-    save_every: int = Field(0, ge=0)
-    """Checkpoint every N steps (0: only at the end)."""
+    save_every: int = Field(10, ge=0)
+    """Checkpoint every N steps (0: only at the end). A lost or hung learner is restarted from
+    the newest checkpoint (none yet: from step 0 and the base model), so this bounds the steps
+    it redoes. 10: on the 2-core CPU a checkpoint of the tiny learner costs 13-28 ms against
+    0.2-0.6 s steps (<1%); for the 3B rank-64 recipe (~1.9 GB written and hashed, est. 2-5 s,
+    against 5-10 s steps) about 5% of the run, and at most 10 steps (~1.5 min) redone."""
     keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints kept under `<dir>/checkpoints` (the newest ones); older ones are deleted once
     a newer one is complete."""

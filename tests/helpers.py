@@ -163,11 +163,11 @@ def _damaged(payload, fault: str, device: str):
 def inject_into_new_engines(engines, fault: str) -> None:
     """Every engine the group starts from now on has `fault` on every load (a fault that a new
     engine does not cure: the run must end)."""
-    start = engines._start
+    start = engines.group.start
 
     def start_faulty(i: int):
         engine = start(i)
         engine.__ray_call__.remote(inject, fault, True)  # runs before any later call
         return engine
 
-    engines._start = start_faulty
+    engines.group.start = start_faulty

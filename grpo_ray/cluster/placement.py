@@ -136,6 +136,8 @@ class Actors:
     plan: Plan
     start_reward_worker: Callable[[], Any] | None = None
     """Starts one more reward worker like the others (the pool's replacement of a lost one)."""
+    start_learner: Callable[[int], Any] | None = None
+    """Starts the learner again in its bundle (`start_learner(0)`: the learner group's `start`)."""
 
     def shutdown(self) -> None:
         import ray
@@ -165,8 +167,13 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     # each engine finishes starting before the next one, and all before the learner
     engines = _engine_group(cfg, pg, plan, engine_cls, engine_args,
                             one_by_one=plan.layout == "colocated")
-    learner = ray.remote(learner_cls).options(
-        **_actor_options(pg, plan.learner, plan.learner_bundle, "learner")).remote(*learner_args)
+
+    def start_learner(i: int = 0) -> Any:
+        return ray.remote(learner_cls).options(
+            **_actor_options(pg, plan.learner, plan.learner_bundle, "learner")
+        ).remote(*learner_args)
+
+    learner = start_learner()
     reward_env = {"env_vars": actor_env_vars(ACTOR_ENV, "reward")}
     rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
                                    plan.reward["CPU"], runtime_env=reward_env)
@@ -174,8 +181,9 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     ray.get([a.__ray_ready__.remote() for a in [learner, *engines.engines]])
     start_reward = reward_worker_starter(cfg.reward.functions, cfg.reward.mode,
                                          plan.reward["CPU"], reward_env)
-    return Actors(learner, engines, rewards, pg, plan, lambda: start_until_up(
-        start_reward, cfg.cluster.restart_timeout_s))
+    return Actors(learner, engines, rewards, pg, plan,
+                  lambda: start_until_up(start_reward, cfg.cluster.restart_timeout_s),
+                  lambda i=0: start_until_up(start_learner, cfg.cluster.restart_timeout_s))
 
 
 def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> EngineGroup:
@@ -221,9 +229,7 @@ def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_arg
         engines.append(start(i))
         if one_by_one:
             ray.get(engines[-1].__ray_ready__.remote())
-    return EngineGroup(engines, start_again, on_shutdown,
-                       max_restarts=cfg.cluster.max_restarts,
-                       ready_timeout_s=cfg.cluster.restart_timeout_s)
+    return EngineGroup(engines, start_again, on_shutdown, cfg.cluster)
 
 
 def start_until_up(start: Callable[[], Any], timeout_s: float) -> Any:

@@ -6,25 +6,26 @@ function in `Scores.failed`, with its first error in `Scores.errors`:
 - it raises, or returns NaN/inf or None instead of a list: those rows (its whole shard when it
   raises) are unscored for that function;
 - it runs past `reward.timeout_s`: its worker is killed and replaced, and the shard is scored
-  again without it;
-- its worker's process dies: the worker is replaced and the shard scored again (at most
-  `max_restarts` times in one call).
+  again without it (the worker says which functions it was running);
+- its worker's process dies: the worker is replaced and the shard scored again.
+Both go through the role-neutral `ActorGroup` (`cluster.group`), at most `max_restarts` times
+in one call.
 A wrong number of scores or a value that is not a number is a bug in the function, not a passing
 failure: it fails the step at once with the function's name. `unscored_error` says when a step
 has too few scored rows to train on (`reward.max_unscored_fraction`).
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayTaskError
 
 from grpo_ray.cluster.engines import even_slices
+from grpo_ray.cluster.group import ActorGroup
 from grpo_ray.config import RewardFunctionConfig, UserError
 from grpo_ray.contracts import PromptBatch, Rollout, Scores
-from grpo_ray.faults import ActorLostError, first_line, is_lost_actor
+from grpo_ray.faults import ActorLostError
 from grpo_ray.reward.registry import get_reward_functions
 from grpo_ray.reward.worker import RewardWorker, ShardScores
 
@@ -57,10 +58,32 @@ class RewardPool:
         self.workers = workers
         self.weights = [float(f.weight) for f in functions]
         self.timeout_s, self.max_unscored_fraction = timeout_s, max_unscored_fraction
-        self._start, self.max_restarts, self.notify = start, max_restarts, notify
-        self.restarts = 0
-        """Workers started again over the pool's life (lost or hung)."""
+        # workers are plain CPU actors outside the placement group: any new one will do
+        self.group = ActorGroup("reward worker", workers,
+                                None if start is None else (lambda i: start()), max_restarts,
+                                ready_timeout_s=max(60.0, timeout_s), notify=notify, where="")
         self._reported: set[str] = set()  # functions whose first failure was told
+
+    @property
+    def restarts(self) -> int:
+        """Workers started again over the pool's life (lost or hung)."""
+        return self.group.restarts
+
+    @property
+    def notify(self) -> Callable[[str], None]:
+        return self.group.notify
+
+    @notify.setter
+    def notify(self, fn: Callable[[str], None]) -> None:
+        self.group.notify = fn
+
+    @property
+    def max_restarts(self) -> int:
+        return self.group.max_restarts
+
+    @max_restarts.setter
+    def max_restarts(self, n: int) -> None:
+        self.group.max_restarts = n
 
     def score(self, batch: PromptBatch, rollout: Rollout, check_unscored: bool = True) -> Scores:
         """Per-function scores and weighted totals of every completion, prompt-major. With
@@ -106,45 +129,31 @@ class RewardPool:
 
     def _gather(self, call: Callable[[int, dict[str, str]], ray.ObjectRef],
                 shards: list[tuple[int, int]]) -> list[ShardScores]:
-        """Every shard's scores: all calls at once, one wait of `timeout_s`; a hung or lost
-        worker is replaced and its shard scored again (after a hang, without the function that
-        hung)."""
-        results: dict[int, ShardScores] = {}
+        """Every shard's scores: all calls at once, one wait of `timeout_s` (`ActorGroup`); a
+        lost or hung worker is replaced and its shard scored again (after a hang, without the
+        functions it was running)."""
         skip: dict[int, dict[str, str]] = {k: {} for k in range(len(shards))}
-        pending, lost = list(range(len(shards))), 0
-        while pending:
-            refs = {k: call(k, skip[k]) for k in pending}
-            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s)
-            retry = []
-            for k, ref in refs.items():
-                rows = shards[k][1] - shards[k][0]
-                if ref not in ready:
-                    hung = self._running(k)
-                    why = f"timed out after {self.timeout_s:g} s (reward.timeout_s)"
-                    for name in hung or self._names(results):
-                        skip[k].setdefault(name, why)
-                    self._replace(k, f"reward worker {k} ran {', '.join(hung) or 'its functions'} "
-                                     f"past reward.timeout_s={self.timeout_s:g} s; scoring its "
-                                     f"{rows} completions again without "
-                                     f"{', '.join(hung) or 'any function'}")
-                    retry.append(k)
-                    continue
-                try:
-                    results[k] = ray.get(ref)
-                except RayTaskError as e:  # the one-line error naming the function, not Ray's
-                    raise e.cause from e
-                except Exception as e:  # noqa: BLE001 - lost workers are retried, else raise
-                    if not is_lost_actor(e):
-                        raise
-                    lost += 1
-                    reason = f"reward worker {k} lost ({first_line(e)})"
-                    if lost > self.max_restarts:
-                        raise ActorLostError(f"{reason} after {self.max_restarts} restart(s) in "
-                                             "one step (cluster.max_restarts)") from None
-                    self._replace(k, f"{reason}; scoring its {rows} completions again")
-                    retry.append(k)
-            pending = retry
-        return [results[k] for k in range(len(shards))]
+        done: dict[int, ShardScores] = {}
+
+        def hung(k: int) -> str:
+            """Before worker k is killed: which functions hang, skipped in its shard's retry."""
+            names = self._running(k)
+            why = f"timed out after {self.timeout_s:g} s (reward.timeout_s)"
+            for name in names or self._names(done):
+                skip[k].setdefault(name, why)
+            return (f"reward worker {k} ran {', '.join(names) or 'its functions'} past "
+                    f"reward.timeout_s={self.timeout_s:g} s; scoring its "
+                    f"{shards[k][1] - shards[k][0]} completions again without "
+                    f"{', '.join(names) or 'any function'}")
+
+        try:
+            for k, part in self.group.stream("scoring", lambda k: call(k, skip[k]),
+                                             self.timeout_s, range(len(shards)), on_timeout=hung,
+                                             setting="reward.timeout_s"):
+                done[k] = part
+        except RayTaskError as e:  # the one-line error naming the function, not Ray's
+            raise e.cause from e
+        return [done[k] for k in range(len(shards))]
 
     def _running(self, k: int) -> list[str]:
         """The functions worker k runs now ([] when it does not answer)."""
@@ -163,22 +172,6 @@ class RewardPool:
             except Exception:  # noqa: BLE001 - try the next worker
                 continue
         raise ActorLostError("reward pool: no worker answers")
-
-    def _replace(self, k: int, reason: str) -> None:
-        if self._start is None:
-            raise ActorLostError(f"{reason}; this pool cannot start workers")
-        start = time.perf_counter()
-        ray.kill(self.workers[k], no_restart=True)  # a hung call dies with its process
-        worker = self._start()
-        try:
-            ray.get(worker.names.remote(), timeout=max(60.0, self.timeout_s))
-        except Exception as e:  # noqa: BLE001 - cannot come back: the step fails
-            ray.kill(worker)
-            raise ActorLostError(f"{reason}; starting a new reward worker failed: "
-                                 f"{first_line(e)}") from None
-        self.workers[k] = worker
-        self.restarts += 1
-        self.notify(f"{reason} (new worker ready in {time.perf_counter() - start:.1f} s)")
 
 
 def _merge(parts: list[ShardScores], weights: list[float]) -> Scores:

@@ -158,6 +158,11 @@ class RolloutSource:
                 Rollout.concat([s[1] for s in selected]),
                 Scores.concat([s[2] for s in selected]), metrics)
 
+    def reset(self) -> None:
+        """Forget the batch in flight or ready (the run goes back to a checkpoint): a generation
+        still running finishes on the engines and its result is dropped."""
+        self._pending = self._ready = self._ready_step = None
+
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any] | None:
         """The batch prefetched for the next step (one step off), as plain JSON values: a

@@ -133,9 +133,12 @@ class RolloutWorker:
         here on the engine's device (None: the base model)."""
         return self.adapter.version, self.adapter.digest
 
-    def load_adapter(self, payload: Any, from_file: bool = False, reload: bool = False) -> float:
-        """Make `payload` the adapter of the next `generate` (`VllmAdapterSlot.load`)."""
-        return self.adapter.load(payload, from_file, reload)
+    def load_adapter(self, payload: Any, from_file: bool = False, reload: bool = False,
+                     force: bool = False) -> float:
+        """Make `payload` the adapter of the next `generate` (`VllmAdapterSlot.load`); `force`
+        accepts any version, an older one included, and None: the base model, version 0 (a
+        learner restored from a checkpoint)."""
+        return self.adapter.load(payload, from_file, reload, force=force)
 
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Rollout:
         """`sampling.n` completions of each prompt with the current adapter, prompt-major."""

@@ -88,9 +88,13 @@ class AdapterBroadcast:
         engines.after_replace = self._check_replacement
 
     # ---- the sync ----------------------------------------------------------------------------
-    def sync(self, learner: Any, engines: Any, version: int) -> dict[str, float]:
+    def sync(self, learner: Any, engines: Any, version: int, force: bool = False,
+             wait_export: Callable[[Any], None] | None = None) -> dict[str, float]:
         """Export adapter `version` on `learner` (an actor handle), load it on every engine of
-        `engines` (an EngineGroup) and, once `attach`ed, verify and repair them.
+        `engines` (an EngineGroup) and, once `attach`ed, verify and repair them. `force`: the
+        engines accept an older version too (a learner restored from a checkpoint).
+        `wait_export(ref)` waits for the export (default: without a deadline); the trainer's
+        waits with one and replaces a learner lost on the way.
 
         Returns seconds `export_s` (learner side, until the payload is in the object store),
         `load_s` (slowest engine's unpack + register), `total_s`, `bytes` (the adapter's
@@ -107,27 +111,41 @@ class AdapterBroadcast:
         out = None
         if self.transport == "cuda-ipc":
             try:
-                out = self._sync(learner, engines, version, "cuda-ipc")
+                out = self._sync(learner, engines, version, "cuda-ipc", force, wait_export)
             except Exception as e:  # noqa: BLE001 - any failure of IPC: the object store works
                 self.notify(f"CUDA IPC adapter sync failed, using Ray's object store from now "
                             f"on (slower; metric sync/fallback_object_store): {first_line(e)}")
                 self.transport, self.fell_back = "object-store", True
         if out is None:
-            out = self._sync(learner, engines, version, "packed")
+            out = self._sync(learner, engines, version, "packed", force, wait_export)
         out["fallback_object_store"] = float(self.fell_back)
         if engines is self._engines:
             self._learner = learner  # the current one (a restarted learner is another actor)
             out.update(self.verify(version))
         return out
 
-    def _sync(self, learner: Any, engines: Any, version: int, form: str) -> dict[str, float]:
+    def to_base(self, learner: Any, engines: Any) -> None:
+        """Every engine back to the base model (version 0) and the check with it: where the
+        engines follow a learner restarted before any checkpoint (`learner` is the new one)."""
+        engines.load_adapter(None, force=True)
+        self._payload, self._expected = None, (0, None)
+        if engines is self._engines:
+            self._learner = learner
+            if self.probe is not None:
+                self._learner_now = self.probe.learner_base
+
+    def _sync(self, learner: Any, engines: Any, version: int, form: str, force: bool = False,
+              wait_export: Callable[[Any], None] | None = None) -> dict[str, float]:
         import ray
 
         start = time.perf_counter()
         payload_ref = learner.export_adapter.remote(version, form, self._dtype)
-        ray.wait([payload_ref], fetch_local=False)
+        if wait_export is None:
+            ray.wait([payload_ref], fetch_local=False)
+        else:
+            wait_export(payload_ref)
         export_s = time.perf_counter() - start
-        load_times = engines.load_adapter(payload_ref)
+        load_times = engines.load_adapter(payload_ref, force=force)
         self._payload = payload_ref
         total_s = time.perf_counter() - start
         size = (ray.get(payload_ref).num_bytes if form == "cuda-ipc"  # a small handle

@@ -134,13 +134,21 @@ class VllmMergedWeights:
         self.digest: str | None = None
         """`tensor_digest` of the tensors merged for `version` (None: the base model)."""
 
-    def load(self, payload: Any, from_file: bool = False, reload: bool = False) -> float:
+    def load(self, payload: Any, from_file: bool = False, reload: bool = False,
+             force: bool = False) -> float:
         """Merge `payload` into the weights; `reload` merges the current version again (the
-        sync probe's repair: every merge starts from the pristine base)."""
-        if reload and payload.version != self.version:
+        sync probe's repair: every merge starts from the pristine base). `force` accepts any
+        version, an older one included, and None: the base model, version 0."""
+        if force and payload is None:
+            start = time.perf_counter()
+            self.restore_base()
+            return time.perf_counter() - start
+        if force:
+            pass  # any version: every merge starts from the pristine base
+        elif reload and payload.version != self.version:
             raise ValueError(f"reload: adapter version {payload.version} is not the engine's "
                              f"current version {self.version}")
-        if not reload and payload.version <= self.version:
+        elif not reload and payload.version <= self.version:
             raise ValueError(f"adapter version {payload.version} is not newer than the engine's "
                              f"current version {self.version}")
         start = time.perf_counter()

@@ -45,14 +45,26 @@ class VllmAdapterSlot:
         # actor leaves its directory to the next engine started on the node).
         self.close = weakref.finalize(self, shutil.rmtree, self._root, True)
 
-    def load(self, payload: Any, from_file: bool = False, reload: bool = False) -> float:
+    def load(self, payload: Any, from_file: bool = False, reload: bool = False,
+             force: bool = False) -> float:
         """Make `payload` (any form with `version`, `peft_config`, `materialize(device)`) the
         adapter of the next `generate`; returns the seconds it took. `reload` loads the current
-        version again (the sync probe's repair of an engine whose weights disagree)."""
+        version again (the sync probe's repair of an engine whose weights disagree). `force`
+        accepts any version, an older one included (a learner restored from a checkpoint), and
+        None: the base model, version 0."""
         from vllm.lora.request import LoRARequest
 
         engine = self.llm.llm_engine
-        if reload:
+        if force:  # drop what the engine holds; its cached prefixes came from those weights
+            start = time.perf_counter()
+            if self.request is not None:
+                engine.remove_lora(self.request.lora_int_id)
+                shutil.rmtree(self.request.lora_path, ignore_errors=True)
+            self.request, self.version, self.digest = None, 0, None
+            self.llm.reset_prefix_cache()
+            if payload is None:
+                return time.perf_counter() - start
+        elif reload:
             if payload.version != self.version:
                 raise ValueError(f"reload: adapter version {payload.version} is not the engine's "
                                  f"current version {self.version}")

@@ -172,15 +172,15 @@ def _set_exported(self, identity):
 
 def test_an_engine_that_cannot_start_again_is_a_clear_error(ray_local, setting):
     engines, _, batch, _, _ = setting
-    start = engines._start
-    engines._start = lambda i: _bad_engine(ray_local)
+    start = engines.group.start
+    engines.group.start = lambda i: _bad_engine(ray_local)
     try:
         ray_local.kill(engines.engines[0])
         with pytest.raises(ActorLostError, match="rollout engine 0 lost during generation "
                                                  r"\(ActorDiedError.*starting it again failed"):
             engines.generate(batch, Sampling(n=1, max_tokens=4, seed=0))
     finally:
-        engines._start = start
+        engines.group.start = start
 
 
 def _bad_engine(ray):

@@ -94,7 +94,7 @@ def test_killed_actors_are_replaced_and_the_run_equals_an_uninterrupted_one(runs
                 or line.startswith("reward worker ")]
     print("\n" + "\n".join(restarts))  # the restart times, for docs/reliability.md
     assert len(restarts) == 4, lines
-    assert restarts[0].startswith("reward worker 0 lost (ActorDiedError")
+    assert restarts[0].startswith("reward worker 0 lost during scoring (ActorDiedError")
     assert restarts[1].startswith("rollout engine 0 lost during adapter load (ActorDiedError")
     assert restarts[2].startswith("rollout engine 0 lost during generation (ActorDiedError")
     assert restarts[3].startswith("rollout engine 0 lost during generation (ActorDiedError")

@@ -236,7 +236,7 @@ def test_hung_and_raising_functions_leave_their_rows_unscored(ray_local, custom_
     assert pool.restarts == 1 and workers[0] is not first  # replaced in the placement's list
     assert lines[0].startswith(
         "reward worker 0 ran hang past reward.timeout_s=2 s; scoring its 3 completions again "
-        "without hang (new worker ready in ")
+        "without hang: started again in ")
     assert lines[1:] == [
         "reward function 'hang' failed on 3 of 6 completions: timed out after 2 s "
         "(reward.timeout_s) (its rows are unscored; counted in reward/hang/failed, told once)",
@@ -279,14 +279,14 @@ def test_killed_worker_is_replaced_and_its_shard_scored_again(ray_local, custom_
     marker.touch()  # the next call of `die` kills its own process, mid-call
     assert pool.score(batch, rollout) == expected and not marker.exists()
     assert pool.restarts == 2 and len(lines) == 2
-    assert all(line.startswith("reward worker ") and " lost (ActorDiedError" in line
-               and "; scoring its 3 completions again (new worker ready in " in line
-               for line in lines)
+    assert all(line.startswith("reward worker ") and " lost during scoring (ActorDiedError" in line
+               and ": started again in " in line for line in lines)
     # a crash loop is bounded: the one restart of a call is spent, the next loss fails the step
     marker.touch()
     pool.max_restarts = 0
-    with pytest.raises(ActorLostError, match=r"reward worker \d lost \(ActorDiedError.*after 0 "
-                                             r"restart\(s\) in one step \(cluster.max_restarts\)"):
+    with pytest.raises(ActorLostError, match=r"reward worker \d lost during scoring "
+                                             r"\(ActorDiedError.*after 0 restart\(s\) in the "
+                                             r"same call \(cluster.max_restarts\)"):
         pool.score(batch, rollout)
     for w in workers:
         ray_local.kill(w)
