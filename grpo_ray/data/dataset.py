@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import random
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
-from grpo_ray.config import DataConfig, is_local_file
+from grpo_ray.config import DataConfig
 from grpo_ray.contracts import PromptBatch
 from grpo_ray.data.files import (DataError, Record, kind, read_hub, read_local, read_split,
                                  split_names)
@@ -109,7 +110,7 @@ def load_eval_rows(cfg: DataConfig, split: str | None = None,
     if cfg.source == "synthetic":
         name = split or cfg.eval_split or DEFAULT_EVAL_SPLITS[0]
         return load_rows(cfg, name, warn), f"synthetic held-out rows (split {name!r})"
-    if cfg.source == "local" and is_local_file(cfg.path):
+    if cfg.source == "local" and not _is_directory(cfg):
         raise DataError(f"data.path={cfg.path} is one split: hold rows out for evaluation with "
                         "data.eval_fraction or data.eval_path, or evaluate on the training rows "
                         f"with eval.split={cfg.split}")
@@ -145,16 +146,21 @@ def split_off(rows: list[dict[str, Any]], fraction: float,
 def _source(cfg: DataConfig, split: str) -> str:
     if cfg.source == "hub":
         return f"data.name={cfg.name} ({cfg.subset}, {split})"
-    if is_local_file(cfg.path):
+    if not _is_directory(cfg):
         return f"data.path={cfg.path}"
     return f"data.path={cfg.path} ({split})"
+
+
+def _is_directory(cfg: DataConfig) -> bool:
+    """Local data in a directory of split files (else `data.path` is one file)."""
+    return cfg.path is not None and Path(cfg.path).is_dir()
 
 
 def _read(cfg: DataConfig, split: str, warn: Callable[[str], None]) -> list[dict[str, Any]]:
     """Rows of one split of hub or local data, checked; repeated questions are `warn`ed about."""
     source = _source(cfg, split)
     if cfg.source == "local":
-        if cfg.path is not None and not is_local_file(cfg.path):
+        if _is_directory(cfg):
             records = read_split(cfg.path, None, split, source)
         elif split != cfg.split:
             raise DataError(f"data.source=local has one split ({cfg.split!r}, the file "
