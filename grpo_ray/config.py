@@ -496,16 +496,6 @@ class Config(_Section):
 
     def _reward_invariants(self) -> None:
         functions = self.reward.functions
-        marked = [f"reward.functions[{i}] ({f.name})" for i, f in enumerate(functions)
-                  if f.correctness]
-        _require(len(marked) <= 1, "reward.functions",
-                 f"{len(marked)} rewards are marked correctness: true ({', '.join(marked)}); "
-                 "one judges right answers")
-        named = [f"reward.functions[{i}] ({f.name})" for i, f in enumerate(functions)
-                 if f.name in JUDGING_REWARDS]
-        _require(marked or len(named) <= 1, "reward.functions",
-                 f"{' and '.join(named)} could each judge right answers: mark the one that does "
-                 "with correctness: true")
         for i, f in enumerate(functions):
             key, kw = f"reward.functions[{i}].kwargs", f.kwargs
             if f.name in BUILTIN_REWARDS:
@@ -533,6 +523,21 @@ class Config(_Section):
                      and 1 <= cache <= limit, key,
                      f"{f.name} needs soft_punish_cache, the tokens before max_completion_len "
                      f"over which the penalty grows, in [1, {limit}] (got {cache!r})")
+        self._one_judge()
+
+    def _one_judge(self) -> None:
+        """At most one reward judges right answers (`correctness_index`)."""
+        functions = self.reward.functions
+        marked = [f"reward.functions[{i}] ({f.name})" for i, f in enumerate(functions)
+                  if f.correctness]
+        _require(len(marked) <= 1, "reward.functions",
+                 f"{len(marked)} rewards are marked correctness: true ({', '.join(marked)}); "
+                 "one judges right answers")
+        named = [f"reward.functions[{i}] ({f.name})" for i, f in enumerate(functions)
+                 if f.name in JUDGING_REWARDS]
+        _require(bool(marked) or len(named) <= 1, "reward.functions",
+                 f"{' and '.join(named)} could each judge right answers: mark the one that does "
+                 "with correctness: true")
 
     def _eval_invariants(self) -> None:
         e, r, d = self.eval, self.rollout, self.data
