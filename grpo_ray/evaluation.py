@@ -75,13 +75,16 @@ class Judge:
     """Answers are one when `reward`, given one as the gold, scores the other right; else when
     their texts are equal."""
 
-    def right(self, batch: PromptBatch, prompt_index: list[int],
-              texts: list[str]) -> list[bool | None]:
-        """Each completion right or not; None where the reward cannot score it (no gold)."""
+    def right(self, batch: PromptBatch, prompt_index: list[int], texts: list[str],
+              completion_ids: list[list[int]] | None = None) -> list[bool | None]:
+        """Each completion right or not; None where the reward cannot score it (no gold). The
+        reward gets the columns the reward pool gives it in training."""
         rows = prompt_index
         columns = {name: [values[i] for i in rows] for name, values in batch.columns.items()}
         columns.update(answer=[batch.answers[i] for i in rows],
                        question=[batch.questions[i] for i in rows])
+        if completion_ids is not None:
+            columns["completion_ids"] = completion_ids
         scores = self._score([batch.prompts[i] for i in rows], texts, columns)
         return [None if s is None else s > 0 for s in scores]
 
@@ -187,11 +190,12 @@ def sample_metrics(right: list[list[bool | None]], majority: list[int | None]) -
 
 
 def judge_completions(judge: Judge, batch: PromptBatch, prompt_index: list[int],
-                      texts: list[str]) -> dict[str, float]:
+                      texts: list[str],
+                      completion_ids: list[list[int]] | None = None) -> dict[str, float]:
     """`sample_metrics` of prompt-major completions (`prompt_index[i]`: the prompt of text i):
     each judged by `judge`, the majority vote with its equivalence (one batched call for every
     pair of distinct answers of a prompt)."""
-    right = judge.right(batch, prompt_index, texts)
+    right = judge.right(batch, prompt_index, texts, completion_ids)
     groups: dict[int, list[int]] = {}
     for row, p in enumerate(prompt_index):
         groups.setdefault(p, []).append(row)
@@ -282,7 +286,8 @@ def evaluate(engines: EngineGroup, batch: PromptBatch, sampling: Sampling,
     judge = judge or _numeric_judge()
     rollout = engines.generate(batch, sampling)
     texts = rollout.completion_texts
-    metrics = judge_completions(judge, batch, rollout.prompt_index, texts)
+    metrics = judge_completions(judge, batch, rollout.prompt_index, texts,
+                                rollout.completion_ids)
     metrics.update(score_completions(texts, [batch.answers[i] for i in rollout.prompt_index],
                                      [len(c) for c in rollout.completion_ids]))
     metrics["truncated_rate"] = (sum(r == "length" for r in rollout.finish_reasons)
