@@ -225,3 +225,31 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
+
+
+RESUME_IGNORED_KEYS = ("output.dir", "cluster.address", "cluster.num_cpus", "cluster.num_gpus",
+                       "cluster.placement_timeout_s", "cluster.restart_timeout_s",
+                       "cluster.max_restarts", "logging.progress_bar")
+"""Keys that cannot change what a run computes, only where it runs, how long it waits for
+machines or how its console looks: they may differ when the same run is started again (a
+resubmitted job joins another head; `output.dir` is where the checkpoint was found, however it
+is spelled). Everything else, `cluster.placement_strategy` and the logging backends included, must
+match for a run to resume without `--resume`."""
+
+
+def resume_differences(saved: dict[str, Any] | None, config: dict[str, Any],
+                       defaults: dict[str, Any]) -> list[str]:
+    """`changed_keys` between the config a checkpoint recorded and this run's, leaving out
+    `RESUME_IGNORED_KEYS` and keys the checkpoint does not record that are at their `defaults`
+    here (settings added to grpo-ray after it was written)."""
+    def fill(old: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for k, v in old.items():
+            out[k] = fill(v, base[k]) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+        return out
+
+    if saved is None:
+        return ["(the checkpoint records no config)"]
+    changed = changed_keys(fill(saved, defaults), config)
+    return [c for c in changed if c.split(":", 1)[0] not in RESUME_IGNORED_KEYS]
+

@@ -95,26 +95,18 @@ def worker_logs(cfg, verbose: bool):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from grpo_ray.checkpoint import latest_checkpoint, resumable_checkpoint
-    from grpo_ray.config import UserError, load_config
-    from grpo_ray.faults import EXIT_CODES, Interrupted, StopNow, stop_at_once_on_signals
+    from grpo_ray.faults import (EXIT_CODES, InfraError, Interrupted, StopNow,
+                                 stop_at_once_on_signals)
+    from grpo_ray.config import load_config
     from grpo_ray.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     # before Ray starts: a run that would resume nothing, resume a damaged checkpoint, or
-    # overwrite a run fails (or falls back to an older checkpoint) at once
-    checkpoint = latest_checkpoint(trainer.checkpoints)
-    if args.resume:
-        if checkpoint is None:
-            raise UserError(f"--resume: no checkpoint in {trainer.checkpoints}")
-        checkpoint, skipped = resumable_checkpoint(trainer.checkpoints)
-        for line in skipped:
-            print(f"warning: {line}", file=sys.stderr)
-    if not args.resume and checkpoint is not None:
-        raise UserError(f"{trainer.checkpoints} already holds checkpoints (latest "
-                        f"{checkpoint.name}): pass --resume to continue that run, or choose "
-                        "another output.dir")
+    # continue another config fails (or falls back to an older checkpoint) at once
+    checkpoint, complete = checkpoint_to_resume(cfg, trainer.checkpoints, args.resume)
+    if complete:
+        return 0
     # the driver itself never generates, but it may build the tiny model and tokenize prompts
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer.prepare_data()
@@ -134,6 +126,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(_interrupted_line(e.step, e.checkpoint, args), file=sys.stderr)
         return e.exit_code
+    except InfraError as e:  # after `fit` checkpointed what it could: say what is lost
+        lost = trainer.step - (trainer.saved_step or 0)
+        e.args = (f"{e}; {lost} step(s) since the last checkpoint lost"
+                  + (f" (checkpoint of step {trainer.saved_step} in {trainer.checkpoints}; the "
+                     "same command resumes from it)" if trainer.saved_step else ""),)
+        raise
     except (KeyboardInterrupt, StopNow) as e:  # before the loop, or a second signal in it
         signum = getattr(e, "signum", 2)
         print(f"stopped at once ({'SIGTERM' if signum == 15 else 'SIGINT'}) at step "
@@ -142,6 +140,45 @@ def cmd_train(args: argparse.Namespace) -> int:
                  else "nothing to resume"), file=sys.stderr)
         return EXIT_CODES.get(signum, 130)
     return 0
+
+
+def checkpoint_to_resume(cfg, root, resume: bool) -> tuple[object, bool]:
+    """The checkpoint this run continues from (None: a fresh run), and whether the run is already
+    complete. Without `--resume`, a checkpoint of the same config is resumed (the same command
+    run again after its driver died); one of another config is refused in one line naming the
+    keys. The newest checkpoint that passes its manifest is used (`resumable_checkpoint`)."""
+    from pathlib import Path
+
+    from grpo_ray.checkpoint import (STATE_FILE, latest_checkpoint, resumable_checkpoint,
+                                     resume_differences)
+    from grpo_ray.config import Config, UserError
+
+    if latest_checkpoint(root) is None:
+        if resume:
+            raise UserError(f"--resume: no checkpoint in {root}")
+        return None, False
+    checkpoint, skipped = resumable_checkpoint(root)
+    for line in skipped:
+        print(f"warning: {line}", file=sys.stderr)
+    if resume:  # continues with this run's settings, whatever they are
+        return checkpoint, False
+    import json
+
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    step, total = state["step"], cfg.algorithm.total_steps
+    differ = resume_differences(state.get("config"), cfg.to_dict(), Config().to_dict())
+    if differ:
+        raise UserError(f"{root} holds checkpoints of another config ({checkpoint.name}; "
+                        f"{'; '.join(differ)}): pass --resume to continue that run with this "
+                        "run's settings, or choose another output.dir")
+    adapter = Path(cfg.output.dir) / "adapter" / "adapter_model.safetensors"
+    if step >= total and adapter.is_file():
+        print(f"this run is complete: {checkpoint} is step {step} of {total} and its adapter is "
+              f"in {adapter.parent}; nothing to do (another output.dir starts a new run)")
+        return checkpoint, True
+    print(f"resuming from {checkpoint} (step {step} of {total}): {root} holds a checkpoint of "
+          "this config")
+    return checkpoint, False
 
 
 def _resume_command(args: argparse.Namespace) -> str:

@@ -322,6 +322,11 @@ class ClusterConfig(_Section):
     colocate: bool = False
     """Learner and the rollout engine share one GPU through fractional resources (one-GPU
     mode): the learner takes `learner.num_gpus` of it, the engine the rest."""
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    """How the placement group lays the learner's and the engines' bundles over the nodes
+    (Ray's strategies): PACK fills a node before the next (fewest nodes, the learner beside
+    the engines); SPREAD puts them on different nodes where it can (a node lost takes fewer
+    roles with it). Either way a bundle of a lost node is placed again on a survivor with room."""
     placement_timeout_s: float = Field(120.0, gt=0)
     """How long to wait for the cluster (joining it, and the placement group) before failing
     with what is missing."""
@@ -333,15 +338,40 @@ class ClusterConfig(_Section):
     """How long a replacement rollout engine may take to be placed and to start (vLLM: ~1 min
     on GPU) before the run fails."""
     sync_probe: bool = True
-    """After every sync, each engine and the learner score a fixed short completion; an engine
-    whose log-probs have not moved as the learner's did is reloaded, then replaced, then the run
-    fails (`weight_sync.probe`). Costs one short forward on each side per step."""
-    sync_probe_tolerance: float | None = Field(None, gt=0)
-    """Largest accepted probe gap, in nats per token (mean over the probe's tokens of how far the
-    engine's move from its base model differs from the learner's). None: by the engines' dtype,
-    1e-3 for fp32 engines (they agree with the learner to ~1e-6 on CPU) and 0.1 for bf16/fp16
-    engines (rounding of 16-bit logits, plus a 4-bit learner's own error, which the comparison
-    with each side's base model mostly cancels)."""
+    """After every sync, each engine and the learner score a few fixed completions (a few
+    hundred tokens, one short forward each); an engine whose log-probs did not move as the
+    learner's did is reloaded, then replaced, then the run fails (`weight_sync.probe`). The
+    exact identity check (version and digest of the tensors each engine holds) runs always."""
+    sync_probe_min_slope: float = 0.5
+    """An engine fails the probe when the slope of its log-prob movement against the learner's
+    (1: it serves the learner's adapter, 0: the base model) is below this by `sync_probe_z`
+    standard errors. Measured on CPU (fp32 engine and learner, tiny-cpu, rollout.temperature
+    0.7 and 1): healthy engines 0.999996-1.000003 with a standard error of 1e-6-3e-6; an engine
+    serving the base model exactly 0 (its error 0), with the learner moved 0.039-0.049
+    nats/token. 16-bit engines beside a 4-bit learner: see the `sync/probe/...` metrics."""
+    sync_probe_max_slope: float = Field(1.5, gt=1)
+    """... or above this by `sync_probe_z` standard errors (weights damaged upwards, e.g. the
+    adapter applied twice)."""
+    sync_probe_z: float = Field(4.0, gt=0)
+    """How many standard errors of the slope (from the per-token residuals) the slope must be
+    outside [min, max]: noisy engines (bf16 against a 4-bit learner, ~0.04 nats/token of kernel
+    noise on the 3B shape) get a wide error and cannot fail until the learner has moved far."""
+    sync_probe_min_movement: float = Field(1e-3, ge=0)
+    """No judgement before the learner's log-probs of the probe moved this far from its base
+    model on average (nats per token): an engine may round a tiny adapter away entirely."""
+
+    def probe_rule(self) -> "ProbeRule":
+        from grpo_ray.weight_sync.probe import ProbeRule
+
+        return ProbeRule(self.sync_probe_min_slope, self.sync_probe_max_slope, self.sync_probe_z,
+                         self.sync_probe_min_movement)
+
+    @model_validator(mode="after")
+    def _slope_range(self) -> "ClusterConfig":
+        if not self.sync_probe_min_slope < 1 < self.sync_probe_max_slope:
+            raise ValueError(f"cluster.sync_probe_min_slope ({self.sync_probe_min_slope:g}) must "
+                             "be below 1 (a healthy engine's slope) and sync_probe_max_slope above")
+        return self
 
 
 class EvalConfig(_Section):

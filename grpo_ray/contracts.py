@@ -224,6 +224,9 @@ class AdapterPayload:
     """PEFT-format state dict (`base_model.model....lora_A.weight`), CPU tensors."""
     peft_config: dict[str, Any]
     """The adapter's `adapter_config.json` content."""
+    digest: str | None = None
+    """`weight_sync.digest.tensor_digest` of `tensors` as the learner exported them (None: not
+    computed, e.g. read from files): what each engine must report after loading them."""
 
     @property
     def num_bytes(self) -> int:

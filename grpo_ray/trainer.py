@@ -18,7 +18,7 @@ from pathlib import Path
 from grpo_ray.checkpoint import step_dir_name
 from grpo_ray.config import Config, UserError
 from grpo_ray.contracts import TrainBatch
-from grpo_ray.faults import InfraError, Interrupted, StopOnSignal
+from grpo_ray.faults import InfraError, Interrupted, StopOnSignal, first_line
 from grpo_ray.metrics import StageTimer, sample_rows, step_metrics
 from grpo_ray.rollout.source import ScoredBatch
 
@@ -46,7 +46,7 @@ class Trainer:
         from grpo_ray.data.dataset import PromptIterator, load_rows, load_tokenizer
         from grpo_ray.evaluation import held_out_batch, make_judge, sanity_batch
         from grpo_ray.models.resolve import resolve_model_path
-        from grpo_ray.weight_sync.probe import probe_sequence
+        from grpo_ray.weight_sync.probe import probe_sequences
 
         cfg = self.cfg
         self.judge = make_judge(cfg)  # resolves every reward function
@@ -59,7 +59,7 @@ class Trainer:
         self.eval_prompts = held_out_batch(cfg, tokenizer), sanity_batch(cfg, tokenizer)
         self.data_state = self.prompts.state_dict()
         """Data position after the last completed step: what a checkpoint records."""
-        self.probe_ids = probe_sequence(tokenizer)
+        self.probe_ids = probe_sequences(tokenizer)
         return self
 
     def setup(self) -> "Trainer":
@@ -72,7 +72,6 @@ class Trainer:
         from grpo_ray.rollout.worker import RolloutWorker
         from grpo_ray.tracking import Tracker
         from grpo_ray.weight_sync.broadcast import AdapterBroadcast
-        from grpo_ray.weight_sync.probe import attach_probe
 
         cfg = self.cfg
         if not hasattr(self, "prompts"):
@@ -91,12 +90,13 @@ class Trainer:
                                   max_unscored_fraction=cfg.reward.max_unscored_fraction,
                                   notify=self.print)
         self.rollouts = RolloutSource(cfg, self.prompts, self.engines, self.rewards)
-        self.broadcast = AdapterBroadcast()
+        self.broadcast = AdapterBroadcast(notify=self.print)
         self.tracker = Tracker(cfg.logging, self.out, cfg.to_dict(), self.print,
                                total_steps=cfg.algorithm.total_steps)
-        if cfg.cluster.sync_probe:  # scored by engines and learner before any training
-            attach_probe(self.actors.learner, self.engines, self.probe_ids,
-                         cfg.cluster.sync_probe_tolerance)
+        # every sync verified; the probe scored by engines and learner before any training
+        self.broadcast.attach(self.actors.learner, self.engines,
+                              self.probe_ids if cfg.cluster.sync_probe else None,
+                              cfg.cluster.probe_rule())
         learner = ray.get(self.actors.learner.describe.remote())
         self.print(f"placed: {self.actors.plan.layout} layout, 1 learner ({learner}), "
                    f"{len(self.actors.engines)} rollout engine(s), "
@@ -122,16 +122,10 @@ class Trainer:
                           engine_index=rollout.engine_index, sampling_version=scored.version)
 
     def sync(self) -> dict[str, float]:
-        """The new adapter to every engine, then the sync probe: each engine proves it serves
-        it (`weight_sync.probe`). Returns `sync/...` figures."""
-        from grpo_ray.weight_sync.probe import verify_sync
-
-        learner = self.actors.learner
-        out = {f"sync/{k}": v for k, v in
-               self.broadcast.sync(learner, self.engines, self.version).items()}
-        if self.cfg.cluster.sync_probe:
-            out.update(verify_sync(learner, self.engines, self.probe_ids))
-        return out
+        """The new adapter to every engine, each verified to serve it, repaired or replaced if
+        not (`weight_sync.broadcast`). Returns `sync/...` figures."""
+        return {f"sync/{k}": v for k, v in
+                self.broadcast.sync(self.actors.learner, self.engines, self.version).items()}
 
     def run_step(self) -> dict[str, float]:
         """One step: this step's scored batch (prefetched one step off, else generated now),
@@ -177,7 +171,7 @@ class Trainer:
         metrics["rollout/staleness"] = float(staleness)
         metrics["adapter_version"] = float(self.version)
         metrics.update({"faults/engine_restarts": float(self.engines.restarts),
-                        "faults/engine_repairs": float(self.engines.repairs),
+                        "faults/engine_repairs": float(self.broadcast.repairs),
                         "faults/reward_worker_restarts": float(self.rewards.restarts)})
         self.tracker.log(metrics, self.step)
         self.tracker.log_samples(sample_rows(batch, rollout, scores,
@@ -206,7 +200,11 @@ class Trainer:
                         self.evaluate(f"step {self.step}")
             except (UserError, InfraError):  # a reward error, an actor lost for good: the
                 # learner is intact; what it learned is kept
-                self.save_checkpoint_if_new()
+                try:
+                    self.save_checkpoint_if_new()
+                except Exception as e:  # noqa: BLE001 - the learner itself may be what broke
+                    self.print(f"no checkpoint of step {self.step} could be written: "
+                               f"{first_line(e)}")
                 raise
             if stop.signum is not None:
                 raise Interrupted(stop.signum, self.step, self.save_checkpoint_if_new())

@@ -24,6 +24,8 @@ The driver runs on the head node and writes the run there, under
 $OUTPUT_ROOT/<job id> (pass output.dir=/abs/path to choose another place, such as shared
 storage). Fetch it from a `ray up` cluster with
   ray rsync-down cluster/ray-cluster.yaml '~/grpo-ray-runs/<job id>' outputs/<job id>
+A run whose driver died resumes when submitted again with the same config and
+output.dir=<that run's directory> (no --resume needed; another config is refused).
 
 Environment:
   RAY_ADDRESS          job server address, when ADDRESS is not given

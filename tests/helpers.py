@@ -101,3 +101,73 @@ def screen_lines(output: str) -> list[str]:
 
     output = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.replace("\r\n", "\n"))
     return [line.rsplit("\r", 1)[-1] for line in output.split("\n")]
+
+
+# ---- sync faults, injected into a RolloutWorker through `actor.__ray_call__` ---------------------
+def inject(worker, fault: str, persistent: bool = False, old=None) -> None:
+    """Make rollout engine `worker` serve something else than the learner's adapter.
+
+    `no-adapter-now`: at once, the base model under the current version and digest (a LoRA
+    request of None; a merged engine's base weights back). The others act on the next adapter
+    load (every load with `persistent`): `no-adapter` loads, then serves the base model as above;
+    `previous` ignores the load (the engine keeps the previous version); `old` loads the payload
+    `old` (an older version) under the version sent; `zero` / `double` load the adapter with one
+    nonzero tensor (a lora_B when training moved one) zeroed / scaled by 2."""
+    import dataclasses
+
+    adapter = worker.adapter
+    if fault == "no-adapter-now":
+        _serve_base(adapter)
+        return
+    load = adapter.load
+
+    def faulty(payload, *args, **kwargs):
+        if not persistent:
+            adapter.load = load
+        if fault == "previous":
+            return 0.0
+        if fault == "old":
+            payload = dataclasses.replace(old, version=payload.version)
+        elif fault in ("zero", "double"):
+            payload = _damaged(payload, fault, adapter.device)
+        seconds = load(payload, *args, **kwargs)
+        if fault == "no-adapter":
+            _serve_base(adapter)
+        return seconds
+
+    if fault not in ("no-adapter", "previous", "old", "zero", "double"):
+        raise ValueError(f"unknown fault {fault!r}")
+    adapter.load = faulty
+
+
+def _serve_base(adapter) -> None:
+    if hasattr(adapter, "restore_base"):  # merged weights: the base again, the identity kept
+        version, digest = adapter.version, adapter.digest
+        adapter.restore_base()
+        adapter.version, adapter.digest = version, digest
+    else:
+        adapter.request = None
+
+
+def _damaged(payload, fault: str, device: str):
+    from grpo_ray.contracts import AdapterPayload
+
+    tensors = {k: v.clone() for k, v in payload.materialize(device).items()}
+    # a lora_B that training moved (it starts at zero), else any nonzero tensor
+    name = min((n for n in tensors if tensors[n].abs().max() > 0),
+               key=lambda n: ("lora_B" not in n, n))
+    tensors[name] = tensors[name] * (0 if fault == "zero" else 2)
+    return AdapterPayload(payload.version, tensors, payload.peft_config, payload.digest)
+
+
+def inject_into_new_engines(engines, fault: str) -> None:
+    """Every engine the group starts from now on has `fault` on every load (a fault that a new
+    engine does not cure: the run must end)."""
+    start = engines._start
+
+    def start_faulty(i: int):
+        engine = start(i)
+        engine.__ray_call__.remote(inject, fault, True)  # runs before any later call
+        return engine
+
+    engines._start = start_faulty

@@ -182,7 +182,8 @@ def test_cli_refuses_to_overwrite_or_to_resume_nothing(tmp_path, capsys):
     save(out / "checkpoints", 2)
     assert main(["train", "--config", "configs/tiny-cpu.yaml", f"output.dir={out}"]) == 2
     err = capsys.readouterr().err
-    assert "already holds checkpoints (latest step-000002)" in err and "--resume" in err
+    assert "holds checkpoints of another config (step-000002; (the checkpoint records no " \
+        "config))" in err and "--resume" in err
     assert main(["train", "--config", "configs/tiny-cpu.yaml",
                  "output.keep_checkpoints=0"]) == 2
     assert "output.keep_checkpoints: must be >= 1" in capsys.readouterr().err

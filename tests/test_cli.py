@@ -102,3 +102,78 @@ def test_head_endpoint_of_ray_addresses():
     assert head_endpoint("ray://head.example:10001") == ("head.example", 10001)
     assert head_endpoint("[::1]:6379") == ("::1", 6379)
     assert head_endpoint("auto") is None and head_endpoint("local") is None
+
+
+# ---- the same command run again: resume, refuse or say it is done ------------------------------
+def checkpoint_of(out, step: int, argv: list[str]):
+    """A checkpoint of step `step` under `out` recording the config `argv` (train's) runs with."""
+    import torch
+
+    from grpo_ray.checkpoint import save_checkpoint
+    from grpo_ray.cli import parser
+    from grpo_ray.config import load_config
+    from grpo_ray.contracts import AdapterPayload
+
+    args = parser().parse_args(argv)
+    config = load_config(args.config, args.overrides).to_dict()
+    lora = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 3)}
+    return save_checkpoint(out / "checkpoints", step, {"lora": lora},
+                           {"adapter_version": step, "data": {}, "config": config},
+                           AdapterPayload(step, lora, {"r": 2}))
+
+
+def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "grpo_ray", *argv], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+
+
+class Connected(Exception):
+    """What `connect_ray` raises here: the command got past its checks and went on to run."""
+
+
+def test_the_same_command_resumes_its_checkpoint_without_resume(tmp_path, tiny_model_path,
+                                                                capsys, monkeypatch):
+    import grpo_ray.cli
+
+    def connect(*args, **kwargs):
+        raise Connected
+
+    monkeypatch.setattr(grpo_ray.cli, "connect_ray", connect)
+    out = tmp_path / "run"
+    argv = ["train", "--config", "configs/tiny-cpu.yaml", f"output.dir={out}",
+            f"model.path={tiny_model_path}", "algorithm.total_steps=4"]
+    checkpoint_of(out, 2, argv)
+    damaged = checkpoint_of(out, 3, argv)
+    with open(damaged / "learner.pt", "r+b") as f:
+        f.truncate(10)
+    # only where it runs differs (RESUME_IGNORED_KEYS): the same run
+    with pytest.raises(Connected):
+        main(argv + ["cluster.max_restarts=5", "cluster.address=10.0.0.1:6379"])
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"warning: skipping a damaged checkpoint: {damaged}/learner.pt")
+    assert (f"resuming from {out / 'checkpoints' / 'step-000002'} (step 2 of 4): "
+            f"{out / 'checkpoints'} holds a checkpoint of this config") in captured.out
+
+
+def test_another_config_is_refused_in_one_line_and_a_complete_run_exits_0(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--config", "configs/tiny-cpu.yaml", f"output.dir={out}",
+            "algorithm.total_steps=2"]
+    checkpoint_of(out, 2, argv)
+    done = run_cli(argv + ["learner.learning_rate=0.001", "rollout.num_generations=2"])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"error: {out / 'checkpoints'} holds checkpoints of another config (step-000002; "
+        "learner.learning_rate: 0.0005 -> 0.001; rollout.num_generations: 4 -> 2): pass --resume "
+        "to continue that run with this run's settings, or choose another output.dir")
+    # the final checkpoint and the adapter are written: nothing left to do, nothing started
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    done = run_cli(argv)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        f"this run is complete: {out / 'checkpoints' / 'step-000002'} is step 2 of 2 and its "
+        f"adapter is in {out / 'adapter'}; nothing to do (another output.dir starts a new run)")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints"]

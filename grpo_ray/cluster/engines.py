@@ -7,11 +7,13 @@ Evaluation, training and the adapter sync all go through it, and so does fault h
 that callers never branch on it:
 
 - an engine whose process died (during a generation, an adapter load or a probe) is started
-  again in its own placement bundle, gets the adapter every engine holds (and passes the sync
-  probe), and the lost call is repeated with the same arguments: sampling seeds come from the
-  caller, so the regenerated slice is what the lost engine would have returned;
-- after each sync, `verify` scores the sync probe on every engine; an engine whose log-probs
-  disagree with the learner's is reloaded, then replaced, then the run fails.
+  again in its own placement bundle, gets the adapter every engine holds (and is checked by
+  `after_replace`, which the weight sync sets), and the lost call is repeated with the same
+  arguments: sampling seeds come from the caller, so the regenerated slice is what the lost
+  engine would have returned.
+
+Whether engines serve the learner's adapter is the weight sync's business
+(`weight_sync.broadcast.AdapterBroadcast`): it verifies and repairs them through `replace`.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from typing import Any, Callable, Iterator
 
 from grpo_ray.contracts import PromptBatch, Rollout, Sampling
 from grpo_ray.faults import ActorLostError, first_line, is_lost_actor
-from grpo_ray.weight_sync.probe import SyncProbe, probe_gap
 
 
 def even_slices(n: int, parts: int) -> list[tuple[int, int]]:
@@ -118,13 +119,11 @@ class EngineGroup:
         self.max_restarts, self.ready_timeout_s, self.notify = max_restarts, ready_timeout_s, notify
         self.restarts = 0
         """Engines started again over the group's life."""
-        self.repairs = 0
-        """Engines whose adapter was reloaded after they failed the sync probe."""
+        self.after_replace: Callable[[int], None] | None = None
+        """Called with i once a replacement engine i has started and holds the group's adapter:
+        the weight sync checks it there (raising an InfraError when it disagrees)."""
         self._payload: Any = None  # the adapter every engine holds (None: the base model)
         self._version = 0
-        self._probe: SyncProbe | None = None
-        self._engine_base: list[list[float]] = []  # each engine's probe log-probs at version 0
-        self._learner_now: list[float] | None = None  # the learner's, at the current version
 
     def __len__(self) -> int:
         return len(self.engines)
@@ -162,65 +161,16 @@ class EngineGroup:
     def adapter_versions(self) -> list[int]:
         return self._gather("version query", lambda i: self.engines[i].adapter_version.remote())
 
+    def adapter_identities(self) -> list[tuple[int, str | None]]:
+        """Each engine's (version, digest) (`RolloutWorker.adapter_identity`)."""
+        return self._gather("identity query",
+                            lambda i: self.engines[i].adapter_identity.remote())
+
     def gpu_uuids(self) -> list[str | None]:
         return self._gather("GPU query", lambda i: self.engines[i].gpu_uuid.remote())
 
     def lora_dtype(self) -> str:
         return self._gather("dtype query", lambda i: self.engines[i].lora_dtype.remote(), [0])[0]
-
-    # ---- the sync probe ------------------------------------------------------------------------
-    def set_probe(self, probe: SyncProbe) -> None:
-        """Score `probe` on every engine while they serve the base model (version 0): each
-        engine's reference for `verify`."""
-        base = self.score([probe.prompt_ids], [probe.completion_ids])  # a lost engine: no probe yet
-        self._probe, self._engine_base = probe, [s[0] for s in base]
-
-    def verify(self, learner_logprobs: list[float]) -> list[float]:
-        """After a sync: each engine's probe gap to `learner_logprobs` (the learner's log-probs of
-        the probe at the version just loaded). An engine beyond the probe's tolerance is reloaded
-        once, then replaced; one that still disagrees fails the run (ActorLostError)."""
-        probe = self._probe
-        if probe is None:
-            raise RuntimeError("EngineGroup.verify: no probe set (set_probe)")
-        self._learner_now = list(learner_logprobs)
-        gaps = [self._gap(i, s[0])
-                for i, s in enumerate(self.score([probe.prompt_ids], [probe.completion_ids]))]
-        for i, gap in enumerate(gaps):
-            if gap > probe.tolerance:
-                gaps[i] = self._repair(i, gap)
-        return gaps
-
-    def _gap(self, i: int, engine_logprobs: list[float]) -> float:
-        assert self._probe is not None and self._learner_now is not None
-        return probe_gap(engine_logprobs, self._engine_base[i], self._learner_now,
-                         self._probe.learner_base)
-
-    def _probe_engine(self, i: int) -> float:
-        import ray
-
-        p = self._probe
-        assert p is not None
-        return self._gap(i, ray.get(self.engines[i].score.remote([p.prompt_ids],
-                                                                  [p.completion_ids]))[0])
-
-    def _repair(self, i: int, gap: float) -> float:
-        import ray
-
-        tolerance = self._probe.tolerance  # type: ignore[union-attr]
-        what = (f"rollout engine {i} failed the sync probe at adapter version {self._version} "
-                f"(gap {gap:.3g} nats/token > cluster.sync_probe_tolerance={tolerance:g})")
-        try:
-            ray.get(self.engines[i].load_adapter.remote(self._payload, reload=True))
-            gap = self._probe_engine(i)
-        except Exception as e:  # noqa: BLE001 - whatever broke the reload, a restart follows
-            gap = float("inf")
-            what += f"; the reload failed ({first_line(e)})"
-        self.repairs += 1
-        if gap <= tolerance:
-            self.notify(f"{what}: adapter reloaded, gap now {gap:.3g}")
-            return gap
-        self.replace(i, what)  # verifies the replacement, or raises
-        return self._probe_engine(i)
 
     # ---- lost engines --------------------------------------------------------------------------
     def _gather(self, what: str, submit: Callable[[int], Any],
@@ -256,8 +206,8 @@ class EngineGroup:
         return [results[i] for i in indices]
 
     def replace(self, i: int, reason: str) -> None:
-        """Start engine i again in its bundle, load the adapter the others hold, check it with
-        the sync probe, and say so through `notify`. ActorLostError when it cannot."""
+        """Start engine i again in its bundle, load the adapter the others hold, check it
+        (`after_replace`), and say so through `notify`. ActorLostError when it cannot."""
         import ray
 
         if self._start is None:
@@ -265,29 +215,18 @@ class EngineGroup:
         start = time.perf_counter()
         ray.kill(self.engines[i], no_restart=True)  # already dead, or failing the probe
         self.engines[i] = engine = self._start(i)
-        p = self._probe
         try:
             ray.get(engine.__ray_ready__.remote(), timeout=self.ready_timeout_s)
-            if p is not None:
-                self._engine_base[i] = ray.get(engine.score.remote([p.prompt_ids],
-                                                                   [p.completion_ids]))[0]
             if self._payload is not None:
                 ray.get(engine.load_adapter.remote(self._payload))
-            gap = self._probe_engine(i) if p is not None and self._learner_now else None
         except Exception as e:  # noqa: BLE001 - any failure to come back ends the run
             raise ActorLostError(f"{reason}; starting it again failed: {first_line(e)} "
                                  f"(cluster.restart_timeout_s={self.ready_timeout_s:g})") from None
-        if gap is not None and p is not None and gap > p.tolerance:
-            raise ActorLostError(
-                f"{reason}; a new engine disagrees too (probe gap {gap:.3g} > "
-                f"cluster.sync_probe_tolerance={p.tolerance:g}): the engines do not serve the "
-                "learner's adapter (raise the tolerance if the engine and learner dtypes "
-                "differ more than it allows)")
+        if self.after_replace is not None:
+            self.after_replace(i)  # an InfraError when the new engine disagrees too
         self.restarts += 1
-        checked = "" if gap is None else f", sync probe gap {gap:.3g}"
         self.notify(f"{reason}: started again in its placement bundle in "
-                    f"{time.perf_counter() - start:.1f} s with adapter version "
-                    f"{self._version}{checked}")
+                    f"{time.perf_counter() - start:.1f} s with adapter version {self._version}")
 
     def shutdown(self) -> None:
         import ray

@@ -159,7 +159,8 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     nodes = cluster_nodes()
     plan = plan_placement(cfg, _use_gpu(cfg, nodes))
     check_fits(plan, nodes)
-    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray")
+    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray",
+                  cfg.cluster.placement_strategy)
     # vLLM sizes its KV cache from the GPU memory it sees free while it starts: on a shared GPU
     # each engine finishes starting before the next one, and all before the learner
     engines = _engine_group(cfg, pg, plan, engine_cls, engine_args,
@@ -171,8 +172,10 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
                                    plan.reward["CPU"], runtime_env=reward_env)
     # constructors run remotely: surface their errors (a bad model path, say) here, at once
     ray.get([a.__ray_ready__.remote() for a in [learner, *engines.engines]])
-    return Actors(learner, engines, rewards, pg, plan, reward_worker_starter(
-        cfg.reward.functions, cfg.reward.mode, plan.reward["CPU"], reward_env))
+    start_reward = reward_worker_starter(cfg.reward.functions, cfg.reward.mode,
+                                         plan.reward["CPU"], reward_env)
+    return Actors(learner, engines, rewards, pg, plan, lambda: start_until_up(
+        start_reward, cfg.cluster.restart_timeout_s))
 
 
 def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> EngineGroup:
@@ -188,7 +191,8 @@ def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> En
     plan = Plan(full.layout, [dict(full.engine) for _ in range(n)], -1, {}, list(range(n)),
                 full.engine, 0, full.reward, [f"rollout engine {i}" for i in range(n)])
     check_fits(plan, nodes)
-    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray-engines")
+    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray-engines",
+                  cfg.cluster.placement_strategy)
     group = _engine_group(cfg, pg, plan, engine_cls, engine_args,
                           on_shutdown=lambda: remove_placement_group(pg))
     try:
@@ -209,14 +213,44 @@ def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_arg
         options = _actor_options(pg, plan.engine, plan.engine_bundles[i], f"rollout-{i}")
         return ray.remote(engine_cls).options(**options).remote(*engine_args[i])
 
+    def start_again(i: int) -> Any:  # a replacement: its bundle may be on a node just lost
+        return start_until_up(lambda: start(i), cfg.cluster.restart_timeout_s)
+
     engines = []
     for i in range(len(engine_args)):
         engines.append(start(i))
         if one_by_one:
             ray.get(engines[-1].__ray_ready__.remote())
-    return EngineGroup(engines, start, on_shutdown,
+    return EngineGroup(engines, start_again, on_shutdown,
                        max_restarts=cfg.cluster.max_restarts,
                        ready_timeout_s=cfg.cluster.restart_timeout_s)
+
+
+def start_until_up(start: Callable[[], Any], timeout_s: float) -> Any:
+    """`start()` an actor (a replacement) and wait until it is up. One that dies before it is up
+    from a failure of the machines, not of its own constructor, is started again every second
+    until `timeout_s`: after a node is lost, Ray marks it dead only after its health checks
+    fail (seconds), and until then a placement bundle of that node is not placed again, so an
+    actor started in it dies with the node. Returns the last actor started, up or not (the
+    caller's own wait reports a constructor's error or a timeout)."""
+    import time
+
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        actor = start()
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            return actor
+        except GetTimeoutError:
+            return actor
+        except RayActorError as e:
+            if e.actor_init_failed or time.monotonic() + 1.0 >= deadline:
+                return actor
+        ray.kill(actor)
+        time.sleep(1.0)
 
 
 def _use_gpu(cfg: Config, nodes: list[dict[str, float]]) -> bool:
@@ -228,13 +262,15 @@ def _use_gpu(cfg: Config, nodes: list[dict[str, float]]) -> bool:
     return use_gpu
 
 
-def _reserve(plan: Plan, timeout_s: float, name: str) -> Any:
-    """A ready placement group of the plan's bundles, or PlacementError after `timeout_s`."""
+def _reserve(plan: Plan, timeout_s: float, name: str, strategy: str = "PACK") -> Any:
+    """A ready placement group of the plan's bundles, or PlacementError after `timeout_s`.
+    `strategy` (`cluster.placement_strategy`): PACK keeps bundles on one node but spreads over
+    nodes when one is too small; SPREAD puts them on different nodes where it can. Neither is
+    strict, so Ray can place a lost node's bundle again beside the others on a survivor."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    # PACK keeps a node's bundles together but spreads over nodes when one is too small.
-    pg = placement_group(plan.bundles, strategy="PACK", name=name)
+    pg = placement_group(plan.bundles, strategy=strategy, name=name)
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:

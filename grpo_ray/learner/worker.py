@@ -57,6 +57,7 @@ class LearnerWorker:
         self.model, self._compute_dtype, self.description = load_policy(
             model_path, model, lora, learner, algorithm.seed, self.device)
         self._ipc_export: Any = None
+        self._exported: tuple[int, str | None] = (0, None)  # (version, digest) of the last export
         causal_lm = self.model.get_base_model()
         self._decoder = causal_lm.get_decoder()
         self._lm_head = causal_lm.get_output_embeddings()
@@ -202,11 +203,11 @@ class LearnerWorker:
         return {"loss": loss.item(), "kl": kl.item() / n, "clip_fraction": clipped.item() / n}
 
     # ---- log-probabilities ---------------------------------------------------------------------
-    def _logprobs(self, mb: MicroBatch, train: bool) -> Tensor:
+    def _logprobs(self, mb: MicroBatch, train: bool, temperature: float | None = None) -> Tensor:
         """(b, T) log-probs of the completion tokens under the model as it is now (the adapter
-        is whatever is enabled). Eval mode for the passes without gradients (the reference, a
-        separate pass's old log-probs: deterministic even with LoRA dropout); train mode
-        (dropout, gradient checkpointing) for the update's."""
+        is whatever is enabled), at `temperature` (None: the rollout's). Eval mode for the
+        passes without gradients (the reference, a separate pass's old log-probs: deterministic
+        even with LoRA dropout); train mode (dropout, gradient checkpointing) for the update's."""
         self.model.train(train)
         with self._autocast():
             hidden = self._decoder(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
@@ -214,7 +215,8 @@ class LearnerWorker:
         # Only the positions that predict completion tokens go through the lm_head.
         hidden = hidden.gather(1, mb.positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
         return token_logprobs(hidden, self._lm_head.weight, mb.targets,
-                              self.learner.logprob_chunk_size, self.temperature)
+                              self.learner.logprob_chunk_size,
+                              self.temperature if temperature is None else temperature)
 
     def _autocast(self) -> AbstractContextManager:
         """bf16 matmuls on GPU, as HF Trainer's `bf16=True`: without it the fp32 norms of a
@@ -228,10 +230,11 @@ class LearnerWorker:
         with watch, torch.no_grad(), use_adapter(self.model, None):
             return self._logprobs(mb, train=False)
 
-    def sequence_logprobs(self, prompt_ids: list[list[int]],
-                          completion_ids: list[list[int]]) -> list[list[float]]:
+    def sequence_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                          temperature: float | None = None) -> list[list[float]]:
         """Log-probs of each completion token under the current adapter (no gradient), in the
-        rows' order, micro-batched as the update is."""
+        rows' order, micro-batched as the update is; at `temperature` (None: the rollout's, as
+        the update; the sync probe asks for 1, as vLLM scores prompt tokens)."""
         check_prompts(prompt_ids, range(len(prompt_ids)))
         out: list[list[float]] = [[] for _ in prompt_ids]
         with torch.no_grad():
@@ -239,7 +242,7 @@ class LearnerWorker:
                 cs = [completion_ids[i] for i in plan]
                 mb = pad_rows([prompt_ids[i] for i in plan], cs, [0.0] * len(cs),
                               [[0.0] * len(c) for c in cs], self.device)
-                logp = self._logprobs(mb, train=False).cpu()
+                logp = self._logprobs(mb, train=False, temperature=temperature).cpu()
                 for k, i in enumerate(plan):
                     out[i] = logp[k, :len(completion_ids[i])].tolist()
         return out
@@ -258,14 +261,22 @@ class LearnerWorker:
         from grpo_ray.weight_sync import sender
 
         if transport == "tensors":
-            return sender.adapter_payload(self.model, version, dtype=dtype)
-        if transport == "packed":
-            return sender.packed_adapter(self.model, version, dtype)
-        if transport == "cuda-ipc":
+            payload = sender.adapter_payload(self.model, version, dtype=dtype)
+        elif transport == "packed":
+            payload = sender.packed_adapter(self.model, version, dtype)
+        elif transport == "cuda-ipc":
             if self._ipc_export is None:
                 self._ipc_export = sender.CudaIpcExport()
-            return self._ipc_export.export(self.model, version, dtype)
-        raise ValueError(f"unknown adapter transport {transport!r}")
+            payload = self._ipc_export.export(self.model, version, dtype)
+        else:
+            raise ValueError(f"unknown adapter transport {transport!r}")
+        self._exported = (version, payload.digest)
+        return payload
+
+    def exported_identity(self) -> tuple[int, str | None]:
+        """(version, digest) of the last `export_adapter`: what every engine must report after
+        loading it (the driver asks for these few bytes instead of fetching the payload)."""
+        return self._exported
 
     # ---- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -24,7 +24,9 @@ DOTALL) and `count_xml`.
   as if its whole text were the answer.
 
 `None` ("cannot be scored", the row gets no advantage) is returned in one case only: fixed
-correctness for a row whose gold answer is None or empty.
+correctness for a row whose gold answer is None or empty. A row a function could not score
+because its own machinery failed (not the completion) is a `FailedScore`: the reward worker
+counts it as failed, with the error.
 
 Two more built-ins, the same in both modes: `math` (correctness by mathematical equivalence
 through math-verify, for LaTeX answers; grpo_ray/reward/math.py) and `overlong` (DAPO's soft
@@ -37,6 +39,7 @@ TRL components: none here. These functions have no twin in `trl.rewards`: TRL's
 """
 from __future__ import annotations
 
+import math
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
@@ -44,6 +47,23 @@ from typing import Any, Callable
 from grpo_ray.data.prompts import extract_xml_answer
 
 RewardFn = Callable[..., list]
+
+
+class FailedScore(float):
+    """The score of a row that a function could not compute because something of its own broke
+    (math-verify raising, say), as opposed to an answer that is simply wrong. A NaN, so that
+    TRL's NaN-aware sums skip it as they skip None, carrying `error` (one line): the reward
+    worker makes it None and counts it in `reward/<name>/failed` with that error."""
+
+    error: str
+
+    def __new__(cls, error: str) -> "FailedScore":
+        score = super().__new__(cls, math.nan)
+        score.error = error
+        return score
+
+    def __reduce__(self) -> tuple:  # pickled (Ray) as itself, error included
+        return FailedScore, (self.error,)
 
 
 def completion_texts(completions: list[Any]) -> list[str]:

@@ -7,7 +7,7 @@ library of TRL's `accuracy_reward`), for answers the GSM8K numeric rule calls wr
   without those tags, the content of the completion's last `\\boxed{...}`; neither scores 0.
 - 2.0 when the answer equals the gold (the scale of `correctness`, which it replaces), else 0.0;
   None when the gold is empty or math-verify cannot read it (the row is then not scored, as TRL
-  does).
+  does); a `FailedScore` when math-verify itself fails (below).
 - Answers and golds are read as LaTeX only (math-verify's `LatexExtractionConfig`, inside a
   `\\boxed{}`), never as Python: math-verify's plain-expression reader (`ExprExtractionConfig`)
   hands the text to sympy's `parse_expr`, which calls `eval`, so it is not used. Scientific
@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from grpo_ray.data.prompts import last_boxed
-from grpo_ray.reward.functions import _gold, completion_texts, extract_answer
+from grpo_ray.reward.functions import FailedScore, _gold, completion_texts, extract_answer
 
 DEFAULT_TIMEOUT_S = 5.0
 """Longest one comparison (gold + answer parsed, then compared) may take (`kwargs.timeout_s`)."""
@@ -79,7 +79,11 @@ def math_reward(prompts: list, completions: list, answer: list | None = None,
     readable = {g: _VERIFIER.ask({"gold": g}, timeout_s) for g in set(golds) - {None}}
     out: list[float | None] = []
     for text, g in zip(texts, golds):
-        if g is None or not (readable[g] or {}).get("gold"):
+        gold = None if g is None else readable[g]
+        if gold is not None and "error" in gold:
+            out.append(_failed(gold))
+            continue
+        if not (gold or {}).get("gold"):
             out.append(None)
             continue
         predicted = math_answer(text)
@@ -87,8 +91,16 @@ def math_reward(prompts: list, completions: list, answer: list | None = None,
             out.append(0.0)
             continue
         reply = _VERIFIER.ask({"gold": g, "answer": as_latex(predicted)}, timeout_s)
+        if reply is not None and "error" in reply:
+            out.append(_failed(reply))
+            continue
         out.append(2.0 if reply is not None and reply.get("equal") else 0.0)
     return out
+
+
+def _failed(reply: dict[str, Any]) -> FailedScore:
+    """A row math-verify failed on: an error inside it is not a wrong answer, so not a 0."""
+    return FailedScore(f"math-verify: {reply['error'][:200]}")
 
 
 # ---- the child process ---------------------------------------------------------------------------
@@ -154,7 +166,8 @@ class MathVerifier:
         self._lock = threading.Lock()
 
     def ask(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
-        """The child's reply to `request`; None when it took longer than `timeout_s`."""
+        """The child's reply to `request` (`{"error": ...}` when math-verify raised, or when a
+        fresh child died on it too); None when it took longer than `timeout_s`."""
         for _ in range(2):  # an idle child may have died meanwhile: one retry on a fresh one
             with self._lock:
                 child = self._idle.pop() if self._idle else None
@@ -167,7 +180,7 @@ class MathVerifier:
             child.kill()
             if reply == "timeout":
                 return None
-        return None
+        return {"error": f"its process died on this row (exit code {child.proc.returncode})"}
 
     def close(self) -> None:
         with self._lock:
@@ -182,7 +195,8 @@ atexit.register(_VERIFIER.close)
 
 def child_main() -> None:
     """The child: reads `{"gold": latex, "answer": latex (optional)}` lines, answers
-    `{"gold": readable, "equal": equivalent}` lines (or `{"error": ...}`)."""
+    `{"gold": readable, "equal": equivalent}` lines, or `{"error": ...}` when math-verify
+    raised."""
     _die_with_parent()
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the replies
@@ -198,7 +212,7 @@ def child_main() -> None:
 
     @lru_cache(maxsize=4096)
     def read(latex: str) -> Any:
-        return parse(latex, extraction_config=config, parsing_timeout=None)
+        return parse(latex, extraction_config=config, parsing_timeout=None, raise_on_error=True)
 
     replies.write(json.dumps({"ready": True}) + "\n")
     for line in iter(sys.stdin.readline, ""):
@@ -207,8 +221,9 @@ def child_main() -> None:
             gold = read(request["gold"])
             reply: dict[str, Any] = {"gold": bool(gold)}
             if gold and request.get("answer") is not None:
+                # raise_on_error: else math-verify logs its own error and answers False
                 reply["equal"] = bool(verify(gold, read(request["answer"]),
-                                             timeout_seconds=None))
+                                             timeout_seconds=None, raise_on_error=True))
         except Exception as e:  # one bad request must not end the child
             reply = {"error": f"{type(e).__name__}: {e}"}
         replies.write(json.dumps(reply) + "\n")

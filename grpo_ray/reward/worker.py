@@ -15,6 +15,7 @@ from typing import Any
 
 from grpo_ray.config import RewardFunctionConfig
 from grpo_ray.faults import first_line
+from grpo_ray.reward.functions import FailedScore
 from grpo_ray.reward.registry import get_reward_functions
 
 
@@ -77,9 +78,7 @@ class RewardWorker:
                     continue
                 out.per_function[name], bad = _as_scores(scores, n, name)
                 if bad:
-                    out.failed[name], out.errors[name] = len(bad), (
-                        f"returned a non-finite score ({bad[0]!r})" if scores is not None
-                        else "returned None instead of a list of scores")
+                    out.failed[name], out.errors[name] = len(bad), _why(bad[0], scores)
         finally:
             self._running.pop(me, None)
         return out
@@ -91,9 +90,18 @@ def _where(error: BaseException) -> str:
     return f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
 
 
+def _why(bad: Any, scores: Any) -> str:
+    """One line on the first value `_as_scores` refused."""
+    if scores is None:
+        return "returned None instead of a list of scores"
+    if isinstance(bad, FailedScore):
+        return f"could not score a row: {bad.error}"
+    return f"returned a non-finite score ({bad!r})"
+
+
 def _as_scores(scores: Any, n: int, name: str) -> tuple[list[float | None], list[Any]]:
     """The function's scores as floats or None, and the values that were not finite numbers
-    (NaN, inf; every row when it returned None instead of a list). A wrong number of values or
+    (NaN, inf, a `FailedScore`; every row when it returned None instead of a list). A wrong number of values or
     one that is not a number raises: that is a bug in the function, not a passing failure."""
     if scores is None:
         return [None] * n, [None] * n
@@ -108,6 +116,10 @@ def _as_scores(scores: Any, n: int, name: str) -> tuple[list[float | None], list
     out: list[float | None] = []
     bad: list[Any] = []
     for v in values:
+        if isinstance(v, FailedScore):
+            bad.append(v)
+            out.append(None)
+            continue
         try:
             f = None if v is None else float(v)
         except (TypeError, ValueError):

@@ -127,6 +127,12 @@ class RolloutWorker:
         """Version of the adapter the next `generate` samples with (0 = base model)."""
         return self.adapter.version
 
+    def adapter_identity(self) -> tuple[int, str | None]:
+        """(version, digest) of the adapter the next `generate` samples with: the digest
+        (`weight_sync.digest.tensor_digest`) of the tensors this engine handed to vLLM, computed
+        here on the engine's device (None: the base model)."""
+        return self.adapter.version, self.adapter.digest
+
     def load_adapter(self, payload: Any, from_file: bool = False, reload: bool = False) -> float:
         """Make `payload` the adapter of the next `generate` (`VllmAdapterSlot.load`)."""
         return self.adapter.load(payload, from_file, reload)
@@ -166,8 +172,8 @@ class RolloutWorker:
 
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
         """The engine's log-probability of each given completion token after its prompt, under
-        the current adapter (at temperature 1): how a test, or the sync's probe, sees which
-        adapter the engine serves."""
+        the current adapter: how a test, or the sync's probe, sees which adapter the engine
+        serves. At temperature 1 always: vLLM's prompt log-probs skip the sampling processors."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)

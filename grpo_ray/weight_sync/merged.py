@@ -15,6 +15,8 @@ import re
 import time
 from typing import Any
 
+from grpo_ray.weight_sync.digest import tensor_digest
+
 _PEFT_NAME = re.compile(r"^base_model\.model\.(?P<prefix>[\w.]+)\.(?P<module>\w+)\.lora_(?P<ab>[AB])\.weight$")
 
 
@@ -129,6 +131,8 @@ class VllmMergedWeights:
     def __init__(self, llm: Any, model_path: str, device: str) -> None:
         self.llm, self.model_path, self.device = llm, model_path, device
         self.version = 0
+        self.digest: str | None = None
+        """`tensor_digest` of the tensors merged for `version` (None: the base model)."""
 
     def load(self, payload: Any, from_file: bool = False, reload: bool = False) -> float:
         """Merge `payload` into the weights; `reload` merges the current version again (the
@@ -145,16 +149,18 @@ class VllmMergedWeights:
         if config.get("use_rslora"):
             scale = config["lora_alpha"] / config["r"] ** 0.5
         tensors = payload.materialize(self.device)
+        digest = tensor_digest(tensors)  # of exactly what is merged, on the engine's device
+        self.version, self.digest = 0, None  # until the merge is complete
         self.llm.collective_rpc(_merge_on_worker, args=(self.model_path, tensors, scale))
         self.llm.reset_prefix_cache()
-        self.version = payload.version
+        self.version, self.digest = payload.version, digest
         return time.perf_counter() - start
 
     def restore_base(self) -> None:
         """The base model's weights again, exactly (version 0)."""
         self.llm.collective_rpc(_merge_on_worker, args=(self.model_path, None, 1.0))
         self.llm.reset_prefix_cache()
-        self.version = 0
+        self.version, self.digest = 0, None
 
     def close(self) -> None:
         pass

@@ -1,94 +1,141 @@
-"""The sync probe: after every adapter sync, each engine proves that it serves the learner's
-adapter by scoring one fixed short completion that the learner scores too.
+"""The sync probe: after every sync, each engine and the learner score a few fixed completions,
+and an engine whose log-probs did not move as the learner's did is caught.
 
-Engine and learner never agree exactly: a bf16 engine and a 4-bit learner differ by the
-quantization error, which dwarfs one step's change. That error is the same whatever the adapter,
-so the probe compares how far each side has moved from its own base model (both score the probe
-once before training): with e, l the log-probs of the probe's tokens now and e0, l0 before any
-training,
+It only has to catch gross faults: the identity check (`weight_sync.digest`) already proves that
+every engine holds exactly the learner's tensors, so the probe is left with what the identity
+cannot see, an adapter not applied in the forward pass or weights damaged after they were
+received. It must never fire on a healthy engine, whose log-probs differ from the learner's by
+kernel noise (bf16 engine against a 4-bit learner: 0.03-0.05 nats per token on the 3B shape,
+more than one step's movement), so it is judged against the learner's movement over the whole
+run, averaged over a few hundred tokens.
 
-    gap = mean over tokens of |(e - e0) - (l - l0)|
+With e, e0 the engine's log-probs of the probe's tokens now and at version 0 (its base model),
+l, l0 the learner's, de = e - e0 and dl = l - l0 per token (each side's own base offset, the
+quantization error included, cancels):
 
-An engine that serves the learner's adapter has a gap near zero (fp32 CPU: ~1e-6); one that
-serves no adapter, a stale one or damaged weights has a gap of the adapter's own effect on the
-probe once training has moved it. `cluster.sync_probe_tolerance` is the largest gap accepted
-(`probe_tolerance` when it is not set).
+    slope s = <de, dl> / <dl, dl>        1 for an engine that serves the adapter, 0 for one
+                                         serving the base model
+    SE = rms(de - s * dl) / sqrt(<dl, dl>)   its standard error, from the residuals
+
+An engine fails when s is confidently outside [min_slope, max_slope] (s + z * SE < min_slope or
+s - z * SE > max_slope), once the learner has moved at least `min_movement` nats per token on
+average (mean |dl|). While the learner has barely moved, SE is large and nothing can fail.
+
+Both sides score at temperature 1: vLLM's prompt log-probs skip the sampling processors (its
+`_get_prompt_logprobs_dict`), so the learner scores the probe at 1 too, whatever
+`rollout.temperature` (a learner at 0.7 against an engine at 1 is what made tiny-cpu stop at
+version 2 with the old absolute tolerance).
 """
 from __future__ import annotations
 
-import time
+import math
 from dataclasses import dataclass
-from typing import Any
 
-PROBE_QUESTION = "What is 3 + 4?"
-PROBE_COMPLETION = "<reasoning>\n3 + 4 = 7\n</reasoning>\n<answer>\n7\n</answer>\n"
-"""A short answer in the recipe's format: every token is one the policy is trained on."""
+PROBE_EXAMPLES: list[tuple[str, str]] = [
+    ("Tom has 3 boxes with 12 apples in each box. He gives away 9 apples. How many apples "
+     "does he have left?",
+     "<reasoning>\nTom has 3 * 12 = 36 apples. After giving away 9 he has 36 - 9 = 27 apples."
+     "\n</reasoning>\n<answer>\n27\n</answer>\n"),
+    ("A train travels 60 miles per hour for 4 hours, then 45 miles per hour for 2 hours. How "
+     "far does it travel in total?",
+     "<reasoning>\nFirst part: 60 * 4 = 240 miles. Second part: 45 * 2 = 90 miles. In total "
+     "240 + 90 = 330 miles.\n</reasoning>\n<answer>\n330\n</answer>\n"),
+    ("Sara buys 5 notebooks at $4 each and 2 pens at $3 each. She pays with a $50 bill. How "
+     "much change does she get?",
+     "<reasoning>\nThe notebooks cost 5 * 4 = 20 dollars and the pens 2 * 3 = 6 dollars, so "
+     "she spends 20 + 6 = 26 dollars. Her change is 50 - 26 = 24 dollars.\n</reasoning>\n"
+     "<answer>\n24\n</answer>\n"),
+    ("A class has 28 students. Half of them play football and 5 of the others play chess. "
+     "How many students play neither?",
+     "<reasoning>\nHalf of 28 is 14, so 14 play football and 28 - 14 = 14 do not. Of those, "
+     "5 play chess, which leaves 14 - 5 = 9 students who play neither.\n</reasoning>\n"
+     "<answer>\n9\n</answer>\n"),
+]
+"""Fixed question/answer pairs in the recipe's XML format (a few hundred tokens in all): every
+token is of the kind the policy is trained on, so training moves their log-probs."""
+
+
+@dataclass
+class ProbeRule:
+    """When an engine fails the probe (module docstring); `ClusterConfig.probe_rule` holds the
+    defaults (`cluster.sync_probe_*`)."""
+
+    min_slope: float
+    max_slope: float
+    z: float
+    min_movement: float
+
+
+@dataclass
+class ProbeStats:
+    """One engine's probe figures against the learner's (module docstring)."""
+
+    slope: float
+    """<de, dl> / <dl, dl>; NaN while the learner has not moved at all."""
+    slope_se: float
+    """Standard error of `slope` (inf while the learner has not moved)."""
+    gap: float
+    """mean |de - dl|, nats per token (the old absolute rule's figure)."""
+    movement: float
+    """mean |dl|: how far the learner has moved from its base on the probe, nats per token."""
+    tokens: int
+
+    def fails(self, rule: ProbeRule) -> bool:
+        """True when the engine confidently does not move as the learner does."""
+        if not self.movement >= rule.min_movement or not math.isfinite(self.slope_se):
+            return False
+        return (self.slope + rule.z * self.slope_se < rule.min_slope
+                or self.slope - rule.z * self.slope_se > rule.max_slope)
+
+    def describe(self) -> str:
+        return (f"slope {self.slope:.3g} +- {self.slope_se:.2g} (1 = the learner's adapter, "
+                f"0 = the base model), gap {self.gap:.3g} nats/token, learner movement "
+                f"{self.movement:.3g} nats/token over {self.tokens} tokens")
+
+
+def probe_stats(engine: list[float], engine_base: list[float], learner: list[float],
+                learner_base: list[float]) -> ProbeStats:
+    """The engine's move from its base (`engine` - `engine_base`) against the learner's
+    (`learner` - `learner_base`): four lists of one log-prob per probe token."""
+    n = len(engine)
+    if not n or not len(engine_base) == len(learner) == len(learner_base) == n:
+        raise ValueError(f"probe_stats: log-prob lists of lengths {len(engine)}, "
+                         f"{len(engine_base)}, {len(learner)}, {len(learner_base)}")
+    de = [e - e0 for e, e0 in zip(engine, engine_base)]
+    dl = [x - x0 for x, x0 in zip(learner, learner_base)]
+    gap = sum(abs(a - b) for a, b in zip(de, dl)) / n
+    movement = sum(abs(b) for b in dl) / n
+    dl2 = sum(b * b for b in dl)
+    if dl2 == 0:
+        return ProbeStats(math.nan, math.inf, gap, movement, n)
+    slope = sum(a * b for a, b in zip(de, dl)) / dl2
+    residual = sum((a - slope * b) ** 2 for a, b in zip(de, dl)) / max(n - 1, 1)
+    return ProbeStats(slope, math.sqrt(residual / dl2), gap, movement, n)
 
 
 @dataclass
 class SyncProbe:
-    """The fixed completion and the learner's log-probs of it before training."""
+    """The fixed completions and both sides' log-probs of them at version 0."""
 
-    prompt_ids: list[int]
-    completion_ids: list[int]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
     learner_base: list[float]
-    """The learner's log-probs of `completion_ids` at adapter version 0 (its base model)."""
-    tolerance: float
-    """Largest accepted `probe_gap`, in nats per token."""
+    """The learner's log-probs of every completion token, completions back to back, at
+    adapter version 0 (its base model)."""
+    engine_base: list[list[float]]
+    """Each engine's, likewise (a replacement engine is the same model: it takes its slot's)."""
 
 
-def probe_tolerance(configured: float | None, engine_dtype: str) -> float:
-    """`cluster.sync_probe_tolerance`, or its default for engines computing in `engine_dtype`:
-    1e-3 in float32 (CPU engines agree with the learner to ~1e-6), 0.1 in 16 bits."""
-    if configured is not None:
-        return configured
-    return 1e-3 if engine_dtype == "float32" else 0.1
-
-
-def probe_gap(engine: list[float], engine_base: list[float], learner: list[float],
-              learner_base: list[float]) -> float:
-    """Mean over the probe's tokens of |(engine - engine_base) - (learner - learner_base)|: how
-    far the engine's move from its base model is from the learner's (module docstring). Four
-    lists of one log-prob per completion token."""
-    n = len(engine)
-    if not n or not len(engine_base) == len(learner) == len(learner_base) == n:
-        raise ValueError(f"probe_gap: log-prob lists of lengths {len(engine)}, "
-                         f"{len(engine_base)}, {len(learner)}, {len(learner_base)}")
-    return sum(abs((e - e0) - (x - x0)) for e, e0, x, x0
-               in zip(engine, engine_base, learner, learner_base)) / n
-
-
-def probe_sequence(tokenizer) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of the probe, with the recipe's chat template and system
-    prompt (any fixed sequence would do: it only has to be the same for engine and learner)."""
+def probe_sequences(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, completion ids) of the probe's examples, with the recipe's chat template and
+    system prompt (any fixed text would do: it only has to be the same for engine and learner)."""
     from grpo_ray.data.dataset import chat_ids
     from grpo_ray.data.prompts import chat_messages
 
-    prompt = chat_ids(tokenizer, chat_messages(PROBE_QUESTION))
-    completion = tokenizer.encode(PROBE_COMPLETION, add_special_tokens=False)
-    return list(prompt), list(completion)
+    prompts = [list(chat_ids(tokenizer, chat_messages(q))) for q, _ in PROBE_EXAMPLES]
+    completions = [list(tokenizer.encode(a, add_special_tokens=False)) for _, a in PROBE_EXAMPLES]
+    return prompts, completions
 
 
-def attach_probe(learner: Any, engines: Any, probe_ids: tuple[list[int], list[int]],
-                 tolerance: float | None) -> None:
-    """Before training: the learner (an actor handle) and every engine of `engines` (an
-    EngineGroup) score the probe with their base models; the group keeps both for `verify`."""
-    import ray
-
-    prompt, completion = probe_ids
-    base = ray.get(learner.sequence_logprobs.remote([prompt], [completion]))[0]
-    engines.set_probe(SyncProbe(prompt, completion, base,
-                                probe_tolerance(tolerance, engines.lora_dtype())))
-
-
-def verify_sync(learner: Any, engines: Any, probe_ids: tuple[list[int], list[int]]
-                ) -> dict[str, float]:
-    """After a sync: the learner scores the probe, every engine proves it moved the same way
-    (`EngineGroup.verify`, which repairs or fails). `sync/probe_s` and each engine's gap."""
-    import ray
-
-    start = time.perf_counter()
-    prompt, completion = probe_ids
-    gaps = engines.verify(ray.get(learner.sequence_logprobs.remote([prompt], [completion]))[0])
-    return {"sync/probe_s": time.perf_counter() - start,
-            **{f"sync/probe_gap/engine_{i}": g for i, g in enumerate(gaps)}}
+def flatten(per_sequence: list[list[float]]) -> list[float]:
+    return [x for row in per_sequence for x in row]

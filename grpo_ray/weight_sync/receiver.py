@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_ray.contracts import AdapterPayload
+from grpo_ray.weight_sync.digest import tensor_digest
 from grpo_ray.weight_sync.files import tmpfs_root, write_adapter
 
 _DIR_PREFIX = "grpo_ray-adapters-pid"
@@ -27,12 +28,14 @@ _DIR_PREFIX = "grpo_ray-adapters-pid"
 
 class VllmAdapterSlot:
     """One vLLM engine's adapter slot: the LoRA request that `generate` passes (None = the base
-    model) and its version. A new version is added before the old one is removed, so a bad
-    adapter raises and the previous one stays in use."""
+    model), its version and digest. A new version is added before the old one is removed, so a
+    bad adapter raises and the previous one stays in use."""
 
     def __init__(self, llm: Any, engine_index: int, in_memory: bool, device: str) -> None:
         self.llm, self.in_memory, self.device = llm, in_memory, device
         self.version = 0
+        self.digest: str | None = None
+        """`tensor_digest` of the tensors handed to vLLM for `version` (None: the base model)."""
         self.request: Any = None
         root = tmpfs_root()
         _remove_dead_workers_dirs(root)
@@ -50,13 +53,14 @@ class VllmAdapterSlot:
 
         engine = self.llm.llm_engine
         if reload:
-            if payload.version != self.version or self.request is None:
+            if payload.version != self.version:
                 raise ValueError(f"reload: adapter version {payload.version} is not the engine's "
                                  f"current version {self.version}")
             # vLLM holds one adapter per id: drop the suspect copy first (until the new one is
             # in, the slot says version 0, so a failed reload cannot pass as version N)
-            engine.remove_lora(self.request.lora_int_id)
-            self.request, self.version = None, 0
+            if payload.version in engine.list_loras():  # LoRA ids are versions
+                engine.remove_lora(payload.version)
+            self.request, self.version, self.digest = None, 0, None
             # cached prefixes were computed with the suspect weights under the same adapter id
             self.llm.reset_prefix_cache()
         elif payload.version <= self.version:
@@ -65,6 +69,7 @@ class VllmAdapterSlot:
         start = time.perf_counter()
         in_memory = self.in_memory and not from_file
         tensors = payload.materialize(self.device if in_memory else "cpu")
+        digest = tensor_digest(tensors)  # of exactly what vLLM gets, on the engine's device
         path = write_adapter(AdapterPayload(payload.version, tensors, payload.peft_config),
                              os.path.join(self._root, f"v{payload.version}"),
                              weights=not in_memory)
@@ -73,7 +78,8 @@ class VllmAdapterSlot:
                  if in_memory else engine.add_lora(request))
         if not added:
             raise RuntimeError(f"vLLM refused adapter version {payload.version} at {path}")
-        previous, self.request, self.version = self.request, request, payload.version
+        previous, self.request = self.request, request
+        self.version, self.digest = payload.version, digest
         if previous is not None:
             if previous.lora_int_id in engine.list_loras():
                 engine.remove_lora(previous.lora_int_id)

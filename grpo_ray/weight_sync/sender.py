@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpo_ray.contracts import AdapterPayload
+from grpo_ray.weight_sync.digest import tensor_digest
 from grpo_ray.weight_sync.files import vllm_lora_name
 
 
@@ -35,11 +36,13 @@ def adapter_payload(peft_model: Any, version: int, adapter_name: str = "default"
     import torch
 
     cast = getattr(torch, dtype) if dtype else None
+    exported = {k: v.detach().to(cast or v.dtype)
+                for k, v in _lora_state(peft_model, adapter_name).items()}
+    digest = tensor_digest(exported)  # where they live: no extra copy to the host
     # A copy even for CPU tensors: the payload must not alias parameters the optimizer updates.
-    tensors = {k: v.detach().to(cast or v.dtype).to("cpu", copy=True).contiguous()
-               for k, v in _lora_state(peft_model, adapter_name).items()}
+    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in exported.items()}
     return AdapterPayload(version=version, tensors=tensors,
-                          peft_config=_adapter_config(peft_model, adapter_name))
+                          peft_config=_adapter_config(peft_model, adapter_name), digest=digest)
 
 
 def _lora_state(peft_model: Any, adapter_name: str) -> dict[str, Any]:
@@ -69,6 +72,9 @@ class FlatLayout:
     shapes: list[tuple[int, ...]]
     dtype: str
     """torch dtype name of every tensor (`bfloat16`, `float32`)."""
+    digest: str
+    """`weight_sync.digest.tensor_digest` of the tensors, computed by the learner on its device:
+    what each engine must report after loading them (`RolloutWorker.adapter_identity`)."""
 
 
 @dataclass
@@ -98,7 +104,7 @@ class PackedAdapter(FlatLayout):
         return split_flat(flat.to(device).view(getattr(torch, self.dtype)), self.names, self.shapes)
 
     def payload(self) -> AdapterPayload:
-        return AdapterPayload(self.version, self.materialize("cpu"), self.peft_config)
+        return AdapterPayload(self.version, self.materialize("cpu"), self.peft_config, self.digest)
 
 
 def split_flat(flat: Any, names: list[str], shapes: list[tuple[int, ...]]) -> dict[str, Any]:
@@ -123,12 +129,14 @@ def pack_tensors(tensors: dict[str, Any], version: int, peft_config: dict[str, A
     cast = getattr(torch, dtype) if dtype else next(iter(tensors.values())).dtype
     # cat copies: the buffer never aliases parameters the optimizer updates
     flat = torch.cat([t.detach().reshape(-1).to(cast) for t in tensors.values()])
+    shapes = [tuple(t.shape) for t in tensors.values()]
+    digest = tensor_digest(split_flat(flat, names, shapes))  # on the learner's device
     if flat.device.type != "cpu":
         host = torch.empty(flat.shape, dtype=cast, pin_memory=True)
         host.copy_(flat)
         flat = host
-    return PackedAdapter(version, peft_config, names, [tuple(t.shape) for t in tensors.values()],
-                         str(cast).removeprefix("torch."), flat.view(torch.uint8).numpy())
+    return PackedAdapter(version, peft_config, names, shapes, str(cast).removeprefix("torch."),
+                         digest, flat.view(torch.uint8).numpy())
 
 
 def packed_adapter(peft_model: Any, version: int, dtype: str | None = None,
@@ -192,10 +200,11 @@ class CudaIpcExport:
             for t in state.values():
                 self.buffer[offset:offset + t.numel()].copy_(t.reshape(-1))
                 offset += t.numel()
+        names, shapes = list(state), [tuple(t.shape) for t in state.values()]
+        digest = tensor_digest(split_flat(self.buffer, names, shapes))
         torch.cuda.synchronize(device)  # engines read the buffer as soon as this returns
-        return CudaIpcAdapter(version, _adapter_config(peft_model, adapter_name), list(state),
-                              [tuple(t.shape) for t in state.values()], dtype,
-                              gpu_uuid(device), reduce_tensor(self.buffer),
+        return CudaIpcAdapter(version, _adapter_config(peft_model, adapter_name), names, shapes,
+                              dtype, digest, gpu_uuid(device), reduce_tensor(self.buffer),
                               size * self.buffer.element_size())
 
 

@@ -113,6 +113,22 @@ def test_rayjob_runs_the_reference_recipe_on_a_cluster_that_holds_it():
     assert any(cfg.output.dir.startswith(m + "/") for m in mounts), cfg.output.dir
 
 
+def test_rayjob_retries_and_the_retry_resumes():
+    spec = load("rayjob.yaml")["spec"]
+    assert spec["backoffLimit"] > 0
+    # each retry runs the same entrypoint: it must resume by itself, from storage that outlives
+    # the driver's pod and the Ray cluster (a PersistentVolumeClaim, not the pod's emptyDir)
+    argv = shlex.split(spec["entrypoint"])
+    assert "--resume" not in argv
+    cfg = train_command(argv)
+    assert cfg.output.save_every > 0
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mount = next(m for m in head["containers"][0]["volumeMounts"]
+                 if cfg.output.dir.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in head["volumes"] if v["name"] == mount["name"])
+    assert set(volume) == {"name", "persistentVolumeClaim"}, volume
+
+
 def test_rayjob_runtime_env_is_accepted_by_ray():
     env = yaml.safe_load(load("rayjob.yaml")["spec"]["runtimeEnvYAML"])
     assert set(env) <= RuntimeEnv.known_fields

@@ -1,12 +1,14 @@
 """The engine group's fault handling with real vLLM CPU engines in a real placement group: an
 engine killed with SIGKILL is started again in its own bundle with the group's adapter and
 regenerates exactly what it would have (kills in the middle of a call: tests/integration/
-test_faults.py); the sync probe repairs, then replaces, then refuses an engine whose log-probs
-are not the learner's."""
+test_faults.py); the weight sync's check (`AdapterBroadcast`, through the group's `replace` and
+`after_replace`) repairs, then replaces, then refuses an engine that does not serve the learner's
+adapter."""
 from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import pytest
 
@@ -14,7 +16,8 @@ from grpo_ray.cluster.engines import even_slices
 from grpo_ray.config import load_config
 from grpo_ray.contracts import PromptBatch, Sampling
 from grpo_ray.faults import ActorLostError
-from grpo_ray.weight_sync.probe import SyncProbe, probe_gap, probe_sequence
+from grpo_ray.weight_sync.broadcast import AdapterBroadcast, SyncCheckError
+from grpo_ray.weight_sync.probe import probe_sequences
 
 
 def test_even_slices_cover_every_prompt():
@@ -24,42 +27,71 @@ def test_even_slices_cover_every_prompt():
         even_slices(3, 0)
 
 
-def test_probe_gap_removes_each_sides_base_offset():
-    # a 4-bit learner's log-probs sit 0.3 nats below a bf16 engine's on every token: no gap
-    assert probe_gap([-1.0, -2.0], [-1.5, -2.5], [-1.3, -2.3], [-1.8, -2.8]) == pytest.approx(0)
-    # the engine kept its base model while the learner moved by 0.4 and 0.2 nats
-    assert probe_gap([-1.5, -2.5], [-1.5, -2.5], [-1.4, -3.0], [-1.8, -2.8]) == pytest.approx(0.3)
-    with pytest.raises(ValueError, match="lengths 2, 2, 1, 2"):
-        probe_gap([0.0, 0.0], [0.0, 0.0], [0.0], [0.0, 0.0])
+class StandInLearner:
+    """The learner's side of the sync on the tiny model: the base model until `train`, then a
+    PEFT model with a random adapter (what the learner would hold after training)."""
+
+    def __init__(self, model_path: str) -> None:
+        from helpers import hf_model
+
+        self.path, self.model, self.exported = model_path, hf_model(model_path), (0, None)
+
+    def train(self, seed: int) -> None:
+        from helpers import peft_model
+
+        self.model = peft_model(self.path, seed=seed)
+
+    def export_adapter(self, version: int, transport: str = "packed", dtype: str | None = None):
+        from grpo_ray.weight_sync.sender import packed_adapter
+
+        payload = packed_adapter(self.model, version, dtype)
+        self.exported = (version, payload.digest)
+        return payload
+
+    def exported_identity(self):
+        return self.exported
+
+    def sequence_logprobs(self, prompts, completions, temperature=None):
+        from helpers import naive_logprobs
+
+        return [naive_logprobs(self.model, p, c, temperature or 1.0)
+                for p, c in zip(prompts, completions)]
+
+
+# Ray's workers cannot import this test module: ship StandInLearner by value.
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
 def setting(ray_local, tiny_model_path, tokenizer):
-    """One engine placed as training places it, a PEFT model standing for the learner (its
-    log-probs computed by transformers in this process), and the probe on both."""
-    from helpers import chat_prompts, hf_model, naive_logprobs, peft_model
+    """One engine placed as training places it, a stand-in learner actor, and the sync with its
+    check attached: version 1 synced and verified."""
+    from helpers import chat_prompts
 
     from grpo_ray.cluster.placement import place_engines
     from grpo_ray.rollout.worker import RolloutWorker
-    from grpo_ray.weight_sync.sender import packed_adapter
 
     cfg = load_config("configs/tiny-cpu.yaml", ["cluster.max_restarts=1",
                                                 "cluster.restart_timeout_s=120"])
     engines = place_engines(cfg, RolloutWorker, [(tiny_model_path, cfg.rollout, 8, "auto", 0, 0)])
     lines: list[str] = []
     engines.notify = lines.append
-    prompt, completion = probe_sequence(tokenizer)
-    base, learner = hf_model(tiny_model_path), peft_model(tiny_model_path, seed=1)
-    engines.set_probe(SyncProbe(prompt, completion, naive_logprobs(base, prompt, completion),
-                                tolerance=0.01))
-    # the form the trainer sends: one buffer in the object store, read in place on the CPU
-    payload = packed_adapter(learner, 1, "float32")
-    engines.load_adapter(ray_local.put(payload))
-    assert engines.verify(naive_logprobs(learner, prompt, completion))[0] < 1e-4
+    learner = ray_local.remote(StandInLearner).options(num_cpus=0).remote(tiny_model_path)
+    sync = AdapterBroadcast(notify=lines.append)
+    sync.attach(learner, engines, probe_sequences(tokenizer), cfg.cluster.probe_rule())
+    ray_local.get(learner.train.remote(seed=1))
+    out = sync.sync(learner, engines, 1)
+    # the engine serves the learner's adapter: slope 1, the old gap ~0
+    assert out["probe/slope/engine_0"] == pytest.approx(1, abs=1e-3)
+    assert out["probe/gap/engine_0"] < 1e-4 and out["probe/movement"] > 0.01
+    assert out["fallback_object_store"] == 0 and sync.transport == "object-store"
     # vLLM scales lora_B in place as it activates an adapter: the engine must have copied it
-    assert (ray_local.get(engines._payload).buffer == payload.buffer).all()
+    payload = ray_local.get(engines._payload)
+    assert ray_local.get(engines.engines[0].adapter_identity.remote()) == (1, payload.digest)
     batch = PromptBatch(chat_prompts(tokenizer), [[], []], ["", ""], ["", ""])
-    yield engines, lines, batch, packed_adapter
+    yield engines, lines, batch, sync, learner
     engines.shutdown()
 
 
@@ -74,7 +106,7 @@ def _where(self):
 
 
 def test_killed_engine_comes_back_and_regenerates_the_same_completions(ray_local, setting):
-    engines, lines, batch, _ = setting
+    engines, lines, batch, sync, _ = setting
     sampling = Sampling(n=2, max_tokens=16, temperature=1.0, seed=11)
     before = engines.generate(batch, sampling, expect_version=1)
     pid, group = ray_local.get(engines.engines[0].__ray_call__.remote(_where))
@@ -88,53 +120,58 @@ def test_killed_engine_comes_back_and_regenerates_the_same_completions(ray_local
     assert engines.restarts == restarts + 1 and len(lines) == 1
     assert lines[0].startswith("rollout engine 0 lost during generation (ActorDiedError")
     assert " started again in its placement bundle in " in lines[0]
-    assert lines[0].endswith("s with adapter version 1, sync probe gap " + lines[0].split()[-1])
-    assert float(lines[0].split()[-1]) < 1e-4
+    assert lines[0].endswith("s with adapter version 1")
+    # the sync's check ran on the new engine (`after_replace`): it serves the adapter
+    assert sync._checked.pop(0).slope == pytest.approx(1, abs=1e-3)
 
 
-def _serve_noise(self, noisy):
-    """From now on every adapter this engine loads is `noisy` (a stand-in for weights that
-    arrive damaged), whatever version it is sent."""
-    import dataclasses
+def test_sync_check_repairs_then_replaces_then_refuses(ray_local, tiny_model_path, setting):
+    from helpers import inject
 
-    load = self.adapter.load
-    self.adapter.load = lambda payload, *a, **k: load(
-        dataclasses.replace(noisy, version=payload.version), *a, **k)
-
-
-def test_sync_probe_repairs_then_replaces_then_refuses(ray_local, tiny_model_path, setting):
-    from helpers import peft_model
-
-    engines, lines, _, packed_adapter = setting
-    learner_now = engines._learner_now
-    noisy = packed_adapter(peft_model(tiny_model_path, seed=2), 1, "float32")
+    engines, lines, _, sync, learner = setting
     lines[:] = []
+    repairs, restarts = sync.repairs, engines.restarts
 
-    # damaged weights under the right version: the reload repairs them
-    ray_local.get(engines.engines[0].load_adapter.remote(noisy, reload=True))
-    gaps = engines.verify(learner_now)
-    assert gaps[0] < 1e-4 and engines.repairs == 1
-    assert lines[-1].startswith("rollout engine 0 failed the sync probe at adapter version 1 "
-                                "(gap ") and "adapter reloaded, gap now" in lines[-1]
+    # the engine serves the base model under the right version and digest: only the probe
+    # sees it (slope 0), and the reload repairs it
+    ray_local.get(engines.engines[0].__ray_call__.remote(inject, "no-adapter-now"))
+    out = sync.verify(1)
+    assert out["probe/slope/engine_0"] == pytest.approx(1, abs=1e-3)
+    assert sync.repairs == repairs + 1 and engines.restarts == restarts
+    assert lines[-1].startswith("rollout engine 0 failed the sync check at adapter version 1: "
+                                "its probe log-probs do not move as the learner's: slope 0 ")
+    assert lines[-1].endswith("; adapter reloaded, the engine agrees now")
 
-    # every load damaged: the reload fails the probe again, a new engine passes it
-    restarts = engines.restarts
-    ray_local.get(engines.engines[0].__ray_call__.remote(_serve_noise, noisy))
-    ray_local.get(engines.engines[0].load_adapter.remote(noisy, reload=True))
-    assert engines.verify(learner_now)[0] < 1e-4
-    assert engines.repairs == 2 and engines.restarts == restarts + 1
+    # every load damaged (one tensor doubled): the identity fails again after the reload, a new
+    # engine passes
+    ray_local.get(engines.engines[0].__ray_call__.remote(inject, "double", persistent=True))
+    ray_local.get(engines.engines[0].load_adapter.remote(engines._payload, reload=True))
+    sync.verify(1)
+    assert sync.repairs == repairs + 2 and engines.restarts == restarts + 1
+    assert "it holds adapter version 1 with digest " in lines[-1]
+    assert "reloaded, still: it holds adapter version 1" in lines[-1]
     assert "started again in its placement bundle" in lines[-1]
 
-    # the learner's log-probs are not what any engine serves: a clear error, not a loop
-    wrong = [x + 0.5 for x in learner_now]
-    with pytest.raises(ActorLostError, match=r"rollout engine 0 failed the sync probe at adapter "
-                                             r"version 1 \(gap 0.5 .*a new engine disagrees too"):
-        engines.verify(wrong)
-    assert engines.verify(learner_now)[0] < 1e-4  # the group goes on with a good engine
+    # the learner exported something no engine holds: a clear error with the digests, no loop
+    right = ray_local.get(learner.exported_identity.remote())
+    ray_local.get(learner.__ray_call__.remote(_set_exported, (1, "f" * 64)))
+    try:
+        with pytest.raises(SyncCheckError, match=(
+                r"rollout engine 0 failed the sync check at adapter version 1: it holds adapter "
+                rf"version 1 with digest {right[1][:12]}, the learner exported version 1 with "
+                r"digest ffffffffffff .*the new rollout engine 0 disagrees too")):
+            sync.verify(1)
+    finally:
+        ray_local.get(learner.__ray_call__.remote(_set_exported, right))
+    assert "probe/slope/engine_0" in sync.verify(1)  # the group goes on with a good engine
+
+
+def _set_exported(self, identity):
+    self.exported = identity
 
 
 def test_an_engine_that_cannot_start_again_is_a_clear_error(ray_local, setting):
-    engines, _, batch, _ = setting
+    engines, _, batch, _, _ = setting
     start = engines._start
     engines._start = lambda i: _bad_engine(ray_local)
     try:

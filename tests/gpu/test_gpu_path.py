@@ -213,6 +213,9 @@ def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_p
               f"{'merged' if merge else 'LoRA'}): {stats}")
         assert sync.transport == "cuda-ipc"  # both actors compute on the one GPU
         assert ray.get(engine.adapter_version.remote()) == 1
+        # the engine's digest of what it received (on its GPU) is the learner's of what it sent
+        identity = tuple(ray.get(learner.exported_identity.remote()))
+        assert identity[0] == 1 and engines.adapter_identities() == [identity]
         assert stats["bytes"] >= 2 * num_params  # bf16 on the wire
         assert stats["bytes"] < 2 * num_params + 65536
         if not merge:  # the weights stayed in memory: only the config went to tmpfs
@@ -234,6 +237,7 @@ def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_p
         assert train["gap_mean_abs_diff"] < 0.1  # rollout and learner agree before the update
         stats = sync.sync(learner, engines, 2)
         assert ray.get(engine.adapter_version.remote()) == 2
+        assert engines.adapter_identities() == [tuple(ray.get(learner.exported_identity.remote()))]
         if merge:  # folded into the weights: no LoRA request at generation
             assert ray.get(engine.__ray_call__.remote(lambda w: w.adapter.request)) is None
         else:

@@ -102,7 +102,7 @@ def test_killed_actors_are_replaced_and_the_run_equals_an_uninterrupted_one(runs
     rows = jsonl(b.out / "metrics.jsonl")
     assert [r["faults/engine_restarts"] for r in rows] == [1.0, 2.0]
     assert [r["faults/reward_worker_restarts"] for r in rows] == [1.0, 1.0]
-    assert all(r["sync/probe_gap/engine_0"] < 1e-4 for r in rows)
+    assert all(r["sync/probe/gap/engine_0"] < 1e-4 for r in rows)
     assert all(r["learner/gap_kl/engine_0"] == r["learner/gap_kl"] for r in rows)
 
     # nothing lost, nothing different: the same completions, rewards, figures and adapter

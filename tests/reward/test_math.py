@@ -113,3 +113,27 @@ def test_model_text_is_never_run_as_python(tmp_path):
     assert math_reward(None, [answered(code), f"\\boxed{{{code}}}"], answer=["1", "1"]) == \
         [0.0, 0.0]
     assert not marker.exists()
+
+
+def test_an_error_inside_math_verify_is_a_failed_row_not_a_zero():
+    import math
+
+    from grpo_ray.config import RewardFunctionConfig
+    from grpo_ray.reward.functions import FailedScore
+    from grpo_ray.reward.worker import RewardWorker
+
+    # sympy cannot evaluate the gold 1/0 (zoo) while comparing: math-verify used to log it and
+    # answer False, a silent 0.0
+    texts = [answered("3"), answered("2")]
+    scores = math_reward(None, texts, answer=["\\frac{1}{0}", "2"])
+    failed = scores[0]
+    assert isinstance(failed, FailedScore) and math.isnan(failed)
+    assert failed.error == "math-verify: ValueError: Can't evaluate nan or zoo"
+    assert scores[1] == 2.0
+    # the reward worker makes it an unscored row, counted for `math` with the error
+    worker = RewardWorker([RewardFunctionConfig(name="math")], "fixed")
+    shard = worker.score([[]] * 2, texts, {"answer": ["\\frac{1}{0}", "2"]})
+    assert shard.per_function["math"] == [None, 2.0]
+    assert shard.failed == {"math": 1}
+    assert shard.errors["math"] == ("could not score a row: math-verify: ValueError: Can't "
+                                    "evaluate nan or zoo")

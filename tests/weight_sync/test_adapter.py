@@ -173,7 +173,8 @@ def test_sync_through_ray_moves_the_adapter_to_the_engine(ray_local, tiny_model_
             ray.get(learner.perturb.remote(seed=version))
         stats = sync.sync(learner, engines, version)
         assert sync.transport == "object-store"
-        assert set(stats) == {"export_s", "load_s", "total_s", "bytes"}
+        assert set(stats) == {"export_s", "load_s", "total_s", "bytes", "fallback_object_store"}
+        assert stats["fallback_object_store"] == 0
         assert 0 < stats["load_s"] <= stats["total_s"] and stats["bytes"] >= 2 * 16384 * 4
         assert engines.adapter_versions() == [version]
         out = engines.generate(batch, sampling, expect_version=version)
@@ -186,6 +187,19 @@ def test_sync_through_ray_moves_the_adapter_to_the_engine(ray_local, tiny_model_
 
     with pytest.raises(ValueError, match="version 1 is not newer .* current version 2"):
         ray.get(engine.load_adapter.remote(learner.export_adapter.remote(1)))
+
+    # CUDA IPC that fails (here: a learner that cannot export it) falls back to the object store
+    # for good, and says so once on the console and from then on in the metrics
+    lines: list[str] = []
+    sync = AdapterBroadcast(notify=lines.append)
+    sync.transport, sync._dtype = "cuda-ipc", "float32"  # as chosen for a shared GPU
+    for version in (3, 4):
+        stats = sync.sync(learner, engines, version)
+        assert stats["fallback_object_store"] == 1 and sync.transport == "object-store"
+        assert engines.adapter_versions() == [version]
+    assert len(lines) == 1 and lines[0].startswith(
+        "CUDA IPC adapter sync failed, using Ray's object store from now on (slower; metric "
+        "sync/fallback_object_store): ")
     root = ray.get(engine.__ray_call__.remote(lambda w: w.adapter._root))
     ray.get(engine.__ray_call__.remote(lambda w: w.close()))
     assert not os.path.exists(root)

@@ -65,7 +65,9 @@ def test_merged_engine_serves_each_version_and_restores_the_base(ray_local, merg
     for seed in (1, 2):  # two versions: each merged from the base, not on the previous one
         model = peft_model(tiny_model_path, seed=seed)
         version = ray.get(w.adapter_version.remote()) + 1
-        assert ray.get(w.load_adapter.remote(adapter_payload(model, version))) > 0
+        payload = adapter_payload(model, version)
+        assert ray.get(w.load_adapter.remote(payload)) > 0
+        assert ray.get(w.adapter_identity.remote()) == (version, payload.digest)
         out = ray.get(w.generate.remote(prompts, sampling))
         assert out.adapter_version == version
         # the same prompts as before: a stale prefix cache would give the old weights' values
@@ -75,6 +77,7 @@ def test_merged_engine_serves_each_version_and_restores_the_base(ray_local, merg
     with pytest.raises(ValueError, match="is not newer"):
         ray.get(w.load_adapter.remote(adapter_payload(model, first + 1)))
     ray.get(w.__ray_call__.remote(lambda self: self.adapter.restore_base()))
+    assert ray.get(w.adapter_identity.remote()) == (0, None)
     again = ray.get(w.generate.remote(prompts, sampling))
     assert again.completion_ids == base.completion_ids
     assert again.sampling_logprobs == base.sampling_logprobs  # exactly the base again

@@ -10,6 +10,7 @@ import torch
 
 from helpers import peft_model as make_peft
 
+from grpo_ray.weight_sync.digest import tensor_digest
 from grpo_ray.weight_sync.files import CONFIG_NAME
 from grpo_ray.weight_sync.sender import adapter_payload, pack_tensors, packed_adapter
 
@@ -26,6 +27,8 @@ def test_packed_holds_the_payloads_tensors_in_one_out_of_band_buffer(peft_model)
     assert packed.dtype == "float32" and packed.num_bytes == payload.num_bytes
     unpacked = packed.materialize()
     assert list(unpacked) == list(payload.tensors)
+    # both forms carry the learner's digest of the same tensors, and so does the round trip
+    assert packed.digest == payload.digest == tensor_digest(unpacked) == packed.payload().digest
     for name, t in payload.tensors.items():
         assert torch.equal(unpacked[name], t)
     # Ray pickles with protocol 5: the whole buffer travels out of band, as one piece.
@@ -45,6 +48,9 @@ def test_cast_to_the_engines_dtype_halves_the_bytes_and_rounds_like_a_cast():
     assert packed.dtype == "bfloat16" and packed.num_bytes == 2 * 64
     for name, t in packed.materialize().items():
         assert t.dtype == torch.bfloat16 and torch.equal(t, tensors[name].to(torch.bfloat16))
+    # the digest is of what is sent, in the engines' dtype
+    assert packed.digest == tensor_digest({k: v.to(torch.bfloat16) for k, v in tensors.items()})
+    assert packed.digest != pack_tensors(tensors, 1, {}).digest
     with pytest.raises(ValueError, match="not a LoRA tensor name"):
         pack_tensors({"model.embed_tokens.weight": torch.zeros(2)}, 1, {})
 
@@ -54,11 +60,14 @@ def test_in_memory_load_equals_vllms_load_from_files(served_engine, peft_model):
     assert w.lora_dtype() == "float32" and w.adapter.in_memory
     prompt, completion = [[1, 5, 9, 42, 7]], [[11, 12, 13, 14, 15, 16]]
     before = w.score(prompt, completion)
-    v = served_engine.load(packed_adapter(peft_model, served_engine.next_version,
-                                          dtype=w.lora_dtype()), peft_model)
+    packed = packed_adapter(peft_model, served_engine.next_version, dtype=w.lora_dtype())
+    v = served_engine.load(packed, peft_model)
+    assert w.adapter_identity() == (v, packed.digest)  # computed by the engine, on its side
     assert os.listdir(os.path.join(w.adapter._root, f"v{v}")) == [CONFIG_NAME]  # no weights
     in_memory = w.score(prompt, completion)
-    served_engine.load(adapter_payload(peft_model, v + 1), peft_model, from_file=True)
+    from_payload = adapter_payload(peft_model, v + 1)
+    served_engine.load(from_payload, peft_model, from_file=True)
+    assert w.adapter_identity() == (v + 1, packed.digest) == (v + 1, from_payload.digest)
     from_file = w.score(prompt, completion)
     assert w.llm.llm_engine.list_loras() == {v + 1}
     gap = max(abs(a - b) for a, b in zip(in_memory[0], from_file[0]))
