@@ -202,7 +202,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from grpo_ray.config import UserError, load_config
     from grpo_ray.data.dataset import load_tokenizer
     from grpo_ray.evaluation import (eval_sampling, evaluate, format_metrics, held_out_batch,
-                                     sanity_batch, sanity_sampling)
+                                     make_judge, sanity_batch, sanity_sampling)
     from grpo_ray.models.resolve import resolve_model_path
     from grpo_ray.weight_sync.files import read_adapter
 
@@ -212,6 +212,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model_path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(model_path)
     held_out, sanity = held_out_batch(cfg, tokenizer), sanity_batch(cfg, tokenizer)
+    judge = make_judge(cfg)
     try:
         payload = read_adapter(args.adapter, version=1) if args.adapter else None
     except (FileNotFoundError, ValueError) as e:
@@ -233,13 +234,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         if payload is not None:
             engines.load_adapter(ray.put(payload))
-        metrics, texts = evaluate(engines, held_out, eval_sampling(cfg))
+        metrics, texts = evaluate(engines, held_out, eval_sampling(cfg), judge)
         _, (answer,) = evaluate(engines, sanity, sanity_sampling(cfg))
     finally:
         engines.shutdown()
     which = f"adapter {args.adapter}" if args.adapter else "base model"
-    print(f"eval of {which} on {model_path}, {len(held_out)} prompts of split "
-          f"{cfg.eval_split!r}:\n{format_metrics(metrics)}")
+    print(f"eval of {which} on {model_path}, {len(held_out)} prompts of {held_out.source}:\n"
+          f"{format_metrics(metrics, judge.label)}")
     print(f"sanity check: {cfg.eval.sanity_question!r}\n{answer}")
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,8 +249,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "gold": held_out.answers[k // per_prompt], "completion": t}
                for k, t in enumerate(texts)]
     (out / "eval.json").write_text(json.dumps(
-        {"model": model_path, "adapter": args.adapter, "split": cfg.eval_split,
-         "metrics": metrics, "sanity_question": cfg.eval.sanity_question,
+        {"model": model_path, "adapter": args.adapter, "held_out": held_out.source,
+         "judge": judge.label, "metrics": metrics, "sanity_question": cfg.eval.sanity_question,
          "sanity_answer": answer, "samples": samples}, indent=2))
     print(f"written to {out / 'eval.json'}")
     return 0

@@ -90,12 +90,23 @@ class DataConfig(_Section):
     name: str = "openai/gsm8k"
     subset: str = "main"
     split: str = "train"
-    eval_split: str = "test"
-    """Split used by evaluation (hub), or held-out rows (synthetic uses another seed)."""
+    """Split trained on (hub data, a local directory of split files)."""
+    eval_split: str | None = None
+    """Split evaluation reads from hub data or a local directory of split files; None: `test`,
+    else `validation`, whichever the dataset has. Synthetic data calls its held-out rows `test`
+    (another seed, no question of the train rows). `eval_path` and `eval_fraction` replace it."""
     path: str | None = None
-    """Local file, for `source: local`: `.jsonl` (one JSON object a line; blank lines skipped),
+    """Local data, for `source: local`: a `.jsonl` (one JSON object a line; blank lines skipped),
     `.json` (JSON lines, or one array of objects), `.csv` (a header row; every value is text) or
-    `.parquet`."""
+    `.parquet` file, one split; or a directory whose files are named by split (`train.jsonl`
+    and `test.jsonl`, `data/train-00000-of-00001.parquet`, ...), read by `datasets`."""
+    eval_path: str | None = None
+    """A second local file (same formats and columns as `path`) that evaluation reads instead of
+    a split. Rows whose question is also a training row's are counted in a warning."""
+    eval_fraction: float | None = Field(None, gt=0, lt=1)
+    """Hold out this fraction of the training split's distinct questions for evaluation, chosen
+    with `seed`: those rows (every row of a held-out question) leave the training rows, so the
+    two share none. For a single file, or a dataset without a test split."""
     question_field: str = "question"
     """Column of the question text. A row without it that has a `prompt` column of chat
     messages (TRL's conversational format) uses those messages, with `system_prompt` put first
@@ -152,6 +163,8 @@ class RolloutConfig(_Section):
 BUILTIN_REWARDS = ("correctness", "integer", "strict_format", "soft_format", "xml_count", "math",
                    "overlong")
 """Names of the built-in rewards (grpo_ray/reward/functions.py)."""
+JUDGING_REWARDS = ("math", "correctness")
+"""Built-ins that judge right answers when no reward is marked `correctness: true`."""
 _BUILTIN_KWARGS = {"math": ("timeout_s",), "overlong": ("max_completion_len", "soft_punish_cache")}
 TRL_PREFIX = "trl:"
 """`trl:NAME` names a reward function of `trl.rewards` (grpo_ray/reward/registry.py)."""
@@ -167,6 +180,12 @@ class RewardFunctionConfig(_Section):
     `trl:get_cosine_scaled_reward` gets `kwargs` and makes the function) or an import path
     `package.module:function` with TRL's reward signature."""
     weight: float = 1.0
+    correctness: bool = False
+    """This reward judges right answers: the step `accuracy` and evaluation's accuracy, pass@k
+    and maj@k count a completion right when its score is > 0. When no reward is marked, the
+    built-in `math` or `correctness` judges (at most one of them may be configured then); with
+    neither, GSM8K's numeric rule does. At most one reward is marked. A marked reward may have
+    weight 0: it then judges without shaping the reward."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the function on every call, over the dataset columns of the
     same name: `math` takes `timeout_s`; `overlong` needs `max_completion_len` (equal to
@@ -382,7 +401,8 @@ class ClusterConfig(_Section):
 
 class EvalConfig(_Section):
     split: str | None = None
-    """Split of held-out prompts; None: `data.eval_split` (`Config.eval_split`)."""
+    """Split of held-out prompts, over `data.eval_split` (`Config.eval_split`); `data.split`
+    (`train`) evaluates on the training rows."""
     num_samples: int = Field(64, ge=0)
     """Held-out prompts evaluated (the first ones, in file order); 0: all of the split."""
     every_steps: int = Field(0, ge=0)
@@ -395,7 +415,9 @@ class EvalConfig(_Section):
     that moves smoothly with the policy, where greedy answers of a small model flip on small
     changes."""
     samples: int = Field(1, ge=1)
-    """Completions per held-out prompt (1 when greedy)."""
+    """Completions per held-out prompt, k of pass@k (any of them right), mean@k (the accuracy)
+    and maj@k (the most common answer right, answers compared by the judging reward's rule);
+    1 when greedy."""
     sanity_question: str = "How many r's are in strawberry?"
     """Asked without and with the trained adapter, both answers printed (the reference notebook's
     check, answered greedily here with the XML system prompt both times)."""
@@ -444,8 +466,21 @@ class Config(_Section):
         return self.rollout.max_lora_rank or self.lora.r
 
     @property
-    def eval_split(self) -> str:
+    def eval_split(self) -> str | None:
+        """The split evaluation names (`eval.split`, else `data.eval_split`); None: the data's
+        default held-out rows (`data.dataset.load_eval_rows`)."""
         return self.eval.split or self.data.eval_split
+
+    @property
+    def correctness_index(self) -> int | None:
+        """Index in `reward.functions` of the reward that judges right answers: the one marked
+        `correctness: true`, else the built-in `math` or `correctness`; None: none does (GSM8K's
+        numeric rule judges). The invariants make it unique."""
+        functions = self.reward.functions
+        marked = [i for i, f in enumerate(functions) if f.correctness]
+        named = [i for i, f in enumerate(functions) if f.name in JUDGING_REWARDS]
+        found = marked or named
+        return found[0] if found else None
 
     @property
     def eval_max_tokens(self) -> int:
@@ -519,7 +554,8 @@ class Config(_Section):
                          f"GSM8K-shaped rows (got {value!r}, the default is {default!r})")
 
     def _reward_invariants(self) -> None:
-        for i, f in enumerate(self.reward.functions):
+        functions = self.reward.functions
+        for i, f in enumerate(functions):
             key, kw = f"reward.functions[{i}].kwargs", f.kwargs
             if f.name in BUILTIN_REWARDS:
                 known = _BUILTIN_KWARGS.get(f.name, ())
@@ -546,6 +582,21 @@ class Config(_Section):
                      and 1 <= cache <= limit, key,
                      f"{f.name} needs soft_punish_cache, the tokens before max_completion_len "
                      f"over which the penalty grows, in [1, {limit}] (got {cache!r})")
+        self._one_judge()
+
+    def _one_judge(self) -> None:
+        """At most one reward judges right answers (`correctness_index`)."""
+        functions = self.reward.functions
+        marked = [f"reward.functions[{i}] ({f.name})" for i, f in enumerate(functions)
+                  if f.correctness]
+        _require(len(marked) <= 1, "reward.functions",
+                 f"{len(marked)} rewards are marked correctness: true ({', '.join(marked)}); "
+                 "one judges right answers")
+        named = [f"reward.functions[{i}] ({f.name})" for i, f in enumerate(functions)
+                 if f.name in JUDGING_REWARDS]
+        _require(bool(marked) or len(named) <= 1, "reward.functions",
+                 f"{' and '.join(named)} could each judge right answers: mark the one that does "
+                 "with correctness: true")
 
     def _eval_invariants(self) -> None:
         e, r, d = self.eval, self.rollout, self.data
@@ -556,11 +607,22 @@ class Config(_Section):
             _require(1 <= e.max_tokens <= room, "eval.max_tokens",
                      f"must be in [1, rollout.max_model_len - data.max_prompt_length = {room}] "
                      f"(got {e.max_tokens})")
-        if d.source == "local":
-            # a local file is one split: evaluating on it must be asked for, never a default
-            _require(self.eval_split == d.split, "eval.split",
-                     f"data.source=local has one split ({d.split!r}, the file data.path); set "
-                     f"eval.split={d.split} to evaluate on its rows")
+        held_out = [f"data.{k}" for k in ("eval_path", "eval_fraction") if getattr(d, k)]
+        _require(len(held_out) <= 1, "data.eval_fraction",
+                 "data.eval_path and data.eval_fraction are two ways to hold rows out: set one")
+        if held_out:
+            _require(d.source != "synthetic", held_out[0],
+                     "data.source=synthetic has its own held-out rows (another seed, no question "
+                     "of the train rows); this applies to hub and local data")
+            _require(self.eval_split != d.split, "eval.split",
+                     f"eval.split={self.eval_split} evaluates on the training rows, "
+                     f"{held_out[0]} holds rows out for evaluation: set one of them")
+        elif d.source == "local" and d.path is not None and is_local_file(d.path):
+            # one file is one split: evaluating on its training rows must be asked for
+            _require(self.eval_split == d.split, "data.eval_fraction",
+                     f"data.path={d.path} is one split: hold rows out for evaluation with "
+                     f"data.eval_fraction (a seeded share of it) or data.eval_path (a second "
+                     f"file), or evaluate on the training rows with eval.split={d.split}")
 
     def get(self, dotted: str) -> Any:
         node: Any = self
@@ -570,6 +632,15 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
+
+
+LOCAL_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+"""Suffixes of a single local data file; any other `data.path` is a directory of split files."""
+
+
+def is_local_file(path: str) -> bool:
+    """Whether `data.path` names one file (by its suffix), not a directory of split files."""
+    return Path(path).suffix.lower() in LOCAL_FORMATS
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -32,8 +32,13 @@ def _std(xs: list[float]) -> float:
     return math.sqrt(_mean([(x - m) ** 2 for x in xs])) if xs else float("nan")
 
 
-def step_metrics(batch: PromptBatch, rollout: Rollout, scores: Scores) -> dict[str, float]:
-    """Reward (total and per function), accuracy, format rate and completion length."""
+def step_metrics(batch: PromptBatch, rollout: Rollout, scores: Scores,
+                 correctness: str | None = None) -> dict[str, float]:
+    """Reward (total and per function), accuracy, format rate and completion length.
+
+    `accuracy` is the share of completions the judging reward (`correctness`, its score column;
+    `evaluation.make_judge`) scored above 0, over those it scored; with no judging reward
+    (None), GSM8K's numeric rule judges the texts."""
     from grpo_ray.reward.functions import answers_match, extract_answer, strict_format_reward
 
     out: dict[str, float] = {}
@@ -43,10 +48,14 @@ def step_metrics(batch: PromptBatch, rollout: Rollout, scores: Scores) -> dict[s
         out[f"{key}/mean"], out[f"{key}/std"] = _mean(valid), _std(valid)
         if name != "total":  # rows it raised, hung or returned NaN/inf on (0 on a good step)
             out[f"{key}/failed"] = float(scores.failed.get(name, 0))
-    golds = [batch.answers[i] for i in rollout.prompt_index]
-    # judged the same way whatever rewards are configured: numeric match, fixed strict format
-    out["accuracy"] = _mean([float(answers_match(extract_answer(t), g))
-                             for t, g in zip(rollout.completion_texts, golds)])
+    if correctness is not None:
+        out["accuracy"] = _mean([float(v > 0) for v in scores.per_function[correctness]
+                                 if v is not None])
+    else:
+        golds = [batch.answers[i] for i in rollout.prompt_index]
+        out["accuracy"] = _mean([float(answers_match(extract_answer(t), g))
+                                 for t, g in zip(rollout.completion_texts, golds)])
+    # the format rate is the fixed strict format whatever rewards are configured
     out["format_rate"] = _mean([float(s > 0) for s in
                                 strict_format_reward([], rollout.completion_texts)])
     out["completion_length"] = _mean([len(c) for c in rollout.completion_ids])

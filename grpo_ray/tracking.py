@@ -202,11 +202,14 @@ class Tracker:
         for sink in self.sinks:
             sink.log(metrics, step)
 
-    def log_eval(self, metrics: dict[str, float], step: int, tag: str) -> None:
-        """Evaluation metrics: `eval.jsonl` with the tag, and `eval/...` in TensorBoard and
-        W&B; not the console table or `metrics.jsonl`, whose rows are training steps."""
+    def log_eval(self, metrics: dict[str, float], step: int, tag: str,
+                 about: dict[str, str] | None = None) -> None:
+        """Evaluation metrics (accuracy, pass@k, maj@k, mean@k, ...): `eval.jsonl` with the tag
+        and `about` (words: which rule judged, where the rows come from), and `eval/...` in
+        TensorBoard and W&B; not the console table or `metrics.jsonl`, whose rows are training
+        steps."""
         with open(self.out / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "tag": tag, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, "tag": tag, **(about or {}), **metrics}) + "\n")
         for sink in self.sinks:
             if isinstance(sink, (TensorBoardSink, WandbSink)):
                 sink.log({f"eval/{k}": v for k, v in metrics.items()}, step)

@@ -51,13 +51,12 @@ class Trainer:
         no Ray needed, so a bad name, row or path fails here in one line, before any actor or
         GPU is taken, and writes nothing to `output.dir`."""
         from grpo_ray.data.dataset import PromptIterator, load_rows, load_tokenizer
-        from grpo_ray.evaluation import held_out_batch, sanity_batch
+        from grpo_ray.evaluation import held_out_batch, make_judge, sanity_batch
         from grpo_ray.models.resolve import resolve_model_path
-        from grpo_ray.reward.registry import get_reward_functions
         from grpo_ray.weight_sync.probe import probe_sequences
 
         cfg = self.cfg
-        get_reward_functions(cfg.reward.functions, cfg.reward.mode)
+        self.judge = make_judge(cfg)  # resolves every reward function
         rows = load_rows(cfg.data)
         self.model_path = resolve_model_path(cfg)
         tokenizer = load_tokenizer(self.model_path)
@@ -237,7 +236,7 @@ class Trainer:
     def log_step(self, scored: ScoredBatch, stats: dict[str, float], sync: dict[str, float],
                  times: dict[str, float], staleness: int, step_s: float) -> dict[str, float]:
         batch, rollout, scores = scored.batch, scored.rollout, scored.scores
-        metrics = step_metrics(batch, rollout, scores)
+        metrics = step_metrics(batch, rollout, scores, self.judge.column)
         metrics.update({f"learner/{k}": v for k, v in stats.items()})
         metrics.update(sync)
         metrics.update(scored.metrics)
@@ -359,10 +358,11 @@ class Trainer:
 
         held_out, sanity = self.eval_prompts
         start = time.perf_counter()
-        metrics, _ = evaluate(self.engines, held_out, eval_sampling(self.cfg))
+        metrics, _ = evaluate(self.engines, held_out, eval_sampling(self.cfg), self.judge)
         _, (self.sanity_answers[tag],) = evaluate(self.engines, sanity, sanity_sampling(self.cfg))
         metrics["time_s"] = time.perf_counter() - start
-        self.tracker.log_eval(metrics, self.step, tag)
+        self.tracker.log_eval(metrics, self.step, tag,
+                              {"judge": self.judge.label, "held_out": held_out.source})
         self.evals[tag] = metrics
         self.print(eval_line(tag, self.step, metrics, self.cfg))
         return metrics
@@ -373,7 +373,8 @@ class Trainer:
 
         before, after = self.evals.get("before"), self.evals["after"]
         if before is not None:  # a resumed run has only "after"
-            self.print(format_side_by_side(before, after))
+            self.print(format_side_by_side(before, after, judge=self.judge.label,
+                                           source=self.eval_prompts[0].source))
         self.print(f"sanity check: {self.cfg.eval.sanity_question!r}")
         for tag, metrics in ((t, self.evals[t]) for t in ("before", "after") if t in self.evals):
             version = int(metrics["adapter_version"])

@@ -95,7 +95,7 @@ def _row(step: int, m: dict[str, float] | None, held: dict[str, float] | None, t
     return {"step": step, "reward_mean": m.get("reward/mean"),
             "correctness_reward_mean": m.get("reward/correctness/mean"),
             "accuracy": m.get("accuracy"), "format_rate": m.get("format_rate"),
-            "heldout_accuracy": held["accuracy_numeric"] if held else None,
+            "heldout_accuracy": held["accuracy"] if held else None,
             "heldout_format": held["strict_format"] if held else None,
             "train_s": round(train_s, 2), "wall_s": round(wall_s, 2)}
 
@@ -143,7 +143,7 @@ def plot(result: Result, path: Path, held_out: str) -> Path:
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    b, a = result.before["accuracy_numeric"], result.after["accuracy_numeric"]
+    b, a = result.before["accuracy"], result.after["accuracy"]
     fig.suptitle(f"GRPO on a 2-core CPU: held-out accuracy {b:.2f} -> {a:.2f} in {result.steps} "
                  f"steps ({result.train_s / 60:.1f} min of training)", fontsize=11)
     fig.tight_layout()
@@ -164,8 +164,8 @@ def summary(result: Result, cfg: Any) -> dict[str, Any]:
     return {
         "heldout_prompts": int(b["num_samples"]), "samples_per_prompt": cfg.eval.samples,
         "heldout_temperature": cfg.eval.temperature,
-        "heldout_accuracy_before": b["accuracy_numeric"],
-        "heldout_accuracy_after": a["accuracy_numeric"],
+        "heldout_accuracy_before": b["accuracy"],
+        "heldout_accuracy_after": a["accuracy"],
         "heldout_format_before": b["strict_format"], "heldout_format_after": a["strict_format"],
         "steps": result.steps, "prompts_per_step": cfg.rollout.prompts_per_step,
         "num_generations": cfg.rollout.num_generations, "warmup_s": round(result.warmup_s, 1),

@@ -86,7 +86,7 @@ def test_missing_and_malformed_files(tmp_path):
     (["model.path=builtin:tiny-warm", "data.source=local", "data.path=x.jsonl", "eval.split=train"],
      "model.path: builtin:tiny-warm warms up on synthetic rows"),
     (["reward.functions=[{name: correctness, wieght: 2}]"],
-     "reward.functions[0].wieght: unknown key (known: kwargs, name, weight)"),
+     "reward.functions[0].wieght: unknown key (known: correctness, kwargs, name, weight)"),
     (["reward.functions=[]"], "reward.functions: needs at least 1"),
     (["data.answer_field=question"],
      "data.answer_field: must differ from data.question_field (both 'question')"),

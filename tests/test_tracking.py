@@ -71,3 +71,19 @@ def test_bar_on_a_terminal_with_lines_printed_above_it(tmp_path, columns):
     assert re.match(r"grpo: 100%\|.*\| 3/3 \[.*reward=0.750", shown[6]), shown
     assert shown[:6] + shown[7:] == [header, expected[0], "eval line 1", expected[1],
                                      "eval line 2", expected[2], "eval line 3", "after the bar"]
+
+
+def test_eval_metrics_go_to_eval_jsonl_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tracker = Tracker(LoggingConfig(), tmp_path, {}, print_fn=lambda _: None)
+    metrics = {"accuracy": 0.25, "mean@k": 0.25, "pass@k": 0.5, "maj@k": 0.25}
+    tracker.log_eval(metrics, 0, "before", {"judge": "math-verify (reward 'math')"})
+    tracker.close()
+    (row,) = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert row == {"step": 0, "tag": "before", "judge": "math-verify (reward 'math')", **metrics}
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {f"eval/{k}" for k in metrics}
+    assert events.Scalars("eval/pass@k")[0].value == 0.5
+    assert not (tmp_path / "metrics.jsonl").read_text()  # training steps only

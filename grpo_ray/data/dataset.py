@@ -9,6 +9,10 @@ A row, as `load_rows` returns it:
      "prompt": None,                      # the row's chat messages (TRL's conversational format)
      "columns": {"level": 2}}             # every other column, for reward functions
 
+Evaluation's rows (`load_eval_rows`) never come from the training rows unless asked: a second file
+(`data.eval_path`), a seeded share of the training questions held out of them
+(`data.eval_fraction`, `split_off`), or a `test`/`validation` split.
+
 Files and the hub are read by `data.files`, which names every record by its line or row; every
 problem here is one `DataError` line naming the source, the line or row and the column.
 `transformers` is imported inside functions: importing this module stays light.
@@ -17,11 +21,13 @@ from __future__ import annotations
 
 import random
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from grpo_ray.config import DataConfig
 from grpo_ray.contracts import PromptBatch
-from grpo_ray.data.files import DataError, Record, kind, read_hub, read_local
+from grpo_ray.data.files import (DataError, Record, kind, read_hub, read_local, read_split,
+                                 split_names)
 from grpo_ray.data.prompts import SYSTEM_PROMPT, chat_messages, gold_answer, last_boxed
 from grpo_ray.data.synthetic import held_out_rows, synthetic_rows
 
@@ -38,22 +44,29 @@ def _stderr_warning(message: str, _said: set[str] = set()) -> None:
         print(f"data warning: {message}", file=sys.stderr)
 
 
+DEFAULT_EVAL_SPLITS = ("test", "validation")
+"""Splits evaluation reads when none is named, the first the dataset has."""
+
+
 def load_rows(cfg: DataConfig, split: str | None = None,
               warn: Callable[[str], None] = _stderr_warning) -> list[dict[str, Any]]:
     """Rows (see the module's docstring) of one split.
 
-    `split` defaults to `cfg.split`. Synthetic data has two splits: `cfg.split` (seed `cfg.seed`)
-    and `cfg.eval_split` (another seed, distinct questions, none of them in the train split).
-    A local file is a single split: asking it for another than `cfg.split` is an error rather
-    than a silent evaluation on the training rows. Rows of a file or hub dataset that repeat an
-    earlier row's question are counted and `warn`ed about (printed to stderr by default);
-    synthetic rows repeat by design (they are drawn independently).
+    `split` defaults to `cfg.split`, the training rows; with `cfg.eval_fraction` they are what
+    is left once the held-out rows are taken out (`split_off`). Synthetic data has two splits:
+    `cfg.split` (seed `cfg.seed`) and its held-out rows, `cfg.eval_split` or `test` (another seed,
+    distinct questions, none of them in the train split). A local file is a single split: asking
+    it for another than `cfg.split` is an error rather than a silent evaluation on the training
+    rows; a local directory has the splits its file names say. Rows of a file or hub dataset
+    that repeat an earlier row's question are counted and `warn`ed about (printed to stderr by
+    default); synthetic rows repeat by design (they are drawn independently).
     """
     split = split or cfg.split
     if cfg.source == "synthetic":
-        if split not in (cfg.split, cfg.eval_split):
+        held_out = cfg.eval_split or DEFAULT_EVAL_SPLITS[0]
+        if split not in (cfg.split, held_out):
             raise DataError(f"data.source=synthetic has splits {cfg.split!r} and "
-                            f"{cfg.eval_split!r}, not {split!r}")
+                            f"{held_out!r}, not {split!r}")
         train = synthetic_rows(cfg.num_synthetic, cfg.seed, cfg.synthetic_max_value)
         if split == cfg.split:
             raw = train
@@ -62,17 +75,106 @@ def load_rows(cfg: DataConfig, split: str | None = None,
                                 cfg.synthetic_max_value, {r["question"] for r in train})
         return _validated([(f"row {i}", r) for i, r in enumerate(raw)],
                           f"data.source=synthetic split {split!r}", cfg)
+    rows = _read(cfg, split, warn)
+    if split == cfg.split and cfg.eval_fraction:
+        rows, _ = split_off(rows, cfg.eval_fraction, cfg.seed)
+    return rows
+
+
+def load_eval_rows(cfg: DataConfig, split: str | None = None,
+                   warn: Callable[[str], None] = _stderr_warning
+                   ) -> tuple[list[dict[str, Any]], str]:
+    """The rows evaluation reads, in file order, and a few words on where they come from.
+
+    `split` (`Config.eval_split`) equal to `cfg.split` evaluates on the training rows (asked
+    for). Otherwise: `cfg.eval_path`'s rows; or the rows `cfg.eval_fraction` holds out of the
+    training split; or synthetic data's held-out rows; or the named split of a hub dataset or
+    a local directory, by default `test`, else `validation`. A single local file with none of
+    these has no held-out rows: a `DataError` says how to get some.
+    """
+    if split == cfg.split:
+        return load_rows(cfg, split, warn), f"the training rows (eval.split={split})"
+    if cfg.eval_path is not None:
+        source = f"data.eval_path={cfg.eval_path}"
+        rows = _validated(read_local(cfg.eval_path, source), source, cfg)
+        train = {r["question"] for r in load_rows(cfg, warn=warn)}
+        shared = sum(r["question"] in train for r in rows)
+        if shared:
+            warn(f"{source}: {shared} of {len(rows)} rows ask a question of the training rows")
+        return rows, source
+    if cfg.eval_fraction:
+        rows = _read(cfg, cfg.split, warn)
+        _, held = split_off(rows, cfg.eval_fraction, cfg.seed)
+        return held, (f"{len(held)} of {len(rows)} rows of {_source(cfg, cfg.split)} held out "
+                      f"(data.eval_fraction={cfg.eval_fraction:g}, seed {cfg.seed})")
+    if cfg.source == "synthetic":
+        name = split or cfg.eval_split or DEFAULT_EVAL_SPLITS[0]
+        return load_rows(cfg, name, warn), f"synthetic held-out rows (split {name!r})"
+    if cfg.source == "local" and not _is_directory(cfg):
+        raise DataError(f"data.path={cfg.path} is one split: hold rows out for evaluation with "
+                        "data.eval_fraction or data.eval_path, or evaluate on the training rows "
+                        f"with eval.split={cfg.split}")
+    name, subset = (cfg.name, cfg.subset) if cfg.source == "hub" else (cfg.path, None)
+    where = f"data.name={cfg.name}" if cfg.source == "hub" else f"data.path={cfg.path}"
+    if split is None:
+        try:
+            names = split_names(name, subset, where)
+        except DataError:  # no listing (an offline cache, say): loading `test` says what fails
+            names = [DEFAULT_EVAL_SPLITS[0]]
+        split = next((s for s in DEFAULT_EVAL_SPLITS if s in names), None)
+        if split is None:
+            raise DataError(f"{where} has no {' or '.join(map(repr, DEFAULT_EVAL_SPLITS))} split "
+                            f"(splits: {', '.join(names)}): name one with data.eval_split, or "
+                            "hold rows out with data.eval_fraction or data.eval_path")
+    return load_rows(cfg, split, warn), f"split {split!r} of {where}"
+
+
+def split_off(rows: list[dict[str, Any]], fraction: float,
+              seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, held out), each in the rows' order: `fraction` of the distinct questions (at least
+    one), chosen by `random.Random(seed)`, go to the held-out rows with every row that asks them,
+    so the two parts share no question."""
+    questions = list(dict.fromkeys(r["question"] for r in rows))
+    count = max(1, round(fraction * len(questions)))
+    if count >= len(questions):
+        raise DataError(f"data.eval_fraction={fraction:g} holds out all {len(questions)} "
+                        "distinct questions: nothing is left to train on")
+    order = list(range(len(questions)))
+    random.Random(seed).shuffle(order)
+    held = {questions[i] for i in order[:count]}
+    return ([r for r in rows if r["question"] not in held],
+            [r for r in rows if r["question"] in held])
+
+
+def _source(cfg: DataConfig, split: str) -> str:
+    if cfg.source == "hub":
+        return f"data.name={cfg.name} ({cfg.subset}, {split})"
+    if not _is_directory(cfg):
+        return f"data.path={cfg.path}"
+    return f"data.path={cfg.path} ({split})"
+
+
+def _is_directory(cfg: DataConfig) -> bool:
+    """Local data in a directory of split files (else `data.path` is one file)."""
+    return cfg.path is not None and Path(cfg.path).is_dir()
+
+
+def _read(cfg: DataConfig, split: str, warn: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Rows of one split of hub or local data, checked; repeated questions are `warn`ed about."""
+    source = _source(cfg, split)
     if cfg.source == "local":
-        if split != cfg.split:
+        if _is_directory(cfg):
+            records = read_split(cfg.path, None, split, source)
+        elif split != cfg.split:
             raise DataError(f"data.source=local has one split ({cfg.split!r}, the file "
                             f"data.path={cfg.path}), not {split!r}")
-        source = f"data.path={cfg.path}"
-        rows = _validated(read_local(cfg.path, source), source, cfg)
+        else:
+            records = read_local(cfg.path, source)
     elif cfg.source == "hub":
-        source = f"data.name={cfg.name} ({cfg.subset}, {split})"
-        rows = _validated(read_hub(cfg, split, source), source, cfg)
+        records = read_hub(cfg, split, source)
     else:
         raise DataError(f"data.source: unknown source {cfg.source!r}")
+    rows = _validated(records, source, cfg)
     repeats = len(rows) - len({r["question"] for r in rows})
     if repeats:
         warn(f"{source}: {repeats} of {len(rows)} rows repeat an earlier row's question")

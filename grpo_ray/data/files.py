@@ -1,8 +1,9 @@
-"""Records of a local file (JSON lines, a JSON array, CSV, Parquet) or a Hub dataset, each named
-by where it stands (`line 3`, 1-based, for JSON lines; `row 2`, 0-based as `dataset[i]` counts,
-otherwise). JSON lines are parsed here, one `json.loads` a line, so that a broken line is named by
-its number; Parquet and CSV go through pyarrow, the hub through `datasets` (imported inside the
-functions). Every problem is one `DataError` line naming the source and the line or row.
+"""Records of a local file (JSON lines, a JSON array, CSV, Parquet), or of a split of a Hub dataset
+or of a local directory of files named by split, each named by where it stands (`line 3`, 1-based,
+for JSON lines; `row 2`, 0-based as `dataset[i]` counts, otherwise). JSON lines are parsed here,
+one `json.loads` a line, so that a broken line is named by its number; Parquet and CSV go through
+pyarrow, the hub and directories through `datasets` (imported inside the functions). Every problem
+is one `DataError` line naming the source and the line or row.
 """
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from grpo_ray.config import DataConfig, UserError
-
-LOCAL_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+from grpo_ray.config import LOCAL_FORMATS, DataConfig, UserError
 
 Record = tuple[str, dict[str, Any]]
 """(where, row): `line 3` or `row 2`, and the row's columns as read."""
@@ -135,14 +134,31 @@ def _csv_bad_line(path: str, width: int) -> str:
 
 
 def read_hub(cfg: DataConfig, split: str, source: str) -> list[Record]:
+    return read_split(cfg.name, cfg.subset, split, source)
+
+
+def read_split(name: str, subset: str | None, split: str, source: str) -> list[Record]:
+    """One split of a hub dataset or of a local directory of files named by split, through
+    `datasets.load_dataset`."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(cfg.name, cfg.subset, split=split)
+        ds = datasets.load_dataset(name, subset, split=split)
     except Exception as e:  # not found, no such split or subset, no network, ...
         raise DataError(f"{source}: cannot load ({type(e).__name__}: {first_line(e)})") from None
     # one conversion instead of a per-row Arrow lookup
     return [(f"row {i}", row) for i, row in enumerate(ds.to_list())]
+
+
+def split_names(name: str, subset: str | None, source: str) -> list[str]:
+    """The splits of a hub dataset or of a local directory of files named by split."""
+    import datasets
+
+    try:
+        return list(datasets.get_dataset_split_names(name, subset))
+    except Exception as e:
+        raise DataError(f"{source}: cannot list its splits ({type(e).__name__}: "
+                        f"{first_line(e)})") from None
 
 
 def _json_problem(e: json.JSONDecodeError) -> str:

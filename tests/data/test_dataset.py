@@ -326,7 +326,13 @@ def test_hub_source_goes_through_load_dataset(tmp_path):
         "  - split: test\n    path: main/test.jsonl\n---\n")
     cfg = DataConfig(source="hub", name=str(tmp_path), subset="main")
     assert [r["gold"] for r in load_rows(cfg)] == GOLDS[:2]
-    assert [r["gold"] for r in load_rows(cfg, cfg.eval_split)] == GOLDS[2:]
+    assert [r["gold"] for r in load_rows(cfg, "test")] == GOLDS[2:]
+    # evaluation finds the test split by itself
+    from grpo_ray.data.dataset import load_eval_rows
+
+    held, source = load_eval_rows(cfg)
+    assert [r["gold"] for r in held] == GOLDS[2:]
+    assert source == f"split 'test' of data.name={tmp_path}"
 
 
 # ---- prompt iterator -----------------------------------------------------------------------
@@ -421,3 +427,100 @@ def test_load_tokenizer_falls_back_to_eos_for_padding(tiny_model_path, tmp_path)
     tok.save_pretrained(tmp_path)
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+
+
+# ---- held-out rows -----------------------------------------------------------------------------
+
+def _numbered(n: int) -> list[dict[str, str]]:
+    return [{"question": f"What is {i} + 0?", "answer": f"{i} + 0 = {i}\n#### {i}"}
+            for i in range(n)]
+
+
+def test_eval_fraction_holds_out_seeded_questions_that_training_never_sees(tmp_path):
+    from grpo_ray.data.dataset import load_eval_rows
+
+    rows = _numbered(20)
+    path = _write_jsonl(tmp_path / "train.jsonl", rows + rows[:3])  # 3 questions twice
+    cfg = _local(path).model_copy(update={"eval_fraction": 0.25})
+    train, (held, source) = load_rows(cfg, warn=lambda _: None), load_eval_rows(cfg)
+    train_q, held_q = [r["question"] for r in train], [r["question"] for r in held]
+    assert not set(train_q) & set(held_q)  # no shared row, repeated questions included
+    assert len(set(held_q)) == 5 and len(set(train_q)) == 15  # 25% of the 20 questions
+    assert len(train) + len(held) == 23
+    assert source == f"{len(held)} of 23 rows of data.path={path} held out " \
+                     "(data.eval_fraction=0.25, seed 3407)"
+    # in file order on both sides
+    in_file = [r["question"] for r in rows + rows[:3]]
+    assert held_q == [q for q in in_file if q in set(held_q)]
+    assert train_q == [q for q in in_file if q not in set(held_q)]
+    # seeded: the same seed gives the same split, another seed another one
+    assert [r["question"] for r in load_eval_rows(cfg)[0]] == held_q
+    other = load_eval_rows(cfg.model_copy(update={"seed": 1}))[0]
+    assert {r["question"] for r in other} != set(held_q)
+    with pytest.raises(DataError, match="holds out all 2 distinct questions"):
+        load_rows(_local(_write_jsonl(tmp_path / "two.jsonl", rows[:2])).model_copy(
+            update={"eval_fraction": 0.9}))
+
+
+def test_eval_path_is_a_second_file_and_shared_questions_are_counted(tmp_path):
+    from grpo_ray.data.dataset import load_eval_rows
+
+    rows = _numbered(6)
+    train = _write_jsonl(tmp_path / "train.jsonl", rows[:4])
+    test = _write_jsonl(tmp_path / "test.jsonl", rows[3:])
+    said: list[str] = []
+    cfg = _local(train).model_copy(update={"eval_path": test})
+    held, source = load_eval_rows(cfg, warn=said.append)
+    assert [r["gold"] for r in held] == ["3", "4", "5"] and source == f"data.eval_path={test}"
+    assert len(load_rows(cfg)) == 4  # the training file is whole
+    assert said == [f"data.eval_path={test}: 1 of 3 rows ask a question of the training rows"]
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"train.jsonl": slice(0, 4), "test.jsonl": slice(4, 6)}, "test"),
+    ({"data/train-00000-of-00001.parquet": slice(0, 4),
+      "data/validation-00000-of-00001.parquet": slice(4, 6)}, "validation"),
+])
+def test_a_directory_of_split_files_evaluates_on_its_test_or_validation_split(tmp_path, files,
+                                                                              expected):
+    from grpo_ray.data.dataset import load_eval_rows
+
+    rows = _numbered(6)
+    for name, part in files.items():
+        path = tmp_path / "d" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".parquet"):
+            pq.write_table(pa.Table.from_pylist(rows[part]), path)
+        else:
+            _write_jsonl(path, rows[part])
+    cfg = _local(tmp_path / "d")
+    assert [r["gold"] for r in load_rows(cfg)] == ["0", "1", "2", "3"]
+    held, source = load_eval_rows(cfg)
+    assert [r["gold"] for r in held] == ["4", "5"]
+    assert source == f"split {expected!r} of data.path={tmp_path / 'd'}"
+
+
+def test_a_directory_without_a_test_split_says_what_to_do(tmp_path):
+    from grpo_ray.data.dataset import load_eval_rows
+
+    (tmp_path / "d").mkdir()
+    _write_jsonl(tmp_path / "d" / "train.jsonl", _numbered(4))
+    with pytest.raises(DataError, match=r"has no 'test' or 'validation' split \(splits: train\): "
+                                        "name one with data.eval_split"):
+        load_eval_rows(_local(tmp_path / "d"))
+    # held out of its train split instead
+    cfg = _local(tmp_path / "d").model_copy(update={"eval_fraction": 0.5})
+    held, _ = load_eval_rows(cfg)
+    assert len(held) == 2 and not {r["question"] for r in held} & \
+        {r["question"] for r in load_rows(cfg)}
+
+
+def test_one_file_without_held_out_rows_is_refused(tmp_path):
+    from grpo_ray.data.dataset import load_eval_rows
+
+    path = _write_jsonl(tmp_path / "train.jsonl", _numbered(3))
+    with pytest.raises(DataError, match="is one split: hold rows out for evaluation with "
+                                        "data.eval_fraction or data.eval_path"):
+        load_eval_rows(_local(path))
+    rows, source = load_eval_rows(_local(path), "train")
+    assert len(rows) == 3 and source == "the training rows (eval.split=train)"

@@ -52,14 +52,14 @@ def test_grpo_raises_held_out_correctness(run):
     assert before["num_completions"] == after["num_completions"] == 256 * SAMPLES
     assert after["adapter_version"] == STEPS and before["adapter_version"] == 0
     # the start: the warm-up gave the format, correctness is low but not zero
-    assert 0.05 < before["accuracy_numeric"] < 0.35
+    assert 0.05 < before["accuracy"] < 0.35
     assert before["strict_format"] > 0.9
-    rise = after["accuracy_numeric"] - before["accuracy_numeric"]
-    print(f"held-out accuracy {before['accuracy_numeric']:.3f} -> {after['accuracy_numeric']:.3f} "
+    rise = after["accuracy"] - before["accuracy"]
+    print(f"held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
           f"({rise:+.3f}), strict format {before['strict_format']:.3f} -> "
           f"{after['strict_format']:.3f}, {STEPS} steps in {result.train_s:.0f} s")
-    assert rise >= 0.10, f"held-out accuracy {before['accuracy_numeric']:.3f} -> " \
-                         f"{after['accuracy_numeric']:.3f} after {STEPS} steps"
+    assert rise >= 0.10, f"held-out accuracy {before['accuracy']:.3f} -> " \
+                         f"{after['accuracy']:.3f} after {STEPS} steps"
     assert after["strict_format"] >= 0.8, "the format collapsed"
 
 
@@ -75,6 +75,6 @@ def test_curve_csv_and_plot(run):
     with open(path) as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == bench.CSV_COLUMNS and len(rows) == STEPS + 1
-    assert float(rows[-1]["heldout_accuracy"]) == result.after["accuracy_numeric"]
+    assert float(rows[-1]["heldout_accuracy"]) == result.after["accuracy"]
     png = bench.plot(result, out / "curve.png", bench.held_out_label(cfg))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,8 @@
 of problems with `\\boxed{}` solutions, read with its column mapping, the `math` reward on the
 reward actors (math-verify in its child processes), two of TRL's reward functions by short name
 (`trl:accuracy_reward` on the raw `solution` column, `trl:think_format_reward`), a vLLM CPU engine
-and the PEFT learner, on the tiny model, for two steps."""
+and the PEFT learner, on the tiny model, for two steps; evaluated before and after on rows held
+out of the file (`data.eval_fraction`), judged by math-verify: accuracy, pass@4 and maj@4."""
 import json
 import math
 
@@ -45,6 +46,8 @@ def recipe_on_the_tiny_model(tmp_path, tiny_model_path) -> dict:
     # it rarely samples EOS within 32 tokens: with truncated completions masked, nothing would
     # be left to learn from (the masking itself is tested in tests/algo/test_masking.py)
     data["algorithm"].update(total_steps=2, mask_truncated_completions=False)
+    # 2 of the 6 problems held out (the recipe's 5% would hold out one); 4 samples each
+    data["data"]["eval_fraction"] = 0.34
     data["eval"].update(num_samples=2)
     data["output"] = {"dir": str(tmp_path / "out")}
     return data
@@ -56,6 +59,7 @@ def run(ray_local, tiny_model_path, tmp_path_factory):
                                                 tiny_model_path))
     lines: list[str] = []
     trainer = Trainer(cfg, print_fn=lines.append).setup()
+    trainer.lines = lines
     try:
         history = trainer.fit()
     finally:
@@ -65,9 +69,47 @@ def run(ray_local, tiny_model_path, tmp_path_factory):
 
 def test_the_golds_come_out_of_the_boxes(run):
     trainer, _ = run
-    assert sorted(r["gold"] for r in trainer.prompts.rows) == \
+    held_out, _ = trainer.eval_prompts
+    assert sorted([r["gold"] for r in trainer.prompts.rows] + held_out.answers) == \
         sorted(["\\frac{3}{4}", "12", "3", "8", "0.75", "\\frac{3}{4}"])
     assert trainer.prompts.column_names == ["problem", "solution", "level"]
+
+
+def test_evaluation_on_held_out_rows_by_math_verify(run):
+    trainer, history = run
+    held_out, _ = trainer.eval_prompts
+    train = {r["question"] for r in trainer.prompts.rows}
+    # 2 of the 6 problems held out; training never saw them (nor sampled them)
+    assert len(held_out) == 2 and len(train) == 4 and not set(held_out.questions) & train
+    samples = [json.loads(line) for line in
+               (trainer.out / "completions.jsonl").read_text().splitlines()]
+    assert {s["question"] for s in samples} <= train
+    assert held_out.source.startswith("2 of 6 rows of data.path=")
+
+    assert trainer.judge.label == "math-verify (reward 'math')"
+    rows = [json.loads(line) for line in (trainer.out / "eval.jsonl").read_text().splitlines()]
+    assert [r["tag"] for r in rows] == ["before", "after"]
+    for r in rows:
+        assert r["judge"] == trainer.judge.label and r["held_out"] == held_out.source
+        assert r["num_samples"] == 2 and r["num_completions"] == 8 and r["samples_per_prompt"] == 4
+        assert 0 <= r["maj@k"] <= r["pass@k"] <= 1 and r["accuracy"] <= r["pass@k"]
+        assert r["accuracy"] == r["mean@k"]
+    text = "\n".join(trainer.lines)
+    assert "judged by math-verify (reward 'math')" in text
+    assert "accuracy (mean@4)" in text and "pass@4" in text and "maj@4" in text
+
+    # the run's judge is math-verify: the gold written another way (in $...$) is right, twice
+    # of three samples of each held-out problem (the numeric rule misses LaTeX golds so written)
+    texts = [f"<answer>\n${g}$\n</answer>" for g in held_out.answers for _ in range(3)]
+    texts[1] = texts[4] = "<answer>\n-1\n</answer>"
+    from grpo_ray.evaluation import judge_completions
+
+    judged = judge_completions(trainer.judge, held_out, [0, 0, 0, 1, 1, 1], texts)
+    assert (judged["accuracy"], judged["pass@k"], judged["maj@k"]) == \
+        (pytest.approx(2 / 3), 1.0, 1.0)
+    # the step accuracy is the math reward's share of right answers (2.0 each, none unscored)
+    for m in history:
+        assert m["accuracy"] == pytest.approx(m["reward/math/mean"] / 2)
 
 
 def test_two_steps_with_the_math_reward(run):
