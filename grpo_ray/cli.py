@@ -64,6 +64,7 @@ def wait_for_cluster(address: str, timeout_s: float, given: str) -> None:
     if endpoint is None:
         return
     deadline = time.monotonic() + timeout_s
+    said = False
     while True:
         left = deadline - time.monotonic()
         try:
@@ -71,6 +72,10 @@ def wait_for_cluster(address: str, timeout_s: float, given: str) -> None:
                 return
         except OSError as e:
             error = e.strerror or str(e) or type(e).__name__
+        if not said:  # at once: the wait may be a head still starting, or a wrong address
+            print(f"cannot reach the Ray cluster at {given} yet ({error}); retrying for up to "
+                  f"{timeout_s:g} s (cluster.placement_timeout_s)", file=sys.stderr, flush=True)
+            said = True
         if deadline - time.monotonic() < 1.0:
             raise ClusterError(
                 f"cannot reach the Ray cluster at {given}: no answer within {timeout_s:g} s "

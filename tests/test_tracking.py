@@ -71,3 +71,20 @@ def test_bar_on_a_terminal_with_lines_printed_above_it(tmp_path, columns):
     assert re.match(r"grpo: 100%\|.*\| 3/3 \[.*reward=0.750", shown[6]), shown
     assert shown[:6] + shown[7:] == [header, expected[0], "eval line 1", expected[1],
                                      "eval line 2", expected[2], "eval line 3", "after the bar"]
+
+
+def test_bar_eta_counts_training_steps_only():
+    """Placement and the first evaluation (here 1 s before step 1) are not in the rate: at step 1
+    of 30, a step of 0.5 s leaves 29 x 0.5 = 14.5 s, not 29 x 1.5 s."""
+    import time
+
+    from grpo_ray.tracking import ProgressBar
+
+    bar = ProgressBar(total_steps=30)
+    try:
+        time.sleep(1.0)
+        bar.log({"reward/mean": 0.1, "time/step_s": 0.5}, 1)
+        shown = bar.bar.format_meter(**bar.bar.format_dict)
+    finally:
+        bar.close()
+    assert "1/30" in shown and "<00:14" in shown, shown
