@@ -1,7 +1,8 @@
 """`grpo-ray` (or `python -m grpo_ray`): the command line. Imports nothing heavy until a command runs, so `--help` is instant.
 
     grpo-ray train --config configs/tiny-cpu.yaml [--resume] [--verbose] [section.key=value ...]
-    grpo-ray eval --config configs/tiny-cpu.yaml [--adapter DIR] [--verbose] [section.key=value ...]
+    grpo-ray eval --config configs/tiny-cpu.yaml [--adapter DIR] [--out FILE] [--verbose]
+                  [section.key=value ...]
     grpo-ray export --config configs/tiny-cpu.yaml [--adapter DIR] [--merge] [--out DIR]
                     [--dtype bfloat16] [--push-to-hub USER/REPO]
     grpo-ray build-tiny PATH [--shape qwen2.5-3b]
@@ -246,18 +247,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"eval of {which} on {model_path}, {len(held_out)} prompts of split "
           f"{cfg.eval_split!r}:\n{format_metrics(metrics)}")
     print(f"sanity check: {cfg.eval.sanity_question!r}\n{answer}")
-    out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
+    path = eval_record_path(args.out, args.adapter, cfg.output.dir)
     per_prompt = len(texts) // len(held_out)
     samples = [{"question": held_out.questions[k // per_prompt],
                 "gold": held_out.answers[k // per_prompt], "completion": t}
                for k, t in enumerate(texts)]
-    (out / "eval.json").write_text(json.dumps(
-        {"model": model_path, "adapter": args.adapter, "split": cfg.eval_split,
-         "metrics": metrics, "sanity_question": cfg.eval.sanity_question,
-         "sanity_answer": answer, "samples": samples}, indent=2))
-    print(f"written to {out / 'eval.json'}")
+    with open(path, "a") as f:  # one line a run, as training's eval.jsonl
+        f.write(json.dumps(
+            {"model": model_path, "adapter": args.adapter, "split": cfg.eval_split,
+             "metrics": metrics, "sanity_question": cfg.eval.sanity_question,
+             "sanity_answer": answer, "samples": samples}) + "\n")
+    print(f"appended to {path}")
     return 0
+
+
+def eval_record_path(out: str | None, adapter: str | None, output_dir: str):
+    """Where `grpo-ray eval` appends its line: `--out`, else `eval.jsonl` inside the adapter
+    directory it judged (the same name as training's evaluations), else, for the base model,
+    `<output.dir>/eval-base.jsonl`. Parent directories are made."""
+    from pathlib import Path
+
+    path = Path(out) if out else (Path(adapter) / "eval.jsonl" if adapter
+                                  else Path(output_dir) / "eval-base.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -310,6 +323,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate the base model or an adapter on held-out prompts")
     e.add_argument("--config", help="YAML file under configs/ (defaults apply without one)")
     e.add_argument("--adapter", help="PEFT adapter directory (default: the base model alone)")
+    e.add_argument("--out", metavar="FILE", help="JSON-lines file to append the result to "
+                   "(default: <adapter>/eval.jsonl; without --adapter <output.dir>/eval-base.jsonl)")
     e.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     e.add_argument("overrides", nargs="*", metavar="section.key=value")
     e.set_defaults(run=cmd_eval)

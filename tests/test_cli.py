@@ -232,3 +232,14 @@ def test_wrong_model_path_fails_at_once_naming_it(kind, message, tmp_path, monke
     assert err.startswith(f"error: model.path={path}: ") and message in err, err
     assert "OSError" not in err
     assert elapsed < 3.0, elapsed  # was 7-10 s: transformers' lookups, then the Hub's
+
+
+def test_eval_writes_beside_what_it_judged(tmp_path):
+    from grpo_ray.cli import eval_record_path
+
+    adapter = tmp_path / "run" / "adapter"
+    assert eval_record_path(None, str(adapter), str(tmp_path / "run")) == adapter / "eval.jsonl"
+    assert eval_record_path(None, None, str(tmp_path / "run")) == tmp_path / "run" / "eval-base.jsonl"
+    assert eval_record_path(str(tmp_path / "x" / "r.jsonl"), str(adapter), "o") == \
+        tmp_path / "x" / "r.jsonl"
+    assert (tmp_path / "x").is_dir()
