@@ -1,6 +1,7 @@
 """`grpo-ray` (or `python -m grpo_ray`): the command line. Imports nothing heavy until a command runs, so `--help` is instant.
 
-    grpo-ray train --config configs/tiny-cpu.yaml [--resume] [--verbose] [section.key=value ...]
+    grpo-ray train --config configs/tiny-cpu.yaml [--trl-config grpo.yaml] [--resume] [--verbose]
+                   [section.key=value ...]
     grpo-ray eval --config configs/tiny-cpu.yaml [--adapter DIR] [--out FILE] [--verbose]
                   [section.key=value ...]
     grpo-ray export --config configs/tiny-cpu.yaml [--adapter DIR] [--merge] [--out DIR]
@@ -106,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from grpo_ray.config import load_config
     from grpo_ray.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = run_config(args)
     trainer = Trainer(cfg)
     # before Ray starts: a run that would resume nothing, resume a damaged checkpoint, or
     # continue another config fails (or falls back to an older checkpoint) at once
@@ -146,6 +147,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                  else "nothing to resume"), file=sys.stderr)
         return EXIT_CODES.get(signum, 130)
     return 0
+
+
+def run_config(args: argparse.Namespace):
+    """The config of `train`: defaults <- `--trl-config` (a TRL GRPOConfig YAML, carried over
+    field by field; one line names what we do not support) <- `--config` <- overrides."""
+    from grpo_ray.config import load_config
+
+    base = None
+    if getattr(args, "trl_config", None):
+        from grpo_ray.trl_config import from_trl
+
+        base, unsupported = from_trl(args.trl_config)
+        print(f"--trl-config {args.trl_config}: GRPOConfig carried over"
+              + (f"; not supported here (ignored): {', '.join(unsupported)}" if unsupported
+                 else ""))
+    return load_config(args.config, args.overrides, base)
 
 
 def checkpoint_to_resume(cfg, root, resume: bool) -> tuple[object, bool]:
@@ -191,6 +208,8 @@ def _resume_command(args: argparse.Namespace) -> str:
     import shlex
 
     config = ["--config", args.config] if args.config else []
+    if getattr(args, "trl_config", None):
+        config = ["--trl-config", args.trl_config, *config]
     return shlex.join(["grpo-ray", "train", *config, *args.overrides, "--resume"])
 
 
@@ -316,6 +335,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file under configs/ (defaults apply without one)")
     t.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides, applied after the file")
+    t.add_argument("--trl-config", metavar="YAML",
+                   help="a TRL GRPOConfig YAML file, carried over field by field under --config "
+                   "and the overrides (docs/trl.md)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint under output.dir/checkpoints")
     t.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
