@@ -91,3 +91,10 @@ def test_a_converted_trl_config_trains_on_cpu(ray_local, tiny_model_path, trl_fi
     assert [s["step"] for s in steps] == [1, 2]  # max_steps
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert list((out / "tensorboard").iterdir())  # report_to: [tensorboard]
+
+
+def test_the_docs_table_lists_every_carried_field():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "trl.md").read_text()
+    assert [name for name in FIELDS if f"| `{name}` |" not in doc] == []
