@@ -38,8 +38,8 @@ def resolve_model_path(cfg: Config) -> str:
         return str(warm_tiny_model(cfg))
     if path.startswith("builtin:"):
         raise UserError(f"model.path={path}: unknown built-in model (known: {', '.join(BUILTINS)})")
-    problem = local_model_problem(path)
-    if problem:  # found on the file system in milliseconds, before transformers looks
+    problem = local_model_problem(path) or hub_model_problem(path)
+    if problem:  # found in a second, before transformers' lookups and retries
         raise UserError(f"model.path={path}: {problem}")
     from grpo_ray.data.dataset import load_tokenizer
 
@@ -70,6 +70,32 @@ def local_model_problem(path: str) -> str | None:
         validate_repo_id(path)
     except HFValidationError:
         return "not a local directory, nor a Hugging Face Hub id (org/name)"
+    return None
+
+
+def hub_model_problem(path: str) -> str | None:
+    """For a Hub id neither on disk nor in the Hub cache: one request to the Hub (10 s at most)
+    says whether the model exists; None when it does, when the cache has it, offline, or when
+    the Hub answers something else (a gated model: transformers says what it needs)."""
+    if Path(path).expanduser().is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return None
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return None
+    try:
+        HfApi().model_info(path, timeout=10)
+    except RepositoryNotFoundError:
+        return "not a local directory, nor a model on the Hugging Face Hub (no such repository)"
+    except Exception as e:
+        # no connection (httpx's TransportError, an OSError): said now, not after retries;
+        # gated, private, rate-limited: transformers says what it needs
+        if isinstance(e, OSError) or any(c.__name__ == "TransportError"
+                                         for c in type(e).__mro__):
+            return (f"not a local directory, and the Hugging Face Hub is unreachable "
+                    f"({type(e).__name__}); HF_HUB_OFFLINE=1 uses the cache only")
+        return None
     return None
 
 
