@@ -38,6 +38,9 @@ from grpo_ray.reward.functions import FailedScore, _gold, completion_texts, extr
 
 DEFAULT_TIMEOUT_S = 5.0
 """Longest one comparison (gold + answer parsed, then compared) may take (`kwargs.timeout_s`)."""
+_WORKERS = 2
+"""math-verify processes per process (each ~150 MB with sympy, started on the first row): a reward
+actor scores one shard at a time, row by row; a second serves another thread meanwhile."""
 _SCIENTIFIC = re.compile(r"(?<![\w.\\])(\d+(?:\.\d+)?|\.\d+)[eE]([+-]?\d+)(?![\w.])")
 _DELIMITERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 
@@ -170,7 +173,7 @@ class MathVerifier:
                 from pebble import ProcessPool
 
                 # spawn, not fork: reward actors run threads, which a fork would copy mid-state
-                self._pool = ProcessPool(max_workers=os.cpu_count() or 2,
+                self._pool = ProcessPool(max_workers=_WORKERS,
                                          initializer=_worker_init, initargs=(os.getpid(),),
                                          context=multiprocessing.get_context("spawn"))
             return self._pool
