@@ -1,7 +1,9 @@
 """`grpo-ray` (or `python -m grpo_ray`): the command line. Imports nothing heavy until a command runs, so `--help` is instant.
 
-    grpo-ray train --config configs/tiny-cpu.yaml [--resume] [--verbose] [section.key=value ...]
-    grpo-ray eval --config configs/tiny-cpu.yaml [--adapter DIR] [--verbose] [section.key=value ...]
+    grpo-ray train --config configs/tiny-cpu.yaml [--trl-config grpo.yaml] [--resume] [--verbose]
+                   [section.key=value ...]
+    grpo-ray eval --config configs/tiny-cpu.yaml [--adapter DIR] [--out FILE] [--verbose]
+                  [section.key=value ...]
     grpo-ray export --config configs/tiny-cpu.yaml [--adapter DIR] [--merge] [--out DIR]
                     [--dtype bfloat16] [--push-to-hub USER/REPO]
     grpo-ray build-tiny PATH [--shape qwen2.5-3b]
@@ -64,6 +66,7 @@ def wait_for_cluster(address: str, timeout_s: float, given: str) -> None:
     if endpoint is None:
         return
     deadline = time.monotonic() + timeout_s
+    said = False
     while True:
         left = deadline - time.monotonic()
         try:
@@ -71,6 +74,10 @@ def wait_for_cluster(address: str, timeout_s: float, given: str) -> None:
                 return
         except OSError as e:
             error = e.strerror or str(e) or type(e).__name__
+        if not said:  # at once: the wait may be a head still starting, or a wrong address
+            print(f"cannot reach the Ray cluster at {given} yet ({error}); retrying for up to "
+                  f"{timeout_s:g} s (cluster.placement_timeout_s)", file=sys.stderr, flush=True)
+            said = True
         if deadline - time.monotonic() < 1.0:
             raise ClusterError(
                 f"cannot reach the Ray cluster at {given}: no answer within {timeout_s:g} s "
@@ -100,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from grpo_ray.config import load_config
     from grpo_ray.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = run_config(args)
     trainer = Trainer(cfg)
     # before Ray starts: a run that would resume nothing, resume a damaged checkpoint, or
     # continue another config fails (or falls back to an older checkpoint) at once
@@ -140,6 +147,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                  else "nothing to resume"), file=sys.stderr)
         return EXIT_CODES.get(signum, 130)
     return 0
+
+
+def run_config(args: argparse.Namespace):
+    """The config of `train`: defaults <- `--trl-config` (a TRL GRPOConfig YAML, carried over
+    field by field; one line names what we do not support) <- `--config` <- overrides."""
+    from grpo_ray.config import load_config
+
+    base = None
+    if getattr(args, "trl_config", None):
+        from grpo_ray.trl_config import from_trl
+
+        base, unsupported = from_trl(args.trl_config)
+        print(f"--trl-config {args.trl_config}: GRPOConfig carried over"
+              + (f"; not supported here (ignored): {', '.join(unsupported)}" if unsupported
+                 else ""))
+    return load_config(args.config, args.overrides, base)
 
 
 def checkpoint_to_resume(cfg, root, resume: bool) -> tuple[object, bool]:
@@ -185,6 +208,8 @@ def _resume_command(args: argparse.Namespace) -> str:
     import shlex
 
     config = ["--config", args.config] if args.config else []
+    if getattr(args, "trl_config", None):
+        config = ["--trl-config", args.trl_config, *config]
     return shlex.join(["grpo-ray", "train", *config, *args.overrides, "--resume"])
 
 
@@ -242,18 +267,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"eval of {which} on {model_path}, {len(held_out)} prompts of {held_out.source}:\n"
           f"{format_metrics(metrics, judge.label)}")
     print(f"sanity check: {cfg.eval.sanity_question!r}\n{answer}")
-    out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
+    path = eval_record_path(args.out, args.adapter, cfg.output.dir)
     per_prompt = len(texts) // len(held_out)
     samples = [{"question": held_out.questions[k // per_prompt],
                 "gold": held_out.answers[k // per_prompt], "completion": t}
                for k, t in enumerate(texts)]
-    (out / "eval.json").write_text(json.dumps(
-        {"model": model_path, "adapter": args.adapter, "held_out": held_out.source,
-         "judge": judge.label, "metrics": metrics, "sanity_question": cfg.eval.sanity_question,
-         "sanity_answer": answer, "samples": samples}, indent=2))
-    print(f"written to {out / 'eval.json'}")
+    with open(path, "a") as f:  # one line a run, as training's eval.jsonl
+        f.write(json.dumps(
+            {"model": model_path, "adapter": args.adapter, "held_out": held_out.source,
+             "judge": judge.label, "metrics": metrics, "sanity_question": cfg.eval.sanity_question,
+             "sanity_answer": answer, "samples": samples}) + "\n")
+    print(f"appended to {path}")
     return 0
+
+
+def eval_record_path(out: str | None, adapter: str | None, output_dir: str):
+    """Where `grpo-ray eval` appends its line: `--out`, else `eval.jsonl` inside the adapter
+    directory it judged (the same name as training's evaluations), else, for the base model,
+    `<output.dir>/eval-base.jsonl`. Parent directories are made."""
+    from pathlib import Path
+
+    path = Path(out) if out else (Path(adapter) / "eval.jsonl" if adapter
+                                  else Path(output_dir) / "eval-base.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -299,6 +336,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file under configs/ (defaults apply without one)")
     t.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides, applied after the file")
+    t.add_argument("--trl-config", metavar="YAML",
+                   help="a TRL GRPOConfig YAML file, carried over field by field under --config "
+                   "and the overrides (docs/trl.md)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint under output.dir/checkpoints")
     t.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
@@ -306,6 +346,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate the base model or an adapter on held-out prompts")
     e.add_argument("--config", help="YAML file under configs/ (defaults apply without one)")
     e.add_argument("--adapter", help="PEFT adapter directory (default: the base model alone)")
+    e.add_argument("--out", metavar="FILE", help="JSON-lines file to append the result to "
+                   "(default: <adapter>/eval.jsonl; without --adapter <output.dir>/eval-base.jsonl)")
     e.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     e.add_argument("overrides", nargs="*", metavar="section.key=value")
     e.set_defaults(run=cmd_eval)

@@ -687,9 +687,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- dotted overrides, then type checks and invariants."""
-    data = read_yaml(path) if path is not None else {}
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults <- `base` (a TRL config's, `grpo_ray.trl_config`) <- YAML file <- dotted
+    overrides, then type checks and invariants."""
+    data = _merge(base or {}, read_yaml(path)) if path is not None else dict(base or {})
     for item in overrides or []:
         data = _merge(data, parse_override(item))
     return build_config(data)

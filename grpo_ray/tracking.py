@@ -113,8 +113,10 @@ class ProgressBar:
 
     While it is up, whatever the process prints to stdout or stderr (the table, evaluation
     lines, `--verbose` worker logs) goes above it: each complete line is written with the bar
-    cleared, then the bar is drawn again (as tqdm's `write` does, for any print to either
-    stream). It closes after the last step, so its final state stays under the table."""
+    cleared, then the bar is drawn again (tqdm's `external_write_mode`, for any print to either
+    stream). Its clock starts at the first step logged, less that step's `time/step_s`, so its
+    rate and ETA count training steps, not placement and the first evaluation. It closes after
+    the last step, so its final state stays under the table."""
 
     def __init__(self, total_steps: int):
         from tqdm import tqdm
@@ -126,11 +128,18 @@ class ProgressBar:
         self.bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=size is None,
                         ncols=size and size.columns, nrows=size and size.lines,
                         file=sys.stderr)
+        self.clock_started = False
         sys.stdout, sys.stderr = (_AboveBar(s, self.bar) for s in self.streams)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.bar.disable:  # closed after the last step
             return
+        if not self.clock_started:
+            # not at placement and the first evaluation (minutes on a CPU): the rate, hence
+            # the ETA, is over training steps only
+            self.clock_started = True
+            self.bar.initial = step - 1
+            self.bar.start_t = self.bar._time() - metrics.get("time/step_s", 0.0)
         self.bar.n = step
         self.bar.set_postfix({"reward": f"{metrics.get('reward/mean', float('nan')):.3f}",
                               "acc": f"{metrics.get('accuracy', float('nan')):.2f}",
@@ -161,12 +170,10 @@ class _AboveBar:
     def write(self, text: str) -> int:
         lines, newline, rest = (getattr(self.pending, "text", "") + text).rpartition("\n")
         self.pending.text = rest
-        if newline:
-            with self.bar.get_lock():
-                self.bar.clear(nolock=True)
+        if newline:  # tqdm clears the bars on its file, and draws them again after
+            with self.bar.external_write_mode(file=self.bar.fp):
                 self.stream.write(lines + "\n")
                 self.stream.flush()
-                self.bar.refresh(nolock=True)
         return len(text)
 
     def finish(self) -> None:

@@ -177,3 +177,69 @@ def test_another_config_is_refused_in_one_line_and_a_complete_run_exits_0(tmp_pa
         f"this run is complete: {out / 'checkpoints' / 'step-000002'} is step 2 of 2 and its "
         f"adapter is in {out / 'adapter'}; nothing to do (another output.dir starts a new run)")
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints"]
+
+
+def test_unreachable_cluster_says_at_once_that_it_retries(monkeypatch, capsys):
+    """The first refused connection is said before the first retry (not after the timeout);
+    the timeout still ends in the one-line ClusterError."""
+    import socket
+    import time
+
+    import grpo_ray.cli
+    from grpo_ray.cluster.placement import ClusterError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    said_before_first_retry = []
+    real_sleep = time.sleep
+
+    def sleep(seconds):
+        if not said_before_first_retry:
+            said_before_first_retry.append(capsys.readouterr().err)
+        real_sleep(min(seconds, 0.2))
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    with pytest.raises(ClusterError, match="no answer within 1.5 s"):
+        grpo_ray.cli.wait_for_cluster(address, 1.5, f"RAY_ADDRESS={address}")
+    first = said_before_first_retry[0]
+    assert f"cannot reach the Ray cluster at RAY_ADDRESS={address} yet" in first
+    assert "retrying for up to 1.5 s" in first and "refused" in first.lower(), first
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "no such directory"),
+    ("file", "is a file; a model is a directory"),
+    ("no config", "has no config.json"),
+])
+def test_wrong_model_path_fails_at_once_naming_it(kind, message, tmp_path, monkeypatch, capsys):
+    import time
+
+    import grpo_ray.cli
+
+    monkeypatch.setattr(grpo_ray.cli, "connect_ray", never_connect)
+    path = tmp_path / "model"
+    if kind == "file":
+        path.write_text("not a model")
+    elif kind == "no config":
+        path.mkdir()
+    start = time.monotonic()
+    code = main(["train", "--config", "configs/tiny-cpu.yaml", f"output.dir={tmp_path / 'out'}",
+                 f"model.path={path}"])
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert err.startswith(f"error: model.path={path}: ") and message in err, err
+    assert "OSError" not in err
+    assert elapsed < 3.0, elapsed  # was 7-10 s: transformers' lookups, then the Hub's
+
+
+def test_eval_writes_beside_what_it_judged(tmp_path):
+    from grpo_ray.cli import eval_record_path
+
+    adapter = tmp_path / "run" / "adapter"
+    assert eval_record_path(None, str(adapter), str(tmp_path / "run")) == adapter / "eval.jsonl"
+    assert eval_record_path(None, None, str(tmp_path / "run")) == tmp_path / "run" / "eval-base.jsonl"
+    assert eval_record_path(str(tmp_path / "x" / "r.jsonl"), str(adapter), "o") == \
+        tmp_path / "x" / "r.jsonl"
+    assert (tmp_path / "x").is_dir()

@@ -99,7 +99,7 @@ def test_merged_model_runs_in_vllm_like_the_adapter_model(ray_local, tiny_model_
     args = [f"output.dir={tmp_path}", f"model.path={merged}", "eval.num_samples=3",
             "eval.max_tokens=12"]
     assert main(["eval", "--config", "configs/tiny-cpu.yaml", *args]) == 0
-    report = json.loads((tmp_path / "eval.json").read_text())
+    report = json.loads((tmp_path / "eval-base.jsonl").read_text().splitlines()[-1])
     assert report["adapter"] is None and report["metrics"]["adapter_version"] == 0
 
     tokenizer = AutoTokenizer.from_pretrained(merged)
@@ -219,3 +219,32 @@ def test_a_failed_write_leaves_no_partial_directory(tiny_model_path, adapter, tm
     with pytest.raises(ExportError, match="not a model or adapter directory"):
         write_directory(tmp_path / "notes", lambda d: None)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_eval_of_an_adapter_on_a_data_file(ray_local, tiny_model_path, adapter, tmp_path,
+                                           capsys):
+    """`grpo-ray eval --adapter DIR` on a local file: the table on stdout, and one JSON line in
+    DIR/eval.jsonl (training's name) naming the adapter, with a sample per row of the file."""
+    import shutil
+
+    from grpo_ray.cli import main
+
+    judged = shutil.copytree(adapter, tmp_path / "adapter")
+    rows = [{"question": f"What is {a} + {a}?", "answer": f"{a} + {a} = {2 * a}\n#### {2 * a}"}
+            for a in (2, 3, 4)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["eval", "--config", "configs/tiny-cpu.yaml", "--adapter", str(judged),
+               "data.source=local", f"data.path={data}", "eval.split=train",
+               f"model.path={tiny_model_path}", f"output.dir={tmp_path / 'out'}",
+               "eval.num_samples=0", "eval.max_tokens=8"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"eval of adapter {judged}" in out and "3 prompts" in out
+    assert any(line.startswith("accuracy") for line in out.splitlines()), out
+    assert f"appended to {judged / 'eval.jsonl'}" in out
+    (line,) = (judged / "eval.jsonl").read_text().splitlines()
+    report = json.loads(line)
+    assert report["adapter"] == str(judged) and report["metrics"]["adapter_version"] == 1
+    assert [s["question"] for s in report["samples"]] == [r["question"] for r in rows]
+    assert not (tmp_path / "out" / "eval.json").exists()

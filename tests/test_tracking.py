@@ -87,3 +87,20 @@ def test_eval_metrics_go_to_eval_jsonl_and_tensorboard(tmp_path):
     assert set(events.Tags()["scalars"]) == {f"eval/{k}" for k in metrics}
     assert events.Scalars("eval/pass@k")[0].value == 0.5
     assert not (tmp_path / "metrics.jsonl").read_text()  # training steps only
+
+
+def test_bar_eta_counts_training_steps_only():
+    """Placement and the first evaluation (here 1 s before step 1) are not in the rate: at step 1
+    of 30, a step of 0.5 s leaves 29 x 0.5 = 14.5 s, not 29 x 1.5 s."""
+    import time
+
+    from grpo_ray.tracking import ProgressBar
+
+    bar = ProgressBar(total_steps=30)
+    try:
+        time.sleep(1.0)
+        bar.log({"reward/mean": 0.1, "time/step_s": 0.5}, 1)
+        shown = bar.bar.format_meter(**bar.bar.format_dict)
+    finally:
+        bar.close()
+    assert "1/30" in shown and "<00:14" in shown, shown

@@ -38,15 +38,70 @@ def resolve_model_path(cfg: Config) -> str:
         return str(warm_tiny_model(cfg))
     if path.startswith("builtin:"):
         raise UserError(f"model.path={path}: unknown built-in model (known: {', '.join(BUILTINS)})")
+    problem = local_model_problem(path) or hub_model_problem(path)
+    if problem:  # found in a second, before transformers' lookups and retries
+        raise UserError(f"model.path={path}: {problem}")
     from grpo_ray.data.dataset import load_tokenizer
 
     try:
         load_tokenizer(path)
-    except (OSError, ValueError) as e:  # a missing directory, a malformed or unknown Hub id
-        where = "no such directory" if path.startswith((".", "/", "~")) else \
-            "not a local directory, and the Hugging Face Hub has no such model (or is unreachable)"
-        raise UserError(f"model.path={path}: {where} ({type(e).__name__})") from None
+    except (OSError, ValueError) as e:  # an unknown Hub id, a Hub that does not answer
+        raise UserError(f"model.path={path}: not a local directory, and the Hugging Face Hub has "
+                        f"no such model or is unreachable ({_first_line(e)})") from None
     return path
+
+
+def local_model_problem(path: str) -> str | None:
+    """What is wrong with `path` as a model, as far as the file system and the Hub's naming rule
+    tell at once; None for a model directory or a well-formed Hub id (`org/name`, `name`)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            return (f"the directory {local} has no config.json (not a transformers model "
+                    "directory: save_pretrained writes one)")
+        return None
+    if local.exists():
+        return f"{local} is a file; a model is a directory (with config.json) or a Hub id"
+    if path.startswith((".", "/", "~")) or os.sep + os.sep in path:
+        return "no such directory"
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return "not a local directory, nor a Hugging Face Hub id (org/name)"
+    return None
+
+
+def hub_model_problem(path: str) -> str | None:
+    """For a Hub id neither on disk nor in the Hub cache: one request to the Hub (10 s at most)
+    says whether the model exists; None when it does, when the cache has it, offline, or when
+    the Hub answers something else (a gated model: transformers says what it needs)."""
+    if Path(path).expanduser().is_dir() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return None
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return None
+    try:
+        HfApi().model_info(path, timeout=10)
+    except RepositoryNotFoundError:
+        return "not a local directory, nor a model on the Hugging Face Hub (no such repository)"
+    except Exception as e:
+        # no connection (httpx's TransportError, an OSError): said now, not after retries;
+        # gated, private, rate-limited: transformers says what it needs
+        if isinstance(e, OSError) or any(c.__name__ == "TransportError"
+                                         for c in type(e).__mro__):
+            return (f"not a local directory, and the Hugging Face Hub is unreachable "
+                    f"({type(e).__name__}); HF_HUB_OFFLINE=1 uses the cache only")
+        return None
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
 
 
 def tiny_model(seed: int) -> Path:
@@ -70,6 +125,10 @@ def warm_tiny_model(cfg: Config) -> Path:
                     rows=[d.num_synthetic, d.seed, d.synthetic_max_value])
 
     def build(out: Path) -> None:
+        # ~90 s of silence otherwise: say what happens, once, and how long it takes
+        print(f"model.path=builtin:tiny-warm: building it once (supervised warm-up of the tiny "
+              f"model, {BENCHMARK_WARMUP['steps']} steps, ~90 s on 2 CPU cores); cached in "
+              f"{cache_dir()}", flush=True)
         base = tiny_model(cfg.algorithm.seed)
         warm_up(str(base), str(out), load_rows(d), seed=cfg.algorithm.seed,
                 system_prompt=d.system_prompt, threads=threads)

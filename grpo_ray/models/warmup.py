@@ -92,7 +92,8 @@ def completion_loss(model: Any, tokenizer: Any, rows: list[dict[str, str]],
 
 def sft_warmup(model_path: str, out_dir: str, rows: list[dict[str, str]], steps: int,
                batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-               system_prompt: str | None = None, correct_prob: float = 1.0) -> Path:
+               system_prompt: str | None = None, correct_prob: float = 1.0,
+               progress: bool = False) -> Path:
     """Fine-tune every weight of the causal LM at `model_path` on the chat-templated prompt of
     each row followed by its `demonstration` and EOS, with loss on the completion only; save
     model + tokenizer to `out_dir` and return it.
@@ -100,7 +101,8 @@ def sft_warmup(model_path: str, out_dir: str, rows: list[dict[str, str]], steps:
     AdamW with a linear warm-up over the first 10% of `steps`, then cosine decay to 0; batches
     walk through `rows` in a shuffled order, reshuffled each epoch. With `correct_prob` < 1 each
     demonstration, drawn afresh every time its row is visited, shows a `wrong_result` with
-    probability 1 - `correct_prob`. Deterministic for a seed (and a thread count).
+    probability 1 - `correct_prob`. Deterministic for a seed (and a thread count). With
+    `progress`, a tqdm bar over the steps on a terminal.
     """
     import math
 
@@ -124,7 +126,11 @@ def sft_warmup(model_path: str, out_dir: str, rows: list[dict[str, str]], steps:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
         (s + 1) / warm, 0.5 * (1 + math.cos(math.pi * max(0, s - warm) / max(1, steps - warm)))))
     order: list[int] = []
-    for _ in range(steps):
+    from tqdm import tqdm
+
+    # on a terminal only (disable=None): a bar in a log file is one copy per refresh
+    for _ in tqdm(range(steps), desc="warm-up", unit="step", disable=None if progress else True,
+                  leave=False):
         if len(order) < batch_size:
             epoch = list(range(len(rows)))
             rng.shuffle(epoch)
@@ -152,6 +158,6 @@ def warm_up(model_path: str, out_dir: str, rows: list[dict[str, str]], seed: int
     torch.set_num_threads(threads)
     try:
         return sft_warmup(model_path, out_dir, rows, seed=seed, system_prompt=system_prompt,
-                          **BENCHMARK_WARMUP)
+                          progress=True, **BENCHMARK_WARMUP)
     finally:
         torch.set_num_threads(previous)

@@ -14,25 +14,23 @@ library of TRL's `accuracy_reward`), for answers the GSM8K numeric rule calls wr
   notation (`2.5e-3`) is rewritten as `2.5\\times 10^{-3}` first, since LaTeX reads `e` as
   Euler's number.
 - Time limit: math-verify's own is `signal.alarm`, which works only in a main thread, and reward
-  actors call functions from threads. So math-verify runs in a child process (`child_main`) that
-  answers one comparison at a time; one that takes longer than `timeout_s` is killed (SIGKILL:
-  sympy can hold the GIL for minutes inside one big power such as `9^{9^{9^{9}}}`) and a fresh
-  child serves the next row. A comparison cut off scores 0.0 (the answer that made it hang earns
-  nothing); a gold answer cut off makes its rows None.
+  actors call functions from threads. So math-verify runs in the worker processes of a pebble
+  `ProcessPool` (`MathVerifier`), which kills a worker whose comparison takes longer than
+  `timeout_s` (SIGKILL after a 3 s SIGTERM grace: sympy can hold the GIL for minutes inside one
+  big power such as `9^{9^{9^{9}}}`) and starts a fresh one. A comparison cut off scores 0.0
+  (the answer that made it hang earns nothing); a gold answer cut off makes its rows None.
 
-This module imports only the standard library: math-verify is imported in the child.
+This module imports math-verify and pebble only when a row is scored.
 """
 from __future__ import annotations
 
 import atexit
-import json
+import functools
+import importlib.util
+import multiprocessing
 import os
 import re
-import select
-import subprocess
-import sys
 import threading
-import time
 from typing import Any
 
 from grpo_ray.data.prompts import last_boxed
@@ -40,8 +38,9 @@ from grpo_ray.reward.functions import FailedScore, _gold, completion_texts, extr
 
 DEFAULT_TIMEOUT_S = 5.0
 """Longest one comparison (gold + answer parsed, then compared) may take (`kwargs.timeout_s`)."""
-_START_TIMEOUT_S = 120.0  # a new child imports sympy and math-verify: ~1 s, more on a busy host
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_WORKERS = 2
+"""math-verify processes per process (each ~150 MB with sympy, started on the first row): a reward
+actor scores one shard at a time, row by row; a second serves another thread meanwhile."""
 _SCIENTIFIC = re.compile(r"(?<![\w.\\])(\d+(?:\.\d+)?|\.\d+)[eE]([+-]?\d+)(?![\w.])")
 _DELIMITERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 
@@ -76,7 +75,7 @@ def math_reward(prompts: list, completions: list, answer: list | None = None,
         raise ValueError(f"math: timeout_s must be > 0 (got {timeout_s!r})")
     texts = completion_texts(completions)
     golds = [None if g is None or not str(g).strip() else as_latex(str(g)) for g in gold]
-    readable = {g: _VERIFIER.ask({"gold": g}, timeout_s) for g in set(golds) - {None}}
+    readable = {g: _VERIFIER.ask(g, None, timeout_s) for g in set(golds) - {None}}
     out: list[float | None] = []
     for text, g in zip(texts, golds):
         gold = None if g is None else readable[g]
@@ -90,7 +89,7 @@ def math_reward(prompts: list, completions: list, answer: list | None = None,
         if predicted is None or not predicted.strip():
             out.append(0.0)
             continue
-        reply = _VERIFIER.ask({"gold": g, "answer": as_latex(predicted)}, timeout_s)
+        reply = _VERIFIER.ask(g, as_latex(predicted), timeout_s)
         if reply is not None and "error" in reply:
             out.append(_failed(reply))
             continue
@@ -103,135 +102,97 @@ def _failed(reply: dict[str, Any]) -> FailedScore:
     return FailedScore(f"math-verify: {reply['error'][:200]}")
 
 
-# ---- the child process ---------------------------------------------------------------------------
+# ---- the worker processes ------------------------------------------------------------------------
 
-class _Child:
-    """One math-verify process; requests and replies are JSON lines on its stdin / stdout."""
+def _worker_init(parent: int) -> None:
+    """A pool worker's start: it dies with its parent, and math-verify is imported once."""
+    _die_with_parent(parent)
+    import logging
 
-    def __init__(self) -> None:
-        env = dict(os.environ, GRPO_RAY_MATH_PARENT=str(os.getpid()),
-                   PYTHONPATH=os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH"))
-                                              if p))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from grpo_ray.reward.math import child_main; child_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        self._buffer = b""
-        ready = self._read(_START_TIMEOUT_S)
-        if ready != {"ready": True}:
-            self.kill()
-            raise RuntimeError(f"math: the math-verify process did not start within "
-                               f"{_START_TIMEOUT_S:g} s (is math-verify installed? see its "
-                               "stderr above)")
+    for name in ("math_verify", "latex2sympy2_extended"):  # "timeout is disabled": we time out
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    import math_verify  # noqa: F401  (~1 s with sympy: not inside the first row's time limit)
 
-    def ask(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any] | str:
-        """The reply, or "timeout" / "died"."""
-        try:
-            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return "died"
-        return self._read(timeout_s)
 
-    def _read(self, timeout_s: float) -> dict[str, Any] | str:
-        """The next reply line, or "timeout", or "died" (its stdout closed)."""
-        deadline = time.monotonic() + timeout_s
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return "timeout"
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return "died"
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)
+def _compare(gold: str, answer: str | None) -> dict[str, Any]:
+    """In a worker: `{"gold": readable, "equal": equivalent}` (no `equal` without an answer),
+    or `{"error": ...}` when math-verify raised."""
+    from math_verify import verify
 
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            try:
-                pipe.close()
-            except OSError:
-                pass
+    try:
+        parsed = _read(gold)
+        reply: dict[str, Any] = {"gold": bool(parsed)}
+        if parsed and answer is not None:
+            # raise_on_error: else math-verify logs its own error and answers False
+            reply["equal"] = bool(verify(parsed, _read(answer), timeout_seconds=None,
+                                         raise_on_error=True))
+    except Exception as e:  # the worker lives on; the row is a failed one
+        reply = {"error": f"{type(e).__name__}: {e}"}
+    return reply
+
+
+@functools.lru_cache(maxsize=4096)
+def _read(latex: str) -> Any:
+    from math_verify import LatexExtractionConfig, parse
+
+    return parse(latex, extraction_config=[LatexExtractionConfig(boxed_match_priority=0)],
+                 parsing_timeout=None, raise_on_error=True)
 
 
 class MathVerifier:
-    """Child processes shared by the threads of one process, each used by one thread at a time;
-    a child that times out or dies is never reused."""
+    """A pebble `ProcessPool` of math-verify workers, shared by the threads of one process. A
+    task that runs longer than its timeout has its worker killed (SIGTERM, SIGKILL 3 s later if
+    sympy holds the GIL) and replaced; a worker that dies is replaced too."""
 
     def __init__(self) -> None:
-        self._idle: list[_Child] = []
+        self._pool: Any = None
         self._lock = threading.Lock()
 
-    def ask(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
-        """The child's reply to `request` (`{"error": ...}` when math-verify raised, or when a
-        fresh child died on it too); None when it took longer than `timeout_s`."""
-        for _ in range(2):  # an idle child may have died meanwhile: one retry on a fresh one
-            with self._lock:
-                child = self._idle.pop() if self._idle else None
-            child = child or _Child()
-            reply = child.ask(request, timeout_s)
-            if isinstance(reply, dict):
-                with self._lock:
-                    self._idle.append(child)
-                return reply
-            child.kill()
-            if reply == "timeout":
+    def ask(self, gold: str, answer: str | None, timeout_s: float) -> dict[str, Any] | None:
+        """`_compare`'s reply (`{"error": ...}` also when a worker died on the row twice); None
+        when it took longer than `timeout_s`."""
+        from concurrent.futures import TimeoutError as Timeout
+
+        from pebble import ProcessExpired
+
+        for _ in range(2):  # a worker killed by something else: one retry on a fresh one
+            try:
+                return self.pool().schedule(_compare, (gold, answer), timeout=timeout_s).result()
+            except Timeout:
                 return None
-        return {"error": f"its process died on this row (exit code {child.proc.returncode})"}
+            except ProcessExpired as e:
+                died = e
+        return {"error": f"its process died on this row (exit code {died.exitcode})"}
+
+    def pool(self) -> Any:
+        with self._lock:
+            if self._pool is None:
+                if importlib.util.find_spec("math_verify") is None:
+                    raise RuntimeError("math: math-verify is not installed "
+                                       "(pip install math-verify==0.9.0)")
+                from pebble import ProcessPool
+
+                # spawn, not fork: reward actors run threads, which a fork would copy mid-state
+                self._pool = ProcessPool(max_workers=_WORKERS,
+                                         initializer=_worker_init, initargs=(os.getpid(),),
+                                         context=multiprocessing.get_context("spawn"))
+            return self._pool
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
-        for child in idle:
-            child.kill()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+            pool.join()
 
 
 _VERIFIER = MathVerifier()
 atexit.register(_VERIFIER.close)
 
 
-def child_main() -> None:
-    """The child: reads `{"gold": latex, "answer": latex (optional)}` lines, answers
-    `{"gold": readable, "equal": equivalent}` lines, or `{"error": ...}` when math-verify
-    raised."""
-    _die_with_parent()
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the replies
-    sys.stdout = sys.stderr
-    import logging
-    from functools import lru_cache
-
-    for name in ("math_verify", "latex2sympy2_extended"):  # "timeout is disabled": we time out
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    from math_verify import LatexExtractionConfig, parse, verify
-
-    config = [LatexExtractionConfig(boxed_match_priority=0)]
-
-    @lru_cache(maxsize=4096)
-    def read(latex: str) -> Any:
-        return parse(latex, extraction_config=config, parsing_timeout=None, raise_on_error=True)
-
-    replies.write(json.dumps({"ready": True}) + "\n")
-    for line in iter(sys.stdin.readline, ""):
-        try:
-            request = json.loads(line)
-            gold = read(request["gold"])
-            reply: dict[str, Any] = {"gold": bool(gold)}
-            if gold and request.get("answer") is not None:
-                # raise_on_error: else math-verify logs its own error and answers False
-                reply["equal"] = bool(verify(gold, read(request["answer"]),
-                                             timeout_seconds=None, raise_on_error=True))
-        except Exception as e:  # one bad request must not end the child
-            reply = {"error": f"{type(e).__name__}: {e}"}
-        replies.write(json.dumps(reply) + "\n")
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this child when the process that started it dies, even while it is
-    stuck in a computation (a closed stdin ends it only between requests)."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the process that started it dies, even while it
+    is stuck in a computation."""
     try:
         import ctypes
         import signal
@@ -239,5 +200,5 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    if str(os.getppid()) != os.environ.get("GRPO_RAY_MATH_PARENT", str(os.getppid())):
+    if os.getppid() != parent:
         os._exit(0)  # the parent died before prctl took effect

@@ -1,6 +1,7 @@
 """What a newcomer sees: `grpo-ray train` on a terminal (a pseudo-terminal, as from a shell)
 shows only the driver's own lines, the metrics table unbroken and a progress bar; the actors'
 output (vLLM, transformers, Ray) is in `<output.dir>/logs/`, or on the console with --verbose."""
+import json
 import os
 import re
 import subprocess
@@ -63,4 +64,4 @@ def test_eval_verbose_forwards_worker_output_to_the_console(tiny_model_path, tmp
     console = done.stdout + done.stderr
     assert re.search(r"\(RolloutWorker pid=\d+\).*Initializing a V1 LLM engine", console)
     assert "worker logs" not in console and not (out / "logs").exists()
-    assert (out / "eval.json").is_file()
+    assert json.loads((out / "eval-base.jsonl").read_text().splitlines()[-1])["adapter"] is None
