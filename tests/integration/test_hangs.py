@@ -121,7 +121,7 @@ def test_a_hung_engine_and_a_killed_learner_are_replaced_and_the_run_is_unchange
         "rollout engine 0 did not finish generation within its deadline of 11 s "
         "(cluster.generate_floor_tokens_per_s, cluster.deadline_slack_s): hung: started again "
         "in its placement bundle in ")
-    assert faults[0].endswith(f"with adapter version 1, sync probe gap {faults[0].split()[-1]}")
+    assert faults[0].endswith(" with adapter version 1")  # checked by the sync, as every engine
     assert faults[1].startswith("learner lost at step 3: learner 0 lost during the update "
                                 "(ActorDiedError")
     assert "restored checkpoint step-000002 (engines at adapter version 2)" in faults[1]
