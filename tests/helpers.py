@@ -3,6 +3,8 @@ log-probabilities computed naively, chat prompts, and an engine test double that
 model it serves. Importable from every test (tests/ is on sys.path, see conftest.py)."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from grpo_ray.config import ALL_PROJECTIONS
@@ -171,3 +173,16 @@ def inject_into_new_engines(engines, fault: str) -> None:
         return engine
 
     engines.group.start = start_faulty
+
+
+# ---- a run's logs ------------------------------------------------------------------------------
+def jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def figures(out) -> list[dict]:
+    """Rewards and learner figures of each step (not timings, sync figures or fault counters)."""
+    skip = ("time/", "sync/", "faults/", "rollout/tokens_per_s", "learner/time_",
+            "learner/peak_memory")
+    return [{k: v for k, v in r.items() if not k.startswith(skip)}
+            for r in jsonl(out / "metrics.jsonl")]

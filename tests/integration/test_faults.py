@@ -4,13 +4,13 @@ run ends. Then a reward that returns NaN everywhere stops the run with one line 
 checkpointing the last completed step."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import pytest
 import ray
 import torch
+from helpers import jsonl, figures
 
 from grpo_ray.checkpoint import check_checkpoint, latest_checkpoint
 from grpo_ray.config import RewardFunctionConfig, load_config
@@ -57,18 +57,6 @@ def run(trainer: Trainer, faults: bool) -> dict:
     if faults:
         os.kill(pid_of(engines.engines[0]), signal.SIGKILL)
     return trainer.evaluate("after")
-
-
-def jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def figures(out) -> list[dict]:
-    """Rewards and learner figures of each step (not timings, sync figures or fault counters)."""
-    skip = ("time/", "sync/", "faults/", "rollout/tokens_per_s", "learner/time_",
-            "learner/peak_memory")
-    return [{k: v for k, v in r.items() if not k.startswith(skip)}
-            for r in jsonl(out / "metrics.jsonl")]
 
 
 @pytest.fixture(scope="module")

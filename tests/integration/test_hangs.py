@@ -13,13 +13,13 @@ ends (sampling seeds derive from the step, checkpoints restore the learner exact
 Deadlines are shortened (`cluster.deadline_slack_s=10`) so that a hang is found in seconds."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import pytest
 import ray
 import torch
+from helpers import jsonl, figures
 
 from grpo_ray.config import load_config
 from grpo_ray.trainer import Trainer
@@ -61,18 +61,6 @@ def _signal_in_update(self, nth: int, signum: int):
         return original(*args, **kwargs)
 
     self._prepare = prepare
-
-
-def jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def figures(out) -> list[dict]:
-    """Rewards and learner figures of each step (not timings, sync figures or fault counters)."""
-    skip = ("time/", "sync/", "faults/", "rollout/tokens_per_s", "learner/time_",
-            "learner/peak_memory")
-    return [{k: v for k, v in r.items() if not k.startswith(skip)}
-            for r in jsonl(out / "metrics.jsonl")]
 
 
 def finish(trainer: Trainer) -> dict:

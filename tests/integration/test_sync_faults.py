@@ -6,11 +6,10 @@ the run with the measured figures. Healthy runs never fail the check, at rollout
 or 1, and a resumed run is checked by the same rule."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import ray
-from helpers import inject, inject_into_new_engines
+from helpers import inject, inject_into_new_engines, jsonl
 
 from grpo_ray.checkpoint import latest_checkpoint
 from grpo_ray.config import load_config
@@ -37,10 +36,6 @@ def inject_now(trainer: Trainer, fault: str, **kwargs) -> None:
 
 def failures(lines: list[str]) -> list[str]:
     return [line for line in lines if "failed the sync check" in line]
-
-
-def jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def assert_serves_the_learners_adapter(trainer: Trainer) -> None:
