@@ -147,7 +147,7 @@ class Trainer:
         learner is what is gone or hung, start it again (raises `MemberRestarted`)."""
         import ray
 
-        from grpo_ray.faults import first_line, is_lost_actor
+        from grpo_ray.faults import is_lost_actor
 
         if not is_lost_actor(error):
             return
