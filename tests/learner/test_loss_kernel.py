@@ -121,3 +121,15 @@ def test_a_bad_kernel_is_named(worker):
         load_config(None, ["learner.loss_kernel=fused"])
     with pytest.raises(ValueError, match="loss_kernel"):
         worker.set_loss_kernel("fused")
+
+
+def test_liger_without_the_package_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from grpo_ray.config import ConfigError, load_config
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ConfigError, match=r"^learner.loss_kernel: liger needs the liger-kernel "
+                                          r"package"):
+        load_config(None, ["learner.loss_kernel=liger"])
+    assert load_config(None, []).learner.loss_kernel == "chunked"
