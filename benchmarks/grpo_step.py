@@ -11,6 +11,10 @@ each step's stages (generation, rewards, the learner's log-probs and update, syn
 memory (the learner's torch peak; the whole GPU's, sampled from nvidia-smi), and after every sync
 how far the engine's log-probs of a fixed completion are from the learner's and whether they
 moved as the learner's did.
+
+With --compare-loss-kernel, the same actors then run --steps more steps with the other
+`learner.loss_kernel` (chunked <-> liger, switched through the learner's `set_loss_kernel`), and
+the two kernels' update times and learner peak memory are printed side by side.
 """
 from __future__ import annotations
 
@@ -82,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
                    help="timed generations of a step's batch before and after training")
     p.add_argument("--reward", default="rewards_bench:sevens",
                    help="reward function (import path); the default is one random weights earn")
+    p.add_argument("--compare-loss-kernel", action="store_true",
+                   help="then --steps more steps with the other learner.loss_kernel, on the "
+                        "same actors (not with --overlap-steps)")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
@@ -169,10 +176,13 @@ def mean_abs(a: list[float], b: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.compare_loss_kernel and args.overlap_steps:
+        parser().error("--compare-loss-kernel compares on-policy steps: leave out --overlap-steps")
     from grpo_ray.config import load_config
 
     out_dir = tempfile.mkdtemp(prefix="grpo-step-")
-    total = args.steps + args.overlap_steps
+    compare_steps = args.steps if args.compare_loss_kernel else 0
+    total = args.steps + args.overlap_steps + compare_steps
     cfg = load_config(args.config, [
         f"model.path={args.model}", "data.source=synthetic", f"algorithm.total_steps={total}",
         f"rollout.max_completion_length={args.max_new_tokens}", f"output.dir={out_dir}",
@@ -198,9 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             history, probes = [], [probe(trainer, fixed)]
             rates = {"version 0": generation_rate(trainer, args.rollout_repeats)}
             start = time.perf_counter()
+            kernels = [cfg.learner.loss_kernel]
             while trainer.step < total:
-                if trainer.step == args.steps:  # the same actors, now one step off policy
-                    trainer.cfg.algorithm.max_staleness = 1
+                if trainer.step == args.steps and args.overlap_steps:
+                    trainer.cfg.algorithm.max_staleness = 1  # the same actors, one step off
+                if trainer.step == args.steps and compare_steps:
+                    kernels.append({"chunked": "liger", "liger": "chunked"}[kernels[0]])
+                    ray.get(trainer.actors.learner.set_loss_kernel.remote(kernels[1]))
                 history.append(trainer.run_step())
                 probes.append(probe(trainer, fixed))
             fit_s = time.perf_counter() - start
@@ -249,6 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak GPU memory in use (nvidia-smi, engine + learner + CUDA contexts): "
           f"{memory.peak_mib / 1024:.1f} GiB; the engine reserves "
           f"{cfg.rollout.gpu_memory_utilization:.0%} of the GPU")
+    kernel_times = {}
+    if compare_steps:
+        for kernel, ms in zip(kernels, [history[:args.steps], history[args.steps:]]):
+            ms = ms[1:] or ms  # a kernel's first step warms up (Liger compiles on CUDA)
+            kernel_times[kernel] = {
+                "update_s": statistics.median(m["learner/time_update_s"] for m in ms),
+                "peak_memory_gb": max(m["learner/peak_memory_gb"] for m in ms)}
+        print("\nlearner.loss_kernel on the same actors, " + f"{args.steps} steps each "
+              "(median update s, largest learner peak GiB; first step of each left out): "
+              + "; ".join(f"{k}: {v['update_s']:.2f} s, {v['peak_memory_gb']:.1f} GiB"
+                          for k, v in kernel_times.items()))
     if syncs:
         print(f"\nadapter sync, rank {cfg.lora.r} on all 7 projections, median of "
               f"{args.sync_repeats} ({env['gpu']})")
@@ -261,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(
             {"environment": env, "learner": learner, "config": cfg.to_dict(), "setup_s": setup_s,
              "fit_s": fit_s, "history": history, "follow": follow, "generation_rates": rates,
-             "gpu_peak_mib": memory.peak_mib, "syncs": syncs}, indent=1))
+             "gpu_peak_mib": memory.peak_mib, "syncs": syncs,
+             "loss_kernels": kernel_times}, indent=1))
     return 0
 
 

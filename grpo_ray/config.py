@@ -13,6 +13,7 @@ file, so that a reader finds any setting, and what it does, in one place.
 """
 from __future__ import annotations
 
+import importlib.util
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -255,11 +256,27 @@ class LearnerConfig(_Section):
     rollout.max_completion_length."""
     logprob_chunk_size: int = Field(1024, ge=1)
     """Positions whose vocabulary logits are materialized at once when computing the chosen
-    tokens' log-probabilities."""
+    tokens' log-probabilities (the `chunked` loss kernel and every pass without gradients)."""
+    loss_kernel: Literal["chunked", "liger"] = "chunked"
+    """How the update turns the last hidden states into the loss. `chunked`: the lm_head
+    `logprob_chunk_size` positions at a time (checkpointed), then `algo.grpo.grpo_loss`.
+    `liger`: Liger-Kernel's fused linear GRPO loss (`LigerFusedLinearGRPOLoss`, what TRL's
+    `use_liger_kernel` runs), which streams the lm_head by 2048 positions x 4096 vocabulary
+    entries, forward and backward; the same loss, gradients and metrics
+    (`tests/learner/test_loss_kernel.py`), with torch.compile on the loss math on CUDA. Opt-in,
+    as in TRL. Needs the liger-kernel package (the `gpu` extra)."""
     num_gpus: float = Field(1.0, ge=0, le=1)
     """GPUs of the learner actor: 1, 0 on CPU, or with `cluster.colocate` the fraction of the
     shared GPU it takes (the engines split the rest). The learner computes on one device."""
     num_cpus: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _liger_installed(self) -> "LearnerConfig":
+        if self.loss_kernel == "liger":
+            _require(importlib.util.find_spec("liger_kernel") is not None, "loss_kernel",
+                     "liger needs the liger-kernel package (pip install liger-kernel==0.8.5); "
+                     "learner.loss_kernel=chunked runs without it")
+        return self
 
 
 class AlgorithmConfig(_Section):

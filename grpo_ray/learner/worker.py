@@ -2,7 +2,9 @@
 
 The reference policy is the same model with the adapter disabled, so the learner holds one copy
 of the base weights. Log-probabilities come from the decoder body's last hidden states through
-`token_logprobs`, so the vocabulary logits of the batch never exist at once.
+`token_logprobs`, so the vocabulary logits of the batch never exist at once; with
+`learner.loss_kernel=liger` the update's loss comes from them through Liger's fused linear GRPO
+loss (`fused_loss.fused_grpo_loss`) instead.
 
 TRL components: `use_adapter` (the reference pass with the adapter off), `get_peak_flops` and
 `compute_mfu` (MFU), from `trl.trainer.utils`; `selective_log_softmax` through `token_logprobs`.
@@ -26,6 +28,7 @@ from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelCon
 from grpo_ray.contracts import TrainBatch
 from grpo_ray.learner.batching import (MicroBatch, active_rows, cat_padded, check_prompts,
                                        pad_rows, padding_fraction, plan_micro_batches)
+from grpo_ray.learner.fused_loss import LossShare, fused_grpo_loss
 from grpo_ray.learner.logprobs import token_logprobs
 from grpo_ray.learner.model import load_policy
 from grpo_ray.learner.state import learner_state, load_learner_state
@@ -183,24 +186,62 @@ class LearnerWorker:
         for mb in prepared.micro_batches:
             if a.beta and not prepared.separate_pass:
                 mb.ref_logp = self._reference_logprobs(mb, ref_watch)
-            logp = self._logprobs(mb, train=True)
-            if not prepared.separate_pass:
-                mb.old_logp = logp.detach()
-            is_weights = (truncated_is_weights(mb.old_logp, mb.sampling_logp,
-                                               a.importance_sampling_cap)
-                          if a.importance_sampling_correction else None)
-            out = grpo_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask,
-                            beta=a.beta, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
-                            loss_type=a.loss_type, num_sequences=prepared.num_sequences,
-                            num_tokens=prepared.num_tokens,
-                            max_completion_length=self.max_completion_length,
-                            is_weights=is_weights)
+            hidden = self._hidden(mb, train=True)
+            if self.learner.loss_kernel == "liger":
+                out = self._fused_loss(hidden, mb, prepared)
+            else:
+                out = self._chunked_loss(hidden, mb, prepared)
             out.loss.backward()
             loss = loss + out.loss.detach()
-            kl = kl + (out.per_token_kl * mb.mask).sum()
-            clipped = clipped + (out.clipped & mb.mask).sum()
+            kl = kl + out.kl_sum
+            clipped = clipped + out.clipped_sum
         n = max(prepared.num_tokens, 1)
         return {"loss": loss.item(), "kl": kl.item() / n, "clip_fraction": clipped.item() / n}
+
+    def _chunked_loss(self, hidden: Tensor, mb: MicroBatch, prepared: _Prepared) -> LossShare:
+        """The micro-batch's loss through `token_logprobs` and `grpo_loss` (loss_kernel chunked)."""
+        a = self.algorithm
+        logp = self._token_logprobs(hidden, mb)
+        if not prepared.separate_pass:
+            mb.old_logp = logp.detach()
+        out = grpo_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask,
+                        beta=a.beta, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
+                        loss_type=a.loss_type, num_sequences=prepared.num_sequences,
+                        num_tokens=prepared.num_tokens,
+                        max_completion_length=self.max_completion_length,
+                        is_weights=self._is_weights(mb))
+        return LossShare(out.loss, (out.per_token_kl * mb.mask).sum(),
+                                (out.clipped & mb.mask).sum())
+
+    def _fused_loss(self, hidden: Tensor, mb: MicroBatch, prepared: _Prepared) -> LossShare:
+        """The micro-batch's loss through Liger's fused linear GRPO loss (loss_kernel liger).
+        It returns no per-token log-probs, and the importance weights and the gap metrics need
+        the old ones: without a separate pass they come from one more lm_head pass over the
+        update's hidden states, without gradients (no decoder forward; a third more lm_head
+        work than the chunked update, docs/design.md). Liger then takes the old log-probs as
+        its own, detached (old_logp None), so the ratio is exactly 1 as in the chunked path."""
+        a = self.algorithm
+        if not prepared.separate_pass:
+            with torch.no_grad():
+                mb.old_logp = self._token_logprobs(hidden.detach(), mb)
+        return fused_grpo_loss(
+            hidden, self._lm_head.weight, mb.targets, mb.mask, mb.advantages,
+            mb.old_logp if prepared.separate_pass else None, mb.ref_logp, self._is_weights(mb),
+            beta=a.beta, epsilon=a.epsilon, epsilon_high=a.epsilon_high, loss_type=a.loss_type,
+            num_sequences=prepared.num_sequences, num_tokens=prepared.num_tokens,
+            max_completion_length=self.max_completion_length, temperature=self.temperature,
+            compiled=self.device.type == "cuda")
+
+    def _is_weights(self, mb: MicroBatch) -> Tensor | None:
+        a = self.algorithm
+        return (truncated_is_weights(mb.old_logp, mb.sampling_logp, a.importance_sampling_cap)
+                if a.importance_sampling_correction else None)
+
+    def set_loss_kernel(self, kernel: str) -> None:
+        """Switch `learner.loss_kernel` (validated as in the config), for a benchmark that times
+        both kernels on the same actor."""
+        self.learner = LearnerConfig.model_validate({**self.learner.model_dump(),
+                                                     "loss_kernel": kernel})
 
     # ---- log-probabilities ---------------------------------------------------------------------
     def _logprobs(self, mb: MicroBatch, train: bool, temperature: float | None = None) -> Tensor:
@@ -208,12 +249,19 @@ class LearnerWorker:
         is whatever is enabled), at `temperature` (None: the rollout's). Eval mode for the
         passes without gradients (the reference, a separate pass's old log-probs: deterministic
         even with LoRA dropout); train mode (dropout, gradient checkpointing) for the update's."""
+        return self._token_logprobs(self._hidden(mb, train), mb, temperature)
+
+    def _hidden(self, mb: MicroBatch, train: bool) -> Tensor:
+        """(b, T, H) last hidden states at the positions that predict the completion tokens."""
         self.model.train(train)
         with self._autocast():
             hidden = self._decoder(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                                    use_cache=False).last_hidden_state
         # Only the positions that predict completion tokens go through the lm_head.
-        hidden = hidden.gather(1, mb.positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+        return hidden.gather(1, mb.positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+
+    def _token_logprobs(self, hidden: Tensor, mb: MicroBatch,
+                        temperature: float | None = None) -> Tensor:
         return token_logprobs(hidden, self._lm_head.weight, mb.targets,
                               self.learner.logprob_chunk_size,
                               self.temperature if temperature is None else temperature)
