@@ -11,6 +11,8 @@
 # step-<learner>[-merged][-compare]: benchmarks/grpo_step.py with learner.backend=<learner>
 # (peft or unsloth), rollout.merge_adapter when -merged, and with -compare $STEPS more steps one
 # step off policy on the same actors (algorithm.max_staleness=1, importance sampling on in both).
+# With -kernels (not with -compare), $STEPS more on-policy steps with the other learner.loss_kernel
+# (chunked <-> liger) on the same actors: both kernels' update times side by side.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD:$PWD/benchmarks:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
@@ -50,9 +52,11 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       [[ $label == *merged* ]] && extra+=(rollout.merge_adapter=true)
       overlap=0
       [[ $label == *compare* ]] && { overlap=$STEPS; extra+=(algorithm.importance_sampling_correction=true); }
+      kernels=()
+      [[ $label == *kernels* ]] && kernels=(--compare-loss-kernel)
       run "$part" "${STEP_LIMIT:-330}" python3 benchmarks/grpo_step.py --model "$MODEL" \
         --steps "$STEPS" --overlap-steps "$overlap" --sync-repeats "${SYNC_REPEATS:-3}" \
-        --json "$SUITE/$part.json" "learner.backend=$backend" "${extra[@]}";;
+        "${kernels[@]}" --json "$SUITE/$part.json" "learner.backend=$backend" "${extra[@]}";;
     learn-peft|learn-unsloth)  # 200 steps of configs/learn-gpu.yaml, its own settings
       TAIL=12 run "$part" "${LEARN_LIMIT:-900}" python3 scripts/learning_benchmark.py \
         --config configs/learn-gpu.yaml --eval-every 50 "output.dir=$SUITE/$part" \
