@@ -186,3 +186,28 @@ def figures(out) -> list[dict]:
             "learner/peak_memory")
     return [{k: v for k, v in r.items() if not k.startswith(skip)}
             for r in jsonl(out / "metrics.jsonl")]
+
+
+def make_worker(path: str, temperature: float = 1.0, lora_b_seed: int | None = 1,
+                algorithm: dict | None = None, max_completion_length: int = 12,
+                dtype: str = "auto", **learner):
+    """A small LoRA learner (LearnerWorker, no Ray) on the model at `path`; lora_b_seed fills
+    lora_B with noise so the adapter is not a no-op from the start (PEFT initializes B to zero).
+    `learner` overrides LearnerConfig keys, `algorithm` AlgorithmConfig keys."""
+    from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
+    from grpo_ray.learner.worker import LearnerWorker
+
+    learner = {"learning_rate": 1e-3, "max_grad_norm": 1e6, "warmup_ratio": 0.0,
+               "lr_scheduler_type": "constant", "micro_batch_size": 4, "logprob_chunk_size": 7,
+               **learner}
+    algorithm = AlgorithmConfig(**{"total_steps": 10, **(algorithm or {})})
+    w = LearnerWorker(path, ModelConfig(dtype=dtype), LoraConfig(r=4, alpha=8),
+                      LearnerConfig(**learner), algorithm,
+                      max_completion_length=max_completion_length, temperature=temperature)
+    if lora_b_seed is not None:
+        g = torch.Generator().manual_seed(lora_b_seed)
+        with torch.no_grad():
+            for name, p in w.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return w

@@ -77,4 +77,4 @@ def fused_grpo_loss(
     share = tokens / max(1, num_tokens) if loss_type == "bnpo" else b / num_sequences
     kl_mean = metrics[0] if beta > 0 else torch.zeros((), device=hidden.device)
     return LossShare(loss=loss * share, kl_sum=kl_mean.detach() * tokens,
-                            clipped_sum=metrics[-1].detach() * tokens)
+                     clipped_sum=metrics[-1].detach() * tokens)

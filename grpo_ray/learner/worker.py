@@ -211,7 +211,7 @@ class LearnerWorker:
                         max_completion_length=self.max_completion_length,
                         is_weights=self._is_weights(mb))
         return LossShare(out.loss, (out.per_token_kl * mb.mask).sum(),
-                                (out.clipped & mb.mask).sum())
+                         (out.clipped & mb.mask).sum())
 
     def _fused_loss(self, hidden: Tensor, mb: MicroBatch, prepared: _Prepared) -> LossShare:
         """The micro-batch's loss through Liger's fused linear GRPO loss (loss_kernel liger).

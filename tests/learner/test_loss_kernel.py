@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
+from grpo_ray.config import AlgorithmConfig
 from grpo_ray.contracts import TrainBatch
+from helpers import make_worker
 
 pytest.importorskip("liger_kernel")
 
@@ -20,20 +21,9 @@ pytest.importorskip("liger_kernel")
 def worker(tiny_model_path):
     """float32, lr 0, noise in lora_B (PEFT starts it at zero); 3 rows per micro-batch, so the
     7 active rows below make micro-batches of 3, 3 and 1."""
-    from grpo_ray.learner.worker import LearnerWorker
-
-    learner = LearnerConfig(learning_rate=0.0, max_grad_norm=1e6, warmup_ratio=0.0,
-                            lr_scheduler_type="constant", logprob_chunk_size=5,
-                            micro_batch_size=3)
-    w = LearnerWorker(tiny_model_path, ModelConfig(dtype="float32"), LoraConfig(r=4, alpha=8),
-                      learner, AlgorithmConfig(total_steps=10), max_completion_length=16,
-                      temperature=0.7)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in w.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return w
+    return make_worker(tiny_model_path, temperature=0.7, max_completion_length=16,
+                       dtype="float32", learning_rate=0.0, logprob_chunk_size=5,
+                       micro_batch_size=3)
 
 
 @pytest.fixture(scope="module")

@@ -7,29 +7,8 @@ import math
 import pytest
 import torch
 
-from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
 from grpo_ray.contracts import TrainBatch
-
-
-def make_worker(path: str, temperature: float = 1.0, lora_b_seed: int | None = 1,
-                algorithm: dict | None = None, **learner):
-    """A small LoRA learner; lora_b_seed fills lora_B with noise so the adapter is not a no-op
-    from the start (PEFT initializes B to zero)."""
-    from grpo_ray.learner.worker import LearnerWorker
-
-    learner = {"learning_rate": 1e-3, "max_grad_norm": 1e6, "warmup_ratio": 0.0,
-               "lr_scheduler_type": "constant", "micro_batch_size": 4, "logprob_chunk_size": 7,
-               **learner}
-    algorithm = AlgorithmConfig(**{"total_steps": 10, **(algorithm or {})})
-    w = LearnerWorker(path, ModelConfig(), LoraConfig(r=4, alpha=8), LearnerConfig(**learner),
-                      algorithm, max_completion_length=12, temperature=temperature)
-    if lora_b_seed is not None:
-        g = torch.Generator().manual_seed(lora_b_seed)
-        with torch.no_grad():
-            for name, p in w.model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return w
+from helpers import make_worker
 
 
 @pytest.fixture(scope="module")
