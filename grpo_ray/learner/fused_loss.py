@@ -34,7 +34,7 @@ def fused_grpo_loss(
     hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, advantages: Tensor,
     old_logp: Tensor | None, ref_logp: Tensor | None, is_weights: Tensor | None, *,
     beta: float, epsilon: float, epsilon_high: float | None, loss_type: str, num_sequences: int,
-    num_tokens: int, max_completion_length: int, temperature: float, compiled: bool,
+    num_tokens: int, max_completion_length: int, temperature: float,
 ) -> LossShare:
     """`grpo_loss` of one micro-batch, from hidden states instead of log-probs.
 
@@ -55,6 +55,14 @@ def fused_grpo_loss(
 
     The product with the lm_head runs in the weight's dtype (the hidden states are cast to it,
     as `token_logprobs` does): an fp32 lm_head keeps fp32 logits.
+
+    Liger runs eager here (its `compiled=False`). Its `compiled=True` compiles only the loss's
+    elementwise math, not the lm_head products and log-softmax (those stay in its autograd
+    function), and with a cold compile cache (a fresh machine) that compile fails as soon as a
+    micro-batch brings a new shape: torch 2.13 raises dynamo's "list index out of range", then
+    "sources must not be empty for symbol s10", for the second and third shapes of (5, 20),
+    (5, 31), (2, 12). Micro-batches of changing lengths are every step here. Eager, it never
+    recompiles mid-run either.
     """
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
@@ -66,7 +74,7 @@ def fused_grpo_loss(
     m = mask.to(torch.float32)
     tokens = m.sum().clamp(min=1.0)  # as Liger's; a tensor: no wait for the GPU here
     fused = LigerFusedLinearGRPOLoss(
-        beta=beta, compiled=compiled, use_ref_model=beta > 0,
+        beta=beta, compiled=False, use_ref_model=beta > 0,
         chunk_size=b,  # one chunk: Liger bounds the logits by its own 2048 x 4096 tiles
         epsilon_low=epsilon, epsilon_high=epsilon if epsilon_high is None else epsilon_high,
         loss_type=loss_type, max_completion_length=max_completion_length,

@@ -229,8 +229,7 @@ class LearnerWorker:
             mb.old_logp if prepared.separate_pass else None, mb.ref_logp, self._is_weights(mb),
             beta=a.beta, epsilon=a.epsilon, epsilon_high=a.epsilon_high, loss_type=a.loss_type,
             num_sequences=prepared.num_sequences, num_tokens=prepared.num_tokens,
-            max_completion_length=self.max_completion_length, temperature=self.temperature,
-            compiled=self.device.type == "cuda")
+            max_completion_length=self.max_completion_length, temperature=self.temperature)
 
     def _is_weights(self, mb: MicroBatch) -> Tensor | None:
         a = self.algorithm

@@ -167,9 +167,9 @@ def test_chunked_logprobs_through_trls_kernel_on_cuda():
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None,
                     reason="liger-kernel is not installed (pip install -e '.[gpu]')")
 def test_liger_loss_kernel_matches_the_chunked_one_on_cuda(model_path, load_in_4bit):
-    """learner.loss_kernel=liger (Liger's fused linear GRPO loss, torch.compile on its loss
-    math) against the chunked path on the same learner and rows: loss, KL and every LoRA
-    gradient within bf16's tolerance, micro-batches of unequal sizes, importance sampling on."""
+    """learner.loss_kernel=liger (Liger's fused linear GRPO loss) against the chunked path on the
+    same learner and rows: loss, KL and every LoRA gradient within bf16's tolerance,
+    micro-batches of unequal sizes, importance sampling on."""
     from grpo_ray.learner.worker import LearnerWorker
 
     w = LearnerWorker(model_path, ModelConfig(dtype="bfloat16"), LORA,
@@ -182,13 +182,16 @@ def test_liger_loss_kernel_matches_the_chunked_one_on_cuda(model_path, load_in_4
         _perturb_lora_b(w, seed=3)
         batch = random_batch(3, 4, seed=1)  # 12 rows: micro-batches of 5, 5 and 2
         runs = {}
-        for kernel in ["chunked", "liger", "liger"]:  # liger twice: the first compiles
+        for kernel in ["chunked", "liger"]:
             w.set_loss_kernel(kernel)
             stats = w._accumulate_gradients(w._prepare(batch))
             runs[kernel] = stats, {n: p.grad.float().clone()
                                    for n, p in w.model.named_parameters() if p.requires_grad}
         (want, want_grads), (got, got_grads) = runs["chunked"], runs["liger"]
-        print(f"\nchunked {want}\nliger {got}")
+        worst = max((g - want_grads[n]).norm().item() / want_grads[n].norm().item()
+                    for n, g in got_grads.items())
+        print(f"\nchunked {want}\nliger {got}\nlargest relative gradient difference "
+              f"(norm) {worst:.4f}")
         assert got["loss"] == pytest.approx(want["loss"], rel=2e-2, abs=1e-4)
         assert got["kl"] == pytest.approx(want["kl"], rel=5e-2, abs=1e-5)
         for n, g in got_grads.items():
