@@ -262,10 +262,10 @@ class LearnerConfig(_Section):
     `logprob_chunk_size` positions at a time (checkpointed), then `algo.grpo.grpo_loss`.
     `liger`: Liger-Kernel's fused linear GRPO loss (`LigerFusedLinearGRPOLoss`, what TRL's
     `use_liger_kernel` runs), which streams the lm_head by 2048 positions x 4096 vocabulary
-    entries, forward and backward; the same loss, gradients and metrics
-    (`tests/learner/test_loss_kernel.py`), with torch.compile on the loss math on CUDA. Opt-in,
-    as in TRL. Needs the liger-kernel package (the `gpu` extra). Its CUDA parity test has not
-    passed yet (docs/design.md): use it on CPU, or on a GPU to test it."""
+    entries, forward and backward; the same loss, gradients and metrics (fp32 on CPU: within
+    2e-6; bf16 on an H200: LoRA gradients within 1.4% of their norm). Opt-in, as in TRL: at the
+    3B shape on an H200 its update is 0.65 s slower than `chunked` for the same peak memory
+    (docs/design.md). Needs the liger-kernel package (the `gpu` extra)."""
     num_gpus: float = Field(1.0, ge=0, le=1)
     """GPUs of the learner actor: 1, 0 on CPU, or with `cluster.colocate` the fraction of the
     shared GPU it takes (the engines split the rest). The learner computes on one device."""
