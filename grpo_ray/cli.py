@@ -104,7 +104,6 @@ def worker_logs(cfg, verbose: bool):
 def cmd_train(args: argparse.Namespace) -> int:
     from grpo_ray.faults import (EXIT_CODES, InfraError, Interrupted, StopNow,
                                  stop_at_once_on_signals)
-    from grpo_ray.config import load_config
     from grpo_ray.trainer import Trainer
 
     cfg = run_config(args)
@@ -195,13 +194,32 @@ def checkpoint_to_resume(cfg, root, resume: bool) -> tuple[object, bool]:
                         f"{'; '.join(differ)}): pass --resume to continue that run with this "
                         "run's settings, or choose another output.dir")
     adapter = Path(cfg.output.dir) / "adapter" / "adapter_model.safetensors"
-    if step >= total and adapter.is_file():
+    if step >= total and adapter.is_file() and _evaluated_after(Path(cfg.output.dir), step):
         print(f"this run is complete: {checkpoint} is step {step} of {total} and its adapter is "
               f"in {adapter.parent}; nothing to do (another output.dir starts a new run)")
         return checkpoint, True
-    print(f"resuming from {checkpoint} (step {step} of {total}): {root} holds a checkpoint of "
-          "this config")
+    left = ("the final evaluation is missing: it runs now" if step >= total
+            else f"{root} holds a checkpoint of this config")
+    print(f"resuming from {checkpoint} (step {step} of {total}): {left}")
     return checkpoint, False
+
+
+def _evaluated_after(out, step: int) -> bool:
+    """Whether `out/eval.jsonl` holds the final evaluation (tag "after") of step `step`: a run
+    that stopped after writing its adapter but during that evaluation is not complete."""
+    import json
+
+    path = out / "eval.jsonl"
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by the stop
+            continue
+        if row.get("tag") == "after" and row.get("step") == step:
+            return True
+    return False
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -222,7 +240,6 @@ def _interrupted_line(step: int, checkpoint: object, args: argparse.Namespace) -
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from grpo_ray.config import UserError, load_config
     from grpo_ray.data.dataset import load_tokenizer

@@ -112,7 +112,7 @@ class Trainer:
         # every sync verified; the probe scored by engines and learner before any training
         self.broadcast.attach(self.learner, self.engines,
                               self.probe_ids if cfg.cluster.sync_probe else None,
-                              cfg.cluster.probe_rule())
+                              cfg.cluster.probe_rule(), ask=self.learner_call)
         learner = self.learner_call("description", "describe")
         self.print(f"placed: {self.actors.plan.layout} layout, 1 learner ({learner}), "
                    f"{len(self.actors.engines)} rollout engine(s), "

@@ -168,15 +168,46 @@ def test_another_config_is_refused_in_one_line_and_a_complete_run_exits_0(tmp_pa
         f"error: {out / 'checkpoints'} holds checkpoints of another config (step-000002; "
         "learner.learning_rate: 0.0005 -> 0.001; rollout.num_generations: 4 -> 2): pass --resume "
         "to continue that run with this run's settings, or choose another output.dir")
-    # the final checkpoint and the adapter are written: nothing left to do, nothing started
+    # the final checkpoint, the adapter and the final evaluation are written: nothing left to
+    # do, nothing started
     (out / "adapter").mkdir()
     (out / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    (out / "eval.jsonl").write_text(json.dumps({"step": 0, "tag": "before"}) + "\n"
+                                    + json.dumps({"step": 2, "tag": "after"}) + "\n")
     done = run_cli(argv)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == (
         f"this run is complete: {out / 'checkpoints' / 'step-000002'} is step 2 of 2 and its "
         f"adapter is in {out / 'adapter'}; nothing to do (another output.dir starts a new run)")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "eval.jsonl"]
+
+
+def test_a_run_stopped_in_its_final_evaluation_resumes_to_run_it(tmp_path, monkeypatch,
+                                                                  capsys):
+    """The adapter was written, then the driver died in the final evaluation: the same command
+    is not "complete"; it resumes the last checkpoint (no step left) to evaluate."""
+    import grpo_ray.cli
+
+    class Connected(Exception):
+        pass
+
+    def connect(*args, **kwargs):
+        raise Connected
+
+    monkeypatch.setattr(grpo_ray.cli, "connect_ray", connect)
+    out = tmp_path / "run"
+    argv = ["train", "--config", "configs/tiny-cpu.yaml", f"output.dir={out}",
+            "algorithm.total_steps=2"]
+    checkpoint_of(out, 2, argv)
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    (out / "eval.jsonl").write_text(json.dumps({"step": 0, "tag": "before"}) + "\n"
+                                    + '{"step": 2, "tag": "aft')  # cut by the stop
+    with pytest.raises(Connected):
+        main(argv)
+    assert capsys.readouterr().out.strip() == (
+        f"resuming from {out / 'checkpoints' / 'step-000002'} (step 2 of 2): the final "
+        "evaluation is missing: it runs now")
 
 
 def test_unreachable_cluster_says_at_once_that_it_retries(monkeypatch, capsys):

@@ -60,32 +60,39 @@ class AdapterBroadcast:
         self._expected: tuple[int, str | None] = (0, None)  # what every engine must report
         self._learner_now: list[float] = []  # the learner's probe log-probs at that version
         self._checked: dict[int, ProbeStats | None] = {}  # a replacement's figures
+        self._ask: Callable[..., Any] = self._ask_without_deadline
 
     # ---- set-up ------------------------------------------------------------------------------
     def attach(self, learner: Any, engines: Any,
                probe_ids: tuple[list[list[int]], list[list[int]]] | None = None,
-               rule: ProbeRule | None = None) -> None:
+               rule: ProbeRule | None = None, ask: Callable[..., Any] | None = None) -> None:
         """Verify every later sync of `engines` (an EngineGroup, all at version 0) against
         `learner` (an actor handle), and every engine the group starts anew. With `probe_ids`
         (`probe.probe_sequences`) both sides score the probe now, with their base models, and
-        `rule` judges it (None: the defaults of `cluster.sync_probe_*`)."""
-        import ray
-
+        `rule` judges it (None: the defaults of `cluster.sync_probe_*`). `ask(what, method,
+        *args)` makes the check's learner calls (the trainer's `learner_call`: a deadline, and a
+        hung or lost learner started again); None: plain calls to `learner`, without one."""
         from grpo_ray.config import ClusterConfig
 
         self._learner, self._engines = learner, engines
+        self._ask = ask or self._ask_without_deadline
         self.rule = rule or ClusterConfig().probe_rule()
         if self.rule.min_movement is None:
             self.rule = dataclasses.replace(
                 self.rule, min_movement=default_min_movement(engines.lora_dtype()))
         if probe_ids is not None:
             prompts, completions = probe_ids
-            learner_base = flatten(ray.get(learner.sequence_logprobs.remote(
-                prompts, completions, 1.0)))
+            learner_base = flatten(self._ask("the sync probe", "sequence_logprobs", prompts,
+                                             completions, 1.0))
             engine_base = [flatten(s) for s in engines.score(prompts, completions)]
             self.probe = SyncProbe(prompts, completions, learner_base, engine_base)
             self._learner_now = learner_base
         engines.after_replace = self._check_replacement
+
+    def _ask_without_deadline(self, what: str, method: str, *args: Any) -> Any:
+        import ray
+
+        return ray.get(getattr(self._learner, method).remote(*args))
 
     # ---- the sync ----------------------------------------------------------------------------
     def sync(self, learner: Any, engines: Any, version: int, force: bool = False,
@@ -105,13 +112,17 @@ class AdapterBroadcast:
 
         if self.transport is None:
             self._dtype = engines.lora_dtype()
-            learner_gpu = ray.get(learner.__ray_call__.remote(_gpu_uuid))
+            learner_gpu = (self._ask("the first sync", "__ray_call__", _gpu_uuid)
+                           if engines is self._engines else
+                           ray.get(learner.__ray_call__.remote(_gpu_uuid)))
             same_gpu = learner_gpu is not None and set(engines.gpu_uuids()) == {learner_gpu}
             self.transport = "cuda-ipc" if same_gpu else "object-store"
         out = None
         if self.transport == "cuda-ipc":
             try:
                 out = self._sync(learner, engines, version, "cuda-ipc", force, wait_export)
+            except InfraError:  # the learner or an engine lost for good: not the transport
+                raise
             except Exception as e:  # noqa: BLE001 - any failure of IPC: the object store works
                 self.notify(f"CUDA IPC adapter sync failed, using Ray's object store from now "
                             f"on (slower; metric sync/fallback_object_store): {first_line(e)}")
@@ -159,17 +170,15 @@ class AdapterBroadcast:
         is repaired (reloaded, then replaced) or the run ends (`SyncCheckError`). Returns
         `probe_s`, the learner's `probe/movement` and each engine's `probe/slope`,
         `probe/slope_se`, `probe/gap` (`/engine_<i>`)."""
-        import ray
-
         start = time.perf_counter()
-        engines, learner, p = self._engines, self._learner, self.probe
-        identity = tuple(ray.get(learner.exported_identity.remote()))
+        engines, p = self._engines, self.probe
+        identity = tuple(self._ask("the sync check", "exported_identity"))
         if identity[0] != version:
             raise RuntimeError(f"the learner's last export is version {identity[0]}, not {version}")
         self._expected = identity  # type: ignore[assignment]
         if p is not None:
-            self._learner_now = flatten(ray.get(learner.sequence_logprobs.remote(
-                p.prompt_ids, p.completion_ids, 1.0)))
+            self._learner_now = flatten(self._ask("the sync probe", "sequence_logprobs",
+                                                  p.prompt_ids, p.completion_ids, 1.0))
         identities = engines.adapter_identities()
         scores = (engines.score(p.prompt_ids, p.completion_ids) if p is not None
                   else [None] * len(identities))

@@ -113,6 +113,23 @@ def test_after_an_infrastructure_failure_the_same_command_resumes(lost_engine_ru
     assert steps(out) == list(range(1, 7))
     assert latest_checkpoint(out / "checkpoints").name == "step-000006"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # stopped again in its final evaluation (after the adapter was written): the same command
+    # runs that evaluation, trains nothing, and leaves the adapter as it was
+    trained = adapter(out)
+    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert rows[-1]["tag"] == "after" and rows[-1]["step"] == 6
+    (out / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    log = tmp_path / "third.log"
+    code = start(args, log).wait(timeout=300)
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert (f"resuming from {out / 'checkpoints' / 'step-000006'} (step 6 of 6): the final "
+            "evaluation is missing: it runs now") in text
+    again = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [(r["tag"], r["step"]) for r in again] == [(r["tag"], r["step"]) for r in rows]
+    assert steps(out) == list(range(1, 7))
+    for name, tensor in adapter(out).items():
+        assert torch.equal(tensor, trained[name]), name
 
 
 # ---- the driver of a Ray job killed, the job submitted again -----------------------------------

@@ -8,7 +8,10 @@ ends (sampling seeds derive from the step, checkpoints restore the learner exact
   its bundle, checkpoint step-000002 restored, the engines brought back to its version, step 3
   trained again;
 - (slow) the learner stopped (SIGSTOP) in step 2's update before any checkpoint: back to step 0
-  and the base model.
+  and the base model;
+- (slow) the learner stopped (SIGSTOP) in step 3's sync probe, after its update: the check's
+  learner calls have the same deadline (`cluster.call_timeout_s`), and the run goes back to
+  checkpoint step-000002.
 
 Deadlines are shortened (`cluster.deadline_slack_s=10`) so that a hang is found in seconds."""
 from __future__ import annotations
@@ -61,6 +64,19 @@ def _signal_in_update(self, nth: int, signum: int):
         return original(*args, **kwargs)
 
     self._prepare = prepare
+
+
+def _signal_in_sync_probe(self, version: int, signum: int):
+    """This learner's process sends itself `signum` when the sync check has it score the probe
+    (at temperature 1) after exporting adapter `version` (step `version`'s sync)."""
+    original = self._logprobs
+
+    def logprobs(mb, train, temperature=None):
+        if temperature == 1.0 and self._exported[0] == version:
+            os.kill(os.getpid(), signum)
+        return original(mb, train, temperature)
+
+    self._logprobs = logprobs
 
 
 def finish(trainer: Trainer) -> dict:
@@ -139,4 +155,23 @@ def test_a_hung_learner_before_any_checkpoint_goes_back_to_the_base_model(
             and lost[0].endswith(": 2 steps to redo"))
     result = finish(b)
     assert [r["faults/learner_restarts"] for r in result["metrics"]] == [1.0, 1.0, 1.0]
+    assert_same_run(result, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_learner_hung_in_the_sync_check_is_replaced_and_the_run_is_unchanged(
+        ray_local, tiny_model_path, tmp_path, uninterrupted):
+    lines: list[str] = []
+    b = build(tmp_path, tiny_model_path, lines, "cluster.call_timeout_s=15")
+    ray.get(b.learner.__ray_call__.remote(_signal_in_sync_probe, 3, signal.SIGSTOP))
+    b.fit()
+    lost = [line for line in lines if line.startswith("learner lost")]
+    print("\n" + "\n".join(lost))
+    assert len(lost) == 1, lines
+    assert lost[0].startswith("learner lost at step 3: learner 0 did not finish the sync probe "
+                              "within its deadline of 15 s (cluster.call_timeout_s): hung")
+    assert ("restored checkpoint step-000002 (engines at adapter version 2)" in lost[0]
+            and lost[0].endswith(": 1 step to redo"))
+    result = finish(b)
+    assert [r["faults/learner_restarts"] for r in result["metrics"]] == [0.0, 0.0, 1.0]
     assert_same_run(result, uninterrupted)
