@@ -170,6 +170,22 @@ def generation_rate(trainer, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def steady_spread(history: list[dict], lengths: list[int]) -> dict[str, dict]:
+    """Median and largest step and update seconds of each phase (on policy, one step off, the
+    other loss kernel: `lengths` steps each, in that order), its first step left out (warm-ups,
+    a batch made on the spot): a recompile or another stall shows as a largest far above the
+    median."""
+    out, start = {}, 0
+    for name, n in zip(["on policy", "one step off", "other loss kernel"], lengths):
+        ms = history[start + 1:start + n]
+        start += n
+        if ms:
+            out[name] = {k: [statistics.median(m[key] for m in ms), max(m[key] for m in ms)]
+                         for k, key in (("step_s", "time/step_s"),
+                                        ("update_s", "learner/time_update_s"))}
+    return out
+
+
 def mean_abs(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
 
@@ -256,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(c * m['completion_length'] / m['time/step_s'] for m in ms):,.0f}"
             " completion tokens/s" for name, ms in phases.items() if ms
             for c in [cfg.rollout.prompts_per_step * cfg.rollout.num_generations]))
+    stalls = steady_spread(history, [args.steps, args.overlap_steps, compare_steps])
+    print("after warm-up (each phase's first step left out), median and largest: " + "; ".join(
+        f"{name}: step {v['step_s'][0]:.2f} / {v['step_s'][1]:.2f} s "
+        f"({v['step_s'][1] / v['step_s'][0]:.2f}x), update {v['update_s'][0]:.2f} / "
+        f"{v['update_s'][1]:.2f} s" for name, v in stalls.items()))
     print(f"generation, output tokens/s (median of {args.rollout_repeats}): "
           + ", ".join(f"{k}: {v:,.0f}" for k, v in rates.items())
           + (" (version 0 of a merged engine is plain vLLM without LoRA)"
@@ -287,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             {"environment": env, "learner": learner, "config": cfg.to_dict(), "setup_s": setup_s,
              "fit_s": fit_s, "history": history, "follow": follow, "generation_rates": rates,
              "gpu_peak_mib": memory.peak_mib, "syncs": syncs,
-             "loss_kernels": kernel_times}, indent=1))
+             "loss_kernels": kernel_times, "after_warmup": stalls}, indent=1))
     return 0
 
 
