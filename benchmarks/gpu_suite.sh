@@ -13,6 +13,8 @@
 # step off policy on the same actors (algorithm.max_staleness=1, importance sampling on in both).
 # With -kernels (not with -compare), $STEPS more on-policy steps with the other learner.loss_kernel
 # (chunked <-> liger) on the same actors: both kernels' update times side by side.
+# peer-trl: TRL's GRPOTrainer with vLLM colocated at the same shape and settings, $STEPS steps
+# (benchmarks/trl_peer.py): the step time ours is compared with.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD:$PWD/benchmarks:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
@@ -57,6 +59,9 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       run "$part" "${STEP_LIMIT:-330}" python3 benchmarks/grpo_step.py --model "$MODEL" \
         --steps "$STEPS" --overlap-steps "$overlap" --sync-repeats "${SYNC_REPEATS:-3}" \
         "${kernels[@]}" --json "$SUITE/$part.json" "learner.backend=$backend" "${extra[@]}";;
+    peer-trl)  # TRL's GRPOTrainer, vLLM colocated, bf16 LoRA: the same shape and $STEPS steps
+      run peer-trl "${PEER_LIMIT:-540}" python3 benchmarks/trl_peer.py --model "$MODEL" \
+        --steps "$STEPS" --json "$SUITE/peer-trl.json";;
     learn-peft|learn-unsloth)  # 200 steps of configs/learn-gpu.yaml, its own settings
       TAIL=12 run "$part" "${LEARN_LIMIT:-900}" python3 scripts/learning_benchmark.py \
         --config configs/learn-gpu.yaml --eval-every 50 "output.dir=$SUITE/$part" \
@@ -72,6 +77,6 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
     rollout)
       run rollout "${ROLLOUT_LIMIT:-540}" python3 benchmarks/rollout_throughput.py \
         --model "$MODEL" --json "$SUITE/rollout.json" ${ROLLOUT_ARGS:-};;
-    *) echo "unknown part $part (setup, tests, step-*, learn[-peft|-unsloth], multi-engine, faults, rollout)"; exit 2;;
+    *) echo "unknown part $part (setup, tests, step-*, peer-trl, learn[-peft|-unsloth], multi-engine, faults, rollout)"; exit 2;;
   esac
 done
