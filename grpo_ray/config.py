@@ -154,6 +154,13 @@ class RolloutConfig(_Section):
     """Largest LoRA rank the engines accept; None means `lora.r` (`Config.engine_lora_rank`)."""
     kv_cache_space_gb: int = Field(1, ge=1)
     """KV cache size of a CPU engine in GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)."""
+    kv_cache_gb: float | None = Field(None, gt=0)
+    """KV cache of a GPU engine in GiB (vLLM's `kv_cache_memory_bytes`); None: vLLM sizes it
+    from `gpu_memory_utilization` and the memory it finds free while it starts, so on a shared
+    GPU (`cluster.colocate`) each engine must be ready before the next actor starts. Given, the
+    engine no longer measures free memory, and the learner loads while the engines start
+    (shorter start-up). vLLM's start-up log says what `gpu_memory_utilization` gave ("Current kv
+    cache memory in use is 41.63 GiB" for configs/qwen2.5-3b-gsm8k-1gpu.yaml on an H200)."""
     merge_adapter: bool = False
     """Fold each synced adapter into the engine's own weights (in memory, from a pristine copy
     of the base kept beside them) and generate without LoRA, at plain vLLM's speed; the sync

@@ -164,9 +164,11 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray",
                   cfg.cluster.placement_strategy)
     # vLLM sizes its KV cache from the GPU memory it sees free while it starts: on a shared GPU
-    # each engine finishes starting before the next one, and all before the learner
+    # each engine finishes starting before the next one, and all before the learner, unless
+    # the KV cache is given in bytes (rollout.kv_cache_gb): then all start at once
     engines = _engine_group(cfg, pg, plan, engine_cls, engine_args,
-                            one_by_one=plan.layout == "colocated")
+                            one_by_one=plan.layout == "colocated"
+                            and cfg.rollout.kv_cache_gb is None)
 
     def start_learner(i: int = 0) -> Any:
         return ray.remote(learner_cls).options(

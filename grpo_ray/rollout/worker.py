@@ -49,6 +49,8 @@ def engine_kwargs(rollout: RolloutConfig, max_lora_rank: int, dtype: str, seed: 
         enable_prefix_caching=True)
     if on_cuda:
         kwargs["tensor_parallel_size"] = rollout.gpus_per_engine
+        if rollout.kv_cache_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(rollout.kv_cache_gb * 2**30)
     if "logprobs_mode" in {f.name for f in dataclasses.fields(EngineArgs)}:
         # Logprobs after temperature/top-k/top-p, as the learner's log_softmax(logits / T).
         kwargs["logprobs_mode"] = "processed_logprobs"

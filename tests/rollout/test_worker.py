@@ -11,7 +11,7 @@ import pytest
 from helpers import chat_prompts, max_gap, naive_logprobs, peft_model
 
 from grpo_ray.contracts import Sampling
-from grpo_ray.rollout.worker import request_calls
+from grpo_ray.rollout.worker import engine_kwargs, request_calls
 from grpo_ray.weight_sync.sender import adapter_payload
 
 N, MAX_TOKENS, TOL = 4, 12, 1e-3
@@ -122,6 +122,20 @@ def test_requests_are_split_so_no_prompt_spans_two_scheduler_steps():
     assert request_calls([63] * 10, 8, 4096) == [(0, 8), (8, 10)]
     assert request_calls([5000, 10, 10], 1, 4096) == [(0, 1), (1, 3)]
     assert request_calls([], 4, 4096) == []
+
+
+def test_a_given_kv_cache_size_reaches_vllm_on_a_gpu_only():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from grpo_ray.config import RolloutConfig
+
+    given = RolloutConfig(kv_cache_gb=41.5)
+    gpu = engine_kwargs(given, 64, "bfloat16", 0, on_cuda=True)
+    assert gpu["kv_cache_memory_bytes"] == int(41.5 * 2**30)
+    EngineArgs(model="x", **gpu)  # a field of this vLLM's engine arguments, not a typo
+    assert "kv_cache_memory_bytes" not in engine_kwargs(given, 64, "bfloat16", 0, on_cuda=False)
+    assert "kv_cache_memory_bytes" not in engine_kwargs(RolloutConfig(), 64, "bfloat16", 0,
+                                                        on_cuda=True)
 
 
 def test_a_batch_over_the_cpu_scheduler_budget_samples_as_one_call_would(served_engine,
