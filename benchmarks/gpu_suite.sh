@@ -13,6 +13,7 @@
 # step off policy on the same actors (algorithm.max_staleness=1, importance sampling on in both).
 # With -kernels (not with -compare), $STEPS more on-policy steps with the other learner.loss_kernel
 # (chunked <-> liger) on the same actors: both kernels' update times side by side.
+# $STEP_OVERRIDES (section.key=value ...) go to every step-* part, e.g. rollout.kv_cache_gb=41.
 # peer-trl: TRL's GRPOTrainer with vLLM colocated at the same shape and settings, $STEPS steps
 # (benchmarks/trl_peer.py): the step time ours is compared with.
 set -uo pipefail
@@ -58,7 +59,8 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       [[ $label == *kernels* ]] && kernels=(--compare-loss-kernel)
       run "$part" "${STEP_LIMIT:-330}" python3 benchmarks/grpo_step.py --model "$MODEL" \
         --steps "$STEPS" --overlap-steps "$overlap" --sync-repeats "${SYNC_REPEATS:-3}" \
-        "${kernels[@]}" --json "$SUITE/$part.json" "learner.backend=$backend" "${extra[@]}";;
+        "${kernels[@]}" --json "$SUITE/$part.json" "learner.backend=$backend" "${extra[@]}" \
+        ${STEP_OVERRIDES:-};;
     peer-trl)  # TRL's GRPOTrainer, vLLM colocated, bf16 LoRA: the same shape and $STEPS steps
       run peer-trl "${PEER_LIMIT:-540}" python3 benchmarks/trl_peer.py --model "$MODEL" \
         --steps "$STEPS" --json "$SUITE/peer-trl.json";;
