@@ -139,21 +139,28 @@ def test_a_hung_engine_and_a_killed_learner_are_replaced_and_the_run_is_unchange
     assert_same_run(result, uninterrupted)
 
 
-@pytest.mark.slow
-def test_a_hung_learner_before_any_checkpoint_goes_back_to_the_base_model(
-        ray_local, tiny_model_path, tmp_path, uninterrupted):
+def run_with_a_hung_learner(tmp_path, model_path, signal_in, at: int, *overrides: str):
+    """A run whose learner SIGSTOPs itself (`signal_in(self, at, SIGSTOP)`): its one
+    `learner lost` line and what it finished with."""
     lines: list[str] = []
-    b = build(tmp_path, tiny_model_path, lines, "output.save_every=0")
-    ray.get(b.learner.__ray_call__.remote(_signal_in_update, 2, signal.SIGSTOP))
+    b = build(tmp_path, model_path, lines, *overrides)
+    ray.get(b.learner.__ray_call__.remote(signal_in, at, signal.SIGSTOP))
     b.fit()
     lost = [line for line in lines if line.startswith("learner lost")]
     print("\n" + "\n".join(lost))
     assert len(lost) == 1, lines
-    assert lost[0].startswith("learner lost at step 2: learner 0 did not finish the update within "
-                              "its deadline of ")
-    assert ("no checkpoint yet: back to step 0 (engines at adapter version 0)" in lost[0]
-            and lost[0].endswith(": 2 steps to redo"))
-    result = finish(b)
+    return lost[0], finish(b)
+
+
+@pytest.mark.slow
+def test_a_hung_learner_before_any_checkpoint_goes_back_to_the_base_model(
+        ray_local, tiny_model_path, tmp_path, uninterrupted):
+    lost, result = run_with_a_hung_learner(tmp_path, tiny_model_path, _signal_in_update, 2,
+                                           "output.save_every=0")
+    assert lost.startswith("learner lost at step 2: learner 0 did not finish the update within "
+                           "its deadline of ")
+    assert ("no checkpoint yet: back to step 0 (engines at adapter version 0)" in lost
+            and lost.endswith(": 2 steps to redo"))
     assert [r["faults/learner_restarts"] for r in result["metrics"]] == [1.0, 1.0, 1.0]
     assert_same_run(result, uninterrupted)
 
@@ -161,17 +168,11 @@ def test_a_hung_learner_before_any_checkpoint_goes_back_to_the_base_model(
 @pytest.mark.slow
 def test_a_learner_hung_in_the_sync_check_is_replaced_and_the_run_is_unchanged(
         ray_local, tiny_model_path, tmp_path, uninterrupted):
-    lines: list[str] = []
-    b = build(tmp_path, tiny_model_path, lines, "cluster.call_timeout_s=15")
-    ray.get(b.learner.__ray_call__.remote(_signal_in_sync_probe, 3, signal.SIGSTOP))
-    b.fit()
-    lost = [line for line in lines if line.startswith("learner lost")]
-    print("\n" + "\n".join(lost))
-    assert len(lost) == 1, lines
-    assert lost[0].startswith("learner lost at step 3: learner 0 did not finish the sync probe "
-                              "within its deadline of 15 s (cluster.call_timeout_s): hung")
-    assert ("restored checkpoint step-000002 (engines at adapter version 2)" in lost[0]
-            and lost[0].endswith(": 1 step to redo"))
-    result = finish(b)
+    lost, result = run_with_a_hung_learner(tmp_path, tiny_model_path, _signal_in_sync_probe, 3,
+                                           "cluster.call_timeout_s=15")
+    assert lost.startswith("learner lost at step 3: learner 0 did not finish the sync probe "
+                           "within its deadline of 15 s (cluster.call_timeout_s): hung")
+    assert ("restored checkpoint step-000002 (engines at adapter version 2)" in lost
+            and lost.endswith(": 1 step to redo"))
     assert [r["faults/learner_restarts"] for r in result["metrics"]] == [0.0, 0.0, 1.0]
     assert_same_run(result, uninterrupted)
