@@ -214,9 +214,9 @@ class AdapterBroadcast:
     def _check_engine(self, i: int) -> tuple[str | None, ProbeStats | None]:
         import ray
 
-        engine, p = self._engines.engines[i], self.probe
-        held = ray.get(engine.adapter_identity.remote())
-        score = (ray.get(engine.score.remote(p.prompt_ids, p.completion_ids))
+        engine, p, timeout = self._engines.engines[i], self.probe, self._call_timeout_s()
+        held = ray.get(engine.adapter_identity.remote(), timeout=timeout)
+        score = (ray.get(engine.score.remote(p.prompt_ids, p.completion_ids), timeout=timeout)
                  if p is not None else None)
         return self._judge(i, tuple(held), score)
 
@@ -229,10 +229,12 @@ class AdapterBroadcast:
                 f"{self._expected[0]}: {problem}")
         self.repairs += 1
         engine = self._engines.engines[i]
-        try:
-            held_version = ray.get(engine.adapter_identity.remote())[0]
+        try:  # a hung engine passes cluster.call_timeout_s here, and is replaced below
+            held_version = ray.get(engine.adapter_identity.remote(),
+                                   timeout=self._call_timeout_s())[0]
             ray.get(engine.load_adapter.remote(self._payload,
-                                               reload=held_version == self._expected[0]))
+                                               reload=held_version == self._expected[0]),
+                    timeout=self._call_timeout_s())
             again, stats = self._check_engine(i)
         except Exception as e:  # noqa: BLE001 - whatever broke the reload, a restart follows
             again, stats = f"the reload failed ({first_line(e)})", None
@@ -244,6 +246,11 @@ class AdapterBroadcast:
         except SyncCheckError as e:
             raise SyncCheckError(f"{what}; reloaded, still failing; replaced, and {e}") from None
         return self._checked.pop(i, None)
+
+    def _call_timeout_s(self) -> float:
+        """The deadline of the check's own engine calls (`cluster.call_timeout_s`): a hang in a
+        repair raises, and the engine is replaced or the run ends, instead of waiting forever."""
+        return self._engines.cluster.call_timeout_s
 
     def _check_replacement(self, i: int) -> None:
         """`EngineGroup.after_replace`: the new engine i (holding the group's adapter) must pass
