@@ -13,6 +13,8 @@
 # step off policy on the same actors (algorithm.max_staleness=1, importance sampling on in both).
 # With -kernels (not with -compare), $STEPS more on-policy steps with the other learner.loss_kernel
 # (chunked <-> liger) on the same actors: both kernels' update times side by side.
+# table: issue 20's table (every figure beside its goal) from the JSON this run wrote, into
+# $SUITE/table.md; run it last.
 # $STEP_OVERRIDES (section.key=value ...) go to every step-* part, e.g. rollout.kv_cache_gb=41.
 # peer-trl: TRL's GRPOTrainer with vLLM colocated at the same shape and settings, $STEPS steps
 # (benchmarks/trl_peer.py): the step time ours is compared with.
@@ -64,6 +66,8 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
     peer-trl)  # TRL's GRPOTrainer, vLLM colocated, bf16 LoRA: the same shape and $STEPS steps
       run peer-trl "${PEER_LIMIT:-540}" python3 benchmarks/trl_peer.py --model "$MODEL" \
         --steps "$STEPS" --json "$SUITE/peer-trl.json";;
+    table)  # issue 20's one table from this run's JSON (benchmarks/suite_table.py)
+      python3 benchmarks/suite_table.py "$SUITE" --out "$SUITE/table.md";;
     learn-peft|learn-unsloth)  # 200 steps of configs/learn-gpu.yaml, its own settings
       TAIL=12 run "$part" "${LEARN_LIMIT:-900}" python3 scripts/learning_benchmark.py \
         --config configs/learn-gpu.yaml --eval-every 50 "output.dir=$SUITE/$part" \
@@ -79,6 +83,6 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
     rollout)
       run rollout "${ROLLOUT_LIMIT:-540}" python3 benchmarks/rollout_throughput.py \
         --model "$MODEL" --json "$SUITE/rollout.json" ${ROLLOUT_ARGS:-};;
-    *) echo "unknown part $part (setup, tests, step-*, peer-trl, learn[-peft|-unsloth], multi-engine, faults, rollout)"; exit 2;;
+    *) echo "unknown part $part (setup, tests, step-*, peer-trl, rollout, table, learn[-peft|-unsloth], multi-engine, faults)"; exit 2;;
   esac
 done

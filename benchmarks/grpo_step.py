@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             {"environment": env, "learner": learner, "config": cfg.to_dict(), "setup_s": setup_s,
              "fit_s": fit_s, "history": history, "follow": follow, "generation_rates": rates,
              "gpu_peak_mib": memory.peak_mib, "syncs": syncs,
-             "loss_kernels": kernel_times, "after_warmup": stalls}, indent=1))
+             "loss_kernels": kernel_times, "after_warmup": stalls,
+             "phase_steps": [args.steps, args.overlap_steps, compare_steps]}, indent=1))
     return 0
 
 

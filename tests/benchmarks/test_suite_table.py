@@ -1,0 +1,51 @@
+"""benchmarks/suite_table.py: issue 20's table from a suite's JSON, here runs written in code in
+grpo_step.py's, trl_peer.py's and rollout_throughput.py's formats (the GPU writes the real ones)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from suite_table import table  # noqa: E402
+
+ENV = {"gpu": "NVIDIA H200, 143771 MiB", "torch": "2.11.0", "vllm": "0.26.0", "trl": "1.15.0",
+       "date": "2026-12-04"}
+
+
+def step(s: float, staleness: float = 0.0) -> dict:
+    return {"time/step_s": s, "time/generate_s": s / 2, "learner/time_ref_s": 0.5,
+            "learner/time_update_s": 1.8, "time/sync_s": 0.3, "sync/total_s": 0.12,
+            "learner/mfu": 0.33, "rollout/staleness": staleness}
+
+
+def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp_path):
+    # 4 on policy (the first, 9 s, a warm-up), then 4 one step off (first and last left out)
+    history = [step(9.0), step(4.0), step(4.4), step(5.0),
+               step(7.0), step(2.4, 1), step(2.6, 1), step(1.0, 1)]
+    (tmp_path / "step-unsloth-merged-compare.json").write_text(json.dumps({
+        "environment": ENV, "history": history, "setup_s": 149.2, "phase_steps": [4, 4, 0],
+        "syncs": {"after: AdapterBroadcast.sync (cuda-ipc)":
+                  {"export_s": 0.084, "load_s": 0.082, "total_s": 0.167}}}))
+    (tmp_path / "peer-trl.json").write_text(json.dumps({
+        "environment": ENV, "engine": "vLLM colocated", "step_s": [8.1, 5.6, 5.7],
+        "median_after_first_s": 5.65}))
+    (tmp_path / "rollout.json").write_text(json.dumps({"environment": ENV, "rows": [
+        {"mode": m, "shape": "16x8x256", "tokens_per_s": t}
+        for m, t in [("actor-merged", 18000), ("plain-base", 20000), ("actor", 9000),
+                     ("plain", 10000)]]}))
+    rows = {cells[0]: cells[2] for cells in (line.strip("| ").split(" | ")
+                                             for line in table(tmp_path).splitlines()[4:])}
+    assert rows["Unsloth 4-bit, merged rollout, on policy"].startswith(
+        "4.00-5.00 (median 4.40) s: generate 2.00-2.50 (median 2.20)")
+    assert rows["the same, one step off"].startswith("2.40-2.60 s: generate 1.20-1.30")
+    assert rows["bnb NF4 + PEFT, on policy"] == "not run"
+    assert rows["rollout actor / plain vLLM, same run"] == (
+        "actor-merged / plain-base: 90.0% at 16x8x256; actor / plain: 90.0% at 16x8x256")
+    assert rows["adapter sync, r64, CUDA IPC"] == (
+        "120 (median 120) ms in the steps; alone 167 (export 84, load 82)")
+    assert rows["start-up to first step"] == "step-unsloth-merged-compare 149 s"
+    assert rows["peer: TRL 1.15.0 GRPOTrainer, vLLM colocated, bf16 LoRA"] == (
+        "5.60-5.70 s a step; ours faster by 1.28x on policy, 2.26x one step off")
+    assert rows["stalls"] == ("on policy: largest step 1.14x the median; one step off: "
+                              "largest step 1.04x the median")
