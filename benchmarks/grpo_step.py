@@ -170,20 +170,31 @@ def generation_rate(trainer, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def steady_spread(history: list[dict], lengths: list[int]) -> dict[str, dict]:
-    """Median and largest step and update seconds of each phase (on policy, one step off, the
-    other loss kernel: `lengths` steps each, in that order), its first step left out (warm-ups,
-    a batch made on the spot): a recompile or another stall shows as a largest far above the
-    median."""
+PHASES = ["on policy", "one step off", "other loss kernel"]
+"""A run's phases, in order: --steps, --overlap-steps, and --compare-loss-kernel's steps."""
+
+
+def steady_phases(history: list[dict], lengths: list[int]) -> dict[str, list[dict]]:
+    """Each phase's steady steps (`lengths` steps each, `PHASES` in order; a phase of 0 steps
+    is left out): its first step left out (warm-ups, a batch made on the spot) and, one step
+    off, the run's last too (nothing left to prefetch while it trains)."""
     out, start = {}, 0
-    for name, n in zip(["on policy", "one step off", "other loss kernel"], lengths):
-        ms = history[start + 1:start + n]
-        start += n
-        if ms:
-            out[name] = {k: [statistics.median(m[key] for m in ms), max(m[key] for m in ms)]
-                         for k, key in (("step_s", "time/step_s"),
-                                        ("update_s", "learner/time_update_s"))}
+    for name, n in zip(PHASES, lengths):
+        end = start + n
+        if n:
+            last = end - 1 if name == "one step off" and end == len(history) else end
+            out[name] = history[start + 1:last]
+        start = end
     return out
+
+
+def steady_spread(history: list[dict], lengths: list[int]) -> dict[str, dict]:
+    """Median and largest step and update seconds of each phase's steady steps
+    (`steady_phases`): a recompile or another stall shows as a largest far above the median."""
+    return {name: {k: [statistics.median(m[key] for m in ms), max(m[key] for m in ms)]
+                   for k, key in (("step_s", "time/step_s"),
+                                  ("update_s", "learner/time_update_s"))}
+            for name, ms in steady_phases(history, lengths).items() if ms}
 
 
 def mean_abs(a: list[float], b: list[float]) -> float:
@@ -262,18 +273,17 @@ def main(argv: list[str] | None = None) -> int:
               + f" | {n:.0f} | {m['reward/std']:.3f} | {m['learner/peak_memory_gb']:.1f} | "
               f"{1000 * m['sync/total_s']:.0f} | {f['engine_vs_learner']:.4f} | "
               f"moved {f['learner_moved']:.4f}, off by {f['engine_change_off_by']:.4f} |")
+    lengths = [args.steps, args.overlap_steps, compare_steps]
     if args.overlap_steps:
-        # steady state: not the first step of a phase (it makes its own batch on the spot), nor
-        # the run's last (nothing left to prefetch while it trains)
-        phases = {"on policy": history[1:args.steps],
-                  "one step off": history[args.steps + 1:-1]}
+        phases = steady_phases(history, lengths)
         print("steady state (first step of each phase and the last step left out): " + "; ".join(
             f"{name}: step {statistics.median(m['time/step_s'] for m in ms):.2f} s, "
             f"{statistics.median(c * m['completion_length'] / m['time/step_s'] for m in ms):,.0f}"
             " completion tokens/s" for name, ms in phases.items() if ms
             for c in [cfg.rollout.prompts_per_step * cfg.rollout.num_generations]))
-    stalls = steady_spread(history, [args.steps, args.overlap_steps, compare_steps])
-    print("after warm-up (each phase's first step left out), median and largest: " + "; ".join(
+    stalls = steady_spread(history, lengths)
+    print("steady steps (first step of each phase and the last step left out), median and "
+          "largest: " + "; ".join(
         f"{name}: step {v['step_s'][0]:.2f} / {v['step_s'][1]:.2f} s "
         f"({v['step_s'][1] / v['step_s'][0]:.2f}x), update {v['update_s'][0]:.2f} / "
         f"{v['update_s'][1]:.2f} s" for name, v in stalls.items()))
@@ -309,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
              "fit_s": fit_s, "history": history, "follow": follow, "generation_rates": rates,
              "gpu_peak_mib": memory.peak_mib, "syncs": syncs,
              "loss_kernels": kernel_times, "after_warmup": stalls,
-             "phase_steps": [args.steps, args.overlap_steps, compare_steps]}, indent=1))
+             "phase_steps": lengths}, indent=1))
     return 0
 
 

@@ -15,6 +15,9 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grpo_step import steady_phases  # noqa: E402
+
 
 def _load(suite: Path, *names: str) -> tuple[str, dict] | None:
     """The first of `names` (JSON files in `suite`) that exists: (name, its content)."""
@@ -26,19 +29,14 @@ def _load(suite: Path, *names: str) -> tuple[str, dict] | None:
 
 
 def phases(run: dict) -> dict[str, list[dict]]:
-    """A grpo_step run's steady steps by phase: on policy (its first step left out) and, with
-    --overlap-steps, one step off (its first and the run's last left out, as grpo_step does).
-    `phase_steps` (on policy, one step off, the other loss kernel); older runs: two equal
-    halves when they compared anything."""
+    """A grpo_step run's steady steps by phase (`grpo_step.steady_phases`), from its
+    `phase_steps`; runs written before it: two equal halves when they compared anything."""
     history = run["history"]
     n = len(history)
-    steps, overlap, _ = run.get("phase_steps") or (
+    lengths = run.get("phase_steps") or (
         [n // 2, n - n // 2, 0] if max(m.get("rollout/staleness", 0) for m in history) > 0
         else [n // 2, 0, n - n // 2] if len(run.get("loss_kernels") or {}) == 2 else [n, 0, 0])
-    out = {"on policy": history[1:steps]}
-    if overlap:
-        out["one step off"] = history[steps + 1:steps + overlap - (steps + overlap == n)]
-    return out
+    return steady_phases(history, lengths)
 
 
 def span(values: list[float], fmt: str = "{:.2f}") -> str:
