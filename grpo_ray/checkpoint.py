@@ -200,7 +200,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def truncate_jsonl(path: str | Path, after_step: int) -> int:
     """Cut a per-step JSONL log (rows `{"step": ...}` in step order) before its first row whose
-    step is above `after_step`: a resumed run logs the steps after its checkpoint again.
+    step is above `after_step`: a resumed run logs the steps after its checkpoint again. A last
+    row that does not parse (its write cut by the run's stop) is dropped too.
     In place, so a writer that holds the file open in append mode goes on at the new end.
     Returns the number of rows dropped."""
     path = Path(path)
@@ -208,11 +209,20 @@ def truncate_jsonl(path: str | Path, after_step: int) -> int:
         return 0
     offset, lines = 0, path.read_bytes().splitlines(keepends=True)
     for i, line in enumerate(lines):
-        if line.strip() and json.loads(line)["step"] > after_step:
+        cut = i == len(lines) - 1 and not _parses(line)
+        if line.strip() and (cut or json.loads(line)["step"] > after_step):
             os.truncate(path, offset)
             return len(lines) - i
         offset += len(line)
     return 0
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -172,6 +172,15 @@ def test_truncate_jsonl_in_place_for_an_append_mode_writer(tmp_path):
     assert truncate_jsonl(path, 5) == 0 and truncate_jsonl(tmp_path / "none.jsonl", 0) == 0
 
 
+def test_truncate_jsonl_drops_a_last_row_cut_by_a_stop(tmp_path):
+    """The driver killed while it wrote a row (the final evaluation's, say): the resumed run
+    cuts that row and writes it again, whatever its step."""
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"step": 0, "tag": "before"}) + "\n" + '{"step": 2, "tag": "aft')
+    assert truncate_jsonl(path, 2) == 1
+    assert path.read_text() == json.dumps({"step": 0, "tag": "before"}) + "\n"
+
+
 def test_cli_refuses_to_overwrite_or_to_resume_nothing(tmp_path, capsys):
     from grpo_ray.cli import main
 
