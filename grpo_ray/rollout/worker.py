@@ -74,6 +74,38 @@ def request_calls(prompt_lengths: list[int], n: int, budget: int) -> list[tuple[
     return calls
 
 
+def sampling_params(s: Sampling, index: int = 0) -> Any:
+    """vLLM's `SamplingParams` for prompt `index` of a `generate` call: the sampled tokens'
+    log-probs, flat; text only where stop strings need it (`RolloutWorker.generate`)."""
+    from vllm import SamplingParams
+
+    greedy = s.temperature == 0
+    return SamplingParams(n=s.n, temperature=s.temperature, max_tokens=s.max_tokens,
+                          top_p=1.0 if greedy else s.top_p, top_k=-1 if greedy else s.top_k,
+                          logprobs=0, flat_logprobs=True, detokenize=bool(s.stop), stop=s.stop,
+                          include_stop_str_in_output=bool(s.stop),
+                          seed=None if s.seed is None else s.seed + index)
+
+
+def sampled_logprobs(logprobs: Any, tokens: list[int]) -> list[float]:
+    """The log-prob of each sampled token from vLLM's `FlatLogprobs` of a completion sampled with
+    `logprobs=0` (vLLM puts the sampled token first at every position)."""
+    starts = logprobs.start_indices
+    if len(starts) != len(tokens) or any(logprobs.token_ids[k] != t
+                                         for k, t in zip(starts, tokens)):
+        raise RuntimeError("vLLM returned log-probs that do not match the sampled tokens")
+    return [logprobs.logprobs[k] for k in starts]
+
+
+def decode_completions(tokenizer: Any, completion_ids: list[list[int]]) -> list[str]:
+    """Completion texts as vLLM's detokenizer gives them: special tokens skipped, no clean-up of
+    spaces, and a trailing incomplete UTF-8 character left out (vLLM holds its bytes back until
+    the character completes; `decode` would end the text with U+FFFD instead)."""
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True,
+                                   clean_up_tokenization_spaces=False)
+    return [t.rstrip("\ufffd") for t in texts]
+
+
 class RolloutWorker:
     """One vLLM engine (LoRA enabled, one adapter slot) and the adapter version it samples with."""
 
@@ -143,19 +175,18 @@ class RolloutWorker:
         return self.adapter.load(payload, from_file, reload, force=force)
 
     def generate(self, prompt_ids: list[list[int]], sampling: Sampling) -> Rollout:
-        """`sampling.n` completions of each prompt with the current adapter, prompt-major."""
-        from vllm import SamplingParams
+        """`sampling.n` completions of each prompt with the current adapter, prompt-major.
 
+        vLLM detokenizes only where stop strings need it (evaluation): otherwise the texts are
+        decoded here in one batch after generation, and the log-probs come back flat
+        (`flat_logprobs`). In the engine's loop, which runs in this process, decoding each new
+        token and building a `Logprob` dict for it cost as much as the decoding on the GPU did
+        (docs/benchmarks.md, "Generation inside the pipeline")."""
         for i, ids in enumerate(prompt_ids):
             if not ids:
                 raise ValueError(f"prompt_ids[{i}] is empty")
         s = sampling
-        greedy = s.temperature == 0
-        params = [SamplingParams(n=s.n, temperature=s.temperature, max_tokens=s.max_tokens,
-                                 top_p=1.0 if greedy else s.top_p, top_k=-1 if greedy else s.top_k,
-                                 logprobs=0, stop=s.stop, include_stop_str_in_output=bool(s.stop),
-                                 seed=None if s.seed is None else s.seed + i)
-                  for i in range(len(prompt_ids))]
+        params = [sampling_params(s, i) for i in range(len(prompt_ids))]
         budget = math.inf if self.on_cuda else CPU_BATCHED_TOKENS
         outputs = []
         for a, b in request_calls([len(p) for p in prompt_ids], s.n, budget):
@@ -170,9 +201,11 @@ class RolloutWorker:
                 out.prompt_ids.append(list(ids))
                 out.completion_ids.append(tokens)
                 out.completion_texts.append(c.text)
-                out.sampling_logprobs.append([float(lp[t].logprob)
-                                              for t, lp in zip(tokens, c.logprobs)])
+                out.sampling_logprobs.append(sampled_logprobs(c.logprobs, tokens))
                 out.finish_reasons.append("length" if c.finish_reason == "length" else "stop")
+        if not s.stop:
+            out.completion_texts = decode_completions(self.llm.get_tokenizer(),
+                                                      out.completion_ids)
         return out
 
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:

@@ -50,6 +50,21 @@ def test_generate_is_prompt_major_with_n_completions(served_engine, tokenizer):
     assert worker.generate(prompts, sample(seed=3)).completion_ids == out.completion_ids
 
 
+def test_texts_decoded_after_generation_equal_vllms_own_detokenization(served_engine,
+                                                                      tokenizer):
+    """Without stop strings the worker decodes the texts itself after generation (vLLM does not
+    detokenize token by token); with one vLLM does. The same seed gives the same tokens either
+    way, and a stop string that never occurs leaves vLLM's text whole: the texts must be equal.
+    Raw token ids as a prompt make the tiny model emit stray bytes: texts cut mid-character."""
+    worker, prompts = served_engine.worker, chat_prompts(tokenizer) + [list(range(10, 30))]
+    ours = worker.generate(prompts, sample(n=8, seed=11, max_tokens=64))
+    vllms = worker.generate(prompts, sample(n=8, seed=11, max_tokens=64, stop=["\x00never\x00"]))
+    assert ours.completion_ids == vllms.completion_ids
+    assert ours.sampling_logprobs == vllms.sampling_logprobs
+    assert ours.completion_texts == vllms.completion_texts
+    assert sum(len(t) for t in ours.completion_texts) > 40  # texts, not empty strings
+
+
 def test_sampling_logprobs_match_transformers(served_engine, tokenizer):
     worker, prompts = served_engine.worker, chat_prompts(tokenizer)
     out = worker.generate(prompts, sample(n=2, seed=5))
