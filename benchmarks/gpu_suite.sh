@@ -15,7 +15,10 @@
 # (chunked <-> liger) on the same actors: both kernels' update times side by side.
 # table: issue 20's table (every figure beside its goal) from the JSON this run wrote, into
 # $SUITE/table.md; run it last.
-# $STEP_OVERRIDES (section.key=value ...) go to every step-* part, e.g. rollout.kv_cache_gb=41.
+# $STEP_OVERRIDES (section.key=value ...) go to every step-* part, e.g. rollout.kv_cache_gb=41,
+# and $STEP_TAG (e.g. -nockpt) to its file names: the table lists such runs as variants. With
+# $PROFILE set, each step-* part runs its last on-policy step under the torch profiler
+# (the learner's ops by GPU time into $SUITE/<part>.profile.txt).
 # peer-trl: TRL's GRPOTrainer with vLLM colocated at the same shape and settings, $STEPS steps
 # (benchmarks/trl_peer.py): the step time ours is compared with.
 set -uo pipefail
@@ -59,9 +62,10 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       [[ $label == *compare* ]] && { overlap=$STEPS; extra+=(algorithm.importance_sampling_correction=true); }
       kernels=()
       [[ $label == *kernels* ]] && kernels=(--compare-loss-kernel)
-      run "$part" "${STEP_LIMIT:-330}" python3 benchmarks/grpo_step.py --model "$MODEL" \
+      run "$part${STEP_TAG:-}" "${STEP_LIMIT:-330}" python3 benchmarks/grpo_step.py --model "$MODEL" \
         --steps "$STEPS" --overlap-steps "$overlap" --sync-repeats "${SYNC_REPEATS:-3}" \
-        "${kernels[@]}" --json "$SUITE/$part.json" "learner.backend=$backend" "${extra[@]}" \
+        "${kernels[@]}" --json "$SUITE/$part${STEP_TAG:-}.json" "learner.backend=$backend" \
+        "${extra[@]}" ${PROFILE:+--profile "$SUITE/$part${STEP_TAG:-}.profile.txt"} \
         ${STEP_OVERRIDES:-};;
     peer-trl)  # TRL's GRPOTrainer, vLLM colocated, bf16 LoRA: the same shape and $STEPS steps
       run peer-trl "${PEER_LIMIT:-540}" python3 benchmarks/trl_peer.py --model "$MODEL" \

@@ -89,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-loss-kernel", action="store_true",
                    help="then --steps more steps with the other learner.loss_kernel, on the "
                         "same actors (not with --overlap-steps)")
+    p.add_argument("--profile", metavar="PATH",
+                   help="run the last on-policy step with the torch profiler on in the learner's "
+                        "process and write its ops by GPU time here")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p
@@ -177,13 +180,14 @@ PHASES = ["on policy", "one step off", "other loss kernel"]
 def steady_phases(history: list[dict], lengths: list[int]) -> dict[str, list[dict]]:
     """Each phase's steady steps (`lengths` steps each, `PHASES` in order; a phase of 0 steps
     is left out): its first step left out (warm-ups, a batch made on the spot) and, one step
-    off, the run's last too (nothing left to prefetch while it trains)."""
+    off, the run's last too (nothing left to prefetch while it trains); a step run under
+    --profile is left out as well."""
     out, start = {}, 0
     for name, n in zip(PHASES, lengths):
         end = start + n
         if n:
             last = end - 1 if name == "one step off" and end == len(history) else end
-            out[name] = history[start + 1:last]
+            out[name] = [m for m in history[start + 1:last] if not m.get("profiled")]
         start = end
     return out
 
@@ -195,6 +199,29 @@ def steady_spread(history: list[dict], lengths: list[int]) -> dict[str, dict]:
                    for k, key in (("step_s", "time/step_s"),
                                   ("update_s", "learner/time_update_s"))}
             for name, ms in steady_phases(history, lengths).items() if ms}
+
+
+def _profiler_start(worker) -> None:
+    """Turn the torch profiler on in the learner's process (through `__ray_call__`): it records
+    every op from now on, on any thread, until `_profiler_table`."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    worker._benchmark_profiler = torch.profiler.profile(activities=activities)
+    worker._benchmark_profiler.start()
+
+
+def _profiler_table(worker, rows: int = 40) -> str:
+    """Stop the profiler of `_profiler_start`: its ops by self GPU time (CPU time on a CPU)."""
+    import torch
+
+    prof = worker._benchmark_profiler
+    prof.stop()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def mean_abs(a: list[float], b: list[float]) -> float:
@@ -242,7 +269,17 @@ def main(argv: list[str] | None = None) -> int:
                 if trainer.step == args.steps and compare_steps:
                     kernels.append({"chunked": "liger", "liger": "chunked"}[kernels[0]])
                     ray.get(trainer.actors.learner.set_loss_kernel.remote(kernels[1]))
+                profiled = args.profile and trainer.step == args.steps - 1
+                if profiled:
+                    ray.get(trainer.actors.learner.__ray_call__.remote(_profiler_start))
                 history.append(trainer.run_step())
+                if profiled:
+                    history[-1]["profiled"] = 1.0  # slowed by the profiler: not a steady step
+                    table = ray.get(trainer.actors.learner.__ray_call__.remote(_profiler_table))
+                    Path(args.profile).write_text(
+                        f"torch profiler, the learner's process, step {trainer.step} "
+                        f"({env['gpu']}; learner.backend={cfg.learner.backend}; the step's update, "
+                        f"reference pass and its sync's learner calls)\n{table}")
                 probes.append(probe(trainer, fixed))
             fit_s = time.perf_counter() - start
             rates[f"version {trainer.version}"] = generation_rate(trainer, args.rollout_repeats)
@@ -319,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
              "fit_s": fit_s, "history": history, "follow": follow, "generation_rates": rates,
              "gpu_peak_mib": memory.peak_mib, "syncs": syncs,
              "loss_kernels": kernel_times, "after_warmup": stalls,
-             "phase_steps": lengths}, indent=1))
+             "phase_steps": lengths, "overrides": args.overrides}, indent=1))
     return 0
 
 

@@ -8,6 +8,9 @@ Each mode runs in its own process, one after the other (a vLLM engine does not g
 memory back inside a process): `plain` (vLLM as a user runs it: `LLM(...)`, engine core in its
 own process, adapter from a directory), `plain-inproc` (the same with the engine core in the
 calling process, as the actor runs it), `plain-base` (plain vLLM without LoRA: the speed limit),
+`plain-base-text` (the same with vLLM's default output: every token detokenized as it comes and
+its log-prob in a `Logprob` dict, what the actor asked for before it took flat log-probs and
+decoded once; all other modes sample with `RolloutWorker`'s own parameters),
 `actor` (`ray.remote(RolloutWorker)` with the adapter applied as LoRA, timed from the driver, so
 Ray's transfer of the completions is included) and `actor-merged` (the same actor with
 `rollout.merge_adapter`: the adapter folded into its weights). Shapes are prompts x completions
@@ -30,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_model, print_environment, prompt_ids, random_lora  # noqa: E402
 
-MODES = ["actor", "actor-merged", "plain-base", "plain-inproc", "plain"]
+MODES = ["actor", "actor-merged", "plain-base", "plain-base-text", "plain-inproc", "plain"]
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -95,15 +98,15 @@ def _timed(run, shapes, prompts, repeats, mode) -> list[dict]:
     return rows
 
 
-def run_plain(args, in_process: bool, with_lora: bool = True) -> list[dict]:
+def run_plain(args, in_process: bool, with_lora: bool = True, text: bool = False) -> list[dict]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     # this process has asked CUDA for its devices: a forked engine core could hang
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from grpo_ray.contracts import AdapterPayload
-    from grpo_ray.rollout.worker import engine_kwargs
+    from grpo_ray.contracts import AdapterPayload, Sampling
+    from grpo_ray.rollout.worker import engine_kwargs, sampling_params
     from grpo_ray.weight_sync.files import write_adapter
 
     rollout, lora = _configs(args, merge=not with_lora)  # merge_adapter: an engine without LoRA
@@ -118,14 +121,16 @@ def run_plain(args, in_process: bool, with_lora: bool = True) -> list[dict]:
     prompts = prompt_ids(args.model, max(s[0] for s in args.shapes))
 
     def run(batch, n, T):
-        # the sampling parameters RolloutWorker.generate uses
-        params = SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=T,
-                                logprobs=0)
+        # the sampling parameters RolloutWorker.generate uses; `text`: vLLM's defaults instead
+        # (each token detokenized, its log-prob in a dict), what the actor asked before
+        params = (SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=T,
+                                 logprobs=0) if text else sampling_params(Sampling(n, T)))
         outs = llm.generate([{"prompt_token_ids": p} for p in batch], params,
                             lora_request=request, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
     mode = ("plain-base" if not with_lora else "plain-inproc" if in_process else "plain")
+    mode += "-text" if text else ""
     rows = _timed(run, args.shapes, prompts, args.repeats, mode)
     for r in rows:
         r["engine_start_s"] = start_s
@@ -171,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode.startswith("actor"):
             rows = run_actor(args, merge=args.mode == "actor-merged")
         else:
-            rows = run_plain(args, args.mode != "plain", with_lora=args.mode != "plain-base")
+            rows = run_plain(args, args.mode != "plain",
+                             with_lora=not args.mode.startswith("plain-base"),
+                             text=args.mode.endswith("-text"))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0

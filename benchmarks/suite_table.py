@@ -81,7 +81,8 @@ def table(suite: Path) -> str:
         rates = {(r["mode"], r["shape"]): r["tokens_per_s"] for r in rollout[1]["rows"]}
         shapes = sorted({s for _, s in rates}, key=lambda s: [int(x) for x in s.split("x")])
         parts = []
-        for actor, plain in (("actor-merged", "plain-base"), ("actor", "plain")):
+        for actor, plain in (("actor-merged", "plain-base"), ("actor", "plain"),
+                             ("plain-base-text", "plain-base")):
             ratios = [f"{rates[(actor, s)] / rates[(plain, s)]:.1%} at {s}" for s in shapes
                       if (actor, s) in rates and (plain, s) in rates]
             if ratios:
@@ -116,6 +117,14 @@ def table(suite: Path) -> str:
             stalls.append(f"{name}: largest step {max(steps) / statistics.median(steps):.2f}x "
                           "the median")
     rows.append(("stalls", "no steady step above 1.5x the median", "; ".join(stalls) or not_run))
+    used = {r[0] for r in (unsloth, peft) if r}
+    for path in sorted(suite.glob("step-*.json")):  # the same parts with other settings
+        if path.stem not in used:
+            run = json.loads(path.read_text())
+            ms = [m for phase in phases(run).values() for m in phase]
+            rows.append((f"{path.stem}: {' '.join(run.get('overrides') or []) or 'as above'}",
+                         "(variant)", f"{step_row(ms)}; MFU {span(_col(ms, 'learner/mfu'))}; "
+                         f"set-up {run['setup_s']:.0f} s" if ms else not_run))
     env = next((r[1]["environment"] for r in (unsloth, peft, peer, rollout) if r), {})
     head = (f"One `gpu_suite.sh` run in {suite.name}: {env.get('gpu', 'GPU unknown')}, torch "
             f"{env.get('torch', '?')}, vLLM {env.get('vllm', '?')}, {env.get('date', '')}. "

@@ -20,11 +20,12 @@ def step(s: float, staleness: float = 0.0) -> dict:
 
 
 def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp_path):
-    # 4 on policy (the first, 9 s, a warm-up), then 4 one step off (first and last left out)
-    history = [step(9.0), step(4.0), step(4.4), step(5.0),
+    # 5 on policy (the first, 9 s, a warm-up; one run under the profiler), then 4 one step off
+    # (first and last left out)
+    history = [step(9.0), step(4.0), step(4.4), {**step(30.0), "profiled": 1.0}, step(5.0),
                step(7.0), step(2.4, 1), step(2.6, 1), step(1.0, 1)]
     (tmp_path / "step-unsloth-merged-compare.json").write_text(json.dumps({
-        "environment": ENV, "history": history, "setup_s": 149.2, "phase_steps": [4, 4, 0],
+        "environment": ENV, "history": history, "setup_s": 149.2, "phase_steps": [5, 4, 0],
         "syncs": {"after: AdapterBroadcast.sync (cuda-ipc)":
                   {"export_s": 0.084, "load_s": 0.082, "total_s": 0.167}}}))
     (tmp_path / "peer-trl.json").write_text(json.dumps({
@@ -33,7 +34,10 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
     (tmp_path / "rollout.json").write_text(json.dumps({"environment": ENV, "rows": [
         {"mode": m, "shape": "16x8x256", "tokens_per_s": t}
         for m, t in [("actor-merged", 18000), ("plain-base", 20000), ("actor", 9000),
-                     ("plain", 10000)]]}))
+                     ("plain", 10000), ("plain-base-text", 15000)]]}))
+    (tmp_path / "step-unsloth-merged-nockpt.json").write_text(json.dumps({
+        "environment": ENV, "history": [step(8.0), step(3.5), step(3.7)], "setup_s": 101.0,
+        "phase_steps": [3, 0, 0], "overrides": ["learner.gradient_checkpointing=false"]}))
     rows = {cells[0]: cells[2] for cells in (line.strip("| ").split(" | ")
                                              for line in table(tmp_path).splitlines()[4:])}
     assert rows["Unsloth 4-bit, merged rollout, on policy"].startswith(
@@ -41,11 +45,15 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
     assert rows["the same, one step off"].startswith("2.40-2.60 s: generate 1.20-1.30")
     assert rows["bnb NF4 + PEFT, on policy"] == "not run"
     assert rows["rollout actor / plain vLLM, same run"] == (
-        "actor-merged / plain-base: 90.0% at 16x8x256; actor / plain: 90.0% at 16x8x256")
+        "actor-merged / plain-base: 90.0% at 16x8x256; actor / plain: 90.0% at 16x8x256; "
+        "plain-base-text / plain-base: 75.0% at 16x8x256")
     assert rows["adapter sync, r64, CUDA IPC"] == (
         "120 (median 120) ms in the steps; alone 167 (export 84, load 82)")
     assert rows["start-up to first step"] == "step-unsloth-merged-compare 149 s"
     assert rows["peer: TRL 1.15.0 GRPOTrainer, vLLM colocated, bf16 LoRA"] == (
         "5.60-5.70 s a step; ours faster by 1.28x on policy, 2.26x one step off")
+    assert rows["step-unsloth-merged-nockpt: learner.gradient_checkpointing=false"] == (
+        "3.50-3.70 s: generate 1.75-1.85, reference 0.50, update 1.80, sync 0.30; MFU 0.33; "
+        "set-up 101 s")
     assert rows["stalls"] == ("on policy: largest step 1.14x the median; one step off: "
                               "largest step 1.04x the median")
