@@ -45,6 +45,7 @@ FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "lr_scheduler_type": ("learner.lr_scheduler_type", _enum),
     "max_grad_norm": ("learner.max_grad_norm", float),
     "gradient_checkpointing": ("learner.gradient_checkpointing", bool),
+    "cast_lm_head_to_fp32": ("learner.cast_lm_head_to_fp32", bool),
     "beta": ("algorithm.beta", float),
     "epsilon": ("algorithm.epsilon", float),
     "epsilon_high": ("algorithm.epsilon_high", lambda v: v if v is None else float(v)),

@@ -7,8 +7,9 @@ one chunk's logits at a time too.
 
 TRL components: `trl.trainer.utils.selective_log_softmax`, on each chunk's logits (TRL's Triton
 kernel on a GPU). The chunking stays ours on purpose: TRL's function takes a batch's full logits,
-and TRL's hidden-states kernel (`trl.kernels.ChunkedLogProbFunction`) multiplies in the hidden
-states' dtype (bf16), where this keeps the fp32 logits of an fp32 lm_head (PEFT's 4-bit setup).
+and TRL's hidden-states kernel (`trl.kernels.ChunkedLogProbFunction`) always multiplies in the
+hidden states' dtype, where this multiplies in the dtype the caller asks for: the compute dtype
+(bf16 on a GPU, as TRL) or fp32 (TRL's `cast_lm_head_to_fp32`).
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from trl.trainer.utils import selective_log_softmax
 
 
 def _chunk_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float) -> Tensor:
-    """hidden (N, H), weight (V, H), targets (N,) -> (N,) log p(target)."""
-    # The caller's autocast would turn an fp32 lm_head's logits into bf16.
+    """hidden (N, H), weight (V, H), targets (N,) -> (N,) log p(target); the matmul in the
+    weight's dtype."""
+    # The caller's autocast would turn fp32 logits into bf16.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         logits = hidden.to(weight.dtype) @ weight.T
         # At least fp32: bf16 logits lose the small differences that log-prob ratios are made of.
@@ -30,13 +32,14 @@ def _chunk_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature
 
 
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int,
-                   temperature: float = 1.0) -> Tensor:
+                   temperature: float = 1.0, dtype: torch.dtype | None = None) -> Tensor:
     """log softmax((hidden @ weight.T) / temperature) gathered at `targets`, chunk by chunk.
 
     hidden (B, T, H): last hidden states at the positions that predict `targets`;
     weight (V, H): the lm_head weight; targets (B, T) token ids -> (B, T) fp32 (or fp64) log-probs.
-    At most `chunk_size` positions (of the flattened B*T) have their V logits alive at once, in
-    forward and in backward.
+    The matmul runs in `dtype` (None: the weight's), the softmax in at least fp32. At most
+    `chunk_size` positions (of the flattened B*T) have their V logits alive at once, in forward
+    and in backward.
     """
     if hidden.dim() != 3 or targets.shape != hidden.shape[:2]:
         raise ValueError(f"token_logprobs: hidden {tuple(hidden.shape)} must be (B, T, H) and "
@@ -45,6 +48,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: 
         raise ValueError(f"token_logprobs: chunk_size ({chunk_size}) and temperature "
                          f"({temperature}) must be positive")
     B, T, H = hidden.shape
+    if dtype is not None:
+        weight = weight.to(dtype)  # once per call, not per chunk
     flat_hidden, flat_targets = hidden.reshape(B * T, H), targets.reshape(B * T)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     out = []

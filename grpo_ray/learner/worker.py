@@ -224,8 +224,10 @@ class LearnerWorker:
         if not prepared.separate_pass:
             with torch.no_grad():
                 mb.old_logp = self._token_logprobs(hidden.detach(), mb)
+        weight = self._lm_head.weight
         return fused_grpo_loss(
-            hidden, self._lm_head.weight, mb.targets, mb.mask, mb.advantages,
+            hidden, weight.to(self._lm_head_dtype() or weight.dtype), mb.targets, mb.mask,
+            mb.advantages,
             mb.old_logp if prepared.separate_pass else None, mb.ref_logp, self._is_weights(mb),
             beta=a.beta, epsilon=a.epsilon, epsilon_high=a.epsilon_high, loss_type=a.loss_type,
             num_sequences=prepared.num_sequences, num_tokens=prepared.num_tokens,
@@ -263,7 +265,13 @@ class LearnerWorker:
                         temperature: float | None = None) -> Tensor:
         return token_logprobs(hidden, self._lm_head.weight, mb.targets,
                               self.learner.logprob_chunk_size,
-                              self.temperature if temperature is None else temperature)
+                              self.temperature if temperature is None else temperature,
+                              self._lm_head_dtype())
+
+    def _lm_head_dtype(self) -> torch.dtype | None:
+        """The log-prob matmul's dtype (`cast_lm_head_to_fp32`; None: the weight's)."""
+        cast = self.learner.cast_lm_head_to_fp32
+        return None if cast is None else torch.float32 if cast else self._compute_dtype
 
     def _autocast(self) -> AbstractContextManager:
         """bf16 matmuls on GPU, as HF Trainer's `bf16=True`: without it the fp32 norms of a

@@ -87,3 +87,22 @@ def test_autograd_saves_no_logits():
         out = token_logprobs(hidden, weight, targets, chunk_size=16)
     out.sum().backward()
     assert saved and max(saved) <= weight.numel()  # weight (V*H=4096) < one chunk's logits (16*512)
+
+
+def test_the_matmul_runs_in_the_dtype_asked_for():
+    """`dtype`: bf16 (the learner's compute dtype on a GPU) or fp32 (cast_lm_head_to_fp32), for
+    bf16 hidden states and an fp32 lm_head weight (PEFT's 4-bit setup). The softmax is fp32
+    either way; the two differ by the bf16 rounding of the weight."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 5, 64, generator=g).to(torch.bfloat16)
+    weight = torch.randn(300, 64, generator=g) / 8
+    targets = torch.randint(0, 300, (2, 5), generator=g)
+    fp32 = token_logprobs(hidden, weight, targets, 4, dtype=torch.float32)
+    bf16 = token_logprobs(hidden, weight, targets, 4, dtype=torch.bfloat16)
+    assert fp32.dtype == bf16.dtype == torch.float32
+    torch.testing.assert_close(fp32, _naive(hidden.float(), weight, targets), rtol=0, atol=1e-5)
+    want_bf16 = (hidden @ weight.to(torch.bfloat16).T).float().log_softmax(-1)
+    torch.testing.assert_close(bf16, want_bf16.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
+                               rtol=0, atol=1e-5)
+    assert 1e-4 < (fp32 - bf16).abs().max() < 0.1
+    torch.testing.assert_close(token_logprobs(hidden, weight, targets, 4), fp32)  # the weight's
