@@ -19,6 +19,7 @@
 # and $STEP_TAG (e.g. -nockpt) to its file names: the table lists such runs as variants. With
 # $PROFILE set, each step-* part runs its last on-policy step under the torch profiler
 # (the learner's ops by GPU time into $SUITE/<part>.profile.txt).
+# learner-ab: the learner's update alone, settings switched on one loaded learner (an A/B).
 # peer-trl: TRL's GRPOTrainer with vLLM colocated at the same shape and settings, $STEPS steps
 # (benchmarks/trl_peer.py): the step time ours is compared with.
 set -uo pipefail
@@ -67,6 +68,11 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
         "${kernels[@]}" --json "$SUITE/$part${STEP_TAG:-}.json" "learner.backend=$backend" \
         "${extra[@]}" ${PROFILE:+--profile "$SUITE/$part${STEP_TAG:-}.profile.txt"} \
         ${STEP_OVERRIDES:-};;
+    learner-ab)  # the bnb + PEFT learner's update alone, lm_head matmul in the weight's dtype
+      # (fp32) vs the compute dtype (bf16), on one loaded learner (benchmarks/learner_step.py)
+      run learner-ab "${AB_LIMIT:-300}" python3 benchmarks/learner_step.py --model "$MODEL" \
+        --json "$SUITE/learner-ab.json" --variant learner.cast_lm_head_to_fp32=null \
+        --variant learner.cast_lm_head_to_fp32=false learner.backend=peft;;
     peer-trl)  # TRL's GRPOTrainer, vLLM colocated, bf16 LoRA: the same shape and $STEPS steps
       run peer-trl "${PEER_LIMIT:-540}" python3 benchmarks/trl_peer.py --model "$MODEL" \
         --steps "$STEPS" --json "$SUITE/peer-trl.json";;
@@ -87,6 +93,6 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
     rollout)
       run rollout "${ROLLOUT_LIMIT:-540}" python3 benchmarks/rollout_throughput.py \
         --model "$MODEL" --json "$SUITE/rollout.json" ${ROLLOUT_ARGS:-};;
-    *) echo "unknown part $part (setup, tests, step-*, peer-trl, rollout, table, learn[-peft|-unsloth], multi-engine, faults)"; exit 2;;
+    *) echo "unknown part $part (setup, tests, step-*, learner-ab, peer-trl, rollout, table, learn[-peft|-unsloth], multi-engine, faults)"; exit 2;;
   esac
 done

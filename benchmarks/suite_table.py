@@ -121,10 +121,11 @@ def table(suite: Path) -> str:
     for path in sorted(suite.glob("step-*.json")):  # the same parts with other settings
         if path.stem not in used:
             run = json.loads(path.read_text())
-            ms = [m for phase in phases(run).values() for m in phase]
+            parts = [f"{name}: {step_row(ms)}; MFU {span(_col(ms, 'learner/mfu'))}"
+                     for name, ms in phases(run).items() if ms]
             rows.append((f"{path.stem}: {' '.join(run.get('overrides') or []) or 'as above'}",
-                         "(variant)", f"{step_row(ms)}; MFU {span(_col(ms, 'learner/mfu'))}; "
-                         f"set-up {run['setup_s']:.0f} s" if ms else not_run))
+                         "(variant)", "; ".join(parts) + f"; set-up {run['setup_s']:.0f} s"
+                         if parts else not_run))
     env = next((r[1]["environment"] for r in (unsloth, peft, peer, rollout) if r), {})
     head = (f"One `gpu_suite.sh` run in {suite.name}: {env.get('gpu', 'GPU unknown')}, torch "
             f"{env.get('torch', '?')}, vLLM {env.get('vllm', '?')}, {env.get('date', '')}. "

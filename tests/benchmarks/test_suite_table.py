@@ -53,7 +53,7 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
     assert rows["peer: TRL 1.15.0 GRPOTrainer, vLLM colocated, bf16 LoRA"] == (
         "5.60-5.70 s a step; ours faster by 1.28x on policy, 2.26x one step off")
     assert rows["step-unsloth-merged-nockpt: learner.gradient_checkpointing=false"] == (
-        "3.50-3.70 s: generate 1.75-1.85, reference 0.50, update 1.80, sync 0.30; MFU 0.33; "
-        "set-up 101 s")
+        "on policy: 3.50-3.70 s: generate 1.75-1.85, reference 0.50, update 1.80, sync 0.30; "
+        "MFU 0.33; set-up 101 s")
     assert rows["stalls"] == ("on policy: largest step 1.14x the median; one step off: "
                               "largest step 1.04x the median")

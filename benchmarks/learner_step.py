@@ -1,0 +1,120 @@
+"""The learner's GRPO update alone (no Ray, no vLLM), on a step-shaped batch of random tokens,
+with settings switched on the same loaded learner: an A/B of learner settings in one process.
+
+    python benchmarks/learner_step.py --model /tmp/q3b [--steps 3] \
+        --variant learner.cast_lm_head_to_fp32=null --variant learner.cast_lm_head_to_fp32=false
+
+Builds `LearnerWorker` from --config (the recipe's one-GPU config: 4-bit learner,
+`max_tokens_per_micro_batch`) with `overrides`, then for each --variant (space-separated
+`learner.key=value` settings, applied to the loaded learner's config) runs one warm-up
+`train_step` and --steps timed ones on the same batch: 16 prompts x 8 completions of 256 tokens
+by default, prompts of 80-160 tokens, random advantages. Only settings read at each step can be
+switched (not the backend or gradient checkpointing, fixed when the model loads). Prints each
+variant's update and reference times (medians) and the learner's peak memory; --json writes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ensure_model, print_environment  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="/tmp/q3b", help="model directory (built if missing)")
+    p.add_argument("--config", default="configs/qwen2.5-3b-gsm8k-1gpu.yaml")
+    p.add_argument("--shape", default="16x8x256", help="prompts x completions x tokens")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    p.add_argument("--variant", action="append", default=[],
+                   help="space-separated learner.key=value settings (repeat; default: as loaded)")
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p
+
+
+def step_batch(shape: str, vocab: int, seed: int = 0):
+    """A TrainBatch of `shape` (PxNxT) with random tokens, advantages and sampling log-probs."""
+    import torch
+
+    from grpo_ray.contracts import TrainBatch
+
+    P, n, T = (int(x) for x in shape.split("x"))
+    g = torch.Generator().manual_seed(seed)
+    prompts, completions = [], []
+    for _ in range(P):
+        prompt = torch.randint(3, vocab, (int(torch.randint(80, 161, (1,), generator=g)),),
+                               generator=g).tolist()
+        for _ in range(n):
+            prompts.append(prompt)
+            completions.append(torch.randint(3, vocab, (T,), generator=g).tolist())
+    advantages = torch.randn(P * n, generator=g).tolist()
+    sampling = [(-5.0 - torch.rand(T, generator=g)).tolist() for _ in completions]
+    return TrainBatch(prompts, completions, advantages, sampling)
+
+
+def _settings(text: str) -> dict[str, object]:
+    """`learner.key=value ...` -> {key: value}, values read as YAML (true, null, 1e-6)."""
+    import yaml
+
+    out = {}
+    for item in text.split():
+        key, _, value = item.partition("=")
+        if not key.startswith("learner.") or not value:
+            raise SystemExit(f"--variant {text!r}: expected learner.key=value settings")
+        out[key.removeprefix("learner.")] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from grpo_ray.config import LearnerConfig, load_config
+
+    env = print_environment()
+    ensure_model(args.model)
+    cfg = load_config(args.config, [f"model.path={args.model}", "data.source=synthetic",
+                                    *args.overrides])
+    import torch
+    from transformers import AutoConfig
+
+    from grpo_ray.learner.worker import LearnerWorker
+
+    T = int(args.shape.split("x")[2])
+    start = time.perf_counter()
+    worker = LearnerWorker(args.model, cfg.model, cfg.lora, cfg.learner, cfg.algorithm, T,
+                           cfg.rollout.temperature)
+    load_s = time.perf_counter() - start
+    batch = step_batch(args.shape, AutoConfig.from_pretrained(args.model).vocab_size)
+    print(f"learner: {worker.description}; loaded in {load_s:.1f} s; batch {args.shape}",
+          flush=True)
+    rows = []
+    for text in args.variant or [""]:
+        worker.learner = LearnerConfig.model_validate(
+            {**cfg.learner.model_dump(), **_settings(text)})
+        runs = [worker.train_step(batch) for _ in range(args.steps + 1)][1:]  # 1 warm-up
+        row = {"variant": text or "as loaded",
+               "update_s": statistics.median(r["time_update_s"] for r in runs),
+               "ref_s": statistics.median(r["time_ref_s"] for r in runs),
+               "update_all_s": [r["time_update_s"] for r in runs],
+               "peak_memory_gb": max(r["peak_memory_gb"] for r in runs),
+               "mfu": statistics.median(r.get("mfu", float("nan")) for r in runs)}
+        rows.append(row)
+        print(f"{row['variant']}: update {row['update_s']:.2f} s (of {args.steps}: "
+              + ", ".join(f"{x:.2f}" for x in row["update_all_s"])
+              + f"), reference {row['ref_s']:.2f} s, peak {row['peak_memory_gb']:.1f} GiB, "
+              f"MFU {row['mfu']:.2f}", flush=True)
+    if torch.cuda.is_available():
+        print(f"({env['gpu']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"environment": env, "learner": worker.description,
+                                               "shape": args.shape, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
