@@ -68,11 +68,18 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
         "${kernels[@]}" --json "$SUITE/$part${STEP_TAG:-}.json" "learner.backend=$backend" \
         "${extra[@]}" ${PROFILE:+--profile "$SUITE/$part${STEP_TAG:-}.profile.txt"} \
         ${STEP_OVERRIDES:-};;
-    learner-ab)  # the bnb + PEFT learner's update alone, lm_head matmul in the weight's dtype
-      # (fp32) vs the compute dtype (bf16), on one loaded learner (benchmarks/learner_step.py)
-      run learner-ab "${AB_LIMIT:-300}" python3 benchmarks/learner_step.py --model "$MODEL" \
-        --json "$SUITE/learner-ab.json" --variant learner.cast_lm_head_to_fp32=null \
-        --variant learner.cast_lm_head_to_fp32=false learner.backend=peft;;
+    learner-ab)  # the learner's update alone (benchmarks/learner_step.py), bnb + PEFT then
+      # Unsloth: the lm_head matmul in the weight's dtype vs the compute dtype; without gradient
+      # checkpointing at 16384 and 8192 positions a micro-batch (a fresh learner for each)
+      for backend in peft unsloth; do
+        run "learner-ab-$backend" "${AB_LIMIT:-300}" python3 benchmarks/learner_step.py \
+          --model "$MODEL" --json "$SUITE/learner-ab-$backend.json" \
+          --variant learner.cast_lm_head_to_fp32=null \
+          --variant learner.cast_lm_head_to_fp32=false \
+          --variant "learner.gradient_checkpointing=false" \
+          --variant "learner.gradient_checkpointing=false learner.max_tokens_per_micro_batch=8192" \
+          "learner.backend=$backend"
+      done;;
     peer-trl)  # TRL's GRPOTrainer, vLLM colocated, bf16 LoRA: the same shape and $STEPS steps
       run peer-trl "${PEER_LIMIT:-540}" python3 benchmarks/trl_peer.py --model "$MODEL" \
         --steps "$STEPS" --json "$SUITE/peer-trl.json";;

@@ -6,15 +6,17 @@ with settings switched on the same loaded learner: an A/B of learner settings in
 
 Builds `LearnerWorker` from --config (the recipe's one-GPU config: 4-bit learner,
 `max_tokens_per_micro_batch`) with `overrides`, then for each --variant (space-separated
-`learner.key=value` settings, applied to the loaded learner's config) runs one warm-up
-`train_step` and --steps timed ones on the same batch: 16 prompts x 8 completions of 256 tokens
-by default, prompts of 80-160 tokens, random advantages. Only settings read at each step can be
-switched (not the backend or gradient checkpointing, fixed when the model loads). Prints each
-variant's update and reference times (medians) and the learner's peak memory; --json writes them.
+`learner.key=value` settings) runs one warm-up `train_step` and --steps timed ones on the same
+batch: 16 prompts x 8 completions of 256 tokens by default, prompts of 80-160 tokens, random
+advantages. Settings the learner reads at every step (`PER_STEP`: the lm_head dtype, micro-batch
+sizes, the loss kernel) are switched on the loaded learner; any other (gradient checkpointing,
+the backend) loads a fresh one, the previous one freed first. Prints each variant's update and
+reference times (medians) and the learner's peak memory; --json writes them.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -23,6 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_model, print_environment  # noqa: E402
+
+
+PER_STEP = {"cast_lm_head_to_fp32", "micro_batch_size", "max_tokens_per_micro_batch",
+            "logprob_chunk_size", "loss_kernel", "max_grad_norm"}
+"""LearnerConfig fields `LearnerWorker` reads at each step: switched without a reload."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,19 +92,26 @@ def main(argv: list[str] | None = None) -> int:
     from grpo_ray.learner.worker import LearnerWorker
 
     T = int(args.shape.split("x")[2])
-    start = time.perf_counter()
-    worker = LearnerWorker(args.model, cfg.model, cfg.lora, cfg.learner, cfg.algorithm, T,
-                           cfg.rollout.temperature)
-    load_s = time.perf_counter() - start
     batch = step_batch(args.shape, AutoConfig.from_pretrained(args.model).vocab_size)
-    print(f"learner: {worker.description}; loaded in {load_s:.1f} s; batch {args.shape}",
-          flush=True)
-    rows = []
+    worker, loaded_with, rows = None, None, []
     for text in args.variant or [""]:
-        worker.learner = LearnerConfig.model_validate(
-            {**cfg.learner.model_dump(), **_settings(text)})
+        settings = _settings(text)
+        learner = LearnerConfig.model_validate({**cfg.learner.model_dump(), **settings})
+        load_time = {k: v for k, v in settings.items() if k not in PER_STEP}
+        if worker is None or load_time != loaded_with:
+            worker = None  # free the previous learner's GPU memory before the next loads
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            start = time.perf_counter()
+            worker = LearnerWorker(args.model, cfg.model, cfg.lora, learner, cfg.algorithm, T,
+                                   cfg.rollout.temperature)
+            loaded_with = load_time
+            print(f"learner: {worker.description}, loaded in {time.perf_counter() - start:.1f} "
+                  f"s; batch {args.shape}", flush=True)
+        worker.learner = learner
         runs = [worker.train_step(batch) for _ in range(args.steps + 1)][1:]  # 1 warm-up
-        row = {"variant": text or "as loaded",
+        row = {"variant": text or "as loaded", "learner": worker.description,
                "update_s": statistics.median(r["time_update_s"] for r in runs),
                "ref_s": statistics.median(r["time_ref_s"] for r in runs),
                "update_all_s": [r["time_update_s"] for r in runs],
@@ -111,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         print(f"({env['gpu']})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "learner": worker.description,
-                                               "shape": args.shape, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"environment": env, "shape": args.shape,
+                                               "rows": rows}, indent=1))
     return 0
 
 

@@ -16,20 +16,31 @@ def test_each_variant_runs_on_the_loaded_learner_with_its_settings(tiny_model_pa
                                                                    monkeypatch):
     from grpo_ray.learner.worker import LearnerWorker
 
-    seen = []  # (the setting the learner steps with, rows), step by step
+    seen = []  # (which learner, the settings it steps with, rows), step by step
+    step, init, loads = LearnerWorker.train_step, LearnerWorker.__init__, [0]
 
-    step = LearnerWorker.train_step
+    def counted_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        loads[0] += 1
+        self.serial = loads[0]
+
+    monkeypatch.setattr(LearnerWorker, "__init__", counted_init)
     monkeypatch.setattr(LearnerWorker, "train_step", lambda self, batch: (
-        seen.append((self.learner.cast_lm_head_to_fp32, len(batch))), step(self, batch))[1])
+        seen.append((self.serial, self.learner.cast_lm_head_to_fp32,
+                     self.learner.gradient_checkpointing, len(batch))), step(self, batch))[1])
     out = tmp_path / "ab.json"
+    variants = ["learner.cast_lm_head_to_fp32=null", "learner.cast_lm_head_to_fp32=false",
+                "learner.gradient_checkpointing=false", "learner.cast_lm_head_to_fp32=true"]
     assert learner_step.main([
         "--model", tiny_model_path, "--shape", "2x2x8", "--steps", "1", "--json", str(out),
-        "--variant", "learner.cast_lm_head_to_fp32=null",
-        "--variant", "learner.cast_lm_head_to_fp32=false", "learner.load_in_4bit=false"]) == 0
-    assert seen == [(None, 4), (None, 4), (False, 4), (False, 4)]  # a warm-up, then 1 timed
+        *[a for v in variants for a in ("--variant", v)], "learner.load_in_4bit=false"]) == 0
+    # each variant: a warm-up, then 1 timed step; checkpointing off loads a fresh learner, and
+    # the next variant, with it on again, another
+    assert [s[1:] for s in seen] == [(None, True, 4)] * 2 + [(False, True, 4)] * 2 + [
+        (None, False, 4)] * 2 + [(True, True, 4)] * 2
+    assert [s[0] for s in seen[::2]] == [1, 1, 2, 3]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["learner.cast_lm_head_to_fp32=null",
-                                            "learner.cast_lm_head_to_fp32=false"]
+    assert [r["variant"] for r in rows] == variants
     assert all(r["update_s"] > 0 and len(r["update_all_s"]) == 1 for r in rows)
     with pytest.raises(SystemExit, match="learner.key=value"):
         learner_step._settings("rollout.kv_cache_gb=8")
