@@ -333,13 +333,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.rollout.gpu_memory_utilization:.0%} of the GPU")
     kernel_times = {}
     if compare_steps:
-        for kernel, ms in zip(kernels, [history[:args.steps], history[args.steps:]]):
-            ms = ms[1:] or ms  # a kernel's first step warms up (Liger compiles on CUDA)
+        steady = steady_phases(history, lengths)  # the first step of each kernel warms up
+        for kernel, name, ms in zip(kernels, ["on policy", "other loss kernel"],
+                                    [history[:args.steps], history[args.steps:]]):
+            ms = steady[name] or ms  # one step each: that step
             kernel_times[kernel] = {
                 "update_s": statistics.median(m["learner/time_update_s"] for m in ms),
                 "peak_memory_gb": max(m["learner/peak_memory_gb"] for m in ms)}
         print("\nlearner.loss_kernel on the same actors, " + f"{args.steps} steps each "
-              "(median update s, largest learner peak GiB; first step of each left out): "
+              "(median update s, largest learner peak GiB; first step of each and a profiled one left "
+              "out): "
               + "; ".join(f"{k}: {v['update_s']:.2f} s, {v['peak_memory_gb']:.1f} GiB"
                           for k, v in kernel_times.items()))
     if syncs:
