@@ -341,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                 "update_s": statistics.median(m["learner/time_update_s"] for m in ms),
                 "peak_memory_gb": max(m["learner/peak_memory_gb"] for m in ms)}
         print("\nlearner.loss_kernel on the same actors, " + f"{args.steps} steps each "
-              "(median update s, largest learner peak GiB; first step of each and a profiled one left "
-              "out): "
+              "(median update s, largest learner peak GiB; first step of each and a profiled "
+              "one left out): "
               + "; ".join(f"{k}: {v['update_s']:.2f} s, {v['peak_memory_gb']:.1f} GiB"
                           for k, v in kernel_times.items()))
     if syncs:
