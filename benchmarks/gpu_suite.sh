@@ -19,6 +19,7 @@
 # and $STEP_TAG (e.g. -nockpt) to its file names: the table lists such runs as variants. With
 # $PROFILE set, each step-* part runs its last on-policy step under the torch profiler
 # (the learner's ops by GPU time into $SUITE/<part>.profile.txt).
+# $TESTS_ARGS go to the tests part's pytest (e.g. -k sync), $LEARN_OVERRIDES to the learn parts.
 # learner-ab: the learner's update alone, settings switched on one loaded learner (an A/B).
 # peer-trl: TRL's GRPOTrainer with vLLM colocated at the same shape and settings, $STEPS steps
 # (benchmarks/trl_peer.py): the step time ours is compared with.
@@ -53,7 +54,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       run build 300 python3 -c "from common import ensure_model; ensure_model('$MODEL')";;
     tests)
       TAIL=40 run tests "${TESTS_LIMIT:-480}" python3 -m pytest -m gpu tests/gpu -s -rA \
-        -p no:cacheprovider;;
+        -p no:cacheprovider ${TESTS_ARGS:-};;
     step-*)
       label=${part#step-}
       backend=${label%%-*}
@@ -88,7 +89,8 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
     learn-peft|learn-unsloth)  # 200 steps of configs/learn-gpu.yaml, its own settings
       TAIL=12 run "$part" "${LEARN_LIMIT:-900}" python3 scripts/learning_benchmark.py \
         --config configs/learn-gpu.yaml --eval-every 50 "output.dir=$SUITE/$part" \
-        "algorithm.total_steps=${LEARN_STEPS:-200}" "learner.backend=${part#learn-}"
+        "algorithm.total_steps=${LEARN_STEPS:-200}" "learner.backend=${part#learn-}" \
+        ${LEARN_OVERRIDES:-}
       # fails unless held-out accuracy rose by 0.3 and no engine was replaced or repaired
       run "$part-check" 60 python3 benchmarks/reliability_gpu.py learn-check "$SUITE/$part" \
         --json "$SUITE/reliability.jsonl";;

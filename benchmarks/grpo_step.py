@@ -133,6 +133,12 @@ def measure_syncs(actors, first_version: int, repeats: int) -> dict[str, dict[st
         "after: AdapterBroadcast.sync": lambda v: broadcast.sync(learner, engines, v),
     }
     version, out = first_version, {}
+    # what each CUDA IPC export did before it kept the adapter's parameters (sender.
+    # lora_parameters): a walk of the whole model's state dict, timed alone in the learner
+    walks = [ray.get(learner.__ray_call__.remote(_state_dict_walk_s)) for _ in range(repeats)]
+    out["export before: get_peft_model_state_dict alone"] = {
+        "export_s": statistics.median(walks), "load_s": 0.0, "total_s": statistics.median(walks),
+        "runs": repeats}
     for name, sync in transports.items():
         runs = []
         for _ in range(repeats):
@@ -144,6 +150,20 @@ def measure_syncs(actors, first_version: int, repeats: int) -> dict[str, dict[st
                      for k in ("export_s", "load_s", "total_s")}
         out[name]["runs"] = repeats
     return out
+
+
+def _state_dict_walk_s(worker) -> float:
+    """Run through `__ray_call__` in the learner: seconds of one `get_peft_model_state_dict`."""
+    import torch
+
+    from grpo_ray.weight_sync.sender import _lora_state
+
+    cuda = torch.cuda.is_available()
+    start = time.perf_counter()
+    _lora_state(worker.model, "default")
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def probe(trainer, fixed) -> tuple[list[float], list[float]]:

@@ -176,30 +176,49 @@ _ipc_mapping: Any = None
 """The learner's CUDA IPC buffer as mapped into this (engine) process, kept open."""
 
 
+def lora_parameters(peft_model: Any, adapter_name: str = "default") -> dict[str, Any] | None:
+    """PEFT-format name -> the LoRA `Parameter` that `get_peft_model_state_dict` reads it from,
+    found once; None where a tensor of the state dict is not a parameter's own storage (a
+    derived tensor: then the state dict must be built each time).
+
+    Ours because the sync runs every step: `get_peft_model_state_dict` walks the whole model's
+    state dict on every call (on a 4-bit model it packs every layer's quantization state into
+    tensors), while the adapter's parameters stay the same objects for the learner's life: the
+    optimizer and a checkpoint restore (`load_state_dict`) write into them in place."""
+    state = _lora_state(peft_model, adapter_name)
+    by_storage = {(p.data_ptr(), tuple(p.shape), p.dtype): p for p in peft_model.parameters()}
+    params = {name: by_storage.get((t.data_ptr(), tuple(t.shape), t.dtype))
+              for name, t in state.items()}
+    return None if any(p is None for p in params.values()) else params
+
+
 class CudaIpcExport:
     """The learner's side of CUDA IPC: one persistent GPU buffer, refreshed in place for every
-    version (engines read it before the next version is written: `sync` is sequential)."""
+    version (engines read it before the next version is written: `sync` is sequential), from
+    the adapter's parameters found at the first export (`lora_parameters`)."""
 
     def __init__(self) -> None:
         self.buffer: Any = None
+        self._model: Any = None
+        self._params: dict[str, Any] | None = None
 
     def export(self, peft_model: Any, version: int, dtype: str,
                adapter_name: str = "default") -> CudaIpcAdapter:
         import torch
         from torch.multiprocessing.reductions import reduce_tensor
 
-        state = _lora_state(peft_model, adapter_name)
+        if peft_model is not self._model:
+            self._model, self._params = peft_model, lora_parameters(peft_model, adapter_name)
+        state = ({k: p.detach() for k, p in self._params.items()} if self._params is not None
+                 else _lora_state(peft_model, adapter_name))
         device = next(iter(state.values())).device
         if device.type != "cuda":
             raise ValueError(f"CUDA IPC needs the adapter on a GPU, it is on {device}")
         cast, size = getattr(torch, dtype), sum(t.numel() for t in state.values())
         if self.buffer is None or self.buffer.numel() != size or self.buffer.dtype != cast:
             self.buffer = torch.empty(size, dtype=cast, device=device)
-        offset = 0
-        with torch.no_grad():
-            for t in state.values():
-                self.buffer[offset:offset + t.numel()].copy_(t.reshape(-1))
-                offset += t.numel()
+        with torch.no_grad():  # one kernel: cast and copy every tensor into the buffer
+            torch.cat([t.reshape(-1) for t in state.values()], out=self.buffer)
         names, shapes = list(state), [tuple(t.shape) for t in state.values()]
         digest = tensor_digest(split_flat(self.buffer, names, shapes))
         torch.cuda.synchronize(device)  # engines read the buffer as soon as this returns

@@ -16,7 +16,7 @@ from grpo_ray.config import ALL_PROJECTIONS, RolloutConfig
 from grpo_ray.contracts import Sampling
 from grpo_ray.weight_sync.broadcast import AdapterBroadcast
 from grpo_ray.weight_sync.files import vllm_lora_name, write_adapter
-from grpo_ray.weight_sync.sender import adapter_payload
+from grpo_ray.weight_sync.sender import adapter_payload, lora_parameters
 
 MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
            "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -56,6 +56,35 @@ def test_payload_holds_only_the_lora_tensors_of_the_target_modules(peft_model):
     assert config["r"] == 8 and config["lora_alpha"] == 16 and config["peft_type"] == "LORA"
     assert sorted(config["target_modules"]) == sorted(ALL_PROJECTIONS)
     assert json.loads(json.dumps(config)) == config
+
+
+def test_lora_parameters_are_what_the_state_dict_reads_after_training_and_restore(
+        tiny_model_path):
+    """The CUDA IPC export finds the adapter's parameters once: after optimizer steps and a
+    checkpoint restore (PEFT's `set_peft_model_state_dict`) they still hold exactly what
+    `get_peft_model_state_dict` gives."""
+    from peft import set_peft_model_state_dict
+
+    model = make_peft(tiny_model_path, seed=1)
+    params = lora_parameters(model)
+    start = adapter_payload(model, version=1).tensors
+    assert params is not None and set(params) == set(start)
+    assert all(p.requires_grad for p in params.values())
+
+    def same_as_state_dict() -> bool:
+        return all(torch.equal(params[k].detach(), v)
+                   for k, v in adapter_payload(model, version=2).tensors.items())
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=torch.tensor([[1, 5, 9, 42]])).logits.float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not all(torch.equal(params[k].detach(), v) for k, v in start.items())  # it trained
+    assert same_as_state_dict()
+    set_peft_model_state_dict(model, start)
+    assert all(torch.equal(params[k].detach(), v) for k, v in start.items())  # restored
+    assert same_as_state_dict()
 
 
 def test_payload_refuses_non_lora_tensors(tiny_model_path):
