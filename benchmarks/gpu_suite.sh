@@ -19,7 +19,7 @@
 # and $STEP_TAG (e.g. -nockpt) to its file names: the table lists such runs as variants. With
 # $PROFILE set, each step-* part runs its last on-policy step under the torch profiler
 # (the learner's ops by GPU time into $SUITE/<part>.profile.txt).
-# $TESTS_K selects the tests part's tests (pytest -k), $LEARN_OVERRIDES to the learn parts.
+# $TESTS_K selects the tests part's tests (pytest -k); $LEARN_OVERRIDES go to the learn parts.
 # learner-ab: the learner's update alone, settings switched on one loaded learner (an A/B).
 # peer-trl: TRL's GRPOTrainer with vLLM colocated at the same shape and settings, $STEPS steps
 # (benchmarks/trl_peer.py): the step time ours is compared with.
