@@ -97,49 +97,25 @@ def _merge_on_worker(worker: Any, model_path: str, tensors: dict[str, Any] | Non
     with torch.no_grad():
         for name, shards in plan.items():
             layer = modules[name.removesuffix(".weight")]
-            sizes = getattr(layer, "output_sizes", None) or [base[name].shape[0]]
-            pairs = [(sum(sizes[:shard]), sizes[shard], tensors[f"{prefix}.lora_A.weight"],
-                      tensors[f"{prefix}.lora_B.weight"]) for shard, prefix in shards]
-            if layer.weight.shape == base[name].shape:  # a GPU: into the engine's own memory
-                merge_into(layer.weight, base[name], pairs, scale)
-            else:
-                _set_weight(layer, merged_weight(base[name], pairs, scale))
+            merged = base[name].to(torch.float32, copy=True)  # never add into the base
+            sizes = getattr(layer, "output_sizes", None) or [merged.shape[0]]
+            for shard, prefix in shards:
+                a = tensors[f"{prefix}.lora_A.weight"].to(merged.device, torch.float32)
+                b = tensors[f"{prefix}.lora_B.weight"].to(merged.device, torch.float32)
+                start = sum(sizes[:shard])
+                merged[start:start + sizes[shard]].addmm_(b, a, alpha=scale)
+            _set_weight(layer, merged.to(base[name].dtype))
     return len(plan)
 
 
-def merge_into(weight: Any, base: Any, pairs: list[tuple[int, int, Any, Any]],
-               scale: float) -> None:
-    """`weight` (the engine's, written in place: the same memory, so CUDA graphs stay valid)
-    becomes `base + scale * B @ A` on each (first row, rows, A, B) of `pairs`, the base
-    elsewhere. One addmm per pair in the weight's dtype, which accumulates in fp32 and rounds
-    once as it writes (as `merged_weight` does, up to the order of the sums), without the five
-    passes over an fp32 copy of every weight that `merged_weight` makes."""
-    import torch
-
-    if sum(rows for _, rows, _, _ in pairs) != base.shape[0]:  # some shards keep the base
-        weight.copy_(base)
-    for start, rows, a, b in pairs:
-        torch.addmm(base[start:start + rows], b.to(base.dtype), a.to(base.dtype), alpha=scale,
-                    out=weight[start:start + rows])
-
-
-def merged_weight(base: Any, pairs: list[tuple[int, int, Any, Any]], scale: float) -> Any:
-    """A new tensor `base + scale * B @ A` on each (first row, rows, A, B) of `pairs`, computed
-    in fp32 and rounded once to the base's dtype."""
-    import torch
-
-    merged = base.to(torch.float32, copy=True)  # never add into the base
-    for start, rows, a, b in pairs:
-        merged[start:start + rows].addmm_(b.to(merged.device, torch.float32),
-                                          a.to(merged.device, torch.float32), alpha=scale)
-    return merged.to(base.dtype)
-
-
 def _set_weight(layer: Any, weight: Any) -> None:
-    """On vLLM's CPU backend, which packed the weight for oneDNN and dropped it, the layer's GEMM
-    is built again around the merged weight."""
+    """In place on a GPU (the same memory, so CUDA graphs stay valid); on vLLM's CPU backend,
+    which packed the weight for oneDNN and dropped it, the layer's GEMM is built again."""
     import torch
 
+    if layer.weight.shape == weight.shape:
+        layer.weight.copy_(weight)
+        return
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     layer.weight = torch.nn.Parameter(weight, requires_grad=False)
