@@ -126,16 +126,13 @@ class Trainer:
         return self.learner_group.members[0]
 
     def learner_call(self, what: str, method: str, *args, timeout_s: float | None = None,
-                     setting: str = "cluster.call_timeout_s", later: bool = False):
+                     setting: str = "cluster.call_timeout_s"):
         """`learner.<method>(*args)` with a deadline (default `cluster.call_timeout_s`). A lost or
-        hung learner is started again and `MemberRestarted` raised (`fit` recovers). `later`:
-        submit it now and return a function that waits for the result (the deadline runs from
-        now)."""
+        hung learner is started again and `MemberRestarted` raised (`fit` recovers)."""
         timeout = self.cfg.cluster.call_timeout_s if timeout_s is None else timeout_s
-        results = self.learner_group.stream(
+        return self.learner_group.call(
             what, lambda i: getattr(self.learner, method).remote(*args), timeout,
-            setting=setting)
-        return (lambda: next(results)[1]) if later else next(results)[1]
+            setting=setting)[0]
 
     def update_deadline(self, batch: TrainBatch) -> float:
         """Seconds the learner may take for the update on `batch` (`cluster.

@@ -60,7 +60,6 @@ class AdapterBroadcast:
         self._expected: tuple[int, str | None] = (0, None)  # what every engine must report
         self._learner_now: list[float] = []  # the learner's probe log-probs at that version
         self._checked: dict[int, ProbeStats | None] = {}  # a replacement's figures
-        self._learner_check: Any = None  # its calls in flight during the load (`_sync`)
         self._ask: Callable[..., Any] = self._ask_without_deadline
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -71,10 +70,8 @@ class AdapterBroadcast:
         `learner` (an actor handle), and every engine the group starts anew. With `probe_ids`
         (`probe.probe_sequences`) both sides score the probe now, with their base models, and
         `rule` judges it (None: the defaults of `cluster.sync_probe_*`). `ask(what, method,
-        *args, later=False)` makes the check's learner calls (the trainer's `learner_call`: a
-        deadline, and a hung or lost learner started again; `later=True` submits the call and
-        returns a function that waits for its result); None: plain calls to `learner`, without
-        a deadline."""
+        *args)` makes the check's learner calls (the trainer's `learner_call`: a deadline, and a
+        hung or lost learner started again); None: plain calls to `learner`, without one."""
         from grpo_ray.config import ClusterConfig
 
         self._learner, self._engines = learner, engines
@@ -92,12 +89,10 @@ class AdapterBroadcast:
             self._learner_now = learner_base
         engines.after_replace = self._check_replacement
 
-    def _ask_without_deadline(self, what: str, method: str, *args: Any,
-                              later: bool = False) -> Any:
+    def _ask_without_deadline(self, what: str, method: str, *args: Any) -> Any:
         import ray
 
-        ref = getattr(self._learner, method).remote(*args)
-        return (lambda: ray.get(ref)) if later else ray.get(ref)
+        return ray.get(getattr(self._learner, method).remote(*args))
 
     # ---- the sync ----------------------------------------------------------------------------
     def sync(self, learner: Any, engines: Any, version: int, force: bool = False,
@@ -161,8 +156,6 @@ class AdapterBroadcast:
         else:
             wait_export(payload_ref)
         export_s = time.perf_counter() - start
-        if engines is self._engines:  # the check's learner calls run while the engines load
-            self._learner_check = self._submit_learner_check()
         load_times = engines.load_adapter(payload_ref, force=force)
         self._payload = payload_ref
         total_s = time.perf_counter() - start
@@ -172,16 +165,6 @@ class AdapterBroadcast:
                 "total_s": total_s, "bytes": float(size)}
 
     # ---- verify and repair -------------------------------------------------------------------
-    def _submit_learner_check(self) -> tuple[Callable[[], Any], Callable[[], Any] | None]:
-        """The learner's part of the check, submitted now (right after its export, so that it
-        runs while the engines load the adapter): waits for its exported identity and, with a
-        probe, its probe log-probs."""
-        p = self.probe
-        identity = self._ask("the sync check", "exported_identity", later=True)
-        logprobs = (self._ask("the sync probe", "sequence_logprobs", p.prompt_ids,
-                              p.completion_ids, 1.0, later=True) if p is not None else None)
-        return identity, logprobs
-
     def verify(self, version: int) -> dict[str, float]:
         """After the load of `version`: every engine's identity, then its probe; a failing one
         is repaired (reloaded, then replaced) or the run ends (`SyncCheckError`). Returns
@@ -189,14 +172,13 @@ class AdapterBroadcast:
         `probe/slope_se`, `probe/gap` (`/engine_<i>`)."""
         start = time.perf_counter()
         engines, p = self._engines, self.probe
-        learner_check, self._learner_check = self._learner_check, None
-        identity_of, logprobs_of = learner_check or self._submit_learner_check()
-        identity = tuple(identity_of())
+        identity = tuple(self._ask("the sync check", "exported_identity"))
         if identity[0] != version:
             raise RuntimeError(f"the learner's last export is version {identity[0]}, not {version}")
         self._expected = identity  # type: ignore[assignment]
-        if logprobs_of is not None:
-            self._learner_now = flatten(logprobs_of())
+        if p is not None:
+            self._learner_now = flatten(self._ask("the sync probe", "sequence_logprobs",
+                                                  p.prompt_ids, p.completion_ids, 1.0))
         identities = engines.adapter_identities()
         scores = (engines.score(p.prompt_ids, p.completion_ids) if p is not None
                   else [None] * len(identities))

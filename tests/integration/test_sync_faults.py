@@ -49,20 +49,12 @@ def test_faults_are_caught_at_their_sync_and_reloaded(ray_local, tiny_model_path
     tensor, one that serves the base model; each caught at its step's sync and reloaded."""
     lines: list[str] = []
     trainer = build(tmp_path, tiny_model_path, lines, "algorithm.total_steps=3")
-    # the check's learner calls are in flight while the engines load (the sync's order)
-    order: list[str] = []
-    ask, load = trainer.broadcast._ask, trainer.engines.load_adapter
-    trainer.broadcast._ask = lambda what, method, *a, **k: order.append(method) or ask(
-        what, method, *a, **k)
-    trainer.engines.load_adapter = lambda *a, **k: order.append("engines load") or load(*a, **k)
     try:
         for step, fault in [(1, "previous"), (2, "double"), (3, "no-adapter")]:
             inject_now(trainer, fault)
             trainer.run_step()
             assert trainer.version == step
             assert_serves_the_learners_adapter(trainer)
-        assert order == ["__ray_call__"] + [  # the first sync asks for the learner's GPU
-            "exported_identity", "sequence_logprobs", "engines load"] * 3
         caught = failures(lines)
         assert len(caught) == 3, "\n".join(lines)
         assert caught[0].startswith(CAUGHT.format(1, "it holds adapter version 0 with digest "
