@@ -81,6 +81,7 @@ def _settings(text: str) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from grpo_ray.config import LearnerConfig, load_config
+    from grpo_ray.faults import first_line
 
     env = print_environment()
     ensure_model(args.model)
@@ -110,7 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"learner: {worker.description}, loaded in {time.perf_counter() - start:.1f} "
                   f"s; batch {args.shape}", flush=True)
         worker.learner = learner
-        runs = [worker.train_step(batch) for _ in range(args.steps + 1)][1:]  # 1 warm-up
+        try:
+            runs = [worker.train_step(batch) for _ in range(args.steps + 1)][1:]  # 1 warm-up
+        except torch.OutOfMemoryError as e:  # this variant does not fit; the others still run
+            rows.append({"variant": text or "as loaded", "learner": worker.description,
+                         "error": first_line(e)})
+            print(f"{text or 'as loaded'}: out of memory ({first_line(e)})", flush=True)
+            worker, loaded_with = None, None
+            continue
         row = {"variant": text or "as loaded", "learner": worker.description,
                "update_s": statistics.median(r["time_update_s"] for r in runs),
                "ref_s": statistics.median(r["time_ref_s"] for r in runs),
