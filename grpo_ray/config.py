@@ -264,14 +264,14 @@ class LearnerConfig(_Section):
     logprob_chunk_size: int = Field(1024, ge=1)
     """Positions whose vocabulary logits are materialized at once when computing the chosen
     tokens' log-probabilities (the `chunked` loss kernel and every pass without gradients)."""
-    cast_lm_head_to_fp32: bool | None = None
-    """The log-prob matmul's dtype (hidden states x lm_head). True: fp32 (TRL's
-    `cast_lm_head_to_fp32`). False, TRL's default: the learner's compute dtype (bf16 on a GPU),
-    the logits then taken to fp32 for the softmax. None: the lm_head weight's own dtype, what
-    this project has always run: bf16 with Unsloth, fp32 after PEFT's 4-bit preparation, where
-    those fp32 matmuls took 1.6 s of the 5.7 s of GPU time of a bnb + PEFT step at the 3B shape
-    on an H200 (docs/benchmarks.md). False is not yet measured on a GPU: once it is (the A/B of
-    `gpu_suite.sh learner-ab`), it becomes the default. The same on a CPU (fp32 throughout)."""
+    cast_lm_head_to_fp32: bool | None = False
+    """The log-prob matmul's dtype (hidden states x lm_head). False, TRL's default: the learner's
+    compute dtype (bf16 on a GPU), the logits then taken to fp32 for the softmax. True: fp32
+    (TRL's `cast_lm_head_to_fp32`). None: the lm_head weight's own dtype, what this project ran
+    before: bf16 with Unsloth, fp32 after PEFT's 4-bit preparation. At the 3B shape on an H200
+    (one process, docs/benchmarks.md) false took the bnb + PEFT update from 5.99 to 5.05 s and
+    its reference pass from 1.44 to 1.13 s; Unsloth's lm_head is bf16 anyway. The same on a CPU
+    (fp32 throughout)."""
     loss_kernel: Literal["chunked", "liger"] = "chunked"
     """How the update turns the last hidden states into the loss. `chunked`: the lm_head
     `logprob_chunk_size` positions at a time (checkpointed), then `algo.grpo.grpo_loss`.

@@ -211,10 +211,13 @@ class RolloutWorker:
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
         """The engine's log-probability of each given completion token after its prompt, under
         the current adapter: how a test, or the sync's probe, sees which adapter the engine
-        serves. At temperature 1 always: vLLM's prompt log-probs skip the sampling processors."""
+        serves. At temperature 1 always: vLLM's prompt log-probs skip the sampling processors.
+        Flat log-probs and no text, as for training (`sampling_params`): the same numbers, 19.6
+        against 31.6 ms for the probe's sequences on 2 CPU cores."""
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0,
+                                detokenize=False, flat_logprobs=True)
         outputs = self.llm.generate([{"prompt_token_ids": p + c}
                                      for p, c in zip(prompt_ids, completion_ids)],
                                     params, lora_request=self.adapter.request, use_tqdm=False)

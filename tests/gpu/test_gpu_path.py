@@ -174,7 +174,8 @@ def test_liger_loss_kernel_matches_the_chunked_one_on_cuda(model_path, load_in_4
 
     w = LearnerWorker(model_path, ModelConfig(dtype="bfloat16"), LORA,
                       learner_config(load_in_4bit=load_in_4bit, micro_batch_size=5,
-                                     learning_rate=0.0),
+                                     learning_rate=0.0,  # the 4-bit lm_head's fp32 products
+                                     cast_lm_head_to_fp32=load_in_4bit),
                       AlgorithmConfig(total_steps=5, beta=0.04, loss_type="bnpo",
                                       importance_sampling_correction=True),
                       max_completion_length=32, temperature=0.9)

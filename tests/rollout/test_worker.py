@@ -75,6 +75,25 @@ def test_sampling_logprobs_match_transformers(served_engine, tokenizer):
                    expected_logprobs(served_engine.model, out, 0.7)) < TOL
 
 
+def test_score_equals_vllms_default_prompt_logprobs(served_engine, tokenizer):
+    """`score` asks vLLM for flat log-probs without text: the numbers of its default output."""
+    from vllm import SamplingParams
+
+    from grpo_ray.weight_sync.probe import probe_sequences
+
+    worker = served_engine.worker
+    prompts, completions = probe_sequences(tokenizer)
+    got = worker.score(prompts, completions)
+    requests = [{"prompt_token_ids": p + c} for p, c in zip(prompts, completions)]
+    outputs = worker.llm.generate(requests, SamplingParams(max_tokens=1, prompt_logprobs=0,
+                                                           temperature=1.0),
+                                  lora_request=worker.adapter.request, use_tqdm=False)
+    want = [[lp[t].logprob for t, lp in zip(c, o.prompt_logprobs[len(p):])]
+            for p, c, o in zip(prompts, completions, outputs)]
+    assert got == want and [len(x) for x in got] == [len(c) for c in completions]
+    assert all(x < 0 for row in got for x in row)
+
+
 def test_greedy_is_one_argmax_completion_per_prompt(served_engine, tokenizer):
     import torch
 
