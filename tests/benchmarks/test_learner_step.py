@@ -37,7 +37,7 @@ def test_each_variant_runs_on_the_loaded_learner_with_its_settings(tiny_model_pa
     # each variant: a warm-up, then 1 timed step; checkpointing off loads a fresh learner, and
     # the next variant, with it on again, another
     assert [s[1:] for s in seen] == [(None, True, 4)] * 2 + [(False, True, 4)] * 2 + [
-        (None, False, 4)] * 2 + [(True, True, 4)] * 2
+        (False, False, 4)] * 2 + [(True, True, 4)] * 2
     assert [s[0] for s in seen[::2]] == [1, 1, 2, 3]
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == variants
