@@ -20,7 +20,8 @@
 # $PROFILE set, each step-* part runs its last on-policy step under the torch profiler
 # (the learner's ops by GPU time into $SUITE/<part>.profile.txt).
 # $TESTS_K selects the tests part's tests (pytest -k); $LEARN_OVERRIDES go to the learn parts.
-# learner-ab: the learner's update alone, settings switched on one loaded learner (an A/B).
+# learner-ab: the learner's update alone, A/B: per-step settings switched on one loaded learner,
+# load-time ones on a fresh learner each.
 # peer-trl: TRL's GRPOTrainer with vLLM colocated at the same shape and settings, $STEPS steps
 # (benchmarks/trl_peer.py): the step time ours is compared with.
 set -uo pipefail
@@ -69,18 +70,21 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
         "${kernels[@]}" --json "$SUITE/$part${STEP_TAG:-}.json" "learner.backend=$backend" \
         "${extra[@]}" ${PROFILE:+--profile "$SUITE/$part${STEP_TAG:-}.profile.txt"} \
         ${STEP_OVERRIDES:-};;
-    learner-ab)  # the learner's update alone (benchmarks/learner_step.py), bnb + PEFT then
-      # Unsloth: the lm_head matmul in the weight's dtype vs the compute dtype; without gradient
-      # checkpointing at 16384 and 8192 positions a micro-batch (a fresh learner for each)
-      for backend in peft unsloth; do
-        run "learner-ab-$backend" "${AB_LIMIT:-300}" python3 benchmarks/learner_step.py \
-          --model "$MODEL" --json "$SUITE/learner-ab-$backend.json" \
-          --variant learner.cast_lm_head_to_fp32=null \
-          --variant learner.cast_lm_head_to_fp32=false \
-          --variant "learner.gradient_checkpointing=false" \
-          --variant "learner.gradient_checkpointing=false learner.max_tokens_per_micro_batch=8192" \
-          "learner.backend=$backend"
-      done;;
+    learner-ab)  # the learner's update alone (benchmarks/learner_step.py), a fresh learner for
+      # each variant. bnb + PEFT: its unquantized weights in fp32 (PEFT's k-bit preparation) or
+      # bf16 (TRL's), the latter also without checkpointing at 8192 positions a micro-batch.
+      # Unsloth: with and without checkpointing. (2026-12-04: cast_lm_head_to_fp32 null vs false,
+      # checkpointing off at 16384 and 8192: docs/benchmarks.md.)
+      run learner-ab-peft "${AB_LIMIT:-300}" python3 benchmarks/learner_step.py \
+        --model "$MODEL" --json "$SUITE/learner-ab-peft.json" \
+        --variant learner.upcast_unquantized_to_fp32=true \
+        --variant learner.upcast_unquantized_to_fp32=false \
+        --variant "learner.upcast_unquantized_to_fp32=false learner.gradient_checkpointing=false learner.max_tokens_per_micro_batch=8192" \
+        learner.backend=peft
+      run learner-ab-unsloth "${AB_LIMIT:-300}" python3 benchmarks/learner_step.py \
+        --model "$MODEL" --json "$SUITE/learner-ab-unsloth.json" \
+        --variant learner.gradient_checkpointing=true \
+        --variant learner.gradient_checkpointing=false learner.backend=unsloth;;
     peer-trl)  # TRL's GRPOTrainer, vLLM colocated, bf16 LoRA: the same shape and $STEPS steps
       run peer-trl "${PEER_LIMIT:-540}" python3 benchmarks/trl_peer.py --model "$MODEL" \
         --steps "$STEPS" --json "$SUITE/peer-trl.json";;

@@ -39,7 +39,10 @@ def load_policy(model_path: str, model: ModelConfig, lora: LoraConfig, learner: 
         return policy, torch.bfloat16, f"Unsloth {bits} ({why})"
     four_bit = _use_4bit(learner.load_in_4bit, device)
     policy, dtype = _load_peft(model_path, model, lora, learner, device, four_bit)
-    what = "bitsandbytes NF4 + PEFT" if four_bit else f"PEFT, base in {str(dtype)[6:]}"
+    what = f"PEFT, base in {str(dtype)[6:]}"
+    if four_bit:
+        what = "bitsandbytes NF4 + PEFT" + (
+            "" if learner.upcast_unquantized_to_fp32 else ", unquantized weights in bf16")
     return policy, dtype, f"{what} ({why})"
 
 
@@ -76,9 +79,12 @@ def _load_peft(model_path: str, model: ModelConfig, lora: LoraConfig, learner: L
         base = AutoModelForCausalLM.from_pretrained(
             model_path, quantization_config=quant, dtype=torch.bfloat16,
             device_map={"": torch.cuda.current_device()})
-        base = peft.prepare_model_for_kbit_training(
-            base, use_gradient_checkpointing=learner.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing)
+        if learner.upcast_unquantized_to_fp32:
+            base = peft.prepare_model_for_kbit_training(
+                base, use_gradient_checkpointing=learner.gradient_checkpointing,
+                gradient_checkpointing_kwargs=checkpointing)
+        elif learner.gradient_checkpointing:  # what that does besides the upcast (non-reentrant)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     else:
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
         if learner.gradient_checkpointing:

@@ -168,8 +168,9 @@ class AdapterBroadcast:
     def verify(self, version: int) -> dict[str, float]:
         """After the load of `version`: every engine's identity, then its probe; a failing one
         is repaired (reloaded, then replaced) or the run ends (`SyncCheckError`). Returns
-        `probe_s`, the learner's `probe/movement` and each engine's `probe/slope`,
-        `probe/slope_se`, `probe/gap` (`/engine_<i>`)."""
+        `probe_s` (of which `probe_learner_s`: the learner's identity and probe log-probs,
+        `probe_engines_s`: the engines'), the learner's `probe/movement` and each engine's
+        `probe/slope`, `probe/slope_se`, `probe/gap` (`/engine_<i>`)."""
         start = time.perf_counter()
         engines, p = self._engines, self.probe
         identity = tuple(self._ask("the sync check", "exported_identity"))
@@ -179,10 +180,11 @@ class AdapterBroadcast:
         if p is not None:
             self._learner_now = flatten(self._ask("the sync probe", "sequence_logprobs",
                                                   p.prompt_ids, p.completion_ids, 1.0))
+        learner_s, engines_start = time.perf_counter() - start, time.perf_counter()
         identities = engines.adapter_identities()
         scores = (engines.score(p.prompt_ids, p.completion_ids) if p is not None
                   else [None] * len(identities))
-        out: dict[str, float] = {}
+        out = {"probe_learner_s": learner_s, "probe_engines_s": time.perf_counter() - engines_start}
         for i, (held, score) in enumerate(zip(identities, scores)):
             problem, stats = self._judge(i, tuple(held), score)
             if problem is not None:

@@ -183,7 +183,7 @@ def lora_parameters(peft_model: Any, adapter_name: str = "default") -> dict[str,
 
     Ours because the sync runs every step: `get_peft_model_state_dict` walks the whole model's
     state dict on every call (on a 4-bit model it packs every layer's quantization state into
-    tensors), while the adapter's parameters stay the same objects for the learner's life: the
+    tensors: 101 ms of each sync for the 3B learner on an H200, docs/benchmarks.md), while the adapter's parameters stay the same objects for the learner's life: the
     optimizer and a checkpoint restore (`load_state_dict`) write into them in place."""
     state = _lora_state(peft_model, adapter_name)
     by_storage = {(p.data_ptr(), tuple(p.shape), p.dtype): p for p in peft_model.parameters()}
@@ -217,7 +217,7 @@ class CudaIpcExport:
         cast, size = getattr(torch, dtype), sum(t.numel() for t in state.values())
         if self.buffer is None or self.buffer.numel() != size or self.buffer.dtype != cast:
             self.buffer = torch.empty(size, dtype=cast, device=device)
-        with torch.no_grad():  # one kernel: cast and copy every tensor into the buffer
+        with torch.no_grad():  # one call: cast and copy every tensor into the buffer
             torch.cat([t.reshape(-1) for t in state.values()], out=self.buffer)
         names, shapes = list(state), [tuple(t.shape) for t in state.values()]
         digest = tensor_digest(split_flat(self.buffer, names, shapes))

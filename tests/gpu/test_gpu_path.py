@@ -84,16 +84,18 @@ def _naive_logprobs(w, prompts, completions) -> list[list[float]]:
     return out
 
 
-@pytest.mark.parametrize("backend", [
-    "peft", pytest.param("unsloth", marks=pytest.mark.skipif(
-        not HAS_UNSLOTH, reason="Unsloth is not installed (pip install -e '.[unsloth]')"))])
-def test_4bit_learner_step_on_cuda(model_path, backend):
+@pytest.mark.parametrize("backend,upcast", [
+    ("peft", True), ("peft", False), pytest.param("unsloth", True, marks=pytest.mark.skipif(
+        not HAS_UNSLOTH, reason="Unsloth is not installed (pip install -e '.[unsloth]')"))],
+    ids=["peft", "peft, unquantized in bf16", "unsloth"])
+def test_4bit_learner_step_on_cuda(model_path, backend, upcast):
     import bitsandbytes as bnb
 
     from grpo_ray.learner.worker import LearnerWorker
 
     w = LearnerWorker(model_path, ModelConfig(), LORA,
-                      learner_config(load_in_4bit=True, backend=backend),
+                      learner_config(load_in_4bit=True, backend=backend,
+                                     upcast_unquantized_to_fp32=upcast),
                       AlgorithmConfig(total_steps=5), max_completion_length=32)
     try:
         print(f"\nlearner: {w.describe()}")
@@ -106,6 +108,10 @@ def test_4bit_learner_step_on_cuda(model_path, backend):
         if backend == "peft":  # NF4 with double quantization, fp32 LoRA weights
             assert state.nested
             assert all(p.device.type == "cuda" and p.dtype == torch.float32 for p in w.params)
+            # norms, embeddings and lm_head: fp32 after PEFT's k-bit preparation, else bf16
+            frozen = {p.dtype for n, p in w.model.named_parameters()
+                      if not p.requires_grad and p.__class__.__name__ != "Params4bit"}
+            assert frozen == {torch.float32 if upcast else torch.bfloat16}, frozen
 
         batch = random_batch(4, 4, seed=0)
         got = w.sequence_logprobs(batch.prompt_ids, batch.completion_ids)

@@ -71,6 +71,8 @@ def test_faults_are_caught_at_their_sync_and_reloaded(ray_local, tiny_model_path
         for r in rows:
             assert r["sync/probe/slope/engine_0"] == pytest.approx(1, abs=1e-3)
             assert r["sync/probe/gap/engine_0"] < 1e-4 and r["sync/fallback_object_store"] == 0
+            sides = r["sync/probe_learner_s"], r["sync/probe_engines_s"]
+            assert min(sides) > 0 and sum(sides) <= r["sync/probe_s"]  # the check's two sides
         print("\nprobe movement by step:", [r["sync/probe/movement"] for r in rows])
     finally:
         trainer.close()
