@@ -4,8 +4,8 @@ every figure beside its goal, as a range over the steady steps, with the GPU and
     python benchmarks/suite_table.py outputs/gpu-suite [--out outputs/gpu-suite/table.md]
 
 Reads `step-unsloth-merged*.json`, `step-peft*.json` (benchmarks/grpo_step.py), `rollout.json`
-(benchmarks/rollout_throughput.py) and `peer-trl.json` (benchmarks/trl_peer.py); a part that did
-not run shows as "not run".
+(benchmarks/rollout_throughput.py), `peer-trl.json` (benchmarks/trl_peer.py) and
+`learner-ab-*.json` (benchmarks/learner_step.py); a part that did not run shows as "not run".
 """
 from __future__ import annotations
 
@@ -126,6 +126,12 @@ def table(suite: Path) -> str:
             rows.append((f"{path.stem}: {' '.join(run.get('overrides') or []) or 'as above'}",
                          "(variant)", "; ".join(parts) + f"; set-up {run['setup_s']:.0f} s"
                          if parts else not_run))
+    for path in sorted(suite.glob("learner-ab-*.json")):  # the update alone, one process each
+        for r in json.loads(path.read_text())["rows"]:
+            rows.append((f"{path.stem}: {r['variant']}", "(learner A/B)", (
+                f"out of memory: {r['error']}" if "error" in r else
+                f"update {span(r['update_all_s'])} s, reference {r['ref_s']:.2f} s, learner peak "
+                f"{r['peak_memory_gb']:.1f} GiB, MFU {r['mfu']:.2f}")))
     env = next((r[1]["environment"] for r in (unsloth, peft, peer, rollout) if r), {})
     head = (f"One `gpu_suite.sh` run in {suite.name}: {env.get('gpu', 'GPU unknown')}, torch "
             f"{env.get('torch', '?')}, vLLM {env.get('vllm', '?')}, {env.get('date', '')}. "

@@ -38,6 +38,10 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
     (tmp_path / "step-unsloth-merged-nockpt.json").write_text(json.dumps({
         "environment": ENV, "history": [step(8.0), step(3.5), step(3.7)], "setup_s": 101.0,
         "phase_steps": [3, 0, 0], "overrides": ["learner.gradient_checkpointing=false"]}))
+    (tmp_path / "learner-ab-peft.json").write_text(json.dumps({"environment": ENV, "rows": [
+        {"variant": "learner.cast_lm_head_to_fp32=false", "update_s": 5.05,
+         "update_all_s": [4.97, 5.05, 5.28], "ref_s": 1.13, "peak_memory_gb": 13.8, "mfu": 0.15},
+        {"variant": "learner.gradient_checkpointing=false", "error": "CUDA out of memory."}]}))
     rows = {cells[0]: cells[2] for cells in (line.strip("| ").split(" | ")
                                              for line in table(tmp_path).splitlines()[4:])}
     assert rows["Unsloth 4-bit, merged rollout, on policy"].startswith(
@@ -55,5 +59,9 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
     assert rows["step-unsloth-merged-nockpt: learner.gradient_checkpointing=false"] == (
         "on policy: 3.50-3.70 s: generate 1.75-1.85, reference 0.50, update 1.80, sync 0.30; "
         "MFU 0.33; set-up 101 s")
+    assert rows["learner-ab-peft: learner.cast_lm_head_to_fp32=false"] == (
+        "update 4.97-5.28 (median 5.05) s, reference 1.13 s, learner peak 13.8 GiB, MFU 0.15")
+    assert rows["learner-ab-peft: learner.gradient_checkpointing=false"] == (
+        "out of memory: CUDA out of memory.")
     assert rows["stalls"] == ("on policy: largest step 1.14x the median; one step off: "
                               "largest step 1.04x the median")
