@@ -149,7 +149,44 @@ def measure_syncs(actors, first_version: int, repeats: int) -> dict[str, dict[st
         out[name] = {k: statistics.median(r[k] for r in runs)
                      for k in ("export_s", "load_s", "total_s")}
         out[name]["runs"] = repeats
+    # a merged engine's load, part by part, on the version it holds (the GPU synchronized after
+    # each part, so each is charged its own GPU work)
+    form = "cuda-ipc" if broadcast.transport == "cuda-ipc" else "packed"
+    parts = [ray.get(engines.engines[0].__ray_call__.remote(
+        _merged_load_parts, learner.export_adapter.remote(version - 1, form, dtype)))
+        for _ in range(repeats)]
+    if all(parts):
+        out["merged engine's load, part by part"] = {
+            k: statistics.median(p[k] for p in parts) for k in parts[0]} | {"runs": repeats}
     return out
+
+
+def _merged_load_parts(worker, payload) -> dict[str, float]:
+    """Run through `__ray_call__` in an engine: seconds of each part of `VllmMergedWeights.load`
+    for `payload` (the version the engine holds, merged again); {} for a LoRA engine."""
+    import torch
+
+    from grpo_ray.weight_sync.digest import tensor_digest
+    from grpo_ray.weight_sync.merged import VllmMergedWeights, _merge_on_worker, lora_scale
+
+    slot = worker.adapter
+    if not isinstance(slot, VllmMergedWeights):
+        return {}
+
+    def timed(fn):
+        start = time.perf_counter()
+        result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return result, time.perf_counter() - start
+
+    tensors, materialize_s = timed(lambda: payload.materialize(slot.device))
+    _, digest_s = timed(lambda: tensor_digest(tensors))
+    _, merge_s = timed(lambda: slot.llm.collective_rpc(
+        _merge_on_worker, args=(slot.model_path, tensors, lora_scale(payload.peft_config))))
+    _, reset_s = timed(slot.llm.reset_prefix_cache)
+    return {"materialize_s": materialize_s, "digest_s": digest_s, "merge_s": merge_s,
+            "reset_prefix_cache_s": reset_s}
 
 
 def _state_dict_walk_s(worker) -> float:
@@ -371,8 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         print("| transport | export ms | load ms | total ms |")
         print("|---|---|---|---|")
         for name, s in syncs.items():
-            print(f"| {name} | {1000 * s['export_s']:.1f} | {1000 * s['load_s']:.1f} | "
-                  f"{1000 * s['total_s']:.1f} |")
+            if "export_s" in s:
+                print(f"| {name} | {1000 * s['export_s']:.1f} | {1000 * s['load_s']:.1f} | "
+                      f"{1000 * s['total_s']:.1f} |")
+            else:
+                print(f"{name}, ms: " + ", ".join(f"{k.removesuffix('_s')} {1000 * v:.1f}"
+                                                  for k, v in s.items() if k != "runs"))
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"environment": env, "learner": learner, "config": cfg.to_dict(), "setup_s": setup_s,

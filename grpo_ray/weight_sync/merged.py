@@ -122,6 +122,13 @@ def _set_weight(layer: Any, weight: Any) -> None:
     dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
 
 
+def lora_scale(peft_config: dict[str, Any]) -> float:
+    """The factor of B @ A in an adapter's PEFT config: alpha / r, or alpha / sqrt(r) (rsLoRA)."""
+    if peft_config.get("use_rslora"):
+        return peft_config["lora_alpha"] / peft_config["r"] ** 0.5
+    return peft_config["lora_alpha"] / peft_config["r"]
+
+
 class VllmMergedWeights:
     """The `VllmAdapterSlot` interface for an engine without LoRA: `load` merges the adapter
     into the weights; `request` is always None (nothing to apply at generation)."""
@@ -152,14 +159,11 @@ class VllmMergedWeights:
             raise ValueError(f"adapter version {payload.version} is not newer than the engine's "
                              f"current version {self.version}")
         start = time.perf_counter()
-        config = payload.peft_config
-        scale = config["lora_alpha"] / config["r"]
-        if config.get("use_rslora"):
-            scale = config["lora_alpha"] / config["r"] ** 0.5
         tensors = payload.materialize(self.device)
         digest = tensor_digest(tensors)  # of exactly what is merged, on the engine's device
         self.version, self.digest = 0, None  # until the merge is complete
-        self.llm.collective_rpc(_merge_on_worker, args=(self.model_path, tensors, scale))
+        self.llm.collective_rpc(_merge_on_worker, args=(self.model_path, tensors,
+                                                        lora_scale(payload.peft_config)))
         self.llm.reset_prefix_cache()
         self.version, self.digest = payload.version, digest
         return time.perf_counter() - start

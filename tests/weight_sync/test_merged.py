@@ -7,7 +7,7 @@ import pytest
 from helpers import chat_prompts, hf_model, max_gap, naive_logprobs, peft_model
 
 from grpo_ray.contracts import Sampling
-from grpo_ray.weight_sync.merged import merge_plan
+from grpo_ray.weight_sync.merged import lora_scale, merge_plan
 from grpo_ray.weight_sync.sender import adapter_payload
 
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -31,6 +31,11 @@ def test_merge_plan_maps_peft_names_onto_vllms_packed_weights():
         merge_plan(names[:1], PACKED)
     with pytest.raises(ValueError, match="not a PEFT LoRA tensor name"):
         merge_plan(["model.layers.0.self_attn.q_proj.weight"], PACKED)
+
+
+def test_lora_scale_is_alpha_over_r_or_over_its_root_with_rslora():
+    assert lora_scale({"lora_alpha": 16, "r": 4}) == 4.0
+    assert lora_scale({"lora_alpha": 16, "r": 4, "use_rslora": True}) == 8.0
 
 
 @pytest.fixture(scope="module")
