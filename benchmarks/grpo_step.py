@@ -161,25 +161,27 @@ def measure_syncs(actors, first_version: int, repeats: int) -> dict[str, dict[st
     return out
 
 
+def timed(fn) -> tuple[object, float]:
+    """(fn(), its seconds), the GPU (where there is one) synchronized before the clock stops, so
+    that the seconds include the GPU work `fn` queued."""
+    import torch
+
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
 def _merged_load_parts(worker, payload) -> dict[str, float]:
     """Run through `__ray_call__` in an engine: seconds of each part of `VllmMergedWeights.load`
     for `payload` (the version the engine holds, merged again); {} for a LoRA engine."""
-    import torch
-
     from grpo_ray.weight_sync.digest import tensor_digest
     from grpo_ray.weight_sync.merged import VllmMergedWeights, _merge_on_worker, lora_scale
 
     slot = worker.adapter
     if not isinstance(slot, VllmMergedWeights):
         return {}
-
-    def timed(fn):
-        start = time.perf_counter()
-        result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return result, time.perf_counter() - start
-
     tensors, materialize_s = timed(lambda: payload.materialize(slot.device))
     _, digest_s = timed(lambda: tensor_digest(tensors))
     _, merge_s = timed(lambda: slot.llm.collective_rpc(
@@ -191,16 +193,9 @@ def _merged_load_parts(worker, payload) -> dict[str, float]:
 
 def _state_dict_walk_s(worker) -> float:
     """Run through `__ray_call__` in the learner: seconds of one `get_peft_model_state_dict`."""
-    import torch
-
     from grpo_ray.weight_sync.sender import _lora_state
 
-    cuda = torch.cuda.is_available()
-    start = time.perf_counter()
-    _lora_state(worker.model, "default")
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return timed(lambda: _lora_state(worker.model, "default"))[1]
 
 
 def probe(trainer, fixed) -> tuple[list[float], list[float]]:

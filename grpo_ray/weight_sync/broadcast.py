@@ -180,11 +180,12 @@ class AdapterBroadcast:
         if p is not None:
             self._learner_now = flatten(self._ask("the sync probe", "sequence_logprobs",
                                                   p.prompt_ids, p.completion_ids, 1.0))
-        learner_s, engines_start = time.perf_counter() - start, time.perf_counter()
+        engines_start = time.perf_counter()
         identities = engines.adapter_identities()
         scores = (engines.score(p.prompt_ids, p.completion_ids) if p is not None
                   else [None] * len(identities))
-        out = {"probe_learner_s": learner_s, "probe_engines_s": time.perf_counter() - engines_start}
+        out = {"probe_learner_s": engines_start - start,
+               "probe_engines_s": time.perf_counter() - engines_start}
         for i, (held, score) in enumerate(zip(identities, scores)):
             problem, stats = self._judge(i, tuple(held), score)
             if problem is not None:

@@ -183,8 +183,9 @@ def lora_parameters(peft_model: Any, adapter_name: str = "default") -> dict[str,
 
     Ours because the sync runs every step: `get_peft_model_state_dict` walks the whole model's
     state dict on every call (on a 4-bit model it packs every layer's quantization state into
-    tensors: 101 ms of each sync for the 3B learner on an H200, docs/benchmarks.md), while the adapter's parameters stay the same objects for the learner's life: the
-    optimizer and a checkpoint restore (`load_state_dict`) write into them in place."""
+    tensors: 101 ms of each sync for the 3B learner on an H200, docs/benchmarks.md), while the
+    adapter's parameters stay the same objects for the learner's life: the optimizer and a
+    checkpoint restore (`load_state_dict`) write into them in place."""
     state = _lora_state(peft_model, adapter_name)
     by_storage = {(p.data_ptr(), tuple(p.shape), p.dtype): p for p in peft_model.parameters()}
     params = {name: by_storage.get((t.data_ptr(), tuple(t.shape), t.dtype))
