@@ -33,12 +33,24 @@ MODEL=${MODEL:-/tmp/q3b}
 STEPS=${STEPS:-4}
 mkdir -p "$SUITE"
 
+# What nvidia-smi samples every 200 ms while a part runs, into $SUITE/NAME.gpu.csv: whether a slow
+# phase had the GPU's clocks down (power, heat: the reasons) or the GPU idle (the host behind).
+GPU_QUERY=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used
+if nvidia-smi --query-gpu=clocks_event_reasons.active --format=csv >/dev/null 2>&1; then
+  GPU_QUERY+=,clocks_event_reasons.active
+fi
+
 run() {  # run NAME SECONDS COMMAND...: log to $SUITE/NAME.log, print its exit code and tail
-  local name=$1 limit=$2 start=$SECONDS rc
+  local name=$1 limit=$2 start=$SECONDS rc monitor=""
   shift 2
   echo "=== $name: $*"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu="$GPU_QUERY" --format=csv -lms 200 >"$SUITE/$name.gpu.csv" 2>&1 &
+    monitor=$!
+  fi
   timeout "$limit" "$@" >"$SUITE/$name.log" 2>&1
   rc=$?
+  [ -n "$monitor" ] && kill "$monitor" 2>/dev/null
   echo "=== $name: exit $rc after $((SECONDS - start)) s"
   grep -v -e "WARNING" -e "INFO" -e "it/s]" -e "pid=" "$SUITE/$name.log" | tail -n "${TAIL:-25}"
 }
@@ -71,15 +83,15 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
         "${extra[@]}" ${PROFILE:+--profile "$SUITE/$part${STEP_TAG:-}.profile.txt"} \
         ${STEP_OVERRIDES:-};;
     learner-ab)  # the learner's update alone (benchmarks/learner_step.py), a fresh learner for
-      # each variant. bnb + PEFT: its unquantized weights in fp32 (PEFT's k-bit preparation) or
-      # bf16 (TRL's), the latter also without checkpointing at 8192 positions a micro-batch.
-      # Unsloth: with and without checkpointing. (2026-12-04: cast_lm_head_to_fp32 null vs false,
-      # checkpointing off at 16384 and 8192: docs/benchmarks.md.)
+      # each load-time variant. bnb + PEFT: as configured (its unquantized weights in bf16), with
+      # Liger's fused loss, and with PEFT's fp32 upcast (the default before 2026-12-04).
+      # Unsloth: with and without checkpointing. (2026-12-04: cast_lm_head_to_fp32 null vs
+      # false, checkpointing off at 16384 and 8192, upcast true vs false: docs/benchmarks.md.)
       run learner-ab-peft "${AB_LIMIT:-300}" python3 benchmarks/learner_step.py \
         --model "$MODEL" --json "$SUITE/learner-ab-peft.json" \
-        --variant learner.upcast_unquantized_to_fp32=true \
         --variant learner.upcast_unquantized_to_fp32=false \
-        --variant "learner.upcast_unquantized_to_fp32=false learner.gradient_checkpointing=false learner.max_tokens_per_micro_batch=8192" \
+        --variant learner.loss_kernel=liger \
+        --variant learner.upcast_unquantized_to_fp32=true \
         learner.backend=peft
       run learner-ab-unsloth "${AB_LIMIT:-300}" python3 benchmarks/learner_step.py \
         --model "$MODEL" --json "$SUITE/learner-ab-unsloth.json" \

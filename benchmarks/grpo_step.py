@@ -97,12 +97,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def measure_syncs(actors, first_version: int, repeats: int) -> dict[str, dict[str, float]]:
+def measure_syncs(actors, first_version: int, repeats: int,
+                  probe_ids: tuple[list[list[int]], list[list[int]]] | None = None
+                  ) -> dict[str, dict[str, float]]:
     """Median export / load / total seconds of each transport, on the run's own actors:
     `before` is the transport this project had (fp32 tensors pickled by Ray, written to a
     safetensors file on tmpfs that vLLM reads); then the engines' dtype in one buffer, from a file
     and in memory; `after` is AdapterBroadcast.sync (CUDA IPC when the engine shares the
-    learner's GPU, else the previous row)."""
+    learner's GPU, else the previous row). With `probe_ids` (the trainer's sync probe), the
+    learner's side of the sync check right after each `after` sync, part by part."""
     import ray
 
     from grpo_ray.weight_sync.broadcast import AdapterBroadcast
@@ -139,11 +142,16 @@ def measure_syncs(actors, first_version: int, repeats: int) -> dict[str, dict[st
     out["export before: get_peft_model_state_dict alone"] = {
         "export_s": statistics.median(walks), "load_s": 0.0, "total_s": statistics.median(walks),
         "runs": repeats}
+    probe_parts = []
     for name, sync in transports.items():
         runs = []
         for _ in range(repeats):
             runs.append(sync(version))
             version += 1
+            if name.startswith("after") and probe_ids is not None:
+                start = time.perf_counter()
+                parts = ray.get(learner.__ray_call__.remote(_learner_probe_parts, *probe_ids))
+                probe_parts.append(parts | {"round_trip_s": time.perf_counter() - start})
         if name.startswith("after"):
             name = f"after: AdapterBroadcast.sync ({broadcast.transport})"
         out[name] = {k: statistics.median(r[k] for r in runs)
@@ -158,6 +166,10 @@ def measure_syncs(actors, first_version: int, repeats: int) -> dict[str, dict[st
     if all(parts):
         out["merged engine's load, part by part"] = {
             k: statistics.median(p[k] for p in parts) for k in parts[0]} | {"runs": repeats}
+    if probe_parts:
+        out["the learner's side of the sync check, part by part"] = {
+            k: statistics.median(p[k] for p in probe_parts) for k in probe_parts[0]
+        } | {"runs": repeats}
     return out
 
 
@@ -175,7 +187,9 @@ def timed(fn) -> tuple[object, float]:
 
 def _merged_load_parts(worker, payload) -> dict[str, float]:
     """Run through `__ray_call__` in an engine: seconds of each part of `VllmMergedWeights.load`
-    for `payload` (the version the engine holds, merged again); {} for a LoRA engine."""
+    for `payload` (the version the engine holds, merged again), and of the merge's host side
+    alone (`merge_host_s`: near `merge_s`, the merge is bound by its launches, not the GPU);
+    {} for a LoRA engine."""
     from grpo_ray.weight_sync.digest import tensor_digest
     from grpo_ray.weight_sync.merged import VllmMergedWeights, _merge_on_worker, lora_scale
 
@@ -184,11 +198,27 @@ def _merged_load_parts(worker, payload) -> dict[str, float]:
         return {}
     tensors, materialize_s = timed(lambda: payload.materialize(slot.device))
     _, digest_s = timed(lambda: tensor_digest(tensors))
-    _, merge_s = timed(lambda: slot.llm.collective_rpc(
-        _merge_on_worker, args=(slot.model_path, tensors, lora_scale(payload.peft_config))))
+
+    def merge() -> float:  # its host seconds: until the calls are queued
+        start = time.perf_counter()
+        slot.llm.collective_rpc(_merge_on_worker, args=(
+            slot.model_path, tensors, lora_scale(payload.peft_config)))
+        return time.perf_counter() - start
+
+    merge_host_s, merge_s = timed(merge)
     _, reset_s = timed(slot.llm.reset_prefix_cache)
     return {"materialize_s": materialize_s, "digest_s": digest_s, "merge_s": merge_s,
-            "reset_prefix_cache_s": reset_s}
+            "merge_host_s": merge_host_s, "reset_prefix_cache_s": reset_s}
+
+
+def _learner_probe_parts(worker, prompt_ids, completion_ids) -> dict[str, float]:
+    """Run through `__ray_call__` in the learner right after a sync: seconds of what the sync
+    check asks of it (`AdapterBroadcast.verify`), apart: the GPU work still queued when the call
+    arrives, the identity of the last export, the probe's log-probs."""
+    _, queued_s = timed(lambda: None)
+    _, identity_s = timed(worker.exported_identity)
+    _, logprobs_s = timed(lambda: worker.sequence_logprobs(prompt_ids, completion_ids, 1.0))
+    return {"queued_s": queued_s, "identity_s": identity_s, "logprobs_s": logprobs_s}
 
 
 def _state_dict_walk_s(worker) -> float:
@@ -324,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                 profiled = args.profile and trainer.step == args.steps - 1
                 if profiled:
                     ray.get(trainer.actors.learner.__ray_call__.remote(_profiler_start))
-                history.append(trainer.run_step())
+                started = time.time()  # wall clock: against the suite's nvidia-smi samples
+                history.append(trainer.run_step() | {"bench/started_unix": started})
                 if profiled:
                     history[-1]["profiled"] = 1.0  # slowed by the profiler: not a steady step
                     table = ray.get(trainer.actors.learner.__ray_call__.remote(_profiler_table))
@@ -335,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                 probes.append(probe(trainer, fixed))
             fit_s = time.perf_counter() - start
             rates[f"version {trainer.version}"] = generation_rate(trainer, args.rollout_repeats)
-            syncs = (measure_syncs(trainer.actors, trainer.version + 1, args.sync_repeats)
-                     if args.sync_repeats else {})
+            syncs = (measure_syncs(trainer.actors, trainer.version + 1, args.sync_repeats,
+                                   trainer.probe_ids) if args.sync_repeats else {})
             learner = ray.get(trainer.actors.learner.__ray_call__.remote(
                 lambda w: getattr(w, "description", "")))
         finally:

@@ -3,7 +3,8 @@ every figure beside its goal, as a range over the steady steps, with the GPU and
 
     python benchmarks/suite_table.py outputs/gpu-suite [--out outputs/gpu-suite/table.md]
 
-Reads `step-unsloth-merged*.json`, `step-peft*.json` (benchmarks/grpo_step.py), `rollout.json`
+Reads `step-unsloth-merged*.json`, `step-peft*.json` (benchmarks/grpo_step.py; the bnb row from
+`step-peft-merged` where it ran, as the Unsloth row's rollout is merged), `rollout.json`
 (benchmarks/rollout_throughput.py), `peer-trl.json` (benchmarks/trl_peer.py) and
 `learner-ab-*.json` (benchmarks/learner_step.py); a part that did not run shows as "not run".
 """
@@ -61,7 +62,7 @@ def step_row(ms: list[dict]) -> str:
 def table(suite: Path) -> str:
     unsloth = _load(suite, "step-unsloth-merged-compare", "step-unsloth-merged",
                     "step-unsloth-merged-kernels")
-    peft = _load(suite, "step-peft-compare", "step-peft", "step-peft-kernels")
+    peft = _load(suite, "step-peft-merged", "step-peft-compare", "step-peft", "step-peft-kernels")
     rollout, peer = _load(suite, "rollout"), _load(suite, "peer-trl")
     rows: list[tuple[str, str, str]] = []
     not_run = "not run"

@@ -245,14 +245,13 @@ class LearnerConfig(_Section):
     """NF4 with double quantization through bitsandbytes; None: on CUDA when it is installed.
     True needs a GPU for the learner (`learner.num_gpus` > 0)."""
     gradient_checkpointing: bool = True
-    upcast_unquantized_to_fp32: bool = True
-    """bitsandbytes 4-bit + PEFT only: PEFT's `prepare_model_for_kbit_training`, which turns every
-    weight bitsandbytes left unquantized (norms, embeddings, lm_head) into fp32, so the residual
-    stream runs in fp32. False leaves them bf16, as TRL's GRPOTrainer (which does not call it)
-    and Unsloth do; the LoRA weights stay fp32 either way. The profile of a bnb step at the 3B
-    shape on an H200 blames the fp32 stream for 1.1 s of casts and 1.0 s of fp32 elementwise
-    ops (docs/benchmarks.md). False is not yet measured on a GPU (`gpu_suite.sh learner-ab`
-    A/Bs it): it becomes the default if it is faster and a learn run's checks hold with it."""
+    upcast_unquantized_to_fp32: bool = False
+    """bitsandbytes 4-bit + PEFT only. True: PEFT's `prepare_model_for_kbit_training`, which turns
+    every weight bitsandbytes left unquantized (norms, embeddings, lm_head) into fp32, so the
+    residual stream runs in fp32. False (default) leaves them bf16, as TRL's GRPOTrainer (which
+    does not call it) and Unsloth do; the LoRA weights stay fp32 either way. On an H200 at the 3B
+    shape, false took the update from 5.26 to 3.57 s and the learner's peak from 13.8 to 8.8 GiB,
+    and a 120-step learn run's checks held with it (docs/benchmarks.md)."""
     learning_rate: float = Field(5e-6, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.99, ge=0, lt=1)

@@ -42,7 +42,7 @@ def load_policy(model_path: str, model: ModelConfig, lora: LoraConfig, learner: 
     what = f"PEFT, base in {str(dtype)[6:]}"
     if four_bit:
         what = "bitsandbytes NF4 + PEFT" + (
-            "" if learner.upcast_unquantized_to_fp32 else ", unquantized weights in bf16")
+            ", unquantized weights in fp32" if learner.upcast_unquantized_to_fp32 else "")
     return policy, dtype, f"{what} ({why})"
 
 

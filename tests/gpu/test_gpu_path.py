@@ -85,9 +85,9 @@ def _naive_logprobs(w, prompts, completions) -> list[list[float]]:
 
 
 @pytest.mark.parametrize("backend,upcast", [
-    ("peft", True), ("peft", False), pytest.param("unsloth", True, marks=pytest.mark.skipif(
+    ("peft", False), ("peft", True), pytest.param("unsloth", False, marks=pytest.mark.skipif(
         not HAS_UNSLOTH, reason="Unsloth is not installed (pip install -e '.[unsloth]')"))],
-    ids=["peft", "peft, unquantized in bf16", "unsloth"])
+    ids=["peft", "peft, unquantized in fp32", "unsloth"])
 def test_4bit_learner_step_on_cuda(model_path, backend, upcast):
     import bitsandbytes as bnb
 
