@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"environment": env, "learner": learner, "config": cfg.to_dict(), "setup_s": setup_s,
+             "setup_parts": trainer.startup,
              "fit_s": fit_s, "history": history, "follow": follow, "generation_rates": rates,
              "gpu_peak_mib": memory.peak_mib, "syncs": syncs,
              "loss_kernels": kernel_times, "after_warmup": stalls,

@@ -19,6 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_step import steady_phases  # noqa: E402
 
+from grpo_ray.trainer import describe_startup  # noqa: E402
+
 
 def _load(suite: Path, *names: str) -> tuple[str, dict] | None:
     """The first of `names` (JSON files in `suite`) that exists: (name, its content)."""
@@ -99,7 +101,9 @@ def table(suite: Path) -> str:
         f"{span([1000 * x for x in _col(on + off, 'sync/total_s')], '{:.0f}')} ms in the steps"
         + (f"; alone {1000 * ipc['total_s']:.0f} (export {1000 * ipc['export_s']:.0f}, load "
            f"{1000 * ipc['load_s']:.0f})" if ipc else "")) if on else not_run))
-    starts = [f"{r[0]} {r[1]['setup_s']:.0f} s" for r in (unsloth, peft) if r]
+    starts = [f"{r[0]} {r[1]['setup_s']:.0f} s" + (
+        f" ({describe_startup(r[1]['setup_parts'])})" if "setup_parts" in r[1] else "")
+        for r in (unsloth, peft) if r]
     rows.append(("start-up to first step", "<= 60 s", "; ".join(starts) or not_run))
     if peer and on:
         theirs = peer[1]["median_after_first_s"]

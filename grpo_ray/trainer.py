@@ -26,6 +26,15 @@ from grpo_ray.metrics import StageTimer, sample_rows, step_metrics
 from grpo_ray.rollout.source import ScoredBatch
 
 
+def describe_startup(parts: dict[str, float]) -> str:
+    """`Trainer.startup` in words, for the start-up line."""
+    engines, learner = f"engines {parts['engines_s']:.0f} s", f"learner {parts['learner_s']:.0f} s"
+    order = (f"{engines}, then the {learner} (rollout.kv_cache_gb would start them together)"
+             if parts["learner_after_engines"] else f"{engines} beside the {learner}")
+    return (f"up in {parts['total_s']:.0f} s: {order}; the sync probe's first scores "
+            f"{parts['probe_base_s']:.0f} s")
+
+
 class Trainer:
     """Owns the actors of one run and the loop over steps."""
 
@@ -86,6 +95,7 @@ class Trainer:
         cfg = self.cfg
         if not hasattr(self, "prompts"):
             self.prepare_data()
+        start = time.monotonic()
         self.actors = place_actors(
             cfg,
             LearnerWorker, (self.model_path, cfg.model, cfg.lora, cfg.learner, cfg.algorithm,
@@ -110,13 +120,19 @@ class Trainer:
         self.tracker = Tracker(cfg.logging, self.out, cfg.to_dict(), self.print,
                                total_steps=cfg.algorithm.total_steps)
         # every sync verified; the probe scored by engines and learner before any training
+        probe_start = time.monotonic()
         self.broadcast.attach(self.learner, self.engines,
                               self.probe_ids if cfg.cluster.sync_probe else None,
                               cfg.cluster.probe_rule(), ask=self.learner_call)
         learner = self.learner_call("description", "describe")
+        now = time.monotonic()
+        self.startup = self.actors.startup | {"probe_base_s": now - probe_start,
+                                              "total_s": now - start}
+        """Seconds of this start-up, by part (`Actors.startup`) and in all."""
         self.print(f"placed: {self.actors.plan.layout} layout, 1 learner ({learner}), "
                    f"{len(self.actors.engines)} rollout engine(s), "
-                   f"{len(self.actors.reward_workers)} reward worker(s); model {self.model_path}")
+                   f"{len(self.actors.reward_workers)} reward worker(s); model {self.model_path}; "
+                   f"{describe_startup(self.startup)}")
         return self
 
     # ---- the learner ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Three layouts, chosen from the config and the cluster:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -138,6 +139,10 @@ class Actors:
     """Starts one more reward worker like the others (the pool's replacement of a lost one)."""
     start_learner: Callable[[int], Any] | None = None
     """Starts the learner again in its bundle (`start_learner(0)`: the learner group's `start`)."""
+    startup: dict[str, float] = field(default_factory=dict)
+    """Seconds of the start: `placement_s` (the reservation), `engines_s` (from their start
+    until the last was up), `learner_s` (likewise), `learner_after_engines` (1.0 where the
+    learner waited for the engines: a shared GPU without `rollout.kv_cache_gb`)."""
 
     def shutdown(self) -> None:
         import ray
@@ -161,31 +166,51 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     nodes = cluster_nodes()
     plan = plan_placement(cfg, _use_gpu(cfg, nodes))
     check_fits(plan, nodes)
+    start = time.monotonic()
     pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray",
                   cfg.cluster.placement_strategy)
+    engines_start = time.monotonic()
     # vLLM sizes its KV cache from the GPU memory it sees free while it starts: on a shared GPU
     # each engine finishes starting before the next one, and all before the learner, unless
     # the KV cache is given in bytes (rollout.kv_cache_gb): then all start at once
-    engines = _engine_group(cfg, pg, plan, engine_cls, engine_args,
-                            one_by_one=plan.layout == "colocated"
-                            and cfg.rollout.kv_cache_gb is None)
+    one_by_one = plan.layout == "colocated" and cfg.rollout.kv_cache_gb is None
+    engines = _engine_group(cfg, pg, plan, engine_cls, engine_args, one_by_one=one_by_one)
 
     def start_learner(i: int = 0) -> Any:
         return ray.remote(learner_cls).options(
             **_actor_options(pg, plan.learner, plan.learner_bundle, "learner")
         ).remote(*learner_args)
 
+    learner_start = time.monotonic()
     learner = start_learner()
     reward_env = {"env_vars": actor_env_vars(ACTOR_ENV, "reward")}
     rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
                                    plan.reward["CPU"], runtime_env=reward_env)
     # constructors run remotely: surface their errors (a bad model path, say) here, at once
-    ray.get([a.__ray_ready__.remote() for a in [learner, *engines.engines]])
+    up = _wait_up([learner, *engines.engines])
     start_reward = reward_worker_starter(cfg.reward.functions, cfg.reward.mode,
                                          plan.reward["CPU"], reward_env)
+    startup = {"placement_s": engines_start - start,
+               "engines_s": max(up[1:]) - engines_start, "learner_s": up[0] - learner_start,
+               "learner_after_engines": float(one_by_one)}
     return Actors(learner, engines, rewards, pg, plan,
                   lambda: start_until_up(start_reward, cfg.cluster.restart_timeout_s),
-                  lambda i=0: start_until_up(start_learner, cfg.cluster.restart_timeout_s))
+                  lambda i=0: start_until_up(start_learner, cfg.cluster.restart_timeout_s),
+                  startup)
+
+
+def _wait_up(actors: list[Any]) -> list[float]:
+    """Wait until every actor's constructor has run; when each was up (`time.monotonic`), in
+    `actors`' order. The first constructor error is raised as soon as it is known."""
+    import ray
+
+    refs = {a.__ray_ready__.remote(): i for i, a in enumerate(actors)}
+    up, pending = [0.0] * len(actors), list(refs)
+    while pending:
+        (ref,), pending = ray.wait(pending, num_returns=1)
+        ray.get(ref)
+        up[refs[ref]] = time.monotonic()
+    return up
 
 
 def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> EngineGroup:

@@ -38,6 +38,14 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
     (tmp_path / "step-unsloth-merged-nockpt.json").write_text(json.dumps({
         "environment": ENV, "history": [step(8.0), step(3.5), step(3.7)], "setup_s": 101.0,
         "phase_steps": [3, 0, 0], "overrides": ["learner.gradient_checkpointing=false"]}))
+    (tmp_path / "step-peft-merged.json").write_text(json.dumps({  # the bnb row's, as it ran
+        "environment": ENV, "history": [step(8.0), step(4.6), step(4.8), step(5.0)],
+        "setup_s": 120.4, "phase_steps": [4, 0, 0], "setup_parts": {
+            "placement_s": 0.2, "engines_s": 66.2, "learner_s": 36.4, "probe_base_s": 2.6,
+            "total_s": 106.0, "learner_after_engines": 1.0}}))
+    (tmp_path / "step-peft.json").write_text(json.dumps({  # LoRA rollout: a variant beside it
+        "environment": ENV, "history": [step(8.0), step(5.4), step(5.5)], "setup_s": 159.0,
+        "phase_steps": [3, 0, 0]}))
     (tmp_path / "learner-ab-peft.json").write_text(json.dumps({"environment": ENV, "rows": [
         {"variant": "learner.cast_lm_head_to_fp32=false", "update_s": 5.05,
          "update_all_s": [4.97, 5.05, 5.28], "ref_s": 1.13, "peak_memory_gb": 13.8, "mfu": 0.15},
@@ -47,13 +55,18 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
     assert rows["Unsloth 4-bit, merged rollout, on policy"].startswith(
         "4.00-5.00 (median 4.40) s: generate 2.00-2.50 (median 2.20)")
     assert rows["the same, one step off"].startswith("2.40-2.60 s: generate 1.20-1.30")
-    assert rows["bnb NF4 + PEFT, on policy"] == "not run"
+    assert rows["bnb NF4 + PEFT, on policy"].startswith("4.60-5.00 (median 4.80) s: generate 2.30-2.50")
+    assert rows["bnb NF4 + PEFT, on policy"].endswith("[step-peft-merged]")
+    assert rows["step-peft: as above"].startswith("on policy: 5.40-5.50 s: generate 2.70-2.75")
     assert rows["rollout actor / plain vLLM, same run"] == (
         "actor-merged / plain-base: 90.0% at 16x8x256; actor / plain: 90.0% at 16x8x256; "
         "plain-base-text / plain-base: 75.0% at 16x8x256")
     assert rows["adapter sync, r64, CUDA IPC"] == (
         "120 (median 120) ms in the steps; alone 167 (export 84, load 82)")
-    assert rows["start-up to first step"] == "step-unsloth-merged-compare 149 s"
+    assert rows["start-up to first step"] == (
+        "step-unsloth-merged-compare 149 s; step-peft-merged 120 s (up in 106 s: engines 66 s, "
+        "then the learner 36 s (rollout.kv_cache_gb would start them together); the sync "
+        "probe's first scores 3 s)")
     assert rows["peer: TRL 1.15.0 GRPOTrainer, vLLM colocated, bf16 LoRA"] == (
         "5.60-5.70 s a step; ours faster by 1.28x on policy, 2.26x one step off")
     assert rows["step-unsloth-merged-nockpt: learner.gradient_checkpointing=false"] == (

@@ -84,3 +84,17 @@ def test_logs_and_saved_adapter(trainer):
     base = AutoModelForCausalLM.from_pretrained(trainer.model_path)
     model = PeftModel.from_pretrained(base, str(path))
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+def test_start_up_is_timed_by_part_and_said(trainer):
+    parts = trainer.startup
+    # the engine and the learner load models: each takes real time, both inside the whole
+    assert parts["engines_s"] > 0.1 and parts["learner_s"] > 0.1, parts
+    assert parts["probe_base_s"] > 0 and parts["placement_s"] >= 0, parts
+    inside = parts["placement_s"] + max(parts["engines_s"], parts["learner_s"])
+    assert inside + parts["probe_base_s"] <= parts["total_s"], parts
+    assert parts["learner_after_engines"] == 0.0  # the cpu layout starts them together
+    placed = next(line for line in trainer.lines if line.startswith("placed:"))
+    assert placed.endswith(f"; up in {parts['total_s']:.0f} s: engines {parts['engines_s']:.0f} s "
+                           f"beside the learner {parts['learner_s']:.0f} s; the sync probe's "
+                           f"first scores {parts['probe_base_s']:.0f} s"), placed
