@@ -59,14 +59,33 @@ def test_names_shapes_and_dtypes_are_part_of_the_identity():
 
 
 def test_chunks_and_one_byte_dtypes(monkeypatch):
-    tensors = {"a": torch.arange(1000, dtype=torch.int16), "b": torch.arange(7, dtype=torch.uint8)}
+    # three rows of words and a partial fourth, one byte-typed tensor
+    tensors = {"a": torch.arange(3 * digest_module._ROW + 1000, dtype=torch.int32).to(torch.int16),
+               "b": torch.arange(7, dtype=torch.uint8)}
     digest = tensor_digest(tensors)
-    monkeypatch.setattr(digest_module, "_CHUNK", 64)  # many chunks: the same sums
+    monkeypatch.setattr(digest_module, "_CHUNK_ROWS", 1)  # a row a step: the same sums
     assert tensor_digest(tensors) == digest
     tensors["b"][3] += 1
     assert tensor_digest(tensors) != digest
 
 
+def test_the_sums_are_the_exact_weighted_sums_mod_p():
+    """float64 row sums are exact: the same as Python's integers, word by word."""
+    from grpo_ray.weight_sync.digest import _COLUMN_WEIGHTS, _P, _ROW, _ROW_WEIGHTS, _sums
+
+    g = torch.Generator().manual_seed(0)
+    # extreme words (the row sums' largest magnitudes) and random ones, over 2.5 rows
+    words = torch.cat([torch.full((_ROW,), -32768, dtype=torch.int16),
+                       torch.full((_ROW,), 32767, dtype=torch.int16),
+                       torch.randint(-32768, 32768, (_ROW // 2,), generator=g).to(torch.int16)])
+    odd = [lambda k, a=a, b=b, bits=bits: ((a * k + b) % 2**bits) | 1
+           for weights, bits in ((_COLUMN_WEIGHTS, 22), (_ROW_WEIGHTS, 30)) for a, b in weights]
+    want = [0, 0]
+    for k, w in enumerate(words.tolist()):
+        r, c = divmod(k, _ROW)
+        for j in range(2):
+            want[j] = (want[j] + w * odd[j](c) * odd[2 + j](r)) % _P
+    assert _sums(words) == want
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_same_digest_on_cuda_and_fast_for_a_3b_rank_64_adapter():
