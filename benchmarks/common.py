@@ -1,11 +1,13 @@
 """Shared pieces of the GPU benchmarks: the 3B-shape model with random weights, prompts in the
 recipe's chat format, a random LoRA adapter of the recipe's rank, and what to print beside every
-figure (GPU, versions, date). Imports nothing heavy at module level."""
+figure (GPU, versions, date), and a timer that waits for the GPU. Imports nothing heavy at module
+level."""
 from __future__ import annotations
 
 import datetime
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +97,15 @@ def random_lora(model_path: str, r: int, alpha: int, seed: int = 0,
               "lora_dropout": 0.0, "target_modules": list(ALL_PROJECTIONS), "bias": "none",
               "base_model_name_or_path": model_path, "inference_mode": True}
     return tensors, config
+
+
+def timed(fn) -> tuple[object, float]:
+    """(fn(), its seconds), the GPU (where there is one) synchronized before the clock stops, so
+    that the seconds include the GPU work `fn` queued."""
+    import torch
+
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start

@@ -66,7 +66,8 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       tail -n 4 "$SUITE/env.txt"
       run build 300 python3 -c "from common import ensure_model; ensure_model('$MODEL')";;
     tests)
-      TAIL=40 run tests "${TESTS_LIMIT:-480}" python3 -m pytest -m gpu tests/gpu -s -rA \
+      TAIL=40 run tests "${TESTS_LIMIT:-480}" python3 -m pytest -m gpu tests/gpu \
+        tests/weight_sync/test_digest.py -s -rA \
         -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"};;
     step-*)
       label=${part#step-}

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_model, print_environment  # noqa: E402
+from common import ensure_model, print_environment, timed  # noqa: E402
 
 # learner/time_logprobs_s: every pass without gradients (the reference's, and the old
 # log-probs' when num_iterations > 1), of which time_ref_s the reference's; time_update_s: the rest
@@ -171,18 +171,6 @@ def measure_syncs(actors, first_version: int, repeats: int,
             k: statistics.median(p[k] for p in probe_parts) for k in probe_parts[0]
         } | {"runs": repeats}
     return out
-
-
-def timed(fn) -> tuple[object, float]:
-    """(fn(), its seconds), the GPU (where there is one) synchronized before the clock stops, so
-    that the seconds include the GPU work `fn` queued."""
-    import torch
-
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 def _merged_load_parts(worker, payload) -> dict[str, float]:
@@ -378,10 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     env = print_environment()
     ensure_model(args.model)
 
+    import common
     import ray
 
     from grpo_ray.cli import connect_ray
     from grpo_ray.trainer import Trainer
+
+    # the functions this script runs in the actors (`__ray_call__`) use `timed`: shipped by value,
+    # the actors need no benchmarks/ on their path
+    ray.cloudpickle.register_pickle_by_value(common)
 
     connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
     trainer = Trainer(cfg)

@@ -11,7 +11,9 @@ batch: 16 prompts x 8 completions of 256 tokens by default, prompts of 80-160 to
 advantages. Settings the learner reads at every step (`PER_STEP`: the lm_head dtype, micro-batch
 sizes, the loss kernel) are switched on the loaded learner; any other (gradient checkpointing,
 the backend) loads a fresh one, the previous one freed first. Prints each variant's update and
-reference times (medians) and the learner's peak memory; --json writes them.
+reference times (medians), the learner's peak memory and the time of the sync probe's log-probs
+(`LearnerWorker.sequence_logprobs` of `weight_sync.probe`'s sequences, median of 5, the learner's
+side of every sync check); --json writes them.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_model, print_environment  # noqa: E402
+from common import ensure_model, print_environment, timed  # noqa: E402
 
 
 PER_STEP = {"cast_lm_head_to_fp32", "micro_batch_size", "max_tokens_per_micro_batch",
@@ -92,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from grpo_ray.learner.worker import LearnerWorker
 
+    from grpo_ray.data.dataset import load_tokenizer
+    from grpo_ray.weight_sync.probe import probe_sequences
+
     T = int(args.shape.split("x")[2])
     batch = step_batch(args.shape, AutoConfig.from_pretrained(args.model).vocab_size)
+    probe = probe_sequences(load_tokenizer(args.model))
     worker, loaded_with, rows = None, None, []
     for text in args.variant or [""]:
         settings = _settings(text)
@@ -124,12 +130,15 @@ def main(argv: list[str] | None = None) -> int:
                "ref_s": statistics.median(r["time_ref_s"] for r in runs),
                "update_all_s": [r["time_update_s"] for r in runs],
                "peak_memory_gb": max(r["peak_memory_gb"] for r in runs),
-               "mfu": statistics.median(r.get("mfu", float("nan")) for r in runs)}
+               "mfu": statistics.median(r.get("mfu", float("nan")) for r in runs),
+               "probe_s": statistics.median(timed(lambda: worker.sequence_logprobs(
+                   *probe, 1.0))[1] for _ in range(5))}
         rows.append(row)
         print(f"{row['variant']}: update {row['update_s']:.2f} s (of {args.steps}: "
               + ", ".join(f"{x:.2f}" for x in row["update_all_s"])
               + f"), reference {row['ref_s']:.2f} s, peak {row['peak_memory_gb']:.1f} GiB, "
-              f"MFU {row['mfu']:.2f}", flush=True)
+              f"MFU {row['mfu']:.2f}, the sync probe's log-probs {1000 * row['probe_s']:.0f} ms",
+              flush=True)
     if torch.cuda.is_available():
         print(f"({env['gpu']})")
     if args.json:

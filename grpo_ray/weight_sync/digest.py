@@ -39,7 +39,7 @@ def _column_weights(device: Any) -> Any:
     import torch
 
     key = str(device)
-    if key not in _columns or _columns[key].shape[0] != _ROW:
+    if key not in _columns:
         c = torch.arange(_ROW, dtype=torch.int64, device=device)
         _columns[key] = torch.stack([_odd(c, a, b, 22) for a, b in _COLUMN_WEIGHTS], 1).double()
     return _columns[key]

@@ -42,5 +42,6 @@ def test_each_variant_runs_on_the_loaded_learner_with_its_settings(tiny_model_pa
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == variants
     assert all(r["update_s"] > 0 and len(r["update_all_s"]) == 1 for r in rows)
+    assert all(r["probe_s"] > 0 for r in rows)  # the learner's side of the sync check, timed
     with pytest.raises(SystemExit, match="learner.key=value"):
         learner_step._settings("rollout.kv_cache_gb=8")
