@@ -13,8 +13,7 @@ its log-prob in a `Logprob` dict, what the actor asked for before it took flat l
 decoded once; all other modes sample with `RolloutWorker`'s own parameters),
 `actor` (`ray.remote(RolloutWorker)` with the adapter applied as LoRA, timed from the driver, so
 Ray's transfer of the completions is included) and `actor-merged` (the same actor with
-`rollout.merge_adapter`: the adapter folded into its weights); each actor mode is timed again
-with a seed per prompt as a training step samples (`<mode>-seeded`). Shapes are prompts x completions
+`rollout.merge_adapter`: the adapter folded into its weights). Shapes are prompts x completions
 per prompt x new tokens; the model has random weights, so completions almost never stop early.
 Prints figures; `--json` also writes them.
 """
@@ -159,16 +158,11 @@ def run_actor(args, merge: bool = False) -> list[dict]:
     load_s = ray.get(engine.load_adapter.remote(pack_tensors(tensors, 1, config, _dtype())))
     prompts = prompt_ids(args.model, max(s[0] for s in args.shapes))
 
-    def run(batch, n, T, seed=None):
-        out = ray.get(engine.generate.remote(batch, Sampling(n=n, max_tokens=T, seed=seed)))
+    def run(batch, n, T):
+        out = ray.get(engine.generate.remote(batch, Sampling(n=n, max_tokens=T)))
         return sum(len(c) for c in out.completion_ids)
 
-    mode = "actor-merged" if merge else "actor"
-    rows = _timed(run, args.shapes, prompts, args.repeats, mode)
-    # the same actor sampling as a training step does, a seed per prompt (vLLM then draws each
-    # sequence's noise with its own generator, one call per sequence and token)
-    rows += _timed(lambda batch, n, T: run(batch, n, T, seed=3407), args.shapes, prompts,
-                   args.repeats, f"{mode}-seeded")
+    rows = _timed(run, args.shapes, prompts, args.repeats, "actor-merged" if merge else "actor")
     for r in rows:
         r["engine_start_s"], r["adapter_load_s"] = start_s, load_s
     ray.shutdown()

@@ -85,8 +85,7 @@ def table(suite: Path) -> str:
         shapes = sorted({s for _, s in rates}, key=lambda s: [int(x) for x in s.split("x")])
         parts = []
         for actor, plain in (("actor-merged", "plain-base"), ("actor", "plain"),
-                             ("plain-base-text", "plain-base"),
-                             ("actor-merged-seeded", "actor-merged"), ("actor-seeded", "actor")):
+                             ("plain-base-text", "plain-base")):
             ratios = [f"{rates[(actor, s)] / rates[(plain, s)]:.1%} at {s}" for s in shapes
                       if (actor, s) in rates and (plain, s) in rates]
             if ratios:

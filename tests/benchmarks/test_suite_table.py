@@ -34,7 +34,7 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
     (tmp_path / "rollout.json").write_text(json.dumps({"environment": ENV, "rows": [
         {"mode": m, "shape": "16x8x256", "tokens_per_s": t}
         for m, t in [("actor-merged", 18000), ("plain-base", 20000), ("actor", 9000),
-                     ("plain", 10000), ("plain-base-text", 15000), ("actor-merged-seeded", 16200)]]}))
+                     ("plain", 10000), ("plain-base-text", 15000)]]}))
     (tmp_path / "step-unsloth-merged-nockpt.json").write_text(json.dumps({
         "environment": ENV, "history": [step(8.0), step(3.5), step(3.7)], "setup_s": 101.0,
         "phase_steps": [3, 0, 0], "overrides": ["learner.gradient_checkpointing=false"]}))
@@ -60,8 +60,7 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
     assert rows["step-peft: as above"].startswith("on policy: 5.40-5.50 s: generate 2.70-2.75")
     assert rows["rollout actor / plain vLLM, same run"] == (
         "actor-merged / plain-base: 90.0% at 16x8x256; actor / plain: 90.0% at 16x8x256; "
-        "plain-base-text / plain-base: 75.0% at 16x8x256; actor-merged-seeded / actor-merged: "
-        "90.0% at 16x8x256")
+        "plain-base-text / plain-base: 75.0% at 16x8x256")
     assert rows["adapter sync, r64, CUDA IPC"] == (
         "120 (median 120) ms in the steps; alone 167 (export 84, load 82)")
     assert rows["start-up to first step"] == (
