@@ -141,7 +141,42 @@ def table(suite: Path) -> str:
     head = (f"One `gpu_suite.sh` run in {suite.name}: {env.get('gpu', 'GPU unknown')}, torch "
             f"{env.get('torch', '?')}, vLLM {env.get('vllm', '?')}, {env.get('date', '')}. "
             "Ranges over the steady steps.\n\n| figure | goal | measured |\n|---|---|---|\n")
-    return head + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
+    return head + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows) + gpu_during(suite)
+
+
+def gpu_during(suite: Path) -> str:
+    """What nvidia-smi sampled during each part (`<part>.gpu.csv`, gpu_suite.sh's `run`), a row
+    a part: whether the GPU's clocks came down (and why) or it sat idle; "" without samples."""
+    rows = []
+    for path in sorted(suite.glob("*.gpu.csv")):
+        lines = [line.split(", ") for line in path.read_text().splitlines()]
+        if len(lines) < 2:
+            continue
+        head = [h.split(" [")[0] for h in lines[0]]
+        samples = [dict(zip(head, line)) for line in lines[1:] if len(line) == len(head)]
+
+        def values(*keys: str) -> list[float]:  # the field's query name or its long name
+            out = []
+            for sample in samples:
+                try:
+                    out.append(float(next(sample[k] for k in keys if k in sample).split()[0]))
+                except (StopIteration, ValueError, IndexError):  # absent, or [N/A]
+                    pass
+            return out
+
+        clock = values("clocks.current.sm", "clocks.sm")
+        power, busy = values("power.draw"), values("utilization.gpu")
+        reasons = sorted({r for x in samples if (r := x.get("clocks_event_reasons.active", ""))
+                          and int(r, 16) & ~1})  # 0x1: idle, not a slow-down
+        rows.append(f"| {path.name.removesuffix('.gpu.csv')} | {len(samples)} | "
+                    f"{span(clock, '{:.0f}')} | {span(power, '{:.0f}')} | "
+                    f"{statistics.median(busy):.0f} | {', '.join(reasons) or '-'} |\n"
+                    if clock and power and busy else "")
+    if not any(rows):
+        return ""
+    return ("\nThe GPU during each part (nvidia-smi every 200 ms):\n\n| part | samples | SM clock "
+            "MHz | power W | busy % (median) | clock slow-down reasons seen |\n|---|---|---|---|"
+            "---|---|\n" + "".join(rows))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,3 +78,21 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
         "out of memory: CUDA out of memory.")
     assert rows["stalls"] == ("on policy: largest step 1.14x the median; one step off: "
                               "largest step 1.04x the median")
+
+
+def test_the_gpu_during_each_part_from_nvidia_smi_samples(tmp_path):
+    from suite_table import gpu_during
+
+    head = ("timestamp, clocks.current.sm [MHz], clocks.current.memory [MHz], power.draw [W], "
+            "temperature.gpu, utilization.gpu [%], memory.used [MiB], clocks_event_reasons.active")
+    rows = [f"2026/12/04 20:15:2{i}.000, {clock} MHz, 3201 MHz, {power} W, 45, {busy} %, "
+            f"12345 MiB, {reasons}" for i, (clock, power, busy, reasons) in enumerate([
+                (1980, 300.5, 90, "0x0000000000000000"), (1755, 700.0, 99, "0x0000000000000004"),
+                (1980, 120.0, 0, "0x0000000000000001"), ("[N/A]", 310.0, 95, "0x0")])]
+    (tmp_path / "step-unsloth-merged.gpu.csv").write_text("\n".join([head, *rows]) + "\n")
+    (tmp_path / "build.gpu.csv").write_text("Failed to initialize NVML\n")  # no samples: no row
+    assert gpu_during(tmp_path).splitlines()[-1] == (
+        "| step-unsloth-merged | 4 | 1755-1980 (median 1980) | 120-700 (median 305) | 92 | "
+        "0x0000000000000004 |")  # the SW power cap seen; idle (0x1) is no slow-down
+    assert gpu_during(tmp_path / "nothing") == ""
+
