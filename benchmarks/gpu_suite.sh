@@ -13,8 +13,8 @@
 # step off policy on the same actors (algorithm.max_staleness=1, importance sampling on in both).
 # With -kernels (not with -compare), $STEPS more on-policy steps with the other learner.loss_kernel
 # (chunked <-> liger) on the same actors: both kernels' update times side by side.
-# table: issue 20's table (every figure beside its goal) from the JSON this run wrote, into
-# $SUITE/table.md; run it last.
+# table: issue 20's table (every figure beside its goal) from the JSON this run wrote, and the
+# GPU's clocks, power and load during each part, into $SUITE/table.md; run it last.
 # $STEP_OVERRIDES (section.key=value ...) go to every step-* part, e.g. rollout.kv_cache_gb=41,
 # and $STEP_TAG (e.g. -nockpt) to its file names: the table lists such runs as variants. With
 # $PROFILE set, each step-* part runs its last on-policy step under the torch profiler
