@@ -176,8 +176,9 @@ def measure_syncs(actors, first_version: int, repeats: int,
 def _merged_load_parts(worker, payload) -> dict[str, float]:
     """Run through `__ray_call__` in an engine: seconds of each part of `VllmMergedWeights.load`
     for `payload` (the version the engine holds, merged again), and of the merge's host side
-    alone (`merge_host_s`: near `merge_s`, the merge is bound by its launches, not the GPU);
-    {} for a LoRA engine."""
+    alone (`merge_host_s`: near `merge_s` where the merge is bound by its launches, far below
+    where by the GPU's work), then the A/B's other merge (`_merge_in_place`); {} for a LoRA
+    engine."""
     from grpo_ray.weight_sync.digest import tensor_digest
     from grpo_ray.weight_sync.merged import VllmMergedWeights, _merge_on_worker, lora_scale
 
@@ -236,7 +237,7 @@ def _merge_in_place(worker, tensors, scale) -> dict[str, float]:
             sizes = getattr(modules[name.removesuffix(".weight")], "output_sizes", None) or [
                 weight.shape[0]]
             lora = dict(shards)
-            for shard, size in enumerate(sizes):
+            for shard in range(len(sizes)):
                 rows = slice(sum(sizes[:shard]), sum(sizes[:shard + 1]))
                 if shard in lora:
                     torch.addmm(base[name][rows], tensors[f"{lora[shard]}.lora_B.weight"],
