@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.variant or [""]:
         settings = _settings(text)
         learner = LearnerConfig.model_validate({**cfg.learner.model_dump(), **settings})
-        load_time = {k: v for k, v in settings.items() if k not in PER_STEP}
+        # the whole load-time config, not the variant's words: a variant that restates what is
+        # loaded (e.g. a default) steps on the same learner
+        load_time = {k: v for k, v in learner.model_dump().items() if k not in PER_STEP}
         if worker is None or load_time != loaded_with:
             worker = None  # free the previous learner's GPU memory before the next loads
             gc.collect()

@@ -30,15 +30,16 @@ def test_each_variant_runs_on_the_loaded_learner_with_its_settings(tiny_model_pa
                      self.learner.gradient_checkpointing, len(batch))), step(self, batch))[1])
     out = tmp_path / "ab.json"
     variants = ["learner.cast_lm_head_to_fp32=null", "learner.cast_lm_head_to_fp32=false",
-                "learner.gradient_checkpointing=false", "learner.cast_lm_head_to_fp32=true"]
+                "learner.gradient_checkpointing=false", "learner.cast_lm_head_to_fp32=true",
+                "learner.gradient_checkpointing=true"]  # what is loaded: the same learner
     assert learner_step.main([
         "--model", tiny_model_path, "--shape", "2x2x8", "--steps", "1", "--json", str(out),
         *[a for v in variants for a in ("--variant", v)], "learner.load_in_4bit=false"]) == 0
     # each variant: a warm-up, then 1 timed step; checkpointing off loads a fresh learner, and
-    # the next variant, with it on again, another
+    # the next variant, with it on again, another; the last restates it: no load
     assert [s[1:] for s in seen] == [(None, True, 4)] * 2 + [(False, True, 4)] * 2 + [
-        (False, False, 4)] * 2 + [(True, True, 4)] * 2
-    assert [s[0] for s in seen[::2]] == [1, 1, 2, 3]
+        (False, False, 4)] * 2 + [(True, True, 4)] * 2 + [(False, True, 4)] * 2
+    assert [s[0] for s in seen[::2]] == [1, 1, 2, 3, 3]
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == variants
     assert all(r["update_s"] > 0 and len(r["update_all_s"]) == 1 for r in rows)
