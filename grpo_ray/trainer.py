@@ -28,9 +28,13 @@ from grpo_ray.rollout.source import ScoredBatch
 
 def describe_startup(parts: dict[str, float]) -> str:
     """`Trainer.startup` in words, for the start-up line."""
-    engines, learner = f"engines {parts['engines_s']:.0f} s", f"learner {parts['learner_s']:.0f} s"
-    order = (f"{engines}, then the {learner} (rollout.kv_cache_gb would start them together)"
-             if parts["learner_after_engines"] else f"{engines} beside the {learner}")
+    engines = f"engines {parts['engines_s']:.0f} s"
+    if parts["learner_after_engines"]:  # the learner imported beside them, then loaded
+        order = (f"{engines} beside the learner's imports {parts['learner_imports_s']:.0f} s, "
+                 f"then its load {parts['learner_s']:.0f} s (rollout.kv_cache_gb would load "
+                 "them together)")
+    else:
+        order = f"{engines} beside the learner {parts['learner_s']:.0f} s"
     return (f"up in {parts['total_s']:.0f} s: {order}; the sync probe's first scores "
             f"{parts['probe_base_s']:.0f} s")
 

@@ -10,6 +10,7 @@ Three layouts, chosen from the config and the cluster:
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -142,7 +143,9 @@ class Actors:
     startup: dict[str, float] = field(default_factory=dict)
     """Seconds of the start: `placement_s` (the reservation), `engines_s` (from their start
     until the last was up), `learner_s` (likewise), `learner_after_engines` (1.0 where the
-    learner waited for the engines: a shared GPU without `rollout.kv_cache_gb`)."""
+    learner's load waited for the engines: a shared GPU without `rollout.kv_cache_gb`; then
+    `learner_imports_s` is its constructor's imports beside the engines and `learner_s` its
+    load after them)."""
 
     def shutdown(self) -> None:
         import ray
@@ -158,7 +161,9 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
                  engine_args: list[tuple]) -> Actors:
     """Check the plan against the cluster, reserve one placement group for the learner and the
     engines, start them there, start the reward workers (plain CPU actors) and wait until all
-    are ready. `engine_args[i]` are engine i's constructor arguments."""
+    are ready. `engine_args[i]` are engine i's constructor arguments. Where the learner must
+    load after the engines, it is started first as `learner_cls(*learner_args,
+    defer_load=True)`, which only imports, and its `load()` is called once they are up."""
     from grpo_ray.reward.pool import build_reward_workers, reward_worker_starter
 
     import ray
@@ -171,32 +176,46 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
                   cfg.cluster.placement_strategy)
     engines_start = time.monotonic()
     # vLLM sizes its KV cache from the GPU memory it sees free while it starts: on a shared GPU
-    # each engine finishes starting before the next one, and all before the learner, unless
-    # the KV cache is given in bytes (rollout.kv_cache_gb): then all start at once
+    # each engine finishes starting before the next one, and all before the learner loads,
+    # unless the KV cache is given in bytes (rollout.kv_cache_gb): then all start at once. The
+    # learner's imports, which take no GPU memory, run beside the engines in either case.
     one_by_one = plan.layout == "colocated" and cfg.rollout.kv_cache_gb is None
-    engines = _engine_group(cfg, pg, plan, engine_cls, engine_args, one_by_one=one_by_one)
 
-    def start_learner(i: int = 0) -> Any:
+    def start_learner(i: int = 0, defer_load: bool = False) -> Any:
         return ray.remote(learner_cls).options(
             **_actor_options(pg, plan.learner, plan.learner_bundle, "learner")
-        ).remote(*learner_args)
+        ).remote(*learner_args, **({"defer_load": True} if defer_load else {}))
 
     learner_start = time.monotonic()
-    learner = start_learner()
+    learner = start_learner(defer_load=one_by_one)
+    learner_up = _when_up(learner)
+    engines = _engine_group(cfg, pg, plan, engine_cls, engine_args, one_by_one=one_by_one)
+    loaded = learner.load.remote() if one_by_one else None
     reward_env = {"env_vars": actor_env_vars(ACTOR_ENV, "reward")}
     rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
                                    plan.reward["CPU"], runtime_env=reward_env)
     # constructors run remotely: surface their errors (a bad model path, say) here, at once
     up = _wait_up([learner, *engines.engines])
+    startup = {"placement_s": engines_start - start, "engines_s": max(up[1:]) - engines_start,
+               "learner_s": learner_up.result() - learner_start,
+               "learner_after_engines": float(one_by_one)}
+    if loaded is not None:  # the constructor imported; the load is its own time
+        startup |= {"learner_imports_s": startup["learner_s"], "learner_s": ray.get(loaded)}
     start_reward = reward_worker_starter(cfg.reward.functions, cfg.reward.mode,
                                          plan.reward["CPU"], reward_env)
-    startup = {"placement_s": engines_start - start,
-               "engines_s": max(up[1:]) - engines_start, "learner_s": up[0] - learner_start,
-               "learner_after_engines": float(one_by_one)}
     return Actors(learner, engines, rewards, pg, plan,
                   lambda: start_until_up(start_reward, cfg.cluster.restart_timeout_s),
                   lambda i=0: start_until_up(start_learner, cfg.cluster.restart_timeout_s),
                   startup)
+
+
+def _when_up(actor: Any) -> Future:
+    """A future of when (`time.monotonic`) `actor`'s constructor has run, set as it happens;
+    whoever waits on it, or on the actor, sees its error."""
+    out: Future = Future()
+    ready = actor.__ray_ready__.remote().future()
+    ready.add_done_callback(lambda _: out.set_result(time.monotonic()))
+    return out
 
 
 def _wait_up(actors: list[Any]) -> list[float]:

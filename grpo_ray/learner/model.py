@@ -27,6 +27,22 @@ def choose_backend(setting: str, device: torch.device) -> tuple[str, str]:
     return "unsloth", "learner.backend=auto, unsloth is installed"
 
 
+def import_backend(learner: LearnerConfig, device: torch.device) -> None:
+    """Import the modules `load_policy` will load with (Unsloth, or transformers + PEFT and
+    bitsandbytes for 4-bit), and nothing more: no weights, no GPU memory. A setting the machine
+    cannot honour fails here, as it would in the load."""
+    backend, _ = choose_backend(learner.backend, device)
+    if backend == "unsloth":
+        _fast_language_model()
+        return
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401  (its lazy import is the slow one)
+
+    if _use_4bit(learner.load_in_4bit, device):
+        import bitsandbytes  # noqa: F401
+
+
 def load_policy(model_path: str, model: ModelConfig, lora: LoraConfig, learner: LearnerConfig,
                 seed: int, device: torch.device) -> tuple[Any, torch.dtype, str]:
     """(PEFT model with a trainable LoRA adapter, compute dtype, one line saying what was
@@ -97,10 +113,7 @@ def _load_peft(model_path: str, model: ModelConfig, lora: LoraConfig, learner: L
 
 def _load_unsloth(model_path: str, lora: LoraConfig, learner: LearnerConfig, seed: int) -> Any:
     """Unsloth's 4-bit loader, kernels and gradient checkpointing (CUDA only)."""
-    try:
-        from unsloth import FastLanguageModel
-    except ImportError as e:
-        raise ImportError(f"learner.backend=unsloth: cannot import unsloth ({e})") from None
+    FastLanguageModel = _fast_language_model()
     from transformers import AutoConfig
 
     max_len = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 2048)
@@ -111,3 +124,11 @@ def _load_unsloth(model_path: str, lora: LoraConfig, learner: LearnerConfig, see
         base, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules), random_state=seed,
         use_gradient_checkpointing="unsloth" if learner.gradient_checkpointing else False)
+
+
+def _fast_language_model() -> Any:
+    try:
+        from unsloth import FastLanguageModel
+    except ImportError as e:
+        raise ImportError(f"learner.backend=unsloth: cannot import unsloth ({e})") from None
+    return FastLanguageModel

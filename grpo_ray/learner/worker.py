@@ -30,7 +30,7 @@ from grpo_ray.learner.batching import (MicroBatch, active_rows, cat_padded, chec
                                        pad_rows, padding_fraction, plan_micro_batches)
 from grpo_ray.learner.fused_loss import LossShare, fused_grpo_loss
 from grpo_ray.learner.logprobs import token_logprobs
-from grpo_ray.learner.model import load_policy
+from grpo_ray.learner.model import import_backend, load_policy
 from grpo_ray.learner.state import learner_state, load_learner_state
 from grpo_ray.learner.throughput import Stopwatch, linear_params, step_flops
 
@@ -50,13 +50,31 @@ class _Prepared:
 class LearnerWorker:
     def __init__(self, model_path: str, model: ModelConfig, lora: LoraConfig,
                  learner: LearnerConfig, algorithm: AlgorithmConfig, max_completion_length: int,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, defer_load: bool = False) -> None:
+        """Loads the policy, or with `defer_load` only imports what loading it takes (without
+        touching the GPU's memory) and leaves the load to `load()`: on a GPU shared with engines
+        that size their KV cache from the memory they see free, the learner's imports (Unsloth's
+        take tens of seconds) run while the engines start, and its weights arrive after."""
+        self._load_args = (model_path, model, lora, learner, algorithm, max_completion_length,
+                           temperature)
+        if defer_load:
+            import_backend(learner, _device())
+        else:
+            self.load()
+
+    def load(self) -> float:
+        """Load the policy (base + fresh adapter), its optimizer and schedule; the seconds it
+        took."""
         from transformers import get_scheduler
 
+        start = time.perf_counter()
+
+        (model_path, model, lora, learner, algorithm, max_completion_length,
+         temperature) = self._load_args
         torch.manual_seed(algorithm.seed)
         self.learner, self.algorithm = learner, algorithm
         self.max_completion_length, self.temperature = max_completion_length, temperature
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = _device()
         self.model, self._compute_dtype, self.description = load_policy(
             model_path, model, lora, learner, algorithm.seed, self.device)
         self._ipc_export: Any = None
@@ -73,6 +91,7 @@ class LearnerWorker:
             learner.lr_scheduler_type, self.optimizer,
             num_warmup_steps=math.ceil(learner.warmup_ratio * algorithm.total_steps),
             num_training_steps=algorithm.total_steps)
+        return time.perf_counter() - start
 
     # ---- one GRPO step -------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -361,3 +380,7 @@ def _gaps(prepared: _Prepared, engine_index: list[int]) -> dict[str, float]:
         gap = probability_gap(*(t[rows.to(t.device)] for t in (old, sampling, mask)))
         out[f"gap_mean_abs_diff{suffix}"], out[f"gap_kl{suffix}"] = gap["mean_abs_diff"], gap["kl"]
     return out
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

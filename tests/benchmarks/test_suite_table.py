@@ -41,8 +41,8 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
     (tmp_path / "step-peft-merged.json").write_text(json.dumps({  # the bnb row's, as it ran
         "environment": ENV, "history": [step(8.0), step(4.6), step(4.8), step(5.0)],
         "setup_s": 120.4, "phase_steps": [4, 0, 0], "setup_parts": {
-            "placement_s": 0.2, "engines_s": 66.2, "learner_s": 36.4, "probe_base_s": 2.6,
-            "total_s": 106.0, "learner_after_engines": 1.0}}))
+            "placement_s": 0.2, "engines_s": 66.2, "learner_imports_s": 30.4, "learner_s": 6.2,
+            "probe_base_s": 2.6, "total_s": 76.0, "learner_after_engines": 1.0}}))
     (tmp_path / "step-peft.json").write_text(json.dumps({  # LoRA rollout: a variant beside it
         "environment": ENV, "history": [step(8.0), step(5.4), step(5.5)], "setup_s": 159.0,
         "phase_steps": [3, 0, 0]}))
@@ -64,9 +64,9 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
     assert rows["adapter sync, r64, CUDA IPC"] == (
         "120 (median 120) ms in the steps; alone 167 (export 84, load 82)")
     assert rows["start-up to first step"] == (
-        "step-unsloth-merged-compare 149 s; step-peft-merged 120 s (up in 106 s: engines 66 s, "
-        "then the learner 36 s (rollout.kv_cache_gb would start them together); the sync "
-        "probe's first scores 3 s)")
+        "step-unsloth-merged-compare 149 s; step-peft-merged 120 s (up in 76 s: engines 66 s "
+        "beside the learner's imports 30 s, then its load 6 s (rollout.kv_cache_gb would load "
+        "them together); the sync probe's first scores 3 s)")
     assert rows["peer: TRL 1.15.0 GRPOTrainer, vLLM colocated, bf16 LoRA"] == (
         "5.60-5.70 s a step; ours faster by 1.28x on policy, 2.26x one step off")
     assert rows["step-unsloth-merged-nockpt: learner.gradient_checkpointing=false"] == (

@@ -1,6 +1,7 @@
 """Real placement on a local two-node Ray cluster that declares GPUs it does not have: Ray
 schedules logical resources, so distinct GPU ids and node spreading are checked without a GPU."""
 import sys
+import time
 
 import pytest
 import ray
@@ -12,13 +13,29 @@ from grpo_ray.config import load_config
 
 
 class Probe:
-    """Stands where the learner, an engine or a reward worker would stand, and says where."""
+    """Stands where the learner, an engine or a reward worker would stand, and says where;
+    as a learner it says when it was made and loaded (`LearnerWorker`'s deferred load)."""
 
-    def __init__(self, *args):
-        self.args = args
+    def __init__(self, *args, defer_load=False):
+        self.args, self.made, self.loaded = args, time.time(), None
+        if not defer_load:
+            self.load()
+
+    def load(self):
+        self.loaded = time.time()
+        return 0.25
 
     def where(self):
         return ray.get_runtime_context().get_node_id(), tuple(ray.get_gpu_ids())
+
+    def when(self):
+        return self.made, self.loaded
+
+
+class SlowEngine(Probe):
+    def __init__(self, *args):
+        time.sleep(1.5)  # a vLLM engine's start, in short
+        super().__init__(*args)
 
 
 # test modules are not importable on Ray's workers: ship this one's classes by value
@@ -66,6 +83,26 @@ def test_colocated_learner_and_engine_share_one_gpu(two_nodes):
         (n1, g1), (n2, g2) = ray.get([actors.learner.where.remote(),
                                       actors.engines.engines[0].where.remote()])
         assert (n1, g1) == (n2, g2) and len(g1) == 1
+    finally:
+        actors.shutdown()
+
+
+def test_a_shared_gpus_learner_imports_beside_the_engines_and_loads_after_them(two_nodes):
+    # without rollout.kv_cache_gb each engine sizes its KV cache from the memory it sees free
+    c = cfg("cluster.colocate=true", "learner.num_gpus=0.5", "rollout.num_engines=2",
+            "rollout.prompts_per_step=2")
+    actors = place_actors(c, Probe, (), SlowEngine, [(0,), (1,)])
+    try:
+        (made, loaded), *engines = ray.get([a.when.remote() for a in
+                                            [actors.learner, *actors.engines.engines]])
+        last_engine_up = max(up for up, _ in engines)
+        assert made < last_engine_up < loaded  # made while they started, loaded once all were up
+        parts = actors.startup
+        assert parts["learner_after_engines"] == 1.0 and parts["learner_s"] == 0.25, parts
+        assert 0 < parts["learner_imports_s"] < parts["engines_s"], parts
+        ray.kill(actors.learner)  # lost: its replacement loads at once, the engines being up
+        actors.learner = actors.start_learner(0)
+        assert ray.get(actors.learner.when.remote())[1] is not None
     finally:
         actors.shutdown()
 

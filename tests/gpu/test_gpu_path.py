@@ -143,6 +143,51 @@ def test_4bit_learner_step_on_cuda(model_path, backend, upcast):
         torch.cuda.empty_cache()
 
 
+DEFERRED = """
+import sys
+from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
+from grpo_ray.learner.worker import LearnerWorker
+w = LearnerWorker(sys.argv[1], ModelConfig(), LoraConfig(r=16, alpha=32),
+                  LearnerConfig(backend=sys.argv[2]), AlgorithmConfig(total_steps=5), 32,
+                  defer_load=True)
+print("imported", flush=True)
+sys.stdin.readline()
+w.load()
+print("loaded", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("backend", ["peft", pytest.param("unsloth", marks=pytest.mark.skipif(
+    not HAS_UNSLOTH, reason="Unsloth is not installed (pip install -e '.[unsloth]')"))])
+def test_a_deferred_learner_takes_no_gpu_memory_until_it_loads(model_path, backend):
+    # placement starts it beside engines that size their KV cache from the memory they see free
+    import subprocess
+
+    def used_mib() -> float:  # by every process on the GPU; this one's own is constant here
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**20
+
+    before = used_mib()
+    child = subprocess.Popen([sys.executable, "-c", DEFERRED, model_path, backend],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert child.stdout.readline().strip() == "imported"
+        imported = used_mib() - before
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "loaded"
+        loaded = used_mib() - before
+    finally:
+        child.kill()
+        child.wait()
+    print(f"\ndeferred {backend} learner on {torch.cuda.get_device_name()}: {imported:.0f} MiB "
+          f"after its imports, {loaded:.0f} MiB loaded")
+    assert imported < 64, imported  # no CUDA context (hundreds of MiB), no weights
+    assert loaded > 256, loaded  # and the same measure sees the loaded learner
+
+
 def test_chunked_logprobs_through_trls_kernel_on_cuda():
     """token_logprobs on CUDA takes TRL's Triton log-softmax (`selective_log_softmax`) for each
     chunk: values and gradients against the full fp64 log_softmax, with bf16 hidden states and

@@ -228,3 +228,41 @@ def test_schedule_and_several_iterations(tiny_model_path, batch):
     assert lrs == pytest.approx(want, rel=1e-6)
     assert clip[0] == 0.0  # lr 0: the second pass sees ratio 1 as well
     assert clip[2] > 0  # the second pass's ratio leaves [0.99, 1.01] after a 1e-2 step
+
+
+def test_a_deferred_learner_imports_only_and_loads_the_same_policy(tiny_model_path):
+    # what place_actors does on a shared GPU: construct (imports) beside the engines, load after
+    from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
+    from grpo_ray.learner.worker import LearnerWorker
+
+    args = (tiny_model_path, ModelConfig(), LoraConfig(r=4, alpha=8), LearnerConfig(),
+            AlgorithmConfig(total_steps=10), 12)
+    deferred = LearnerWorker(*args, defer_load=True)
+    assert not hasattr(deferred, "model")  # nothing loaded yet
+    assert deferred.load() > 0
+    direct = LearnerWorker(*args)
+    loaded, expected = deferred.model.state_dict(), direct.model.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)  # the same seeded adapter
+    assert deferred.describe() == direct.describe()
+
+
+def test_a_deferred_learner_refuses_a_backend_it_cannot_import_at_once(tiny_model_path,
+                                                                       monkeypatch):
+    import builtins
+
+    from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
+    from grpo_ray.learner.worker import LearnerWorker
+
+    real_import = builtins.__import__
+
+    def no_unsloth(name, *a, **k):  # unsloth needs CUDA: absent here as on a machine without it
+        if name.split(".")[0] == "unsloth":
+            raise ImportError("No module named 'unsloth'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_unsloth)
+    with pytest.raises(ImportError, match=r"^learner.backend=unsloth: cannot import unsloth"):
+        LearnerWorker(tiny_model_path, ModelConfig(), LoraConfig(r=4, alpha=8),
+                      LearnerConfig(backend="unsloth"), AlgorithmConfig(total_steps=10), 12,
+                      defer_load=True)
