@@ -22,6 +22,8 @@
 # $TESTS_K selects the tests part's tests (pytest -k); $LEARN_OVERRIDES go to the learn parts.
 # learner-ab: the learner's update alone, A/B: per-step settings switched on one loaded learner,
 # load-time ones on a fresh learner each.
+# mps-compare: step-unsloth-merged-compare under an MPS server (where the machine has one).
+# issue20: the parts above in the order the next lease of issue 20 runs them.
 # peer-trl: TRL's GRPOTrainer with vLLM colocated at the same shape and settings, $STEPS steps
 # (benchmarks/trl_peer.py): the step time ours is compared with.
 set -uo pipefail
@@ -112,13 +114,31 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       run "$part-check" 60 python3 benchmarks/reliability_gpu.py learn-check "$SUITE/$part" \
         --json "$SUITE/reliability.jsonl";;
     learn)
-      "$0" learn-peft learn-unsloth;;
+      bash "$0" learn-peft learn-unsloth;;
+    mps-compare)  # step-unsloth-merged-compare under an MPS server, whose clients share the SMs
+      # instead of time-slicing the GPU (one step off, generation runs beside the update); the
+      # server is a user process, changes no setting of the GPU, and is stopped after
+      if ! command -v nvidia-cuda-mps-control >/dev/null; then
+        echo "=== mps-compare: no nvidia-cuda-mps-control on this machine"; continue
+      fi
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+      mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+      nvidia-cuda-mps-control -d && STEP_TAG=-mps bash "$0" step-unsloth-merged-compare
+      echo quit | nvidia-cuda-mps-control
+      unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY;;
+    issue20)  # the next lease's plan for issue 20, its parts in order of value (a cut lease
+      # keeps the first); the table after each from learner-ab on (about 2,000 s in all)
+      TESTS_K="digest or deferred or (receives_the_learners_adapter and merged)" \
+        bash "$0" setup tests
+      bash "$0" learner-ab table step-peft-merged table step-unsloth-merged table
+      ROLLOUT_ARGS="--modes plain-base,actor-merged --shapes 16x8x256" bash "$0" rollout table
+      bash "$0" step-unsloth-merged-compare table peer-trl table mps-compare table;;
     multi-engine|faults)  # benchmarks/reliability_gpu.py: an engine killed; sync faults injected
       run "$part" "${FAULTS_LIMIT:-600}" python3 benchmarks/reliability_gpu.py "$part" "output.dir=$SUITE/$part" \
         --json "$SUITE/reliability.jsonl";;
     rollout)
       run rollout "${ROLLOUT_LIMIT:-540}" python3 benchmarks/rollout_throughput.py \
         --model "$MODEL" --json "$SUITE/rollout.json" ${ROLLOUT_ARGS:-};;
-    *) echo "unknown part $part (setup, tests, step-*, learner-ab, peer-trl, rollout, table, learn[-peft|-unsloth], multi-engine, faults)"; exit 2;;
+    *) echo "unknown part $part (setup, tests, step-*, learner-ab, peer-trl, rollout, table, learn[-peft|-unsloth], multi-engine, faults, mps-compare, issue20)"; exit 2;;
   esac
 done
