@@ -167,6 +167,7 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     from grpo_ray.reward.pool import build_reward_workers, reward_worker_starter
 
     import ray
+    from ray.util.placement_group import remove_placement_group
 
     nodes = cluster_nodes()
     plan = plan_placement(cfg, _use_gpu(cfg, nodes))
@@ -186,21 +187,29 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
             **_actor_options(pg, plan.learner, plan.learner_bundle, "learner")
         ).remote(*learner_args, **({"defer_load": True} if defer_load else {}))
 
-    learner_start = time.monotonic()
-    learner = start_learner(defer_load=one_by_one)
-    learner_up = _when_up(learner)
-    engines = _engine_group(cfg, pg, plan, engine_cls, engine_args, one_by_one=one_by_one)
-    loaded = learner.load.remote() if one_by_one else None
-    reward_env = {"env_vars": actor_env_vars(ACTOR_ENV, "reward")}
-    rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
-                                   plan.reward["CPU"], runtime_env=reward_env)
-    # constructors run remotely: surface their errors (a bad model path, say) here, at once
-    up = _wait_up([learner, *engines.engines])
-    startup = {"placement_s": engines_start - start, "engines_s": max(up[1:]) - engines_start,
-               "learner_s": learner_up.result() - learner_start,
-               "learner_after_engines": float(one_by_one)}
-    if loaded is not None:  # the constructor imported; the load is its own time
-        startup |= {"learner_imports_s": startup["learner_s"], "learner_s": ray.get(loaded)}
+    rewards: list[Any] = []
+    try:  # a constructor's error, or a stop, leaves nothing behind: the group's actors go with it
+        learner_start = time.monotonic()
+        learner = start_learner(defer_load=one_by_one)
+        learner_up = _when_up(learner)
+        engines = _engine_group(cfg, pg, plan, engine_cls, engine_args, one_by_one=one_by_one,
+                                watch=learner)
+        loaded = learner.load.remote() if one_by_one else None
+        reward_env = {"env_vars": actor_env_vars(ACTOR_ENV, "reward")}
+        rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
+                                       plan.reward["CPU"], runtime_env=reward_env)
+        # constructors run remotely: surface their errors (a bad model path, say) here, at once
+        up = _wait_up([learner, *engines.engines])
+        startup = {"placement_s": engines_start - start, "engines_s": max(up[1:]) - engines_start,
+                   "learner_s": learner_up.result() - learner_start,
+                   "learner_after_engines": float(one_by_one)}
+        if loaded is not None:  # the constructor imported; the load is its own time
+            startup |= {"learner_imports_s": startup["learner_s"], "learner_s": ray.get(loaded)}
+    except BaseException:
+        for actor in rewards:
+            ray.kill(actor)
+        remove_placement_group(pg)
+        raise
     start_reward = reward_worker_starter(cfg.reward.functions, cfg.reward.mode,
                                          plan.reward["CPU"], reward_env)
     return Actors(learner, engines, rewards, pg, plan,
@@ -258,10 +267,23 @@ def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> En
 
 
 def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_args: list[tuple],
-                  on_shutdown: Any = None, one_by_one: bool = False) -> EngineGroup:
-    """The engines started in their bundles (`one_by_one`: each ready before the next starts);
-    the group can start engine i again in its own."""
+                  on_shutdown: Any = None, one_by_one: bool = False,
+                  watch: Any = None) -> EngineGroup:
+    """The engines started in their bundles (`one_by_one`: each ready before the next starts,
+    and the constructor of the actor `watch` raising meanwhile raises at once); the group can
+    start engine i again in its own."""
     import ray
+
+    watched = [watch.__ray_ready__.remote()] if watch is not None else []
+
+    def wait_ready(engine: Any) -> None:
+        ready = engine.__ray_ready__.remote()
+        while True:
+            done, _ = ray.wait([ready, *watched], num_returns=1)
+            ray.get(done[0])
+            if done[0] == ready:
+                return
+            watched.clear()  # up: only the engine is left to wait for
 
     def start(i: int) -> Any:
         options = _actor_options(pg, plan.engine, plan.engine_bundles[i], f"rollout-{i}")
@@ -274,7 +296,7 @@ def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_arg
     for i in range(len(engine_args)):
         engines.append(start(i))
         if one_by_one:
-            ray.get(engines[-1].__ray_ready__.remote())
+            wait_ready(engines[-1])
     return EngineGroup(engines, start_again, on_shutdown, cfg.cluster)
 
 

@@ -33,9 +33,21 @@ class Probe:
 
 
 class SlowEngine(Probe):
+    pause = 1.5  # a vLLM engine's start, in short
+
     def __init__(self, *args):
-        time.sleep(1.5)  # a vLLM engine's start, in short
+        time.sleep(self.pause)
         super().__init__(*args)
+
+
+class VerySlowEngine(SlowEngine):
+    pause = 60.0
+
+
+class LearnerWithoutItsBackend(Probe):
+    def __init__(self, *args, defer_load=False):
+        raise ImportError("learner.backend=unsloth: cannot import unsloth (No module named "
+                          "'unsloth')")
 
 
 # test modules are not importable on Ray's workers: ship this one's classes by value
@@ -105,6 +117,17 @@ def test_a_shared_gpus_learner_imports_beside_the_engines_and_loads_after_them(t
         assert ray.get(actors.learner.when.remote())[1] is not None
     finally:
         actors.shutdown()
+
+
+def test_the_learners_import_error_ends_the_start_at_once_and_frees_the_gpu(two_nodes):
+    c = cfg("cluster.colocate=true", "learner.num_gpus=0.5")
+    start = time.monotonic()
+    with pytest.raises(Exception, match="cannot import unsloth"):
+        place_actors(c, LearnerWithoutItsBackend, (), VerySlowEngine, [(0,)])
+    assert time.monotonic() - start < 30  # not after the engine's 60 s start
+    # its placement group went with the error: a start that needs all 4 GPUs gets them
+    c = cfg("rollout.num_engines=3", "rollout.prompts_per_step=3", "learner.num_gpus=1")
+    place_actors(c, Probe, (), Probe, [(i,) for i in range(3)]).shutdown()
 
 
 def test_unsatisfiable_placement_is_refused_at_once(two_nodes):
