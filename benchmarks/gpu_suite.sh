@@ -96,10 +96,14 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
         --variant learner.loss_kernel=liger \
         --variant learner.upcast_unquantized_to_fp32=true \
         learner.backend=peft
-      run learner-ab-unsloth "${AB_LIMIT:-300}" python3 benchmarks/learner_step.py \
+      # Unsloth's peak at two micro-batch sizes without checkpointing: what memory a rule that
+      # turns checkpointing off where it fits must leave for it
+      run learner-ab-unsloth "${AB_LIMIT:-360}" python3 benchmarks/learner_step.py \
         --model "$MODEL" --json "$SUITE/learner-ab-unsloth.json" \
         --variant learner.gradient_checkpointing=true \
-        --variant learner.gradient_checkpointing=false learner.backend=unsloth;;
+        --variant learner.gradient_checkpointing=false \
+        --variant "learner.gradient_checkpointing=false learner.max_tokens_per_micro_batch=8192" \
+        learner.backend=unsloth;;
     peer-trl)  # TRL's GRPOTrainer, vLLM colocated, bf16 LoRA: the same shape and $STEPS steps
       run peer-trl "${PEER_LIMIT:-540}" python3 benchmarks/trl_peer.py --model "$MODEL" \
         --steps "$STEPS" --json "$SUITE/peer-trl.json";;
