@@ -6,7 +6,8 @@
 # setup: GPU, memory and versions into env.txt, and the model (random weights of Qwen2.5-3B's
 # shape) built at $MODEL (default /tmp/q3b) unless it is there. Logs and JSON go to $SUITE
 # (default outputs/gpu-suite); each part has a time limit and the next part runs regardless.
-# learn-<learner>: 200 steps of configs/learn-gpu.yaml, checked (benchmarks/reliability_gpu.py);
+# learn-<learner>[-merged]: 200 steps of configs/learn-gpu.yaml (rollout.merge_adapter with
+# -merged), checked (benchmarks/reliability_gpu.py);
 # multi-engine, faults: an engine killed beside another on the GPU; sync faults injected.
 # step-<learner>[-merged][-compare]: benchmarks/grpo_step.py with learner.backend=<learner>
 # (peft or unsloth), rollout.merge_adapter when -merged, and with -compare $STEPS more steps one
@@ -109,11 +110,15 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
         --steps "$STEPS" --json "$SUITE/peer-trl.json";;
     table)  # issue 20's one table from this run's JSON (benchmarks/suite_table.py)
       python3 benchmarks/suite_table.py "$SUITE" --out "$SUITE/table.md";;
-    learn-peft|learn-unsloth)  # 200 steps of configs/learn-gpu.yaml, its own settings
+    learn-peft|learn-unsloth|learn-peft-merged|learn-unsloth-merged)  # 200 steps of
+      # configs/learn-gpu.yaml, its own settings (-merged: rollout.merge_adapter)
+      label=${part#learn-}
+      merged=()
+      [[ $label == *-merged ]] && merged=(rollout.merge_adapter=true)
       TAIL=12 run "$part" "${LEARN_LIMIT:-900}" python3 scripts/learning_benchmark.py \
         --config configs/learn-gpu.yaml --eval-every 50 "output.dir=$SUITE/$part" \
-        "algorithm.total_steps=${LEARN_STEPS:-200}" "learner.backend=${part#learn-}" \
-        ${LEARN_OVERRIDES:-}
+        "algorithm.total_steps=${LEARN_STEPS:-200}" "learner.backend=${label%-merged}" \
+        "${merged[@]}" ${LEARN_OVERRIDES:-}
       # fails unless held-out accuracy rose by 0.3 and no engine was replaced or repaired
       run "$part-check" 60 python3 benchmarks/reliability_gpu.py learn-check "$SUITE/$part" \
         --json "$SUITE/reliability.jsonl";;
@@ -131,10 +136,13 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       echo quit | nvidia-cuda-mps-control
       unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY;;
     issue20)  # the next lease's plan for issue 20, its parts in order of value (a cut lease
-      # keeps the first); the table after each from learner-ab on (about 2,000 s in all)
+      # keeps the first); the table after each from learner-ab on (about 2,300 s in all)
       TESTS_K="digest or deferred or (receives_the_learners_adapter and merged)" \
         bash "$0" setup tests
       bash "$0" learner-ab table step-peft-merged table step-unsloth-merged table
+      # the merged rollout has not yet run a learning run: it must learn before a config
+      # turns it on (learn-peft, LoRA rollout, 120 steps: 0.19 -> 0.61-0.65 in three leases)
+      LEARN_STEPS=120 bash "$0" learn-unsloth-merged
       ROLLOUT_ARGS="--modes plain-base,actor-merged --shapes 16x8x256" bash "$0" rollout table
       bash "$0" step-unsloth-merged-compare table peer-trl table mps-compare table;;
     multi-engine|faults)  # benchmarks/reliability_gpu.py: an engine killed; sync faults injected
@@ -143,6 +151,6 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
     rollout)
       run rollout "${ROLLOUT_LIMIT:-540}" python3 benchmarks/rollout_throughput.py \
         --model "$MODEL" --json "$SUITE/rollout.json" ${ROLLOUT_ARGS:-};;
-    *) echo "unknown part $part (setup, tests, step-*, learner-ab, peer-trl, rollout, table, learn[-peft|-unsloth], multi-engine, faults, mps-compare, issue20)"; exit 2;;
+    *) echo "unknown part $part (setup, tests, step-*, learner-ab, peer-trl, rollout, table, learn[-peft|-unsloth][-merged], multi-engine, faults, mps-compare, issue20)"; exit 2;;
   esac
 done
