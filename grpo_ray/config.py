@@ -159,8 +159,9 @@ class RolloutConfig(_Section):
     from `gpu_memory_utilization` and the memory it finds free while it starts, so on a shared
     GPU (`cluster.colocate`) each engine must be ready before the next one starts and before the
     learner loads its weights (its imports run beside them). Given, the engine no longer
-    measures free memory, and the learner loads while the engines start (shorter start-up). vLLM's start-up log says what `gpu_memory_utilization` gave ("Current kv
-    cache memory in use is 41.63 GiB" for configs/qwen2.5-3b-gsm8k-1gpu.yaml on an H200)."""
+    measures free memory, and the learner loads while the engines start (shorter start-up).
+    vLLM's start-up log says what `gpu_memory_utilization` gave ("Current kv cache memory in use
+    is 41.63 GiB" for configs/qwen2.5-3b-gsm8k-1gpu.yaml on an H200)."""
     merge_adapter: bool = False
     """Fold each synced adapter into the engine's own weights (in memory, from a pristine copy
     of the base kept beside them) and generate without LoRA, at plain vLLM's speed; the sync

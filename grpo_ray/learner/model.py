@@ -36,7 +36,6 @@ def import_backend(learner: LearnerConfig, device: torch.device) -> None:
         _fast_language_model()
         return
     import peft  # noqa: F401
-    import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401  (its lazy import is the slow one)
 
     if _use_4bit(learner.load_in_4bit, device):

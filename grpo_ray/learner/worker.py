@@ -68,7 +68,6 @@ class LearnerWorker:
         from transformers import get_scheduler
 
         start = time.perf_counter()
-
         (model_path, model, lora, learner, algorithm, max_completion_length,
          temperature) = self._load_args
         torch.manual_seed(algorithm.seed)
