@@ -188,10 +188,11 @@ def _merged_load_parts(worker, payload) -> dict[str, float]:
     tensors, materialize_s = timed(lambda: payload.materialize(slot.device))
     _, digest_s = timed(lambda: tensor_digest(tensors))
 
-    def merge() -> float:  # its host seconds: until the calls are queued
+    scale = lora_scale(payload.peft_config)
+
+    def merge() -> float:  # the product's merge; its host seconds: until the calls are queued
         start = time.perf_counter()
-        slot.llm.collective_rpc(_merge_on_worker, args=(
-            slot.model_path, tensors, lora_scale(payload.peft_config)))
+        slot.llm.collective_rpc(_merge_on_worker, args=(slot.model_path, tensors, scale))
         return time.perf_counter() - start
 
     merge_host_s, merge_s = timed(merge)
@@ -202,13 +203,12 @@ def _merged_load_parts(worker, payload) -> dict[str, float]:
     # other is printed, and the parts above kept)
     try:
         (other,), in_place_s = timed(lambda: slot.llm.collective_rpc(
-            _merge_in_place, args=(tensors, lora_scale(payload.peft_config))))
+            _merge_in_place, args=(tensors, scale)))
         if other:
             out |= other | {"merge_in_place_s": in_place_s}
     except Exception as e:  # noqa: BLE001 - an experiment's failure must not lose the run
         print(f"merge in place failed: {type(e).__name__}: {e}")
-    slot.llm.collective_rpc(_merge_on_worker, args=(
-        slot.model_path, tensors, lora_scale(payload.peft_config)))
+    merge()
     return out
 
 
