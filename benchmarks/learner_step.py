@@ -92,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoConfig
 
-    from grpo_ray.learner.worker import LearnerWorker
-
     from grpo_ray.data.dataset import load_tokenizer
+    from grpo_ray.learner.worker import LearnerWorker
     from grpo_ray.weight_sync.probe import probe_sequences
 
     T = int(args.shape.split("x")[2])
