@@ -45,7 +45,7 @@ def ensure_model(path: str, shape: str = "qwen2.5-3b") -> str:
     unless it is already there."""
     import torch
 
-    from grpo_ray.models.tiny import QWEN25_3B_SHAPE, QWEN25_VOCAB, save_tiny
+    from grpo_ray.driver.models.tiny import QWEN25_3B_SHAPE, QWEN25_VOCAB, save_tiny
 
     if not (Path(path) / "config.json").exists():
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,9 +59,9 @@ def ensure_model(path: str, shape: str = "qwen2.5-3b") -> str:
 
 def prompt_ids(model_path: str, n: int, seed: int = 0) -> list[list[int]]:
     """`n` synthetic GSM8K-style questions with the recipe's system prompt and chat template."""
-    from grpo_ray.data.dataset import chat_ids, load_tokenizer
-    from grpo_ray.data.prompts import chat_messages
-    from grpo_ray.data.synthetic import synthetic_rows
+    from grpo_ray.answer_format import chat_ids, chat_messages
+    from grpo_ray.driver.data.dataset import load_tokenizer
+    from grpo_ray.driver.data.synthetic import synthetic_rows
 
     tokenizer = load_tokenizer(model_path)
     return [chat_ids(tokenizer, chat_messages(row["question"]))

@@ -24,7 +24,7 @@
 # learner-ab: the learner's update alone, A/B: per-step settings switched on one loaded learner,
 # load-time ones on a fresh learner each.
 # mps-compare: step-unsloth-merged-compare under an MPS server (where the machine has one).
-# issue20: the parts above in the order the next lease of issue 20 runs them.
+# issue20, issue30: the parts above in the order a lease of that issue runs them.
 # peer-trl: TRL's GRPOTrainer with vLLM colocated at the same shape and settings, $STEPS steps
 # (benchmarks/trl_peer.py): the step time ours is compared with.
 set -uo pipefail
@@ -70,7 +70,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       run build 300 python3 -c "from common import ensure_model; ensure_model('$MODEL')";;
     tests)
       TAIL=40 run tests "${TESTS_LIMIT:-480}" python3 -m pytest -m gpu tests/gpu \
-        tests/weight_sync/test_digest.py -s -rA \
+        tests/sync/test_digest.py -s -rA \
         -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"};;
     step-*)
       label=${part#step-}
@@ -145,12 +145,24 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'vllm', vllm.__ver
       LEARN_STEPS=120 bash "$0" learn-unsloth-merged
       ROLLOUT_ARGS="--modes plain-base,actor-merged --shapes 16x8x256" bash "$0" rollout table
       bash "$0" step-unsloth-merged-compare table peer-trl table mps-compare table;;
+    issue30)  # issue 30's lease, its parts in order of value (a cut lease keeps the first):
+      # the headline step on and one step off (profiled), the merged rollout's learning run,
+      # TRL's peer, the lighter learner with the KV cache given (start-up), the bnb row, the
+      # GPU tests not yet run there, MPS; the table after each
+      PROFILE=1 STEPS=${STEPS_MAIN:-5} bash "$0" setup step-unsloth-merged-compare table
+      LEARN_STEPS=120 bash "$0" learn-unsloth-merged
+      bash "$0" peer-trl table
+      STEP_TAG=-nockpt STEP_OVERRIDES="learner.gradient_checkpointing=false rollout.kv_cache_gb=8" \
+        bash "$0" step-unsloth-merged-compare table
+      bash "$0" step-peft-merged table
+      TESTS_K="digest or deferred" bash "$0" tests
+      bash "$0" mps-compare table;;
     multi-engine|faults)  # benchmarks/reliability_gpu.py: an engine killed; sync faults injected
       run "$part" "${FAULTS_LIMIT:-600}" python3 benchmarks/reliability_gpu.py "$part" "output.dir=$SUITE/$part" \
         --json "$SUITE/reliability.jsonl";;
     rollout)
       run rollout "${ROLLOUT_LIMIT:-540}" python3 benchmarks/rollout_throughput.py \
         --model "$MODEL" --json "$SUITE/rollout.json" ${ROLLOUT_ARGS:-};;
-    *) echo "unknown part $part (setup, tests, step-*, learner-ab, peer-trl, rollout, table, learn[-peft|-unsloth][-merged], multi-engine, faults, mps-compare, issue20)"; exit 2;;
+    *) echo "unknown part $part (setup, tests, step-*, learner-ab, peer-trl, rollout, table, learn[-peft|-unsloth][-merged], multi-engine, faults, mps-compare, issue20, issue30)"; exit 2;;
   esac
 done

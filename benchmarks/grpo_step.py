@@ -108,7 +108,7 @@ def measure_syncs(actors, first_version: int, repeats: int,
     learner's side of the sync check right after each `after` sync, part by part."""
     import ray
 
-    from grpo_ray.weight_sync.broadcast import AdapterBroadcast
+    from grpo_ray.sync.broadcast import AdapterBroadcast
 
     learner, engines = actors.learner, actors.engines
     dtype = engines.lora_dtype()
@@ -179,8 +179,8 @@ def _merged_load_parts(worker, payload) -> dict[str, float]:
     alone (`merge_host_s`: near `merge_s` where the merge is bound by its launches, far below
     where by the GPU's work), then the A/B's other merge (`_merge_in_place`); {} for a LoRA
     engine."""
-    from grpo_ray.weight_sync.digest import tensor_digest
-    from grpo_ray.weight_sync.merged import VllmMergedWeights, _merge_on_worker, lora_scale
+    from grpo_ray.sync.digest import tensor_digest
+    from grpo_ray.sync.merged import VllmMergedWeights, _merge_on_worker, lora_scale
 
     slot = worker.adapter
     if not isinstance(slot, VllmMergedWeights):
@@ -222,7 +222,7 @@ def _merge_in_place(worker, tensors, scale) -> dict[str, float]:
     the weights (its CPU backend)."""
     import torch
 
-    from grpo_ray.weight_sync.merged import merge_plan
+    from grpo_ray.sync.merged import merge_plan
 
     model = worker.model_runner.model
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
@@ -263,7 +263,7 @@ def _learner_probe_parts(worker, prompt_ids, completion_ids) -> dict[str, float]
 
 def _state_dict_walk_s(worker) -> float:
     """Run through `__ray_call__` in the learner: seconds of one `get_peft_model_state_dict`."""
-    from grpo_ray.weight_sync.sender import _lora_state
+    from grpo_ray.sync.sender import _lora_state
 
     return timed(lambda: _lora_state(worker.model, "default"))[1]
 
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from grpo_ray.cli import connect_ray
-    from grpo_ray.trainer import Trainer
+    from grpo_ray.driver.trainer import Trainer
 
     # the functions this script runs in the actors (`__ray_call__`) use `timed`: shipped by value,
     # the actors need no benchmarks/ on their path

@@ -12,7 +12,7 @@ advantages. Settings the learner reads at every step (`PER_STEP`: the lm_head dt
 sizes, the loss kernel) are switched on the loaded learner; any other (gradient checkpointing,
 the backend) loads a fresh one, the previous one freed first. Prints each variant's update and
 reference times (medians), the learner's peak memory and the time of the sync probe's log-probs
-(`LearnerWorker.sequence_logprobs` of `weight_sync.probe`'s sequences, median of 5, the learner's
+(`LearnerWorker.sequence_logprobs` of `sync.probe`'s sequences, median of 5, the learner's
 side of every sync check); --json writes them.
 """
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ensure_model, print_environment, timed  # noqa: E402
-
 
 PER_STEP = {"cast_lm_head_to_fp32", "micro_batch_size", "max_tokens_per_micro_batch",
             "logprob_chunk_size", "loss_kernel", "max_grad_norm"}
@@ -92,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoConfig
 
-    from grpo_ray.data.dataset import load_tokenizer
+    from grpo_ray.driver.data.dataset import load_tokenizer
     from grpo_ray.learner.worker import LearnerWorker
-    from grpo_ray.weight_sync.probe import probe_sequences
+    from grpo_ray.sync.probe import probe_sequences
 
     T = int(args.shape.split("x")[2])
     batch = step_batch(args.shape, AutoConfig.from_pretrained(args.model).vocab_size)

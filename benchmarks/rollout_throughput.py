@@ -107,7 +107,7 @@ def run_plain(args, in_process: bool, with_lora: bool = True, text: bool = False
 
     from grpo_ray.contracts import AdapterPayload, Sampling
     from grpo_ray.rollout.worker import engine_kwargs, sampling_params
-    from grpo_ray.weight_sync.files import write_adapter
+    from grpo_ray.sync.files import write_adapter
 
     rollout, lora = _configs(args, merge=not with_lora)  # merge_adapter: an engine without LoRA
     tensors, config = random_lora(args.model, lora.r, lora.alpha, dtype=_dtype())
@@ -143,7 +143,7 @@ def run_actor(args, merge: bool = False) -> list[dict]:
     from grpo_ray.cluster.placement import ACTOR_ENV
     from grpo_ray.contracts import Sampling
     from grpo_ray.rollout.worker import RolloutWorker
-    from grpo_ray.weight_sync.sender import pack_tensors
+    from grpo_ray.sync.sender import pack_tensors
 
     rollout, lora = _configs(args, merge)
     tensors, config = random_lora(args.model, lora.r, lora.alpha, dtype=_dtype())

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grpo_step import steady_phases  # noqa: E402
 
-from grpo_ray.trainer import describe_startup  # noqa: E402
+from grpo_ray.driver.trainer import describe_startup  # noqa: E402
 
 
 def _load(suite: Path, *names: str) -> tuple[str, dict] | None:

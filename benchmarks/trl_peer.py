@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
+    from rewards_bench import sevens
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo_ray.data.prompts import chat_messages
-    from grpo_ray.data.synthetic import synthetic_rows
-    from rewards_bench import sevens
+    from grpo_ray.answer_format import chat_messages
+    from grpo_ray.driver.data.synthetic import synthetic_rows
 
     ro, algo, lr = cfg.rollout, cfg.algorithm, cfg.learner
     group = ro.prompts_per_step * ro.num_generations

@@ -102,9 +102,14 @@ def worker_logs(cfg, verbose: bool):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from grpo_ray.faults import (EXIT_CODES, InfraError, Interrupted, StopNow,
-                                 stop_at_once_on_signals)
-    from grpo_ray.trainer import Trainer
+    from grpo_ray.driver.trainer import Trainer
+    from grpo_ray.faults import (
+        EXIT_CODES,
+        InfraError,
+        Interrupted,
+        StopNow,
+        stop_at_once_on_signals,
+    )
 
     cfg = run_config(args)
     trainer = Trainer(cfg)
@@ -155,7 +160,7 @@ def run_config(args: argparse.Namespace):
 
     base = None
     if getattr(args, "trl_config", None):
-        from grpo_ray.trl_config import from_trl
+        from grpo_ray.driver.trl_config import from_trl
 
         base, unsupported = from_trl(args.trl_config)
         print(f"--trl-config {args.trl_config}: GRPOConfig carried over"
@@ -171,9 +176,13 @@ def checkpoint_to_resume(cfg, root, resume: bool) -> tuple[object, bool]:
     keys. The newest checkpoint that passes its manifest is used (`resumable_checkpoint`)."""
     from pathlib import Path
 
-    from grpo_ray.checkpoint import (STATE_FILE, latest_checkpoint, resumable_checkpoint,
-                                     resume_differences)
     from grpo_ray.config import Config, UserError
+    from grpo_ray.driver.checkpoint import (
+        STATE_FILE,
+        latest_checkpoint,
+        resumable_checkpoint,
+        resume_differences,
+    )
 
     if latest_checkpoint(root) is None:
         if resume:
@@ -242,11 +251,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from grpo_ray.config import UserError, load_config
-    from grpo_ray.data.dataset import load_tokenizer
-    from grpo_ray.evaluation import (eval_sampling, evaluate, format_metrics, held_out_batch,
-                                     make_judge, sanity_batch, sanity_sampling)
-    from grpo_ray.models.resolve import resolve_model_path
-    from grpo_ray.weight_sync.files import read_adapter
+    from grpo_ray.driver.data.dataset import load_tokenizer
+    from grpo_ray.driver.evaluation import (
+        eval_sampling,
+        evaluate,
+        format_metrics,
+        held_out_batch,
+        make_judge,
+        sanity_batch,
+        sanity_sampling,
+    )
+    from grpo_ray.driver.models.resolve import resolve_model_path
+    from grpo_ray.sync.files import read_adapter
 
     cfg = load_config(args.config, args.overrides)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -314,8 +330,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from grpo_ray.config import load_config
-    from grpo_ray.export import check_adapter, merge_adapter, push_to_hub, save_adapter_dir
-    from grpo_ray.models.resolve import resolve_model_path
+    from grpo_ray.driver.export import check_adapter, merge_adapter, push_to_hub, save_adapter_dir
+    from grpo_ray.driver.models.resolve import resolve_model_path
 
     cfg = load_config(args.config, args.overrides)
     adapter = args.adapter or str(Path(cfg.output.dir) / "adapter")
@@ -335,7 +351,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:
-    from grpo_ray.models.tiny import main as build
+    from grpo_ray.driver.models.tiny import main as build
 
     build([args.path, "--shape", args.shape, "--dtype", args.dtype])
     return 0

@@ -166,7 +166,7 @@ class RolloutConfig(_Section):
     """Fold each synced adapter into the engine's own weights (in memory, from a pristine copy
     of the base kept beside them) and generate without LoRA, at plain vLLM's speed; the sync
     still moves only the adapter. Costs a copy of the targeted base weights on the engine's
-    device; one GPU per engine (`weight_sync.merged`)."""
+    device; one GPU per engine (`sync.merged`)."""
 
 
 BUILTIN_REWARDS = ("correctness", "integer", "strict_format", "soft_format", "xml_count", "math",
@@ -404,7 +404,7 @@ class ClusterConfig(_Section):
     sync_probe: bool = True
     """After every sync, each engine and the learner score a few fixed completions (a few
     hundred tokens, one short forward each); an engine whose log-probs did not move as the
-    learner's did is reloaded, then replaced, then the run fails (`weight_sync.probe`). The
+    learner's did is reloaded, then replaced, then the run fails (`sync.probe`). The
     exact identity check (version and digest of the tensors each engine holds) runs always."""
     sync_probe_min_slope: float = 0.5
     """An engine fails the probe when the slope of its log-prob movement against the learner's
@@ -425,12 +425,6 @@ class ClusterConfig(_Section):
     model on average (nats per token). None: by the engines' dtype, 1e-3 for fp32 engines and
     0.05 for 16-bit ones, which round part of a young adapter's tiny deltas away (measured on
     an H200: slope 0.2-0.33 at movement 0.01, 0.9 at 0.04; `probe.default_min_movement`)."""
-
-    def probe_rule(self) -> "ProbeRule":
-        from grpo_ray.weight_sync.probe import ProbeRule
-
-        return ProbeRule(self.sync_probe_min_slope, self.sync_probe_max_slope, self.sync_probe_z,
-                         self.sync_probe_min_movement)
 
     @model_validator(mode="after")
     def _slope_range(self) -> "ClusterConfig":
@@ -509,7 +503,7 @@ class Config(_Section):
     @property
     def eval_split(self) -> str | None:
         """The split evaluation names (`eval.split`, else `data.eval_split`); None: the data's
-        default held-out rows (`data.dataset.load_eval_rows`)."""
+        default held-out rows (`driver.data.dataset.load_eval_rows`)."""
         return self.eval.split or self.data.eval_split
 
     @property
@@ -730,7 +724,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> Config:
-    """Defaults <- `base` (a TRL config's, `grpo_ray.trl_config`) <- YAML file <- dotted
+    """Defaults <- `base` (a TRL config's, `grpo_ray.driver.trl_config`) <- YAML file <- dotted
     overrides, then type checks and invariants."""
     data = _merge(base or {}, read_yaml(path)) if path is not None else dict(base or {})
     for item in overrides or []:

@@ -225,7 +225,7 @@ class AdapterPayload:
     peft_config: dict[str, Any]
     """The adapter's `adapter_config.json` content."""
     digest: str | None = None
-    """`weight_sync.digest.tensor_digest` of `tensors` as the learner exported them (None: not
+    """`sync.digest.tensor_digest` of `tensors` as the learner exported them (None: not
     computed, e.g. read from files): what each engine must report after loading them."""
 
     @property
@@ -233,6 +233,6 @@ class AdapterPayload:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def materialize(self, device: str = "cpu") -> dict[str, Any]:
-        """name -> tensor on `device` (the other payload forms in `weight_sync.sender` have the
+        """name -> tensor on `device` (the other payload forms in `sync.sender` have the
         same method)."""
         return {k: v.to(device) for k, v in self.tensors.items()}

@@ -14,6 +14,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+
 class InfraError(RuntimeError):
     """A failure of the machines, not of the user's input (an actor that cannot be brought back,
     a sync the engines keep failing): the command line prints its one line and exits with

@@ -55,7 +55,7 @@ def run_benchmark(cfg: Any, eval_every: int, print_fn: Callable[[str], None] = p
     evaluations before, every `eval_every` steps and after. Joins the Ray cluster already
     initialized, else starts one as `grpo-ray train` does."""
     from grpo_ray.cli import connect_ray
-    from grpo_ray.trainer import Trainer
+    from grpo_ray.driver.trainer import Trainer
 
     if eval_every < 1:
         raise ValueError(f"--eval-every must be >= 1 (got {eval_every})")

@@ -11,26 +11,26 @@ Usage: scripts/submit.sh [ADDRESS] [section.key=value ...]
 
 Submits `grpo-ray train --config $CONFIG cluster.use_gpu=true output.dir=... [overrides]` to a
 Ray cluster with `ray job submit`, uploading this checkout as the job's working directory with
-cluster/runtime_env.yaml, prints the job id, follows the job's logs until it ends, and exits 0
+deploy/runtime_env.yaml, prints the job id, follows the job's logs until it ends, and exits 0
 only if it succeeded (1 if it failed or was stopped).
 
   ADDRESS     the cluster's job server (its dashboard), e.g. http://HEAD:8265; default
-              $RAY_ADDRESS. For a `ray up cluster/ray-cluster.yaml` cluster, keep
-              `ray dashboard cluster/ray-cluster.yaml` running and use http://localhost:8265.
+              $RAY_ADDRESS. For a `ray up deploy/ray-cluster.yaml` cluster, keep
+              `ray dashboard deploy/ray-cluster.yaml` running and use http://localhost:8265.
   overrides   dotted config overrides, applied after the config file, e.g.
               rollout.num_engines=3 rollout.prompts_per_step=15 algorithm.total_steps=50
 
 The driver runs on the head node and writes the run there, under
 $OUTPUT_ROOT/<job id> (pass output.dir=/abs/path to choose another place, such as shared
 storage). Fetch it from a `ray up` cluster with
-  ray rsync-down cluster/ray-cluster.yaml '~/grpo-ray-runs/<job id>' outputs/<job id>
+  ray rsync-down deploy/ray-cluster.yaml '~/grpo-ray-runs/<job id>' outputs/<job id>
 A run whose driver died resumes when submitted again with the same config and
 output.dir=<that run's directory> (no --resume needed; another config is refused).
 
 Environment:
   RAY_ADDRESS          job server address, when ADDRESS is not given
   RAY_AUTH_TOKEN       the cluster's authentication token. Ray 2.60 clusters started with
-                       RAY_AUTH_MODE=token (cluster/ray-cluster.yaml's, KubeRay's authOptions)
+                       RAY_AUTH_MODE=token (deploy/ray-cluster.yaml's, KubeRay's authOptions)
                        refuse jobs without it. Also read from RAY_AUTH_TOKEN_PATH or
                        ~/.ray/auth_token (`ray get-auth-token` prints yours). When one is present
                        and RAY_AUTH_MODE is unset, this script sets RAY_AUTH_MODE=token so that
@@ -76,7 +76,7 @@ for override in "$@"; do
 done
 
 submit=(ray job submit --address "$address" --submission-id "$job_id" --no-wait
-        --runtime-env "$ROOT/cluster/runtime_env.yaml" --working-dir "$ROOT"
+        --runtime-env "$ROOT/deploy/runtime_env.yaml" --working-dir "$ROOT"
         -- bash -c "$entrypoint")
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then

@@ -20,14 +20,14 @@ sys.path.insert(0, _here)
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """A tiny Qwen2-architecture model + tokenizer saved as a Hugging Face directory."""
-    from grpo_ray.models.tiny import save_tiny
+    from grpo_ray.driver.models.tiny import save_tiny
 
     return str(save_tiny(tmp_path_factory.mktemp("tiny-model")))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_path):
-    from grpo_ray.data.dataset import load_tokenizer
+    from grpo_ray.driver.data.dataset import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
 

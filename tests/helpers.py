@@ -49,8 +49,7 @@ def max_gap(rows_a: list[list[float]], rows_b: list[list[float]]) -> float:
 
 def chat_prompts(tokenizer, questions: list[str] = QUESTIONS) -> list[list[int]]:
     """Token ids of `questions` with the recipe's system prompt and the chat template."""
-    from grpo_ray.data.dataset import chat_ids
-    from grpo_ray.data.prompts import chat_messages
+    from grpo_ray.answer_format import chat_ids, chat_messages
 
     return [chat_ids(tokenizer, chat_messages(q)) for q in questions]
 

@@ -109,10 +109,10 @@ def checkpoint_of(out, step: int, argv: list[str]):
     """A checkpoint of step `step` under `out` recording the config `argv` (train's) runs with."""
     import torch
 
-    from grpo_ray.checkpoint import save_checkpoint
     from grpo_ray.cli import parser
     from grpo_ray.config import load_config
     from grpo_ray.contracts import AdapterPayload
+    from grpo_ray.driver.checkpoint import save_checkpoint
 
     args = parser().parse_args(argv)
     config = load_config(args.config, args.overrides).to_dict()

@@ -156,7 +156,7 @@ def test_fields_are_documented_once_beside_them():
 
 
 def test_evaluation_is_greedy_or_sampled():
-    from grpo_ray.evaluation import STOP, eval_sampling
+    from grpo_ray.driver.evaluation import STOP, eval_sampling
 
     greedy = eval_sampling(load_config(Path("configs/tiny-cpu.yaml")))
     assert (greedy.temperature, greedy.n, greedy.stop, greedy.max_tokens) == (0, 1, STOP, 32)

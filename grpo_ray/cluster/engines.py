@@ -11,7 +11,7 @@ that callers never branch on it:
   own placement bundle, gets the adapter every engine holds (and passes the sync probe), and the
   lost call is repeated with the same arguments: sampling seeds come from the caller, so the
   regenerated slice is what the lost engine would have returned;
-- the weight sync (`weight_sync.broadcast`) checks every engine after each sync and a new engine
+- the weight sync (`sync.broadcast`) checks every engine after each sync and a new engine
   through `after_replace`.
 """
 from __future__ import annotations

@@ -164,10 +164,10 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     are ready. `engine_args[i]` are engine i's constructor arguments. Where the learner must
     load after the engines, it is started first as `learner_cls(*learner_args,
     defer_load=True)`, which only imports, and its `load()` is called once they are up."""
-    from grpo_ray.reward.pool import build_reward_workers, reward_worker_starter
-
     import ray
     from ray.util.placement_group import remove_placement_group
+
+    from grpo_ray.cluster.rewards import build_reward_workers, reward_worker_starter
 
     nodes = cluster_nodes()
     plan = plan_placement(cfg, _use_gpu(cfg, nodes))

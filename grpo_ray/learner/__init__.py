@@ -1,3 +1,5 @@
-"""The learner actor (`worker.LearnerWorker`: LoRA policy, GRPO update, adapter export) and the
-memory-light log-probabilities it computes (`logprobs.token_logprobs`). Nothing heavy is imported
-here: the driver imports `worker` only when it places the actor."""
+"""Runs in the learner actor (`worker.LearnerWorker`): the base model with its LoRA adapter
+(QLoRA on a GPU), the GRPO update over token-budget micro-batches, the memory-light
+log-probabilities (`logprobs.token_logprobs`), checkpoint state and the adapter's export
+(`sync.sender`). Nothing heavy is imported here: the driver imports `worker` only where it
+places the actor."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
 # Bound at import: the learner may load Unsloth later, which patches TRL as it loads.
 from trl.trainer.utils import selective_log_softmax
 

@@ -1,8 +1,5 @@
-"""Rewards: the reference recipe's functions (`functions`), the `math` correctness reward (`math`;
-math-verify runs in pebble's process pool), both light, TRL's reward functions by name
-(`registry`: `trl:accuracy_reward`, and `overlong`, TRL's soft overlong punishment; TRL is
-imported only when one is asked for) and the Ray actor pool that runs them (`pool`, imports Ray: import it where
-the pool is built)."""
-from grpo_ray.reward.registry import BUILTIN, MODES, get_reward_functions
-
-__all__ = ["BUILTIN", "MODES", "get_reward_functions"]
+"""Runs in a reward worker actor (`worker.RewardWorker`): the reward functions with TRL's
+signature, the reference recipe's (`functions`), the `math` correctness reward (`math`,
+math-verify in pebble's process pool) and TRL's by name (`registry`; TRL is imported only when
+one is asked for). The functions are pure, so the driver also runs them to judge evaluation
+answers; the driver's pool of these workers is `cluster.rewards`."""

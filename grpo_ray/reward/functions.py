@@ -44,7 +44,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
-from grpo_ray.data.prompts import extract_xml_answer
+from grpo_ray.answer_format import extract_xml_answer
 
 RewardFn = Callable[..., list]
 

@@ -33,7 +33,7 @@ import re
 import threading
 from typing import Any
 
-from grpo_ray.data.prompts import last_boxed
+from grpo_ray.answer_format import last_boxed
 from grpo_ray.reward.functions import FailedScore, _gold, completion_texts, extract_answer
 
 DEFAULT_TIMEOUT_S = 5.0

@@ -1,5 +1,5 @@
 """The reward actor: runs every configured reward function on a shard of completions
-(`reward.pool` shards a step over these actors, and replaces them when they die or hang).
+(`cluster.rewards` shards a step over these actors, and replaces them when they die or hang).
 
 A function's failure is its rows' failure, not the step's: what it cannot score is None (TRL's
 rule for "does not apply"), counted in `ShardScores.failed` with its first error.

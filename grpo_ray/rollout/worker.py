@@ -2,7 +2,7 @@
 
 A plain class; `ray.remote(RolloutWorker)` is applied where the engines are placed
 (`cluster.engines.EngineGroup` owns them). The engine starts once and lives across steps (a start
-costs a minute on GPU); only the adapter changes (`weight_sync.receiver`).
+costs a minute on GPU); only the adapter changes (`sync.receiver`).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 
 from grpo_ray.config import RolloutConfig
 from grpo_ray.contracts import Rollout, Sampling
-from grpo_ray.weight_sync.merged import VllmMergedWeights
-from grpo_ray.weight_sync.receiver import VllmAdapterSlot
+from grpo_ray.sync.merged import VllmMergedWeights
+from grpo_ray.sync.receiver import VllmAdapterSlot
 
 CPU_BATCHED_TOKENS = 4096
 """vLLM's default `max_num_batched_tokens`: the prompt tokens one scheduler step takes."""
@@ -153,7 +153,7 @@ class RolloutWorker:
     def gpu_uuid(self) -> str | None:
         """The GPU this engine computes on (None on CPU): the sync uses CUDA IPC when it is the
         learner's."""
-        from grpo_ray.weight_sync.sender import gpu_uuid
+        from grpo_ray.sync.sender import gpu_uuid
 
         return gpu_uuid()
 
@@ -163,7 +163,7 @@ class RolloutWorker:
 
     def adapter_identity(self) -> tuple[int, str | None]:
         """(version, digest) of the adapter the next `generate` samples with: the digest
-        (`weight_sync.digest.tensor_digest`) of the tensors this engine handed to vLLM, computed
+        (`sync.digest.tensor_digest`) of the tensors this engine handed to vLLM, computed
         here on the engine's device (None: the base model)."""
         return self.adapter.version, self.adapter.digest
 

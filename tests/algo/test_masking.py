@@ -25,8 +25,8 @@ def test_lengths_must_agree():
 def test_the_driver_masks_what_the_config_asks():
     from grpo_ray.config import load_config
     from grpo_ray.contracts import PromptBatch, Rollout, Scores
-    from grpo_ray.rollout.source import ScoredBatch
-    from grpo_ray.trainer import Trainer
+    from grpo_ray.driver.rollouts import ScoredBatch
+    from grpo_ray.driver.trainer import Trainer
 
     rollout = Rollout(prompt_index=[0] * 4, prompt_ids=[[1]] * 4, completion_ids=[[2, 3]] * 4,
                       completion_texts=["x"] * 4, sampling_logprobs=[[-1.0, -1.0]] * 4,

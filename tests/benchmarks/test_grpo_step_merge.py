@@ -1,5 +1,5 @@
 """benchmarks/grpo_step.py's merge A/B: the in-place merge it times against the product's
-(`weight_sync.merged._merge_on_worker`) writes the same weights. vLLM's CPU backend repacks its
+(`sync.merged._merge_on_worker`) writes the same weights. vLLM's CPU backend repacks its
 weights, so the A/B itself runs only on a GPU; here both merges run on a module laid out as
 vLLM's GPU model is (packed qkv_proj with output_sizes, names as vLLM's)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from grpo_step import _merge_in_place  # noqa: E402
 
-from grpo_ray.weight_sync.merged import _merge_on_worker  # noqa: E402
+from grpo_ray.sync.merged import _merge_on_worker  # noqa: E402
 
 HIDDEN, R = 16, 4
 SIZES = {"qkv_proj": [16, 8, 8], "o_proj": [16]}

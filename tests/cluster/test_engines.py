@@ -16,8 +16,8 @@ from grpo_ray.cluster.engines import even_slices
 from grpo_ray.config import load_config
 from grpo_ray.contracts import PromptBatch, Sampling
 from grpo_ray.faults import ActorLostError
-from grpo_ray.weight_sync.broadcast import AdapterBroadcast, SyncCheckError
-from grpo_ray.weight_sync.probe import probe_sequences
+from grpo_ray.sync.broadcast import AdapterBroadcast, SyncCheckError
+from grpo_ray.sync.probe import ProbeRule, probe_sequences
 
 
 def test_even_slices_cover_every_prompt():
@@ -42,7 +42,7 @@ class StandInLearner:
         self.model = peft_model(self.path, seed=seed)
 
     def export_adapter(self, version: int, transport: str = "packed", dtype: str | None = None):
-        from grpo_ray.weight_sync.sender import packed_adapter
+        from grpo_ray.sync.sender import packed_adapter
 
         payload = packed_adapter(self.model, version, dtype)
         self.exported = (version, payload.digest)
@@ -80,7 +80,7 @@ def setting(ray_local, tiny_model_path, tokenizer):
     engines.notify = lines.append
     learner = ray_local.remote(StandInLearner).options(num_cpus=0).remote(tiny_model_path)
     sync = AdapterBroadcast(notify=lines.append)
-    sync.attach(learner, engines, probe_sequences(tokenizer), cfg.cluster.probe_rule())
+    sync.attach(learner, engines, probe_sequences(tokenizer), ProbeRule.of(cfg.cluster))
     ray_local.get(learner.train.remote(seed=1))
     out = sync.sync(learner, engines, 1)
     # the engine serves the learner's adapter: slope 1, the old gap ~0

@@ -23,8 +23,8 @@ from ray.cluster_utils import Cluster
 from safetensors.torch import load_file
 
 from grpo_ray.config import load_config
-from grpo_ray.trainer import Trainer
-from grpo_ray.weight_sync.sender import PackedAdapter
+from grpo_ray.driver.trainer import Trainer
+from grpo_ray.sync.sender import PackedAdapter
 
 STEPS = 6
 

@@ -71,7 +71,7 @@ def test_check_fits_counts_reward_workers():
 
 
 def test_start_up_line_says_when_the_learner_waited_for_the_engines():
-    from grpo_ray.trainer import describe_startup
+    from grpo_ray.driver.trainer import describe_startup
 
     parts = {"placement_s": 0.4, "engines_s": 66.2, "learner_s": 36.4, "probe_base_s": 2.6,
              "total_s": 106.0}

@@ -38,7 +38,7 @@ HAS_UNSLOTH = importlib.util.find_spec("unsloth") is not None
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    from grpo_ray.models.tiny import save_tiny
+    from grpo_ray.driver.models.tiny import save_tiny
 
     return str(save_tiny(tmp_path_factory.mktemp("small-qwen2"), shape=SMALL_SHAPE,
                          dtype="bfloat16", vocab_size=VOCAB, device="cuda"))
@@ -277,10 +277,10 @@ def _mean_gap(a: list[list[float]], b: list[list[float]]) -> float:
 
 @pytest.mark.parametrize("merge", [False, True], ids=["lora", "merged"])
 def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_path, merge):
-    from grpo_ray.learner.worker import LearnerWorker
     from grpo_ray.cluster.engines import EngineGroup
+    from grpo_ray.learner.worker import LearnerWorker
     from grpo_ray.rollout.worker import RolloutWorker
-    from grpo_ray.weight_sync.broadcast import AdapterBroadcast
+    from grpo_ray.sync.broadcast import AdapterBroadcast
 
     ray = ray_gpu
     rollout = RolloutConfig(num_generations=4, max_completion_length=16, max_model_len=512,
@@ -349,7 +349,7 @@ def test_colocated_trainer_on_one_gpu(ray_gpu, model_path, tmp_path):
     adapter: after each sync the engine's log-probs of a fixed completion move as the learner's
     do (they differ by the 4-bit quantization error, which the change cancels)."""
     from grpo_ray.config import load_config
-    from grpo_ray.trainer import Trainer
+    from grpo_ray.driver.trainer import Trainer
 
     cfg = load_config("configs/qwen2.5-3b-gsm8k-1gpu.yaml", [
         f"model.path={model_path}", f"output.dir={tmp_path}", "data.source=synthetic",

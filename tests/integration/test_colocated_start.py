@@ -7,7 +7,7 @@ import pytest
 import ray
 
 from grpo_ray.config import load_config
-from grpo_ray.trainer import Trainer
+from grpo_ray.driver.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 
 from helpers import run_in_terminal, screen_lines
 
-from grpo_ray.tracking import TABLE
+from grpo_ray.driver.tracking import TABLE
 
 HEADER = " ".join(f"{h:>{len(f.format(0.0))}}" for _, h, f in TABLE)
 ROW = re.compile(r"^ +(\d+) +-?\d+\.\d{3} ")

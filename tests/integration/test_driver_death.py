@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo_ray.checkpoint import check_checkpoint, latest_checkpoint
+from grpo_ray.driver.checkpoint import check_checkpoint, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -191,7 +191,7 @@ def test_a_killed_job_driver_resumes_when_the_same_job_is_submitted_again(
     a_adapter, b_adapter = adapter(tmp_path / "a"), adapter(out)
     assert sorted(a_adapter) == sorted(b_adapter)
     assert any(t.abs().max() > 0 for n, t in a_adapter.items() if "lora_B" in n)
-    for name, t in a_adapter.items():  # as `tests/test_checkpoint.py` finds for a resume
+    for name, t in a_adapter.items():  # as `tests/driver/test_checkpoint.py` finds for a resume
         torch.testing.assert_close(b_adapter[name], t, rtol=0, atol=1e-6, msg=name)
     print(f"driver killed after step {before[-1]}, resumed from step {saved}; the resubmitted "
           f"job finished {recovered_s:.1f} s after the kill")

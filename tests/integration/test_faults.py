@@ -10,11 +10,11 @@ import signal
 import pytest
 import ray
 import torch
-from helpers import jsonl, figures
+from helpers import figures, jsonl
 
-from grpo_ray.checkpoint import check_checkpoint, latest_checkpoint
 from grpo_ray.config import RewardFunctionConfig, load_config
-from grpo_ray.trainer import Trainer
+from grpo_ray.driver.checkpoint import check_checkpoint, latest_checkpoint
+from grpo_ray.driver.trainer import Trainer
 
 STEPS = 2
 REWARDS = "reward.functions=[{name: correctness}, {name: 'rewards_for_tests:text_length'}]"
@@ -109,7 +109,7 @@ def test_killed_actors_are_replaced_and_the_run_equals_an_uninterrupted_one(runs
 def test_a_reward_that_returns_nan_everywhere_stops_the_run_with_a_checkpoint(runs):
     """Step 3 of run B with a reward returning NaN for every row: one line naming the function,
     and the 2 completed steps are checkpointed first (step 3 never reaches the learner)."""
-    from grpo_ray.reward.pool import RewardError, RewardPool, build_reward_workers
+    from grpo_ray.cluster.rewards import RewardError, RewardPool, build_reward_workers
 
     _, (b, _, lines) = runs
     functions = [RewardFunctionConfig("rewards_for_tests:nan_reward")]

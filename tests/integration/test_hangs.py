@@ -22,10 +22,10 @@ import signal
 import pytest
 import ray
 import torch
-from helpers import jsonl, figures
+from helpers import figures, jsonl
 
 from grpo_ray.config import load_config
-from grpo_ray.trainer import Trainer
+from grpo_ray.driver.trainer import Trainer
 
 STEPS = 3
 REWARDS = "reward.functions=[{name: correctness}, {name: 'rewards_for_tests:text_length'}]"

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from grpo_ray.algo.grpo import zero_variance_groups
-from grpo_ray.checkpoint import latest_checkpoint, load_checkpoint
 from grpo_ray.config import load_config
-from grpo_ray.trainer import Trainer
+from grpo_ray.driver.checkpoint import latest_checkpoint, load_checkpoint
+from grpo_ray.driver.trainer import Trainer
 
 STEPS = 3
 REWARDS = "reward.functions=[{name: correctness}, {name: 'rewards_for_tests:text_length'}]"

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from grpo_ray.checkpoint import check_checkpoint
+from grpo_ray.driver.checkpoint import check_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,15 +6,14 @@ the run with the measured figures. Healthy runs never fail the check, at rollout
 or 1, and a resumed run is checked by the same rule."""
 from __future__ import annotations
 
-
 import pytest
 import ray
 from helpers import inject, inject_into_new_engines, jsonl
 
-from grpo_ray.checkpoint import latest_checkpoint
 from grpo_ray.config import load_config
-from grpo_ray.trainer import Trainer
-from grpo_ray.weight_sync.broadcast import SyncCheckError
+from grpo_ray.driver.checkpoint import latest_checkpoint
+from grpo_ray.driver.trainer import Trainer
+from grpo_ray.sync.broadcast import SyncCheckError
 
 CAUGHT = "rollout engine 0 failed the sync check at adapter version {}: {}"
 RELOADED = "; adapter reloaded, the engine agrees now"

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from grpo_ray.config import load_config
-from grpo_ray.trainer import Trainer
+from grpo_ray.driver.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,8 @@ def trainer(ray_local, tiny_model_path, tmp_path_factory):
 
 
 def fixed_sequence(trainer):
-    from grpo_ray.data.dataset import load_tokenizer
-    from grpo_ray.data.prompts import chat_messages
+    from grpo_ray.answer_format import chat_messages
+    from grpo_ray.driver.data.dataset import load_tokenizer
 
     tok = load_tokenizer(trainer.model_path)
     prompt = tok.apply_chat_template(chat_messages("Tom has 3 apples and gets 4 more."),

@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
+from helpers import make_worker
 
 from grpo_ray.config import AlgorithmConfig
 from grpo_ray.contracts import TrainBatch
-from helpers import make_worker
 
 pytest.importorskip("liger_kernel")
 

@@ -25,9 +25,8 @@ def test_step_flops_by_hand():
 
 
 def test_linear_params_of_the_tiny_peft_model(tiny_model_path):
-    from transformers import AutoConfig
-
     from helpers import peft_model
+    from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(tiny_model_path)
     model = peft_model(tiny_model_path, seed=0, r=8)

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from helpers import make_worker
 
 from grpo_ray.contracts import TrainBatch
-from helpers import make_worker
 
 
 @pytest.fixture(scope="module")

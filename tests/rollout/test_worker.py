@@ -12,7 +12,7 @@ from helpers import chat_prompts, max_gap, naive_logprobs, peft_model
 
 from grpo_ray.contracts import Sampling
 from grpo_ray.rollout.worker import engine_kwargs, request_calls
-from grpo_ray.weight_sync.sender import adapter_payload
+from grpo_ray.sync.sender import adapter_payload
 
 N, MAX_TOKENS, TOL = 4, 12, 1e-3
 
@@ -79,7 +79,7 @@ def test_score_equals_vllms_default_prompt_logprobs(served_engine, tokenizer):
     """`score` asks vLLM for flat log-probs without text: the numbers of its default output."""
     from vllm import SamplingParams
 
-    from grpo_ray.weight_sync.probe import probe_sequences
+    from grpo_ray.sync.probe import probe_sequences
 
     worker = served_engine.worker
     prompts, completions = probe_sequences(tokenizer)
