@@ -58,3 +58,33 @@ def engines_to_saturate(times: StageTimes) -> int:
     if times.learner <= times.reward:
         raise ValueError("the learner is faster than scoring alone: engines never saturate it")
     return max(1, math.ceil(times.generate / (times.learner - times.reward)))
+
+
+MEASURED = {
+    "Unsloth": StageTimes(generate=2.1, reward=0.01, learner=2.55, sync=0.14),
+    "bnb + PEFT": StageTimes(generate=2.9, reward=0.01, learner=6.0, sync=0.12),
+}
+"""Stage times of 16 prompts x 8 completions x 256 tokens on the 3B shape (one NVIDIA H200,
+2026-12-01, docs/benchmarks.md): Unsloth 4-bit learner with the merged rollout; bnb + PEFT with
+the LoRA rollout."""
+
+
+def table(measured: dict[str, StageTimes] = MEASURED, engines: tuple[int, ...] = (1, 2, 3, 4),
+          tokens: int = 16 * 8 * 256) -> str:
+    """docs/scaling.md's table: the model's prediction for each learner and number of engines,
+    serial and one step off."""
+    rows = ["| learner | engines | serial step s | one step off s | learner busy (serial / off) "
+            "| each engine busy (serial / off) | completion tokens/s per GPU (serial / off) |",
+            "|---|---|---|---|---|---|---|"]
+    for name, times in measured.items():
+        for n in engines:
+            s, o = predict(times, n, False, tokens), predict(times, n, True, tokens)
+            rows.append(f"| {name} | {n} | {s.step_s:.2f} | {o.step_s:.2f} | "
+                        f"{s.learner_busy:.0%} / {o.learner_busy:.0%} | "
+                        f"{s.engine_busy:.0%} / {o.engine_busy:.0%} | "
+                        f"{s.tokens_per_s_per_gpu:,.0f} / {o.tokens_per_s_per_gpu:,.0f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())

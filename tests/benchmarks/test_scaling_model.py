@@ -1,8 +1,13 @@
-"""The scaling model: hand-computed steps with and without overlap, and where the learner
-becomes the limit."""
+"""benchmarks/scaling_model.py: hand-computed steps with and without overlap, where the learner
+becomes the limit, and docs/scaling.md's table as the model prints it."""
+import sys
+from pathlib import Path
+
 import pytest
 
-from grpo_ray.cluster.scaling import StageTimes, engines_to_saturate, predict
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from scaling_model import StageTimes, engines_to_saturate, predict, table  # noqa: E402
 
 TIMES = StageTimes(generate=4.0, reward=0.2, learner=2.5, sync=0.1)
 
@@ -28,3 +33,13 @@ def test_overlap_takes_the_longer_side_and_stops_helping_once_the_learner_limits
     assert engines_to_saturate(TIMES) == 2  # 4.0 / 2 + 0.2 <= 2.5 first at two engines
     with pytest.raises(ValueError):
         predict(TIMES, 0, True, 1)
+
+
+def test_the_docs_table_is_the_models():
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| Unsloth |")
+            or line.startswith("| bnb + PEFT |")]
+    assert len(rows) >= 6
+    printed = table().splitlines()
+    for row in rows:
+        assert row in printed, row
