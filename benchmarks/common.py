@@ -60,7 +60,7 @@ def ensure_model(path: str, shape: str = "qwen2.5-3b") -> str:
 def prompt_ids(model_path: str, n: int, seed: int = 0) -> list[list[int]]:
     """`n` synthetic GSM8K-style questions with the recipe's system prompt and chat template."""
     from grpo_ray.answer_format import chat_ids, chat_messages
-    from grpo_ray.driver.data.dataset import load_tokenizer
+    from grpo_ray.driver.data.prompts import load_tokenizer
     from grpo_ray.driver.data.synthetic import synthetic_rows
 
     tokenizer = load_tokenizer(model_path)

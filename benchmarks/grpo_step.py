@@ -97,20 +97,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def measure_syncs(actors, first_version: int, repeats: int,
+def measure_syncs(trainer, first_version: int, repeats: int,
                   probe_ids: tuple[list[list[int]], list[list[int]]] | None = None
                   ) -> dict[str, dict[str, float]]:
     """Median export / load / total seconds of each transport, on the run's own actors:
     `before` is the transport this project had (fp32 tensors pickled by Ray, written to a
     safetensors file on tmpfs that vLLM reads); then the engines' dtype in one buffer, from a file
-    and in memory; `after` is AdapterBroadcast.sync (CUDA IPC when the engine shares the
-    learner's GPU, else the previous row). With `probe_ids` (the trainer's sync probe), the
-    learner's side of the sync check right after each `after` sync, part by part."""
+    and in memory; `after` is the run's own `AdapterSync.send` (CUDA IPC when the engine shares
+    the learner's GPU, else the previous row; its check included, as in every step). With
+    `probe_ids` (the trainer's sync probe), the learner's side of the sync check right after
+    each `after` sync, part by part."""
     import ray
 
-    from grpo_ray.sync.broadcast import AdapterBroadcast
-
-    learner, engines = actors.learner, actors.engines
+    learner, engines, sync = trainer.learner.actor, trainer.engines, trainer.sync
     dtype = engines.lora_dtype()
 
     def manual(export, from_file):
@@ -125,7 +124,6 @@ def measure_syncs(actors, first_version: int, repeats: int,
                     "total_s": time.perf_counter() - start}
         return sync
 
-    broadcast = AdapterBroadcast()
     transports = {
         "before: fp32 tensors through the object store, safetensors file": manual(
             lambda v: learner.export_adapter.remote(v, "tensors"), True),
@@ -133,7 +131,7 @@ def measure_syncs(actors, first_version: int, repeats: int,
             lambda v: learner.export_adapter.remote(v, "packed", dtype), True),
         f"{dtype} one buffer through the object store, in memory": manual(
             lambda v: learner.export_adapter.remote(v, "packed", dtype), False),
-        "after: AdapterBroadcast.sync": lambda v: broadcast.sync(learner, engines, v),
+        "after: AdapterSync.send": sync.send,
     }
     version, out = first_version, {}
     # what each CUDA IPC export did before it kept the adapter's parameters (sender.
@@ -153,13 +151,13 @@ def measure_syncs(actors, first_version: int, repeats: int,
                 parts = ray.get(learner.__ray_call__.remote(_learner_probe_parts, *probe_ids))
                 probe_parts.append(parts | {"round_trip_s": time.perf_counter() - start})
         if name.startswith("after"):
-            name = f"after: AdapterBroadcast.sync ({broadcast.transport})"
+            name = f"after: AdapterSync.send ({sync.transport.name})"
         out[name] = {k: statistics.median(r[k] for r in runs)
                      for k in ("export_s", "load_s", "total_s")}
         out[name]["runs"] = repeats
     # a merged engine's load, part by part, on the version it holds (the GPU synchronized after
     # each part, so each is charged its own GPU work)
-    form = "cuda-ipc" if broadcast.transport == "cuda-ipc" else "packed"
+    form = sync.transport.form
     parts = [ray.get(engines.engines[0].__ray_call__.remote(
         _merged_load_parts, learner.export_adapter.remote(version - 1, form, dtype)))
         for _ in range(repeats)]
@@ -253,7 +251,7 @@ def _merge_in_place(worker, tensors, scale) -> dict[str, float]:
 
 def _learner_probe_parts(worker, prompt_ids, completion_ids) -> dict[str, float]:
     """Run through `__ray_call__` in the learner right after a sync: seconds of what the sync
-    check asks of it (`AdapterBroadcast.verify`), apart: the GPU work still queued when the call
+    check asks of it (`AdapterSync.verify`), apart: the GPU work still queued when the call
     arrives, the identity of the last export, the probe's log-probs."""
     _, queued_s = timed(lambda: None)
     _, identity_s = timed(worker.exported_identity)
@@ -273,7 +271,7 @@ def probe(trainer, fixed) -> tuple[list[float], list[float]]:
     import ray
 
     engine = trainer.engines.score(*fixed)[0][0]
-    learner = ray.get(trainer.actors.learner.sequence_logprobs.remote(*fixed))[0]
+    learner = trainer.learner.call("probe", "sequence_logprobs", *fixed)[0]
     return engine, learner
 
 
@@ -395,15 +393,15 @@ def main(argv: list[str] | None = None) -> int:
                     trainer.cfg.algorithm.max_staleness = 1  # the same actors, one step off
                 if trainer.step == args.steps and compare_steps:
                     kernels.append({"chunked": "liger", "liger": "chunked"}[kernels[0]])
-                    ray.get(trainer.actors.learner.set_loss_kernel.remote(kernels[1]))
+                    trainer.learner.call("kernel switch", "set_loss_kernel", kernels[1])
                 profiled = args.profile and trainer.step == args.steps - 1
                 if profiled:
-                    ray.get(trainer.actors.learner.__ray_call__.remote(_profiler_start))
+                    trainer.learner.call("profiler", "__ray_call__", _profiler_start)
                 started = time.time()  # wall clock: against the suite's nvidia-smi samples
                 history.append(trainer.run_step() | {"bench/started_unix": started})
                 if profiled:
                     history[-1]["profiled"] = 1.0  # slowed by the profiler: not a steady step
-                    table = ray.get(trainer.actors.learner.__ray_call__.remote(_profiler_table))
+                    table = trainer.learner.call("profiler", "__ray_call__", _profiler_table)
                     Path(args.profile).write_text(
                         f"torch profiler, the learner's process, step {trainer.step} "
                         f"({env['gpu']}; learner.backend={cfg.learner.backend}; the step's update, "
@@ -411,9 +409,9 @@ def main(argv: list[str] | None = None) -> int:
                 probes.append(probe(trainer, fixed))
             fit_s = time.perf_counter() - start
             rates[f"version {trainer.version}"] = generation_rate(trainer, args.rollout_repeats)
-            syncs = (measure_syncs(trainer.actors, trainer.version + 1, args.sync_repeats,
+            syncs = (measure_syncs(trainer, trainer.version + 1, args.sync_repeats,
                                    trainer.probe_ids) if args.sync_repeats else {})
-            learner = ray.get(trainer.actors.learner.__ray_call__.remote(
+            learner = ray.get(trainer.learner.actor.__ray_call__.remote(
                 lambda w: getattr(w, "description", "")))
         finally:
             trainer.close()

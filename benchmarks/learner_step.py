@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoConfig
 
-    from grpo_ray.driver.data.dataset import load_tokenizer
+    from grpo_ray.driver.data.prompts import load_tokenizer
     from grpo_ray.learner.worker import LearnerWorker
     from grpo_ray.sync.probe import probe_sequences
 

@@ -60,7 +60,7 @@ def wait_for_cluster(address: str, timeout_s: float, given: str) -> None:
     import socket
     import time
 
-    from grpo_ray.cluster.placement import ClusterError
+    from grpo_ray.cluster.plan import ClusterError
 
     endpoint = head_endpoint(address)
     if endpoint is None:
@@ -103,15 +103,11 @@ def worker_logs(cfg, verbose: bool):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from grpo_ray.driver.trainer import Trainer
-    from grpo_ray.faults import (
-        EXIT_CODES,
-        InfraError,
-        Interrupted,
-        StopNow,
-        stop_at_once_on_signals,
-    )
+    from grpo_ray.faults import (EXIT_CODES, InfraError, Interrupted, StopNow,
+                                 stop_at_once_on_signals)
 
     cfg = run_config(args)
+    args.config_output_dir = cfg.output.dir  # where an unexpected error's traceback goes
     trainer = Trainer(cfg)
     # before Ray starts: a run that would resume nothing, resume a damaged checkpoint, or
     # continue another config fails (or falls back to an older checkpoint) at once
@@ -177,12 +173,8 @@ def checkpoint_to_resume(cfg, root, resume: bool) -> tuple[object, bool]:
     from pathlib import Path
 
     from grpo_ray.config import Config, UserError
-    from grpo_ray.driver.checkpoint import (
-        STATE_FILE,
-        latest_checkpoint,
-        resumable_checkpoint,
-        resume_differences,
-    )
+    from grpo_ray.driver.checkpoint import (STATE_FILE, latest_checkpoint, resumable_checkpoint,
+                                            resume_differences)
 
     if latest_checkpoint(root) is None:
         if resume:
@@ -251,16 +243,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from grpo_ray.config import UserError, load_config
-    from grpo_ray.driver.data.dataset import load_tokenizer
-    from grpo_ray.driver.evaluation import (
-        eval_sampling,
-        evaluate,
-        format_metrics,
-        held_out_batch,
-        make_judge,
-        sanity_batch,
-        sanity_sampling,
-    )
+    from grpo_ray.driver.data.prompts import load_tokenizer
+    from grpo_ray.driver.evaluation import (eval_sampling, evaluate, format_metrics, held_out_batch,
+                                            make_judge, sanity_batch, sanity_sampling)
     from grpo_ray.driver.models.resolve import resolve_model_path
     from grpo_ray.sync.files import read_adapter
 
@@ -291,7 +276,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             for i in range(cfg.rollout.num_engines)])
     try:
         if payload is not None:
-            engines.load_adapter(ray.put(payload))
+            ref = ray.put(payload)
+            engines.load_adapter(ref)
+            # an engine started again mid-evaluation serves the adapter too
+            engines.admit = lambda i: engines.admission_call(i, "load_adapter", ref)
         metrics, texts = evaluate(engines, held_out, eval_sampling(cfg), judge)
         _, (answer,) = evaluate(engines, sanity, sanity_sampling(cfg))
     finally:
@@ -407,10 +395,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from grpo_ray.config import UserError
-    from grpo_ray.faults import EXIT_INFRA, InfraError
+    from grpo_ray.faults import EXIT_BUG, EXIT_INFRA, InfraError, first_line
 
-    # what a user can fix (config, data, placement, export) gets one line naming the culprit;
-    # a failure of the machines gets one line too, and another exit code
+    # every error ends in one line and an exit code by whose it is: what a user can fix (config,
+    # data, placement, export) 2, a failure of the machines 3, anything else (a bug, ours or a
+    # library's) 1 with its traceback in a file; a run checkpointed before any of them
     try:
         return args.run(args)
     except UserError as e:
@@ -419,6 +408,27 @@ def main(argv: list[str] | None = None) -> int:
     except InfraError as e:
         print(f"{e.kind}: {e}", file=sys.stderr)
         return EXIT_INFRA
+    except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in the log
+        path = _write_traceback(e, getattr(args, "config_output_dir", None))
+        print(f"error: {first_line(e)} (an unexpected error: the traceback is in {path})",
+              file=sys.stderr)
+        return EXIT_BUG
+
+
+def _write_traceback(error: BaseException, output_dir: str | None):
+    """The error's whole traceback, in `<output.dir>/logs/error.log` (else a temporary file)."""
+    import tempfile
+    import traceback
+    from pathlib import Path
+
+    text = "".join(traceback.format_exception(error))
+    if output_dir:
+        path = Path(output_dir) / "logs" / "error.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        path = Path(tempfile.mkstemp(prefix="grpo-ray-error-", suffix=".log")[1])
+    path.write_text(text)
+    return path
 
 
 if __name__ == "__main__":

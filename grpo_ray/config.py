@@ -659,12 +659,6 @@ class Config(_Section):
                      f"data.eval_fraction (a seeded share of it) or data.eval_path (a second "
                      f"file), or evaluate on the training rows with eval.split={d.split}")
 
-    def get(self, dotted: str) -> Any:
-        node: Any = self
-        for part in dotted.split("."):
-            node = getattr(node, part)
-        return node
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 

@@ -26,6 +26,9 @@ class InfraError(RuntimeError):
 
 EXIT_INFRA = 3
 """Exit code of an infrastructure failure (bad input is 2, a signal 128 + its number)."""
+EXIT_BUG = 1
+"""Exit code of an unexpected error (a bug, ours or a library's): its traceback goes to
+`<output.dir>/logs/error.log`, after the run checkpointed the last completed step."""
 
 
 class ActorLostError(InfraError):

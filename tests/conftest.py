@@ -27,7 +27,7 @@ def tiny_model_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_path):
-    from grpo_ray.driver.data.dataset import load_tokenizer
+    from grpo_ray.driver.data.prompts import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
 

@@ -16,3 +16,14 @@ def length_unless_subtraction(prompts, completions, question, **kwargs):
     1.0: their groups have zero variance, what dynamic sampling drops."""
     return [1.0 if "gives away" in q else len(c[0]["content"]) / 100
             for q, c in zip(question, completions)]
+
+
+_calls = {"n": 0}
+
+
+def wrong_count_from_third_call(prompts, completions, **kwargs):
+    """A user reward with a bug that shows from its worker's third call (step 3): one score too
+    few (before that, `text_length`)."""
+    _calls["n"] += 1
+    scores = text_length(prompts, completions)
+    return scores[:-1] if _calls["n"] >= 3 else scores

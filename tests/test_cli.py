@@ -129,7 +129,7 @@ def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
 
 
-class Connected(Exception):
+class Connected(BaseException):  # a sentinel: the command stops where it would connect
     """What `connect_ray` raises here: the command got past its checks and went on to run."""
 
 
@@ -188,7 +188,7 @@ def test_a_run_stopped_in_its_final_evaluation_resumes_to_run_it(tmp_path, monke
     is not "complete"; it resumes the last checkpoint (no step left) to evaluate."""
     import grpo_ray.cli
 
-    class Connected(Exception):
+    class Connected(BaseException):  # a sentinel: the command stops where it would connect
         pass
 
     def connect(*args, **kwargs):
@@ -217,7 +217,7 @@ def test_unreachable_cluster_says_at_once_that_it_retries(monkeypatch, capsys):
     import time
 
     import grpo_ray.cli
-    from grpo_ray.cluster.placement import ClusterError
+    from grpo_ray.cluster.plan import ClusterError
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

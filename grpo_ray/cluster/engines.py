@@ -8,11 +8,13 @@ that callers never branch on it:
 
 - every call goes through the role-neutral `ActorGroup` (`cluster.group`), with a deadline: an
   engine whose process died or whose call ran past its deadline (a hang) is started again in its
-  own placement bundle, gets the adapter every engine holds (and passes the sync probe), and the
-  lost call is repeated with the same arguments: sampling seeds come from the caller, so the
-  regenerated slice is what the lost engine would have returned;
-- the weight sync (`sync.broadcast`) checks every engine after each sync and a new engine
-  through `after_replace`.
+  own placement bundle, admitted by the adapter sync (`admit`: the adapter every engine holds,
+  the identity check and the probe), and the lost call is repeated with the same arguments:
+  sampling seeds come from the caller, so the regenerated slice is what the lost engine would
+  have returned;
+- the adapter sync (`sync.broadcast.AdapterSync`) reaches the engines only through this group:
+  its loads, identity queries and probe scores on every engine, and `admission_call` for the
+  checks of a new engine (no replacement from inside an admission).
 """
 from __future__ import annotations
 
@@ -87,7 +89,9 @@ class EngineGroup:
     """Handles of the rollout engines (RolloutWorker actors), and how to start engine i again.
 
     `start(i)` starts engine i in its placement bundle (None: a lost engine ends the call with
-    ActorLostError). `cluster` gives the restart bound and the deadlines (`ClusterConfig`:
+    ActorLostError). `admit(i)` readies a new engine i for work (the adapter sync's `admit`,
+    which returns text for the restart line and raises when the engine disagrees; None: any
+    engine that is up). `cluster` gives the restart bound and the deadlines (`ClusterConfig`:
     `max_restarts`, `restart_timeout_s`, `generate_floor_tokens_per_s`, `deadline_slack_s`,
     `call_timeout_s`). `notify` receives one line per fault handled (the trainer passes its
     printer)."""
@@ -95,21 +99,19 @@ class EngineGroup:
     def __init__(self, engines: list[Any], start: Callable[[int], Any] | None = None,
                  on_shutdown: Callable[[], None] | None = None,
                  cluster: ClusterConfig | None = None,
-                 notify: Callable[[str], None] = print) -> None:
+                 notify: Callable[[str], None] = print,
+                 admit: Callable[[int], str | None] | None = None) -> None:
         if not engines:
             raise ValueError("EngineGroup: needs at least one engine")
         self.cluster = cluster = cluster or ClusterConfig()
+        self.admit = admit
         self.group = ActorGroup("rollout engine", list(engines), start, cluster.max_restarts,
-                                cluster.restart_timeout_s, after_start=self._after_replace,
+                                cluster.restart_timeout_s,
+                                after_start=lambda i: self.admit(i) if self.admit else None,
                                 notify=notify)
         self.engines = self.group.members
         """The engine handles (a replacement takes its predecessor's place in this list)."""
         self._on_shutdown = on_shutdown
-        self.after_replace: Callable[[int], None] | None = None
-        """Called with i once a replacement engine i has started and holds the group's adapter:
-        the weight sync checks it there (raising an InfraError when it disagrees)."""
-        self._payload: Any = None  # the adapter every engine holds (None: the base model)
-        self._version = 0
 
     def __len__(self) -> int:
         return len(self.engines)
@@ -154,31 +156,41 @@ class EngineGroup:
         as they arrive (`PendingGeneration.arrivals`) or all together (`.result`)."""
         return PendingGeneration(self, batch, sampling)
 
-    def load_adapter(self, payload: Any, force: bool = False) -> list[float]:
-        """Load `payload` (an ObjectRef of one, so Ray ships it once per node) on every engine;
-        seconds each engine took. The group keeps it for engines it starts later. `force`
-        accepts any version, an older one included, and None for the base model (version 0):
-        how the engines follow a learner restored from a checkpoint."""
-        # An engine lost during the load is replaced with the previous adapter (what the others
-        # still hold if this load fails), then loads this one like the rest.
-        times = self._call("adapter load",
-                           lambda i: self.engines[i].load_adapter.remote(payload, force=force))
-        self._payload = payload
-        self._version = self.adapter_versions()[0]
-        return times
+    def load_adapter(self, payload: Any, force: bool = False, reload: bool = False,
+                     indices: list[int] | None = None) -> list[float]:
+        """Load `payload` (an ObjectRef of one, so Ray ships it once per node) on the engines
+        `indices` (default all); seconds each engine took. `force` accepts any version, an older
+        one included, and None for the base model (version 0): how the engines follow a learner
+        restored from a checkpoint; `reload` loads the version an engine holds again (a repair).
+        An engine lost during the load is replaced (and admitted with what the sync held before),
+        then loads this one like the rest."""
+        return self._call("adapter load", lambda i: self.engines[i].load_adapter.remote(
+            payload, force=force, reload=reload), indices)
 
-    def score(self, prompt_ids: list[list[int]],
-              completion_ids: list[list[int]]) -> list[list[list[float]]]:
-        """Every engine's log-probs of the same completions (`RolloutWorker.score`), per engine."""
-        return self._call("scoring",
-                          lambda i: self.engines[i].score.remote(prompt_ids, completion_ids))
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+              indices: list[int] | None = None) -> list[list[list[float]]]:
+        """The engines' (default all) log-probs of the same completions
+        (`RolloutWorker.score`), per engine."""
+        return self._call("scoring", lambda i: self.engines[i].score.remote(
+            prompt_ids, completion_ids), indices)
 
     def adapter_versions(self) -> list[int]:
         return self._call("version query", lambda i: self.engines[i].adapter_version.remote())
 
-    def adapter_identities(self) -> list[tuple[int, str | None]]:
-        """Each engine's (version, digest) (`RolloutWorker.adapter_identity`)."""
-        return self._call("identity query", lambda i: self.engines[i].adapter_identity.remote())
+    def adapter_identities(self, indices: list[int] | None = None) -> list[tuple]:
+        """The engines' (default all) identity of the adapter they serve
+        (`RolloutWorker.adapter_identity`: version, digest, ...)."""
+        return self._call("identity query", lambda i: self.engines[i].adapter_identity.remote(),
+                          indices)
+
+    def admission_call(self, i: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """`engine_i.<method>(...)` with `cluster.call_timeout_s`, without replacing the engine
+        when it fails: for the checks of a new engine, whose failure ends its admission (and so
+        its replacement) instead of starting another one from inside it."""
+        import ray
+
+        return ray.get(getattr(self.engines[i], method).remote(*args, **kwargs),
+                       timeout=self.cluster.call_timeout_s)
 
     def gpu_uuids(self) -> list[str | None]:
         return self._call("GPU query", lambda i: self.engines[i].gpu_uuid.remote())
@@ -188,21 +200,9 @@ class EngineGroup:
 
     # ---- lost engines --------------------------------------------------------------------------
     def replace(self, i: int, reason: str) -> None:
-        """Start engine i again in its bundle, load the adapter the others hold, check it
-        (`after_replace`), and say so through `notify`. ActorLostError when it cannot."""
+        """Start engine i again in its bundle, admit it (`admit`), and say so through `notify`.
+        ActorLostError when it cannot come back; the sync's error when it disagrees."""
         self.group.replace(i, reason)
-
-    def _after_replace(self, i: int) -> str:
-        """The engine role's hook on a new engine i (`ActorGroup.after_start`): the group's
-        adapter, then the sync's check (`after_replace`); what to add to the restart line."""
-        import ray
-
-        if self._payload is not None:
-            ray.get(self.engines[i].load_adapter.remote(self._payload),
-                    timeout=self.cluster.call_timeout_s)
-        if self.after_replace is not None:
-            self.after_replace(i)  # an InfraError when the new engine disagrees too
-        return f"with adapter version {self._version}"
 
     def shutdown(self) -> None:
         import ray

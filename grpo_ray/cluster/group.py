@@ -5,11 +5,12 @@ one). The only place that waits on an actor's calls.
 deadline, and treats a member whose process is gone (`faults.is_lost_actor`) or whose call runs
 past its deadline (a hung process: SIGSTOP, a deadlock, a stuck device) the same way: the member
 is killed, started again where it was (the placement's `start(i)`: its own bundle), the role's
-hook runs on the new member (an engine loads the group's adapter), and the lost call is
-submitted again, at most `max_restarts` times per call; then `ActorLostError`, which the run
-ends with (exit 3, after a checkpoint). A role whose lost call cannot simply be repeated (the
-learner: its state went with its process) asks for `repeat=False` and gets `MemberRestarted`
-instead, once the new member is ready.
+hook runs on the new member (an engine loads the group's adapter and passes the sync check), and
+the lost call is submitted again, at most `max_restarts` times per call; then `ActorLostError`,
+which the run ends with (exit 3, after a checkpoint). A role whose lost call cannot simply be
+repeated (the learner: its state went with its process) asks for `repeat=False` and gets
+`MemberRestarted` instead, once the new member is ready. What to do after each outcome is decided
+in `cluster.health` (pure code); this module performs it.
 
 Deadlines follow from the work (`work_deadline`: tokens at a floor throughput plus a slack);
 their settings and margins are documented in `config.ClusterConfig`.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterator, Sequence
 
+from grpo_ray.cluster.health import Action, GroupHealth, Outcome, Verdict, hung_reason, lost_reason
 from grpo_ray.faults import ActorLostError, InfraError, first_line, is_lost_actor
 
 
@@ -31,11 +33,10 @@ def work_deadline(tokens: float, floor_tokens_per_s: float, slack_s: float) -> f
     return tokens / floor_tokens_per_s + slack_s
 
 
-class MemberRestarted(BaseException):
+class MemberRestarted(Exception):
     """A member of a `repeat=False` group was lost and has been started again (fresh, without
     the state it had): the caller restores that state (the trainer: the newest checkpoint).
-    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way (a
-    transport's fallback, a retry) takes it for an ordinary failure."""
+    Whoever catches `Exception` on the way (a transport's fallback, a retry) lets it through."""
 
     def __init__(self, index: int, reason: str, seconds: float):
         super().__init__(reason)
@@ -47,10 +48,11 @@ class ActorGroup:
 
     role: what a member is called in messages (`rollout engine`, `reward worker`, `learner`);
     start(i): a new member i, placed where member i was (None: a lost member ends the call with
-    ActorLostError); after_start(i): the role's hook on a new member i (returns text for the
-    restart line, e.g. the adapter it loaded); ready_timeout_s: how long a new member may take to
-    start; where: how the restart line says where it started. `members` is kept, not copied: a
-    replacement takes its predecessor's place in the same list."""
+    ActorLostError); after_start(i): the role's hook on a new member i, which admits it (returns
+    text for the restart line, e.g. the adapter it loaded; raises to refuse it);
+    ready_timeout_s: how long a new member may take to start; where: how the restart line says
+    where it started. `members` is kept, not copied: a replacement takes its predecessor's place
+    in the same list. `health` holds the decisions (`cluster.health.GroupHealth`)."""
 
     def __init__(self, role: str, members: list[Any],
                  start: Callable[[int], Any] | None = None, max_restarts: int = 2,
@@ -58,120 +60,130 @@ class ActorGroup:
                  after_start: Callable[[int], str | None] | None = None,
                  notify: Callable[[str], None] = print, where: str = " in its placement bundle",
                  repeat: bool = True) -> None:
-        if not members:
-            raise ValueError(f"{role} group: needs at least one member")
+        self.health = GroupHealth(role, len(members), max_restarts, start is not None, repeat)
         self.role, self.members = role, members
         self.start, self.after_start, self.notify = start, after_start, notify
-        self.max_restarts, self.ready_timeout_s = max_restarts, ready_timeout_s
-        self.where, self.repeat = where, repeat
-        self.restarts = 0
-        """Members started again over the group's life (lost or hung)."""
+        self.ready_timeout_s, self.where = ready_timeout_s, where
 
     def __len__(self) -> int:
         return len(self.members)
+
+    @property
+    def restarts(self) -> int:
+        """Members started again over the group's life (lost or hung)."""
+        return self.health.restarts
+
+    @property
+    def max_restarts(self) -> int:
+        return self.health.max_restarts
+
+    @max_restarts.setter
+    def max_restarts(self, n: int) -> None:
+        self.health.max_restarts = n
 
     # ---- calls ---------------------------------------------------------------------------------
     def call(self, what: str, submit: Callable[[int], Any], timeout_s: float,
              indices: Sequence[int] | None = None,
              on_timeout: Callable[[int], str | None] | None = None,
-             setting: str = "") -> list[Any]:
+             setting: str = "", fetch: bool = True) -> list[Any]:
         """`submit(i)` (an ObjectRef) on members `indices` (default all) at once; their results
         in that order (`stream` says what happens to lost and hung members)."""
         indices = list(range(len(self.members)) if indices is None else indices)
-        results = dict(self.stream(what, submit, timeout_s, indices, on_timeout, setting))
+        results = dict(self.stream(what, submit, timeout_s, indices, on_timeout, setting, fetch))
         return [results[i] for i in indices]
 
     def stream(self, what: str, submit: Callable[[int], Any], timeout_s: float,
                indices: Sequence[int] | None = None,
                on_timeout: Callable[[int], str | None] | None = None,
-               setting: str = "") -> Iterator[tuple[int, Any]]:
+               setting: str = "", fetch: bool = True) -> Iterator[tuple[int, Any]]:
         """(i, result) for each member i as soon as its call returns. All calls are in flight at
         once and waited on together; a call not done `timeout_s` after it was submitted counts as
         a hung member. A lost or hung member is replaced (`replace`) and its call submitted again
-        with a fresh deadline, at most `max_restarts` times in this call; `on_timeout(i)`, asked
-        before a hung member is killed, may give the reason to report (and change what the next
-        `submit(i)` sends); `setting` names what decides the deadline, for the message. An error the member's own code raised is raised here as Ray gives it
-        (`RayTaskError`)."""
+        with a fresh deadline, at most `max_restarts` times in this call (`cluster.health`);
+        `on_timeout(i)`, asked before a hung member is killed, may give the reason to report
+        (and change what the next `submit(i)` sends); `setting` names what decides the deadline,
+        for the message. An error the member's own code raised is raised here as Ray gives it
+        (`RayTaskError`). `fetch=False` yields the ObjectRef itself once it is ready and its
+        member still alive, without fetching it (an adapter on its way to the engines)."""
         indices = list(range(len(self.members)) if indices is None else indices)
         pending: dict[Any, tuple[int, float]] = {}  # ref -> (member, deadline)
         for i in indices:  # submitted now, whenever the caller starts reading
             pending[submit(i)] = (i, time.monotonic() + timeout_s)
-        return self._collect(what, submit, timeout_s, pending, on_timeout, setting)
+        return self._collect(what, submit, timeout_s, pending, on_timeout, setting, fetch)
 
     def _collect(self, what: str, submit: Callable[[int], Any], timeout_s: float,
                  pending: dict[Any, tuple[int, float]],
                  on_timeout: Callable[[int], str | None] | None,
-                 setting: str) -> Iterator[tuple[int, Any]]:
+                 setting: str, fetch: bool) -> Iterator[tuple[int, Any]]:
         import ray
 
-        def launch(i: int) -> None:
-            pending[submit(i)] = (i, time.monotonic() + timeout_s)
-
-        restarts = 0
+        health = self.health.call()
         while pending:
             wait_s = max(0.0, min(d for _, d in pending.values()) - time.monotonic())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s, fetch_local=fetch)
             if ready:
                 ref = ready[0]
                 i, _ = pending.pop(ref)
-                try:
-                    yield i, ray.get(ref)
-                    continue
-                except Exception as e:  # noqa: BLE001 - lost members are replaced, else raise
-                    if not is_lost_actor(e):
-                        raise
-                    reason = f"{self.role} {i} lost during {what} ({first_line(e)})"
+                outcome, value, reason = self._outcome(i, ref, what, timeout_s, fetch)
             else:  # the earliest deadline passed
-                now = time.monotonic()
-                ref, (i, _) = min(pending.items(), key=lambda item: item[1][1])
-                if pending[ref][1] > now:
+                ref, (i, deadline) = min(pending.items(), key=lambda item: item[1][1])
+                if deadline > time.monotonic():
                     continue
                 del pending[ref]
+                outcome, value = Outcome.HUNG, None
                 reason = ((on_timeout(i) if on_timeout else None)
-                          or f"{self.role} {i} did not finish {what} within its deadline of "
-                             f"{timeout_s:.0f} s{f' ({setting})' if setting else ''}: hung")
-            restarts += 1
-            if restarts > self.max_restarts:
-                raise ActorLostError(f"{reason}, after {self.max_restarts} restart(s) in the same "
-                                     "call (cluster.max_restarts); see the Ray logs of its node")
-            self.replace(i, reason)
-            launch(i)
+                          or hung_reason(self.role, i, what, timeout_s, setting))
+            verdict = health.judge(i, outcome, reason)
+            if verdict.action is Action.DELIVER:
+                yield i, value
+                continue
+            if verdict.action is Action.RAISE:
+                raise value
+            self._perform(i, verdict)
+            pending[submit(i)] = (i, time.monotonic() + timeout_s)
 
-    def wait_done(self, i: int, what: str, ref: Any, timeout_s: float, setting: str = "") -> None:
-        """Wait, without fetching it, until member i's call `ref` (submitted by the caller) is
-        done, then check that the member is still there: a hang or a loss replaces it (for a
-        `repeat=False` group, which cannot repeat a call it did not submit: `MemberRestarted`).
-        For a result that should stay in the object store (an adapter on its way to the
-        engines)."""
+    def _outcome(self, i: int, ref: Any, what: str, timeout_s: float,
+                 fetch: bool) -> tuple[Outcome, Any, str]:
+        """(outcome, the result or the member's own error, the reason for a lost member) of a
+        call that is done."""
         import ray
 
-        ready, _ = ray.wait([ref], timeout=timeout_s, fetch_local=False)
-        if not ready:
-            self.replace(i, f"{self.role} {i} did not finish {what} within its deadline of "
-                            f"{timeout_s:.0f} s{f' ({setting})' if setting else ''}: hung")
-            raise ActorLostError(f"{self.role} {i}: {what} lost with the member")
         try:
+            if fetch:
+                return Outcome.RETURNED, ray.get(ref), ""
+            # the object stays where it is; its maker must still be there to serve it (a CUDA
+            # IPC handle points into the member's own memory)
             ray.get(self.members[i].__ray_ready__.remote(), timeout=timeout_s)
-        except Exception as e:  # noqa: BLE001 - gone or hung: the call's result is lost
-            if not (is_lost_actor(e) or isinstance(e, ray.exceptions.GetTimeoutError)):
-                raise
-            self.replace(i, f"{self.role} {i} lost during {what} ({first_line(e)})")
-            raise ActorLostError(f"{self.role} {i}: {what} lost with the member") from None
+            return Outcome.RETURNED, ref, ""
+        except ray.exceptions.GetTimeoutError:
+            return Outcome.HUNG, None, hung_reason(self.role, i, what, timeout_s)
+        except Exception as e:  # noqa: BLE001 - a lost member is replaced, its own error raised
+            if is_lost_actor(e):
+                return Outcome.LOST, None, lost_reason(self.role, i, what, first_line(e))
+            return Outcome.RAISED, e, ""
+
+    def _perform(self, i: int, verdict: Verdict) -> None:
+        if verdict.action is Action.GIVE_UP:
+            raise ActorLostError(verdict.reason)
+        self.replace(i, verdict.reason)
 
     # ---- replacing a member --------------------------------------------------------------------
     def replace(self, i: int, reason: str) -> None:
         """Kill member i (dead already, hung, or failing a check), start it again (`start`), wait
-        until it is ready, run the role's hook on it and say so through `notify`. ActorLostError
-        when it cannot come back; `MemberRestarted` afterwards in a `repeat=False` group."""
+        until it is ready, admit it through the role's hook and say so through `notify`.
+        ActorLostError when it cannot come back; `MemberRestarted` afterwards in a
+        `repeat=False` group."""
         import ray
 
         if self.start is None:
             raise ActorLostError(f"{reason}; this {self.role} group cannot start new members")
         began = time.perf_counter()
         ray.kill(self.members[i], no_restart=True)  # a hung call dies with its process
+        self.health.replacing(i)
         self.members[i] = member = self.start(i)
         try:
             ray.get(member.__ray_ready__.remote(), timeout=self.ready_timeout_s)
+            self.health.up(i)
             extra = self.after_start(i) if self.after_start is not None else None
         except ActorLostError as e:  # the hook's own verdict on the new member
             raise ActorLostError(f"{reason}; {e}") from None
@@ -180,9 +192,9 @@ class ActorGroup:
         except Exception as e:  # noqa: BLE001 - any failure to come back ends the run
             raise ActorLostError(f"{reason}; starting it again failed: {first_line(e)} "
                                  f"(cluster.restart_timeout_s={self.ready_timeout_s:g})") from None
-        self.restarts += 1
+        self.health.admit(i)
         seconds = time.perf_counter() - began
-        if not self.repeat:
+        if not self.health.after_replace():
             raise MemberRestarted(i, reason, seconds)
         self.notify(f"{reason}: started again{self.where} in {seconds:.1f} s"
                     + (f" {extra}" if extra else ""))
@@ -190,5 +202,6 @@ class ActorGroup:
     def kill_all(self) -> None:
         import ray
 
-        for member in self.members:
+        for i, member in enumerate(self.members):
             ray.kill(member)
+            self.health.gone(i)

@@ -1,122 +1,26 @@
-"""Where every actor sits: one placement group for the learner and the rollout engines, plain CPU
-actors for the reward pool, and a start-up check that refuses what the cluster cannot hold.
-
-Three layouts, chosen from the config and the cluster:
-- `cpu`: no GPUs anywhere (development, CI); bundles hold CPUs only.
-- `dedicated`: the learner on its own GPU(s), each engine on its own `gpus_per_engine` GPUs.
-- `colocated` (`cluster.colocate`): one GPU bundle shared by the learner and the engines through
-  fractional GPU resources; vLLM's `gpu_memory_utilization` bounds each engine's memory.
-"""
+"""Runs in the driver: where every actor sits. One placement group for the learner and the
+rollout engines, plain CPU actors for the reward pool, every start with a deadline, after the plan
+(`cluster.plan`: the layout and its check against the cluster, pure) says the cluster holds
+them."""
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from grpo_ray.cluster.engines import EngineGroup
-from grpo_ray.config import Config, UserError
+from grpo_ray.cluster.learner import LearnerHandle
+from grpo_ray.cluster.plan import (PlacementError, Plan, _fmt, check_fits, plan_placement, use_gpu)
+from grpo_ray.config import Config
+from grpo_ray.faults import ActorLostError
 from grpo_ray.logs import actor_env_vars
 
 # Environment of every actor we start: vLLM's engine core in the actor's own process (simpler to
 # place and to clean up than its default subprocess), quiet tokenizers. `actor_env_vars` adds
 # where the actor's output goes (grpo_ray/logs.py).
 ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
-
-
-class PlacementError(UserError, RuntimeError):
-    """The cluster cannot hold the requested actors; the message says what is missing."""
-
-    kind = "placement error"
-
-
-class ClusterError(UserError, ConnectionError):
-    """The Ray cluster named by cluster.address or RAY_ADDRESS does not answer."""
-
-    kind = "cluster error"
-
-
-@dataclass
-class Plan:
-    """The resources of each actor; `bundles[i]` is one placement-group bundle."""
-
-    layout: str
-    bundles: list[dict[str, float]]
-    learner_bundle: int
-    learner: dict[str, float]
-    engine_bundles: list[int]
-    engine: dict[str, float]
-    reward_workers: int
-    reward: dict[str, float]
-    labels: list[str] = field(default_factory=list)
-    """What each bundle is for, for error messages."""
-
-    def total(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for b in self.bundles + [self.reward] * self.reward_workers:
-            for k, v in b.items():
-                out[k] = out.get(k, 0.0) + v
-        return out
-
-
-def plan_placement(cfg: Config, use_gpu: bool) -> Plan:
-    """Resources of the learner, the engines and the reward workers (pure; no Ray)."""
-    r, lr = cfg.rollout, cfg.learner
-    reward = {"CPU": cfg.reward.cpus_per_worker}
-    if not use_gpu:
-        learner, engine = {"CPU": lr.num_cpus}, {"CPU": r.cpus_per_engine}
-        bundles = [dict(learner)] + [dict(engine) for _ in range(r.num_engines)]
-        return Plan("cpu", bundles, 0, learner, list(range(1, r.num_engines + 1)), engine,
-                    cfg.reward.num_workers, reward,
-                    ["learner"] + [f"rollout engine {i}" for i in range(r.num_engines)])
-    if cfg.cluster.colocate:
-        learner_share, engine_share = cfg.colocated_gpu_shares
-        learner = {"CPU": lr.num_cpus, "GPU": learner_share}
-        engine = {"CPU": r.cpus_per_engine, "GPU": engine_share}
-        bundle = {"CPU": lr.num_cpus + r.cpus_per_engine * r.num_engines, "GPU": 1.0}
-        return Plan("colocated", [bundle], 0, learner, [0] * r.num_engines, engine,
-                    cfg.reward.num_workers, reward,
-                    [f"learner + {r.num_engines} rollout engine(s) (shared GPU)"])
-    learner = {"CPU": lr.num_cpus, "GPU": 1.0}  # the learner computes on one device
-    engine = {"CPU": r.cpus_per_engine, "GPU": float(r.gpus_per_engine)}
-    bundles = [dict(learner)] + [dict(engine) for _ in range(r.num_engines)]
-    return Plan("dedicated", bundles, 0, learner, list(range(1, r.num_engines + 1)), engine,
-                cfg.reward.num_workers, reward,
-                ["learner"] + [f"rollout engine {i}" for i in range(r.num_engines)])
-
-
-def check_fits(plan: Plan, nodes: list[dict[str, float]]) -> None:
-    """Raise PlacementError unless every bundle fits on some node (first fit, largest first),
-    naming the first bundle that does not and what the cluster has."""
-    free = [dict(n) for n in nodes]
-    order = sorted(range(len(plan.bundles)),
-                   key=lambda i: (-plan.bundles[i].get("GPU", 0), -plan.bundles[i].get("CPU", 0)))
-    for i in order:
-        bundle = plan.bundles[i]
-        node = next((n for n in free if all(n.get(k, 0) + 1e-9 >= v for k, v in bundle.items())),
-                    None)
-        if node is None:
-            total = plan.total()
-            have = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
-            raise PlacementError(
-                f"cannot place {plan.labels[i]} ({_fmt(bundle)}): the {plan.layout} layout needs "
-                f"{_fmt(total)} in all, the cluster has {_fmt(have)} on {len(nodes)} node(s) "
-                f"(largest node: {_fmt(max(nodes, key=lambda n: n.get('GPU', 0)) if nodes else {})})"
-                + ("; set cluster.colocate=true to share one GPU" if plan.layout == "dedicated"
-                   and have["GPU"] >= 1 else ""))
-        for k, v in bundle.items():
-            node[k] -= v
-    reward_cpus = plan.reward.get("CPU", 0) * plan.reward_workers
-    left = sum(n.get("CPU", 0) for n in free)
-    if reward_cpus > left + 1e-9:
-        raise PlacementError(f"cannot place {plan.reward_workers} reward workers "
-                             f"({_fmt(plan.reward)} each): {left:g} CPUs left after the learner "
-                             "and the engines; lower reward.num_workers or reward.cpus_per_worker")
-
-
-def _fmt(resources: dict[str, float]) -> str:
-    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items())
-                     if k in ("CPU", "GPU")) or "nothing"
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -131,15 +35,13 @@ def cluster_nodes() -> list[dict[str, float]]:
 class Actors:
     """Handles of every actor of a run, and the placement group that holds them."""
 
-    learner: Any
+    learner: LearnerHandle
     engines: EngineGroup
     reward_workers: list[Any]
     placement_group: Any
     plan: Plan
     start_reward_worker: Callable[[], Any] | None = None
     """Starts one more reward worker like the others (the pool's replacement of a lost one)."""
-    start_learner: Callable[[int], Any] | None = None
-    """Starts the learner again in its bundle (`start_learner(0)`: the learner group's `start`)."""
     startup: dict[str, float] = field(default_factory=dict)
     """Seconds of the start: `placement_s` (the reservation), `engines_s` (from their start
     until the last was up), `learner_s` (likewise), `learner_after_engines` (1.0 where the
@@ -151,26 +53,28 @@ class Actors:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for actor in [self.learner, *self.reward_workers]:
+        self.learner.kill()
+        for actor in self.reward_workers:
             ray.kill(actor)
         self.engines.shutdown()
         remove_placement_group(self.placement_group)
 
 
 def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls: type,
-                 engine_args: list[tuple]) -> Actors:
+                 engine_args: list[tuple], notify: Callable[[str], None] = print) -> Actors:
     """Check the plan against the cluster, reserve one placement group for the learner and the
     engines, start them there, start the reward workers (plain CPU actors) and wait until all
-    are ready. `engine_args[i]` are engine i's constructor arguments. Where the learner must
-    load after the engines, it is started first as `learner_cls(*learner_args,
-    defer_load=True)`, which only imports, and its `load()` is called once they are up."""
+    are ready, each within `cluster.restart_timeout_s`. `engine_args[i]` are engine i's
+    constructor arguments. Where the learner must load after the engines, it is started first
+    as `learner_cls(*learner_args, defer_load=True)`, which only imports, and its `load()` is
+    called once they are up. `notify` gets the groups' lines (a member replaced)."""
     import ray
     from ray.util.placement_group import remove_placement_group
 
     from grpo_ray.cluster.rewards import build_reward_workers, reward_worker_starter
 
     nodes = cluster_nodes()
-    plan = plan_placement(cfg, _use_gpu(cfg, nodes))
+    plan = plan_placement(cfg, use_gpu(cfg, nodes))
     check_fits(plan, nodes)
     start = time.monotonic()
     pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray",
@@ -188,23 +92,27 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
         ).remote(*learner_args, **({"defer_load": True} if defer_load else {}))
 
     rewards: list[Any] = []
+    deadline = time.monotonic() + cfg.cluster.restart_timeout_s
     try:  # a constructor's error, or a stop, leaves nothing behind: the group's actors go with it
         learner_start = time.monotonic()
         learner = start_learner(defer_load=one_by_one)
         learner_up = _when_up(learner)
         engines = _engine_group(cfg, pg, plan, engine_cls, engine_args, one_by_one=one_by_one,
-                                watch=learner)
+                                watch=learner, deadline=deadline, notify=notify)
         loaded = learner.load.remote() if one_by_one else None
         reward_env = {"env_vars": actor_env_vars(ACTOR_ENV, "reward")}
         rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
-                                       plan.reward["CPU"], runtime_env=reward_env)
+                                       plan.reward["CPU"], runtime_env=reward_env,
+                                       ready_timeout_s=cfg.cluster.restart_timeout_s)
         # constructors run remotely: surface their errors (a bad model path, say) here, at once
-        up = _wait_up([learner, *engines.engines])
+        up = _wait_up([learner, *engines.engines], deadline,
+                      ["learner"] + [f"rollout engine {i}" for i in range(len(engines))])
         startup = {"placement_s": engines_start - start, "engines_s": max(up[1:]) - engines_start,
                    "learner_s": learner_up.result() - learner_start,
                    "learner_after_engines": float(one_by_one)}
         if loaded is not None:  # the constructor imported; the load is its own time
-            startup |= {"learner_imports_s": startup["learner_s"], "learner_s": ray.get(loaded)}
+            startup |= {"learner_imports_s": startup["learner_s"],
+                        "learner_s": _get_by(loaded, deadline, "the learner's load")}
     except BaseException:
         for actor in rewards:
             ray.kill(actor)
@@ -212,10 +120,11 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
         raise
     start_reward = reward_worker_starter(cfg.reward.functions, cfg.reward.mode,
                                          plan.reward["CPU"], reward_env)
-    return Actors(learner, engines, rewards, pg, plan,
-                  lambda: start_until_up(start_reward, cfg.cluster.restart_timeout_s),
-                  lambda i=0: start_until_up(start_learner, cfg.cluster.restart_timeout_s),
-                  startup)
+    handle = LearnerHandle(
+        learner, lambda i=0: start_until_up(start_learner, cfg.cluster.restart_timeout_s),
+        cfg.cluster, notify)
+    return Actors(handle, engines, rewards, pg, plan,
+                  lambda: start_until_up(start_reward, cfg.cluster.restart_timeout_s), startup)
 
 
 def _when_up(actor: Any) -> Future:
@@ -227,39 +136,56 @@ def _when_up(actor: Any) -> Future:
     return out
 
 
-def _wait_up(actors: list[Any]) -> list[float]:
+def _wait_up(actors: list[Any], deadline: float, names: list[str]) -> list[float]:
     """Wait until every actor's constructor has run; when each was up (`time.monotonic`), in
-    `actors`' order. The first constructor error is raised as soon as it is known."""
+    `actors`' order. The first constructor error is raised as soon as it is known; an actor not
+    up by `deadline` (`time.monotonic`) is a hung start (`ActorLostError`, naming it)."""
     import ray
 
     refs = {a.__ray_ready__.remote(): i for i, a in enumerate(actors)}
     up, pending = [0.0] * len(actors), list(refs)
     while pending:
-        (ref,), pending = ray.wait(pending, num_returns=1)
-        ray.get(ref)
-        up[refs[ref]] = time.monotonic()
+        done, pending = ray.wait(pending, num_returns=1,
+                                 timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            late = ", ".join(names[refs[r]] for r in pending)
+            raise ActorLostError(f"{late}: not started within cluster.restart_timeout_s (hung "
+                                 "at start-up: see the Ray logs of its node)")
+        ray.get(done[0])
+        up[refs[done[0]]] = time.monotonic()
     return up
+
+
+def _get_by(ref: Any, deadline: float, what: str) -> Any:
+    """`ray.get(ref)` by `deadline` (`time.monotonic`), else a hung start (`ActorLostError`)."""
+    import ray
+
+    try:
+        return ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+    except ray.exceptions.GetTimeoutError:
+        raise ActorLostError(f"{what}: not done within cluster.restart_timeout_s (hung at "
+                             "start-up: see the Ray logs of its node)") from None
 
 
 def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> EngineGroup:
     """Rollout engines alone (evaluation), each with the resources training gives it, in their
     own placement group (removed by the group's `shutdown`). Returns once every engine has
     started."""
-    import ray
     from ray.util.placement_group import remove_placement_group
 
     nodes = cluster_nodes()
-    full = plan_placement(cfg, _use_gpu(cfg, nodes))
+    full = plan_placement(cfg, use_gpu(cfg, nodes))
     n = len(engine_args)
     plan = Plan(full.layout, [dict(full.engine) for _ in range(n)], -1, {}, list(range(n)),
                 full.engine, 0, full.reward, [f"rollout engine {i}" for i in range(n)])
     check_fits(plan, nodes)
     pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray-engines",
                   cfg.cluster.placement_strategy)
+    deadline = time.monotonic() + cfg.cluster.restart_timeout_s
     group = _engine_group(cfg, pg, plan, engine_cls, engine_args,
                           on_shutdown=lambda: remove_placement_group(pg))
     try:
-        ray.get([e.__ray_ready__.remote() for e in group.engines])
+        _wait_up(group.engines, deadline, [f"rollout engine {i}" for i in range(n)])
     except BaseException:
         group.shutdown()
         raise
@@ -267,19 +193,25 @@ def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> En
 
 
 def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_args: list[tuple],
-                  on_shutdown: Any = None, one_by_one: bool = False,
-                  watch: Any = None) -> EngineGroup:
+                  on_shutdown: Any = None, one_by_one: bool = False, watch: Any = None,
+                  deadline: float = math.inf,
+                  notify: Callable[[str], None] = print) -> EngineGroup:
     """The engines started in their bundles (`one_by_one`: each ready before the next starts,
-    and the constructor of the actor `watch` raising meanwhile raises at once); the group can
-    start engine i again in its own."""
+    by `deadline`, and the constructor of the actor `watch` raising meanwhile raises at once);
+    the group can start engine i again in its own."""
     import ray
 
     watched = [watch.__ray_ready__.remote()] if watch is not None else []
 
-    def wait_ready(engine: Any) -> None:
+    def wait_ready(engine: Any, i: int) -> None:
         ready = engine.__ray_ready__.remote()
         while True:
-            done, _ = ray.wait([ready, *watched], num_returns=1)
+            done, _ = ray.wait([ready, *watched], num_returns=1,
+                               timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise ActorLostError(f"rollout engine {i}: not started within "
+                                     "cluster.restart_timeout_s (hung at start-up: see the Ray "
+                                     "logs of its node)")
             ray.get(done[0])
             if done[0] == ready:
                 return
@@ -296,8 +228,8 @@ def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_arg
     for i in range(len(engine_args)):
         engines.append(start(i))
         if one_by_one:
-            wait_ready(engines[-1])
-    return EngineGroup(engines, start_again, on_shutdown, cfg.cluster)
+            wait_ready(engines[-1], i)
+    return EngineGroup(engines, start_again, on_shutdown, cfg.cluster, notify)
 
 
 def start_until_up(start: Callable[[], Any], timeout_s: float) -> Any:
@@ -325,15 +257,6 @@ def start_until_up(start: Callable[[], Any], timeout_s: float) -> Any:
                 return actor
         ray.kill(actor)
         time.sleep(1.0)
-
-
-def _use_gpu(cfg: Config, nodes: list[dict[str, float]]) -> bool:
-    has_gpu = any(n.get("GPU", 0) > 0 for n in nodes)
-    use_gpu = has_gpu if cfg.cluster.use_gpu is None else cfg.cluster.use_gpu
-    if use_gpu and not has_gpu:
-        raise PlacementError("cluster.use_gpu is true but the Ray cluster has no GPUs "
-                             f"({len(nodes)} node(s), {_fmt({'CPU': sum(n.get('CPU', 0) for n in nodes)})})")
-    return use_gpu
 
 
 def _reserve(plan: Plan, timeout_s: float, name: str, strategy: str = "PACK") -> Any:

@@ -317,7 +317,7 @@ def prompt_batch(rows: list[dict[str, Any]], tokenizer: Any, max_prompt_length: 
     """Rows (`driver.data.dataset.load_rows`) as one PromptBatch, in their order, tokenized as training
     prompts are (chat template, system prompt, length check), with their other columns (the
     judging reward may read them)."""
-    from grpo_ray.driver.data.dataset import PromptIterator
+    from grpo_ray.driver.data.prompts import PromptIterator
 
     prompts = PromptIterator(rows, tokenizer, len(rows), max_prompt_length, system_prompt)
     return PromptBatch([list(ids) for ids in prompts.prompt_ids], prompts.messages,

@@ -26,15 +26,8 @@ from trl.trainer.utils import compute_mfu, get_peak_flops, use_adapter
 from grpo_ray.algo.grpo import grpo_loss, probability_gap, truncated_is_weights
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
 from grpo_ray.contracts import TrainBatch
-from grpo_ray.learner.batching import (
-    MicroBatch,
-    active_rows,
-    cat_padded,
-    check_prompts,
-    pad_rows,
-    padding_fraction,
-    plan_micro_batches,
-)
+from grpo_ray.learner.batching import (MicroBatch, active_rows, cat_padded, check_prompts, pad_rows,
+                                       padding_fraction, plan_micro_batches)
 from grpo_ray.learner.fused_loss import LossShare, fused_grpo_loss
 from grpo_ray.learner.logprobs import token_logprobs
 from grpo_ray.learner.model import import_backend, load_policy

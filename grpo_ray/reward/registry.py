@@ -13,19 +13,11 @@ import inspect
 from typing import Any
 
 from grpo_ray.config import BUILTIN_REWARDS, TRL_PREFIX, ConfigError, RewardFunctionConfig
-from grpo_ray.reward.functions import (
-    RewardFn,
-    correctness_reward,
-    integer_reward,
-    parity_correctness_reward,
-    parity_integer_reward,
-    parity_soft_format_reward,
-    parity_strict_format_reward,
-    parity_xml_count_reward,
-    soft_format_reward,
-    strict_format_reward,
-    xml_count_reward,
-)
+from grpo_ray.reward.functions import (RewardFn, correctness_reward, integer_reward,
+                                       parity_correctness_reward, parity_integer_reward,
+                                       parity_soft_format_reward, parity_strict_format_reward,
+                                       parity_xml_count_reward, soft_format_reward,
+                                       strict_format_reward, xml_count_reward)
 
 MODES = ("fixed", "seed-parity")
 BUILTIN = set(BUILTIN_REWARDS)

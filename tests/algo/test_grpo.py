@@ -7,16 +7,8 @@ import math
 import pytest
 import torch
 
-from grpo_ray.algo.grpo import (
-    LOSS_TYPES,
-    aggregate_loss,
-    clipped_surrogate,
-    group_advantages,
-    grpo_loss,
-    k3_kl,
-    probability_gap,
-    truncated_is_weights,
-)
+from grpo_ray.algo.grpo import (LOSS_TYPES, aggregate_loss, clipped_surrogate, group_advantages,
+                                grpo_loss, k3_kl, probability_gap, truncated_is_weights)
 
 NAN = float("nan")
 LN = math.log

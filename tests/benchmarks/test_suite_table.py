@@ -26,7 +26,7 @@ def test_the_table_takes_each_phase_s_steady_steps_and_says_what_did_not_run(tmp
                step(7.0), step(2.4, 1), step(2.6, 1), step(1.0, 1)]
     (tmp_path / "step-unsloth-merged-compare.json").write_text(json.dumps({
         "environment": ENV, "history": history, "setup_s": 149.2, "phase_steps": [5, 4, 0],
-        "syncs": {"after: AdapterBroadcast.sync (cuda-ipc)":
+        "syncs": {"after: AdapterSync.send (cuda-ipc)":
                   {"export_s": 0.084, "load_s": 0.082, "total_s": 0.167}}}))
     (tmp_path / "peer-trl.json").write_text(json.dumps({
         "environment": ENV, "engine": "vLLM colocated", "step_s": [8.1, 5.6, 5.7],

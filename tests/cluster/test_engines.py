@@ -1,8 +1,8 @@
 """The engine group's fault handling with real vLLM CPU engines in a real placement group: an
 engine killed with SIGKILL is started again in its own bundle with the group's adapter and
 regenerates exactly what it would have (kills in the middle of a call: tests/integration/
-test_faults.py); the weight sync's check (`AdapterBroadcast`, through the group's `replace` and
-`after_replace`) repairs, then replaces, then refuses an engine that does not serve the learner's
+test_faults.py); the adapter sync (`AdapterSync`: its `verify`, and its `admit` of every engine the
+group starts) repairs, then replaces, then refuses an engine that does not serve the learner's
 adapter."""
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import sys
 import pytest
 
 from grpo_ray.cluster.engines import even_slices
+from grpo_ray.cluster.learner import LearnerHandle
 from grpo_ray.config import load_config
 from grpo_ray.contracts import PromptBatch, Sampling
 from grpo_ray.faults import ActorLostError
-from grpo_ray.sync.broadcast import AdapterBroadcast, SyncCheckError
+from grpo_ray.sync.broadcast import AdapterSync, SyncCheckError
 from grpo_ray.sync.probe import ProbeRule, probe_sequences
 
 
@@ -79,16 +80,18 @@ def setting(ray_local, tiny_model_path, tokenizer):
     lines: list[str] = []
     engines.notify = lines.append
     learner = ray_local.remote(StandInLearner).options(num_cpus=0).remote(tiny_model_path)
-    sync = AdapterBroadcast(notify=lines.append)
-    sync.attach(learner, engines, probe_sequences(tokenizer), ProbeRule.of(cfg.cluster))
+    sync = AdapterSync(LearnerHandle(learner, None, cfg.cluster), engines,
+                       probe_sequences(tokenizer), ProbeRule.of(cfg.cluster), notify=lines.append)
+    engines.admit = sync.admit
+    sync.start()
     ray_local.get(learner.train.remote(seed=1))
-    out = sync.sync(learner, engines, 1)
+    out = sync.send(1)
     # the engine serves the learner's adapter: slope 1, the old gap ~0
     assert out["probe/slope/engine_0"] == pytest.approx(1, abs=1e-3)
     assert out["probe/gap/engine_0"] < 1e-4 and out["probe/movement"] > 0.01
-    assert out["fallback_object_store"] == 0 and sync.transport == "object-store"
+    assert out["fallback_object_store"] == 0 and sync.transport.name == "object-store"
     # vLLM scales lora_B in place as it activates an adapter: the engine must have copied it
-    payload = ray_local.get(engines._payload)
+    payload = ray_local.get(sync._payload)
     assert ray_local.get(engines.engines[0].adapter_identity.remote()) == (1, payload.digest)
     batch = PromptBatch(chat_prompts(tokenizer), [[], []], ["", ""], ["", ""])
     yield engines, lines, batch, sync, learner
@@ -121,7 +124,7 @@ def test_killed_engine_comes_back_and_regenerates_the_same_completions(ray_local
     assert lines[0].startswith("rollout engine 0 lost during generation (ActorDiedError")
     assert " started again in its placement bundle in " in lines[0]
     assert lines[0].endswith("s with adapter version 1")
-    # the sync's check ran on the new engine (`after_replace`): it serves the adapter
+    # the sync admitted the new engine (`admit`): it serves the adapter
     assert sync._checked.pop(0).slope == pytest.approx(1, abs=1e-3)
 
 
@@ -145,7 +148,7 @@ def test_sync_check_repairs_then_replaces_then_refuses(ray_local, tiny_model_pat
     # every load damaged (one tensor doubled): the identity fails again after the reload, a new
     # engine passes
     ray_local.get(engines.engines[0].__ray_call__.remote(inject, "double", persistent=True))
-    ray_local.get(engines.engines[0].load_adapter.remote(engines._payload, reload=True))
+    ray_local.get(engines.engines[0].load_adapter.remote(sync._payload, reload=True))
     sync.verify(1)
     assert sync.repairs == repairs + 2 and engines.restarts == restarts + 1
     assert "it holds adapter version 1 with digest " in lines[-1]
@@ -158,8 +161,8 @@ def test_sync_check_repairs_then_replaces_then_refuses(ray_local, tiny_model_pat
     try:
         with pytest.raises(SyncCheckError, match=(
                 r"rollout engine 0 failed the sync check at adapter version 1: it holds adapter "
-                rf"version 1 with digest {right[1][:12]}, the learner exported version 1 with "
-                r"digest ffffffffffff .*the new rollout engine 0 disagrees too")):
+                rf"version 1 with digest {right[1][:12]}, the learner exported adapter version 1 "
+                r"with digest ffffffffffff .*the new rollout engine 0 disagrees too")):
             sync.verify(1)
     finally:
         ray_local.get(learner.__ray_call__.remote(_set_exported, right))

@@ -148,7 +148,7 @@ def test_a_group_that_cannot_repeat_the_call_says_the_member_restarted(ray_local
     """The learner's case: the new member lacks the old one's state, the caller restores it."""
     g, lines, _ = group
     ray = ray_local
-    g.repeat = False
+    g.health.repeat = False
     pid, _ = ray.get(g.members[0].where.remote())
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(MemberRestarted) as restarted:
@@ -156,3 +156,22 @@ def test_a_group_that_cannot_repeat_the_call_says_the_member_restarted(ray_local
     assert restarted.value.index == 0 and restarted.value.seconds > 0
     assert restarted.value.reason.startswith("member 0 lost during work (ActorDiedError")
     assert ray.get(g.members[0].work.remote(4)) == 40 and lines == []
+
+
+def test_a_result_left_in_the_object_store_is_handed_over_once_its_member_answers(ray_local,
+                                                                                   group):
+    """`fetch=False` (an adapter on its way to the engines): the ref, not the value; a member
+    lost in such a call is replaced and the call repeated, as any other (it used to end with
+    ActorLostError after a successful replacement)."""
+    g, lines, hooked = group
+    ray = ray_local
+    calls = []
+
+    def submit(i):
+        calls.append(i)
+        return g.members[i].work.remote(7, die=len(calls) == 1)
+
+    (ref,) = g.call("work", submit, timeout_s=30, indices=[2], fetch=False)
+    assert isinstance(ref, ray.ObjectRef) and ray.get(ref) == 70
+    assert calls == [2, 2] and hooked == [2] and len(lines) == 1
+    assert lines[0].startswith("member 2 lost during work (ActorDiedError")

@@ -87,7 +87,7 @@ def test_the_engines_node_is_lost_mid_run_and_the_run_finishes(three_nodes, tiny
     lines: list = []
     b = build(tmp_path / "b", tiny_model_path, lines)
     try:
-        learner, engine = where(b.actors.learner), where(b.engines.engines[0])
+        learner, engine = where(b.learner.actor), where(b.engines.engines[0])
         assert learner["node"] != engine["node"]  # SPREAD: one role per node
         doomed = next(n for n in workers if n.node_id == engine["node"])
         removed: list[float] = []
@@ -112,8 +112,8 @@ def test_the_engines_node_is_lost_mid_run_and_the_run_finishes(three_nodes, tiny
         assert now["node"] == learner["node"]  # the one survivor with room
         # no path crosses nodes: the adapter came as bytes through the object store, and the
         # file vLLM reads was written by the engine's own process (its pid names the directory)
-        assert b.broadcast.transport == "object-store"
-        payload = ray.get(b.engines._payload)
+        assert b.sync.transport.name == "object-store"
+        payload = ray.get(b.sync._payload)
         assert isinstance(payload, PackedAdapter) and payload.num_bytes > 0
         assert f"grpo_ray-adapters-pid{now['pid']}-engine0-" in now["lora_path"]
         recovery_s = restarted[0][0] - removed[0]

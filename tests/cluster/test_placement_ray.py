@@ -8,8 +8,11 @@ import ray
 import ray.cloudpickle
 from ray.cluster_utils import Cluster
 
-from grpo_ray.cluster.placement import PlacementError, place_actors
+from grpo_ray.cluster.group import MemberRestarted
+from grpo_ray.cluster.placement import place_actors
+from grpo_ray.cluster.plan import PlacementError
 from grpo_ray.config import load_config
+from grpo_ray.faults import ActorLostError
 
 
 class Probe:
@@ -78,7 +81,7 @@ def test_learner_and_engines_get_distinct_gpus_across_nodes(two_nodes):
     actors = place_actors(c, Probe, (), Probe, [(i,) for i in range(3)])
     try:
         assert actors.plan.layout == "dedicated"
-        where = ray.get([a.where.remote() for a in [actors.learner, *actors.engines.engines]])
+        where = ray.get([a.where.remote() for a in [actors.learner.actor, *actors.engines.engines]])
         gpus = [(node, gpu) for node, ids in where for gpu in ids]
         assert all(len(ids) == 1 for _, ids in where)          # one GPU each
         assert len(set(gpus)) == 4                              # no GPU shared
@@ -92,7 +95,7 @@ def test_colocated_learner_and_engine_share_one_gpu(two_nodes):
     c = cfg("cluster.colocate=true", "learner.num_gpus=0.5")
     actors = place_actors(c, Probe, (), Probe, [(0,)])
     try:
-        (n1, g1), (n2, g2) = ray.get([actors.learner.where.remote(),
+        (n1, g1), (n2, g2) = ray.get([actors.learner.actor.where.remote(),
                                       actors.engines.engines[0].where.remote()])
         assert (n1, g1) == (n2, g2) and len(g1) == 1
     finally:
@@ -106,15 +109,16 @@ def test_a_shared_gpus_learner_imports_beside_the_engines_and_loads_after_them(t
     actors = place_actors(c, Probe, (), SlowEngine, [(0,), (1,)])
     try:
         (made, loaded), *engines = ray.get([a.when.remote() for a in
-                                            [actors.learner, *actors.engines.engines]])
+                                            [actors.learner.actor, *actors.engines.engines]])
         last_engine_up = max(up for up, _ in engines)
         assert made < last_engine_up < loaded  # made while they started, loaded once all were up
         parts = actors.startup
         assert parts["learner_after_engines"] == 1.0 and parts["learner_s"] == 0.25, parts
         assert 0 < parts["learner_imports_s"] < parts["engines_s"], parts
-        ray.kill(actors.learner)  # lost: its replacement loads at once, the engines being up
-        actors.learner = actors.start_learner(0)
-        assert ray.get(actors.learner.when.remote())[1] is not None
+        ray.kill(actors.learner.actor)  # lost: its replacement loads at once, the engines up
+        with pytest.raises(MemberRestarted):
+            actors.learner.call("a call", "when")
+        assert actors.learner.call("a call", "when")[1] is not None
     finally:
         actors.shutdown()
 
@@ -130,6 +134,19 @@ def test_the_learners_import_error_ends_the_start_at_once_and_frees_the_gpu(two_
     place_actors(c, Probe, (), Probe, [(i,) for i in range(3)]).shutdown()
 
 
+def test_a_constructor_that_hangs_ends_the_start_after_its_deadline_and_frees_the_gpus(two_nodes):
+    """Every start-up wait has a deadline (`cluster.restart_timeout_s`): an engine whose
+    constructor never returns is named, and its placement group goes with the error."""
+    c = cfg("cluster.restart_timeout_s=5", "learner.num_gpus=1")
+    start = time.monotonic()
+    with pytest.raises(ActorLostError, match=r"^rollout engine 0: not started within "
+                                             r"cluster.restart_timeout_s \(hung at start-up"):
+        place_actors(c, Probe, (), VerySlowEngine, [(0,)])
+    assert time.monotonic() - start < 30
+    c = cfg("rollout.num_engines=3", "rollout.prompts_per_step=3", "learner.num_gpus=1")
+    place_actors(c, Probe, (), Probe, [(i,) for i in range(3)]).shutdown()
+
+
 def test_unsatisfiable_placement_is_refused_at_once(two_nodes):
     c = cfg("rollout.num_engines=4", "rollout.prompts_per_step=4", "learner.num_gpus=1")
     with pytest.raises(PlacementError, match="5 GPU in all, the cluster has 4 CPU, 4 GPU on 2 node"):
@@ -137,7 +154,7 @@ def test_unsatisfiable_placement_is_refused_at_once(two_nodes):
 
 
 def test_gpu_asked_of_a_cluster_without_gpus_is_refused():
-    from grpo_ray.cluster.placement import check_fits, plan_placement
+    from grpo_ray.cluster.plan import check_fits, plan_placement
 
     plan = plan_placement(cfg("learner.num_gpus=1"), use_gpu=True)
     with pytest.raises(PlacementError, match="cannot place"):

@@ -10,14 +10,8 @@ import sys
 import pytest
 
 from grpo_ray.answer_format import chat_messages
-from grpo_ray.cluster.rewards import (
-    RewardError,
-    RewardPool,
-    RewardWorker,
-    build_reward_workers,
-    reward_worker_starter,
-    unscored_error,
-)
+from grpo_ray.cluster.rewards import (RewardError, RewardPool, RewardWorker, build_reward_workers,
+                                      reward_worker_starter, unscored_error)
 from grpo_ray.config import RewardFunctionConfig as R
 from grpo_ray.contracts import PromptBatch, Rollout, Scores
 from grpo_ray.faults import ActorLostError

@@ -12,15 +12,9 @@ import torch
 
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig, load_config
 from grpo_ray.contracts import AdapterPayload, TrainBatch
-from grpo_ray.driver.checkpoint import (
-    CheckpointError,
-    check_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    resumable_checkpoint,
-    save_checkpoint,
-    truncate_jsonl,
-)
+from grpo_ray.driver.checkpoint import (CheckpointError, check_checkpoint, latest_checkpoint,
+                                        load_checkpoint, resumable_checkpoint, save_checkpoint,
+                                        truncate_jsonl)
 
 LORA_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 

@@ -14,18 +14,9 @@ import pytest
 
 from grpo_ray.config import ConfigError, load_config
 from grpo_ray.contracts import PromptBatch, Sampling
-from grpo_ray.driver.evaluation import (
-    STOP,
-    evaluate,
-    format_side_by_side,
-    judge_completions,
-    majority_index,
-    make_judge,
-    pass_at_k,
-    reasoning_words,
-    sample_metrics,
-    score_completions,
-)
+from grpo_ray.driver.evaluation import (STOP, evaluate, format_side_by_side, judge_completions,
+                                        majority_index, make_judge, pass_at_k, reasoning_words,
+                                        sample_metrics, score_completions)
 
 TEXTS = [
     # exact and numeric match, strict (ends right after </answer>) and soft format; 5 words

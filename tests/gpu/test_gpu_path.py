@@ -280,7 +280,9 @@ def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_p
     from grpo_ray.cluster.engines import EngineGroup
     from grpo_ray.learner.worker import LearnerWorker
     from grpo_ray.rollout.worker import RolloutWorker
-    from grpo_ray.sync.broadcast import AdapterBroadcast
+    from grpo_ray.cluster.learner import LearnerHandle
+    from grpo_ray.config import ClusterConfig
+    from grpo_ray.sync.broadcast import AdapterSync
 
     ray = ray_gpu
     rollout = RolloutConfig(num_generations=4, max_completion_length=16, max_model_len=512,
@@ -300,11 +302,12 @@ def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_p
         base_scores = ray.get(engine.score.remote(base.prompt_ids, base.completion_ids))
 
         num_params = ray.get(learner.__ray_call__.remote(_perturb_lora_b, 0))
-        sync = AdapterBroadcast()
-        stats = sync.sync(learner, engines, 1)
-        print(f"\nsync v1 ({torch.cuda.get_device_name()}, {sync.transport}, "
+        sync = AdapterSync(LearnerHandle(learner, None, ClusterConfig()), engines)
+        sync.start()
+        stats = sync.send(1)
+        print(f"\nsync v1 ({torch.cuda.get_device_name()}, {sync.transport.name}, "
               f"{'merged' if merge else 'LoRA'}): {stats}")
-        assert sync.transport == "cuda-ipc"  # both actors compute on the one GPU
+        assert sync.transport.name == "cuda-ipc"  # both actors compute on the one GPU
         assert ray.get(engine.adapter_version.remote()) == 1
         # the engine's digest of what it received (on its GPU) is the learner's of what it sent
         identity = tuple(ray.get(learner.exported_identity.remote()))
@@ -328,7 +331,7 @@ def test_engine_actor_receives_the_learners_adapter_through_ray(ray_gpu, model_p
                            [1.0, -1.0] * (len(out) // 2), out.sampling_logprobs)
         train = ray.get(learner.train_step.remote(batch))
         assert train["gap_mean_abs_diff"] < 0.1  # rollout and learner agree before the update
-        stats = sync.sync(learner, engines, 2)
+        stats = sync.send(2)
         assert ray.get(engine.adapter_version.remote()) == 2
         assert engines.adapter_identities() == [tuple(ray.get(learner.exported_identity.remote()))]
         if merge:  # folded into the weights: no LoRA request at generation
@@ -366,16 +369,15 @@ def test_colocated_trainer_on_one_gpu(ray_gpu, model_path, tmp_path):
         assert trainer.actors.plan.layout == "colocated"
         fixed = ([[1, 5, 9, 42, 7, 11]], [[17, 300, 12, 77, 5, 9, 3, 250]])
         engine_lp = [trainer.engines.score(*fixed)[0][0]]
-        learner_lp = [ray_gpu.get(trainer.actors.learner.sequence_logprobs.remote(*fixed))[0]]
+        learner_lp = [trainer.learner.call("probe", "sequence_logprobs", *fixed)[0]]
         history = []
         for _ in range(cfg.algorithm.total_steps):
             history.append(trainer.run_step())
             engine_lp.append(trainer.engines.score(*fixed)[0][0])
-            learner_lp.append(ray_gpu.get(
-                trainer.actors.learner.sequence_logprobs.remote(*fixed))[0])
+            learner_lp.append(trainer.learner.call("probe", "sequence_logprobs", *fixed)[0])
         assert [m["adapter_version"] for m in history] == [1.0, 2.0, 3.0]
         assert trainer.engines.adapter_versions() == [3]
-        assert trainer.broadcast.transport == "cuda-ipc"
+        assert trainer.sync.transport.name == "cuda-ipc"
         for m in history:
             for key in ["reward/mean", "learner/loss", "learner/peak_memory_gb", "time/generate_s",
                         "time/update_s", "sync/total_s", "sync/bytes", "rollout/tokens_per_s"]:

@@ -1,5 +1,8 @@
 """The same `grpo-ray train` command run again after its run ended badly, on real processes:
 
+- an error in an actor's own code (here a user reward that returns one score too few from step
+  3 on) is a bug, not the user's input nor the machines: the last completed step is
+  checkpointed, one line names the error and where its traceback was written, exit 1;
 - an engine lost for good (`cluster.max_restarts=0`, its process SIGKILLed mid-run) is an
   infrastructure failure: exit 3, a checkpoint of the last completed step, and a line saying how
   many steps were lost (0); the same command then resumes from that checkpoint and finishes;
@@ -52,7 +55,8 @@ def train_args(out: Path, model: str, total: int, *more: str) -> list[str]:
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "grpo_ray", *args], cwd=ROOT, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -95,6 +99,27 @@ def test_an_engine_lost_for_good_exits_3_with_a_checkpoint(lost_engine_run):
         rf"{saved} in {re.escape(str(out / 'checkpoints'))}; the same command resumes from it\)",
         last), last
     assert "Traceback" not in text and f"checkpoint of step {saved} written to" in text
+
+
+def test_an_error_in_an_actors_code_checkpoints_then_exits_1_with_its_traceback_in_a_file(
+        tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(out, tiny_model_path, 4, "output.save_every=0",
+                      "reward.functions=[{name: 'rewards_for_tests:wrong_count_from_third_call'}]")
+    log = tmp_path / "run.log"
+    code = start(args, log).wait(timeout=300)
+    text = log.read_text()
+    assert code == 1, text[-3000:]
+    assert steps(out) == [1, 2]
+    checkpoint = latest_checkpoint(out / "checkpoints")
+    check_checkpoint(checkpoint)
+    assert checkpoint.name == "step-000002"
+    assert f"checkpoint of step 2 written to {checkpoint}" in text
+    error_log = out / "logs" / "error.log"
+    assert text.strip().splitlines()[-1] == (
+        "error: ValueError: reward function 'wrong_count_from_third_call' returned 3 scores for "
+        f"4 completions (an unexpected error: the traceback is in {error_log})")
+    assert "Traceback" not in text and "Traceback" in error_log.read_text()
 
 
 @pytest.mark.slow

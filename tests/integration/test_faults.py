@@ -66,7 +66,7 @@ def runs(ray_local, tiny_model_path, tmp_path_factory):
     a = build(tmp_path_factory.mktemp("a"), tiny_model_path, a_lines)
     try:
         a_eval = run(a, faults=False)
-        a_lora = ray.get(a.actors.learner.state_dict.remote())["lora"]
+        a_lora = ray.get(a.learner.actor.state_dict.remote())["lora"]
     finally:
         a.close()
     b_lines: list[str] = []
@@ -100,7 +100,7 @@ def test_killed_actors_are_replaced_and_the_run_equals_an_uninterrupted_one(runs
     a_eval, b_eval = ({k: v for k, v in e.items() if k != "time_s"} for e in (a_eval, b_eval))
     assert b_eval == a_eval and b_eval["adapter_version"] == STEPS
     assert b.sanity_answers["after"] == a.sanity_answers["after"]
-    b_lora = ray.get(b.actors.learner.state_dict.remote())["lora"]
+    b_lora = ray.get(b.learner.actor.state_dict.remote())["lora"]
     assert any("lora_B" in n and t.abs().max() > 0 for n, t in a_lora.items())
     for name, tensor in a_lora.items():
         torch.testing.assert_close(b_lora[name], tensor, rtol=0, atol=1e-6, msg=name)

@@ -82,7 +82,7 @@ def _signal_in_sync_probe(self, version: int, signum: int):
 def finish(trainer: Trainer) -> dict:
     """The run's final LoRA tensors and what it wrote, then its actors are shut down."""
     try:
-        lora = ray.get(trainer.learner.state_dict.remote())["lora"]
+        lora = ray.get(trainer.learner.actor.state_dict.remote())["lora"]
         return {"lora": lora, "completions": jsonl(trainer.out / "completions.jsonl"),
                 "figures": figures(trainer.out), "eval": [
                     {k: v for k, v in r.items() if k != "time_s"}
@@ -116,7 +116,7 @@ def test_a_hung_engine_and_a_killed_learner_are_replaced_and_the_run_is_unchange
     b = build(tmp_path, tiny_model_path, lines)
     ray.get(b.engines.engines[0].__ray_call__.remote(
         _signal_in_generate, b.rollouts.seed(1), signal.SIGSTOP))
-    ray.get(b.learner.__ray_call__.remote(_signal_in_update, 3, signal.SIGKILL))
+    ray.get(b.learner.actor.__ray_call__.remote(_signal_in_update, 3, signal.SIGKILL))
     b.fit()
     faults = [line for line in lines if " started again " in line or "learner lost" in line]
     print("\n" + "\n".join(faults))  # the restart times, for docs/reliability.md
@@ -130,7 +130,7 @@ def test_a_hung_engine_and_a_killed_learner_are_replaced_and_the_run_is_unchange
                                 "(ActorDiedError")
     assert "restored checkpoint step-000002 (engines at adapter version 2)" in faults[1]
     assert faults[1].endswith(": 1 step to redo")
-    assert b.engines.restarts == 1 and b.learner_restarts == 1
+    assert b.engines.restarts == 1 and b.recovery.learner_restarts == 1
     result = finish(b)
     rows = result["metrics"]
     assert [r["faults/engine_restarts"] for r in rows] == [0.0, 1.0, 1.0]
@@ -144,7 +144,7 @@ def run_with_a_hung_learner(tmp_path, model_path, signal_in, at: int, *overrides
     `learner lost` line and what it finished with."""
     lines: list[str] = []
     b = build(tmp_path, model_path, lines, *overrides)
-    ray.get(b.learner.__ray_call__.remote(signal_in, at, signal.SIGSTOP))
+    ray.get(b.learner.actor.__ray_call__.remote(signal_in, at, signal.SIGSTOP))
     b.fit()
     lost = [line for line in lines if line.startswith("learner lost")]
     print("\n" + "\n".join(lost))

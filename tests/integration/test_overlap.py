@@ -35,7 +35,7 @@ def build(out, model_path, *overrides: str, lines: list[str] | None = None) -> T
 def record_batches(trainer) -> list[tuple[int, int]]:
     """(learner version, sampling version) of every batch the trainer trains on from now."""
     seen: list[tuple[int, int]] = []
-    original = trainer.train_batch
+    original = trainer.groups.train_batch
 
     def recorded(scored):
         seen.append((trainer.version, scored.version))
@@ -44,7 +44,7 @@ def record_batches(trainer) -> list[tuple[int, int]]:
         assert batch.sampling_version == scored.version
         assert batch.sampling_logprobs is scored.rollout.sampling_logprobs
         return batch
-    trainer.train_batch = recorded
+    trainer.groups.train_batch = recorded
     return seen
 
 
@@ -128,7 +128,7 @@ def test_dynamic_sampling_drops_exactly_the_zero_variance_groups(ray_local, tiny
     try:
         for step in range(2):
             scored_parts.clear()
-            scored = trainer.rollouts.take(step)
+            scored = trainer.rollouts.submit(step).result()
             varied, zero = [], 0
             for questions, totals in scored_parts:
                 flags = zero_variance_groups(torch.tensor(totals, dtype=torch.float64), n)

@@ -38,7 +38,7 @@ def failures(lines: list[str]) -> list[str]:
 
 
 def assert_serves_the_learners_adapter(trainer: Trainer) -> None:
-    expected = tuple(ray.get(trainer.actors.learner.exported_identity.remote()))
+    expected = tuple(ray.get(trainer.learner.actor.exported_identity.remote()))
     assert [tuple(i) for i in trainer.engines.adapter_identities()] == [expected]
     assert expected[0] == trainer.version and expected[1] is not None
 
@@ -100,7 +100,7 @@ def test_every_fault_is_caught_and_repaired_and_the_run_finishes(ray_local, tiny
                 inject_now(trainer, fault)
             trainer.run_step()
             if step == 2:
-                old = trainer.broadcast._payload  # ObjectRef of version 2's payload
+                old = trainer.sync._payload  # ObjectRef of version 2's payload
             assert_serves_the_learners_adapter(trainer)
         caught = failures(lines)
         print("\n" + "\n".join(caught))
@@ -110,7 +110,7 @@ def test_every_fault_is_caught_and_repaired_and_the_run_finishes(ray_local, tiny
         assert [line.endswith(RELOADED) for line in caught] == [True] * 4 + [False, True], \
             "\n".join(caught)
         assert "reloaded, still: it holds adapter version 5" in caught[4]
-        assert trainer.engines.restarts == 1 and trainer.broadcast.repairs == 6
+        assert trainer.engines.restarts == 1 and trainer.sync.repairs == 6
         restarted = [line for line in lines if "started again in its placement bundle" in line]
         assert len(restarted) == 1 and restarted[0].startswith(CAUGHT.format(5, ""))
         rows = jsonl(tmp_path / "metrics.jsonl")
@@ -163,7 +163,7 @@ def test_healthy_runs_pass_and_a_resumed_run_is_checked_by_the_same_rule(
     trainer = build(tmp_path, tiny_model_path, lines, *overrides, cfg_lr)
     try:
         trainer.fit()
-        assert not failures(lines) and trainer.broadcast.repairs == 0
+        assert not failures(lines) and trainer.sync.repairs == 0
         rows = jsonl(tmp_path / "metrics.jsonl")
         print("\nslope, se, gap, movement:", [
             tuple(round(r.get(k, float("nan")), 6) for k in (

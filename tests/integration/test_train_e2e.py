@@ -15,6 +15,9 @@ from grpo_ray.driver.trainer import Trainer
 
 @pytest.fixture(scope="module")
 def trainer(ray_local, tiny_model_path, tmp_path_factory):
+    """Two steps of the loop, run once for the module; each test reads what they left
+    (`t.history`, `t.follow`: the engine's and the learner's log-probs of a fixed completion
+    before and after each step), so that any test runs alone."""
     out = tmp_path_factory.mktemp("run")
     cfg = load_config("configs/tiny-cpu.yaml", [f"output.dir={out}", f"model.path={tiny_model_path}",
                                                 "algorithm.total_steps=2",
@@ -27,13 +30,24 @@ def trainer(ray_local, tiny_model_path, tmp_path_factory):
     lines: list[str] = []
     t = Trainer(cfg, print_fn=lines.append).setup()
     t.lines = lines
-    yield t
-    t.close()
+    try:
+        engine, learner = t.engines.engines[0], t.learner.actor
+        prompt, completion = fixed_sequence(t)
+        t.follow = [(0, ray.get(engine.score.remote([prompt], [completion]))[0], None)]
+        t.history = []
+        for _ in (1, 2):
+            t.history.append(t.run_step())
+            t.follow.append((ray.get(engine.adapter_version.remote()),
+                             ray.get(engine.score.remote([prompt], [completion]))[0],
+                             ray.get(learner.sequence_logprobs.remote([prompt], [completion]))[0]))
+        yield t
+    finally:
+        t.close()
 
 
 def fixed_sequence(trainer):
     from grpo_ray.answer_format import chat_messages
-    from grpo_ray.driver.data.dataset import load_tokenizer
+    from grpo_ray.driver.data.prompts import load_tokenizer
 
     tok = load_tokenizer(trainer.model_path)
     prompt = tok.apply_chat_template(chat_messages("Tom has 3 apples and gets 4 more."),
@@ -43,19 +57,14 @@ def fixed_sequence(trainer):
 
 
 def test_steps_move_the_engines_adapter(trainer):
-    engine, learner = trainer.engines.engines[0], trainer.actors.learner
-    prompt, completion = fixed_sequence(trainer)
-    before = ray.get(engine.score.remote([prompt], [completion]))[0]
-    history = []
     for step in (1, 2):
-        history.append(trainer.run_step())
-        after = ray.get(engine.score.remote([prompt], [completion]))[0]
-        mine = ray.get(learner.sequence_logprobs.remote([prompt], [completion]))[0]
-        assert ray.get(engine.adapter_version.remote()) == step
+        version, after, mine = trainer.follow[step]
+        before = trainer.follow[step - 1][1]
+        assert version == step
         assert max(abs(a - b) for a, b in zip(after, before)) > 1e-4, "engine adapter unchanged"
         assert max(abs(a - b) for a, b in zip(after, mine)) < 2e-3, "engine != learner"
-        before = after
 
+    history = trainer.history
     for m in history:
         for key in ["reward/mean", "reward/std", "reward/correctness/mean",
                     "reward/text_length/mean", "accuracy",

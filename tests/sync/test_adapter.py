@@ -11,9 +11,10 @@ import torch
 from helpers import hf_model, naive_logprobs
 from helpers import peft_model as make_peft
 
-from grpo_ray.config import ALL_PROJECTIONS, RolloutConfig
+from grpo_ray.cluster.learner import LearnerHandle
+from grpo_ray.config import ALL_PROJECTIONS, ClusterConfig, RolloutConfig
 from grpo_ray.contracts import Sampling
-from grpo_ray.sync.broadcast import AdapterBroadcast
+from grpo_ray.sync.broadcast import AdapterSync, CudaIpc
 from grpo_ray.sync.files import vllm_lora_name, write_adapter
 from grpo_ray.sync.sender import adapter_payload, lora_parameters
 
@@ -152,13 +153,19 @@ class TinyLearner:
 
     def __init__(self, model_path: str) -> None:
         self.model = make_peft(model_path, seed=1)
+        self.exported = (0, None)
 
     def export_adapter(self, version: int, transport: str = "tensors", dtype: str | None = None):
         from grpo_ray.sync.sender import packed_adapter
 
         assert transport in ("tensors", "packed"), transport
-        return (adapter_payload(self.model, version) if transport == "tensors"
-                else packed_adapter(self.model, version, dtype))
+        payload = (adapter_payload(self.model, version) if transport == "tensors"
+                   else packed_adapter(self.model, version, dtype))
+        self.exported = (version, payload.digest)
+        return payload
+
+    def exported_identity(self):
+        return self.exported
 
     def perturb(self, seed: int) -> None:
         torch.manual_seed(seed)
@@ -195,13 +202,16 @@ def test_sync_through_ray_moves_the_adapter_to_the_engine(ray_local, tiny_model_
     sampling = Sampling.training(rollout, seed=4)
     base = engines.generate(batch, sampling, expect_version=0)
 
-    sync = AdapterBroadcast()
+    handle = LearnerHandle(learner, None, ClusterConfig())
+    sync = AdapterSync(handle, engines)  # the identity check alone: no probe sequences
+    sync.start()
     for version in (1, 2):
         if version == 2:
             ray.get(learner.perturb.remote(seed=version))
-        stats = sync.sync(learner, engines, version)
-        assert sync.transport == "object-store"
-        assert set(stats) == {"export_s", "load_s", "total_s", "bytes", "fallback_object_store"}
+        stats = sync.send(version)
+        assert sync.transport.name == "object-store"
+        assert set(stats) == {"export_s", "load_s", "total_s", "bytes", "fallback_object_store",
+                              "probe_s", "probe_learner_s", "probe_engines_s"}
         assert stats["fallback_object_store"] == 0
         assert 0 < stats["load_s"] <= stats["total_s"] and stats["bytes"] >= 2 * 16384 * 4
         assert engines.adapter_versions() == [version]
@@ -219,11 +229,12 @@ def test_sync_through_ray_moves_the_adapter_to_the_engine(ray_local, tiny_model_
     # CUDA IPC that fails (here: a learner that cannot export it) falls back to the object store
     # for good, and says so once on the console and from then on in the metrics
     lines: list[str] = []
-    sync = AdapterBroadcast(notify=lines.append)
-    sync.transport, sync._dtype = "cuda-ipc", "float32"  # as chosen for a shared GPU
+    sync = AdapterSync(handle, engines, notify=lines.append)
+    sync.start()
+    sync.transport = CudaIpc()  # as chosen for a shared GPU
     for version in (3, 4):
-        stats = sync.sync(learner, engines, version)
-        assert stats["fallback_object_store"] == 1 and sync.transport == "object-store"
+        stats = sync.send(version)
+        assert stats["fallback_object_store"] == 1 and sync.transport.name == "object-store"
         assert engines.adapter_versions() == [version]
     assert len(lines) == 1 and lines[0].startswith(
         "CUDA IPC adapter sync failed, using Ray's object store from now on (slower; metric "

@@ -41,7 +41,7 @@ def resolve_model_path(cfg: Config) -> str:
     problem = local_model_problem(path) or hub_model_problem(path)
     if problem:  # found in a second, before transformers' lookups and retries
         raise UserError(f"model.path={path}: {problem}")
-    from grpo_ray.driver.data.dataset import load_tokenizer
+    from grpo_ray.driver.data.prompts import load_tokenizer
 
     try:
         load_tokenizer(path)

@@ -11,7 +11,8 @@ import pytest
 
 from grpo_ray.answer_format import SYSTEM_PROMPT
 from grpo_ray.config import DataConfig
-from grpo_ray.driver.data.dataset import DataError, PromptIterator, load_rows, load_tokenizer
+from grpo_ray.driver.data.dataset import DataError, load_rows
+from grpo_ray.driver.data.prompts import PromptIterator, load_tokenizer
 
 # The first rows of GSM8K's train split.
 GSM8K_ROWS = [

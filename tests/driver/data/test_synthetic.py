@@ -9,12 +9,8 @@ import pytest
 from grpo_ray.answer_format import gold_answer
 from grpo_ray.config import DataConfig
 from grpo_ray.driver.data.dataset import load_rows
-from grpo_ray.driver.data.synthetic import (
-    held_out_rows,
-    make_problem,
-    num_distinct_questions,
-    synthetic_rows,
-)
+from grpo_ray.driver.data.synthetic import (held_out_rows, make_problem, num_distinct_questions,
+                                            synthetic_rows)
 
 _PATTERNS = {
     r"(\w+) has (\d+) (\w+) and gets (\d+) more\. How many \3 does \1 have now\?": "+",

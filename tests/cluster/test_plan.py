@@ -2,7 +2,7 @@
 that declares GPUs it does not have (Ray schedules logical resources)."""
 import pytest
 
-from grpo_ray.cluster.placement import PlacementError, check_fits, plan_placement
+from grpo_ray.cluster.plan import PlacementError, check_fits, plan_placement
 from grpo_ray.config import load_config
 
 
@@ -61,24 +61,12 @@ def test_check_fits_needs_a_bundle_on_one_node():
 
 def test_check_fits_spreads_engines_over_nodes():
     plan = plan_placement(cfg("rollout.num_engines=4", "rollout.prompts_per_step=4"), use_gpu=True)
-    check_fits(plan, [{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 1}])
+    where = check_fits(plan, [{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 1}])
+    # the learner and 4 engines, a GPU each: every node is used, none beyond its GPUs
+    assert sorted(where) == [0, 0, 1, 1, 2] and plan.labels[0] == "learner"
 
 
 def test_check_fits_counts_reward_workers():
     plan = plan_placement(cfg("reward.num_workers=8"), use_gpu=False)
     with pytest.raises(PlacementError, match="reward workers"):
         check_fits(plan, [{"CPU": 2}])
-
-
-def test_start_up_line_says_when_the_learner_waited_for_the_engines():
-    from grpo_ray.driver.trainer import describe_startup
-
-    parts = {"placement_s": 0.4, "engines_s": 66.2, "learner_s": 36.4, "probe_base_s": 2.6,
-             "total_s": 106.0}
-    # a shared GPU without rollout.kv_cache_gb: the imports beside the engines, the load after
-    assert describe_startup(parts | {"learner_after_engines": 1.0, "learner_imports_s": 29.6,
-                                     "learner_s": 6.4, "total_s": 76.0}) == (
-        "up in 76 s: engines 66 s beside the learner's imports 30 s, then its load 6 s "
-        "(rollout.kv_cache_gb would load them together); the sync probe's first scores 3 s")
-    assert describe_startup(parts | {"learner_after_engines": 0.0, "total_s": 70.0}) == (
-        "up in 70 s: engines 66 s beside the learner 36 s; the sync probe's first scores 3 s")

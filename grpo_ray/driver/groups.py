@@ -1,0 +1,59 @@
+"""Runs in the driver: the one reader of the group size. A step's completions come back flat and
+prompt-major (`contracts`), `rollout.num_generations` of each prompt side by side; this module
+turns their rewards into the group-relative advantages the learner trains on, and tells which
+groups carry no gradient (DAPO's dynamic sampling drops them). The math is `algo.grpo`'s."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from grpo_ray.contracts import Scores, TrainBatch
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from grpo_ray.driver.rollouts import ScoredBatch
+
+
+class Groups:
+    """`size` completions a prompt (`rollout.num_generations`); `scale_rewards`
+    (`algorithm.scale_rewards`) and `mask_truncated` (`algorithm.mask_truncated_completions`) as
+    configured."""
+
+    def __init__(self, size: int, scale_rewards: str = "group",
+                 mask_truncated: bool = False) -> None:
+        self.size, self.scale_rewards, self.mask_truncated = size, scale_rewards, mask_truncated
+
+    @staticmethod
+    def rewards(scores: Scores) -> "Tensor":
+        """(B,) float64 totals, NaN where no reward function scored the row."""
+        import torch
+
+        return torch.tensor([math.nan if s is None else s for s in scores.total],
+                            dtype=torch.float64)
+
+    def train_batch(self, scored: "ScoredBatch") -> TrainBatch:
+        """What the learner trains on: the completions with their group-relative advantages,
+        the rollout's log-probs and the loss mask (`algo.masking.loss_mask`)."""
+        from grpo_ray.algo.grpo import group_advantages
+        from grpo_ray.algo.masking import loss_mask
+
+        rollout, scores = scored.rollout, scored.scores
+        advantages = group_advantages(self.rewards(scores), self.size, self.scale_rewards)
+        return TrainBatch(rollout.prompt_ids, rollout.completion_ids, advantages.tolist(),
+                          rollout.sampling_logprobs,
+                          mask=loss_mask(scores.total, rollout.finish_reasons,
+                                         self.mask_truncated),
+                          engine_index=rollout.engine_index, sampling_version=scored.version)
+
+    def varied(self, scores: Scores) -> list[int]:
+        """Indices of the prompts whose group carries a gradient (`zero_variance_groups`)."""
+        from grpo_ray.algo.grpo import zero_variance_groups
+
+        zero = zero_variance_groups(self.rewards(scores), self.size)
+        return [p for p, z in enumerate(zero.tolist()) if not z]
+
+    def zero_fraction(self, scores: Scores) -> float:
+        """The fraction of the batch's groups that carry no gradient."""
+        groups = len(scores.total) // self.size
+        return 1 - len(self.varied(scores)) / groups if groups else 0.0
