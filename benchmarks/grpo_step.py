@@ -268,8 +268,6 @@ def _state_dict_walk_s(worker) -> float:
 
 def probe(trainer, fixed) -> tuple[list[float], list[float]]:
     """The engine's and the learner's log-probs of one fixed completion."""
-    import ray
-
     engine = trainer.engines.score(*fixed)[0][0]
     learner = trainer.learner.call("probe", "sequence_logprobs", *fixed)[0]
     return engine, learner

@@ -37,4 +37,4 @@ def test_the_driver_masks_what_the_config_asks():
         cfg = load_config("configs/tiny-cpu.yaml",
                           [f"algorithm.mask_truncated_completions={str(masked).lower()}"])
         scored = ScoredBatch(PromptBatch([[1]], [[]], ["1"], ["q"]), rollout, scores)
-        assert Trainer(cfg).train_batch(scored).mask == expected
+        assert Trainer(cfg).groups.train_batch(scored).mask == expected

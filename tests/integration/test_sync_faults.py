@@ -58,7 +58,7 @@ def test_faults_are_caught_at_their_sync_and_reloaded(ray_local, tiny_model_path
         assert len(caught) == 3, "\n".join(lines)
         assert caught[0].startswith(CAUGHT.format(1, "it holds adapter version 0 with digest "
                                                      "none (the base model), the learner "
-                                                     "exported version 1 with digest "))
+                                                     "exported adapter version 1 with digest "))
         assert caught[1].startswith(CAUGHT.format(2, "it holds adapter version 2 with digest "))
         assert caught[2].startswith(CAUGHT.format(3, "its probe log-probs do not move as the "
                                                      "learner's: slope 0"))
