@@ -74,19 +74,18 @@ def test_ray_runs_the_setup_hook_that_its_private_variable_names(ray_local, tmp_
     run it (once it does, `internals.ray_setup_hook_env` should give way to it)."""
     from grpo_ray.logs import LOG_DIR_ENV, LOG_NAME_ENV, actor_env_vars, worker_logs_in
 
-    printer = ray_local.remote(_Printer).options(num_cpus=0)
+    printer = ray_local.remote(_Printer)
     with worker_logs_in(tmp_path / "logs") as log_dir:
-        private = printer.options(runtime_env={"env_vars": actor_env_vars({}, "private")})
-    public = printer.options(runtime_env={
-        "worker_process_setup_hook": "grpo_ray.logs.redirect_output",
-        "env_vars": {LOG_DIR_ENV: str(log_dir), LOG_NAME_ENV: "public"}})
-    actors = [private.remote(), public.remote()]
+        private = {"env_vars": actor_env_vars({}, "private")}
+    public = {"worker_process_setup_hook": "grpo_ray.logs.redirect_output",
+              "env_vars": {LOG_DIR_ENV: str(log_dir), LOG_NAME_ENV: "public"}}
+    actors = [printer.options(num_cpus=0, runtime_env=env).remote() for env in (private, public)]
     pids = ray_local.get([a.say.remote(f"from the {n} actor") for a, n in
                           zip(actors, ("private", "public"))], timeout=120)
     for actor in actors:
         ray_local.kill(actor)
     written = {p.name: p.read_text() for p in log_dir.iterdir()}
-    assert written.get(f"private-{pids[0]}.log", "").splitlines() == ["from the private actor"], (
+    assert "from the private actor" in written.get(f"private-{pids[0]}.log", "").splitlines(), (
         f"Ray no longer runs the setup hook named by its private variable "
         f"(grpo_ray.internals.ray_setup_hook_env): files {sorted(written)}")
     assert f"public-{pids[1]}.log" not in written, (

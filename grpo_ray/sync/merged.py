@@ -88,8 +88,9 @@ class MergedWeightsExtension:
 
     _grpo_base: dict[str, Any] | None = None
     """vLLM weight name -> its pristine base, from the model's files at the first merge."""
-    _grpo_merged: dict[str, list[tuple[int, int, Any]]] | None = None
-    """vLLM weight name -> (first row, rows, `_word_sums`) of each shard the last merge wrote."""
+    _grpo_merged: dict[str, tuple[list[tuple[int, int]], Any]] | None = None
+    """vLLM weight name -> ((first row, rows) of each shard the last merge added a LoRA module
+    to, the `_word_sums` of the weight it wrote)."""
 
     def grpo_merge(self, model_path: str, tensors: dict[str, Any] | None, scale: float) -> int:
         """Every targeted weight becomes `base + scale * B @ A` (the pristine base when `tensors`
@@ -123,30 +124,41 @@ class MergedWeightsExtension:
                     start, size = rows[shard]
                     merged[start:start + size].addmm_(b, a, alpha=scale)
                 weight = merged.to(base[name].dtype)
-                self._grpo_merged[name] = [(*rows[shard], _word_sums(weight, *rows[shard]))
-                                           for shard, _ in shards]
+                if shards:
+                    self._grpo_merged[name] = ([rows[s] for s, _ in shards], _word_sums(weight))
                 _set_weight(layer, weight)
         return len(plan)
 
     def grpo_served_modules(self) -> int:
         """How many of the LoRA modules (A/B pairs) of the last merge the engine serves: the
-        shards whose served rows are, to the bit, what the merge wrote (their `_word_sums` read
-        again from the weights the layers compute with). A merge that did not land, landed on
-        other weights or was undone since counts fewer; the base model counts 0. One pass over
-        the targeted weights on their device, one transfer of the result at the end."""
+        shards whose rows, and whose weight's columns, have the `_word_sums` of what the merge
+        wrote, read again from the weights the layers compute with. A merge that did not land,
+        landed on other weights or was undone since counts fewer; the base model counts 0. One
+        pass over the targeted weights on their device (a few kernels per weight), and one
+        transfer at the end: where the sums differ, nothing when all agree."""
+        import bisect
+
         import torch
 
         if not self._grpo_merged:
             return 0
         modules = dict(self.get_model().named_modules())  # type: ignore[attr-defined]
-        same = []
+        differ, spans, offset = [], [], 0
         with torch.no_grad():
-            for name, shards in self._grpo_merged.items():
+            for name, (shards, written) in self._grpo_merged.items():
                 served = _served_weight(modules[name.removesuffix(".weight")],
                                         self._grpo_base[name])
-                same += [(_word_sums(served, start, size) == sums).all()
-                         for start, size, sums in shards]
-        return int(torch.stack(same).sum()) if same else 0
+                differ.append(_word_sums(served) != written)
+                spans.append((offset, offset + served.shape[0], offset + written.numel(), shards))
+                offset += written.numel()
+            where = torch.cat(differ).nonzero().flatten().tolist()  # sorted
+
+        def agree(lo: int, hi: int) -> bool:  # no differing sum in [lo, hi)
+            i = bisect.bisect_left(where, lo)
+            return i == len(where) or where[i] >= hi
+
+        return sum(agree(columns, end) and agree(first + start, first + start + size)
+                   for first, columns, end, shards in spans for start, size in shards)
 
 
 def _shard_rows(layer: Any, rows: int) -> list[tuple[int, int]]:
@@ -155,17 +167,16 @@ def _shard_rows(layer: Any, rows: int) -> list[tuple[int, int]]:
     return [(sum(sizes[:i]), size) for i, size in enumerate(sizes)]
 
 
-def _word_sums(weight: Any, start: int, size: int) -> Any:
-    """The exact integer sums of the 16-bit (fp32: 32-bit) words of each row and each column of
-    rows [start, start + size) of `weight`: one int64 vector, on the weight's device. Two
-    weights differ in these sums unless their differences cancel in every row and, again, in
-    every column that they touch (at least four changed words in a rectangle, each pair equal
-    and opposite), and each sum is one read of the words, where comparing the merge itself again
-    (the base in fp32, B @ A, the rounding) would cost as much as the merge."""
+def _word_sums(weight: Any) -> Any:
+    """The exact integer sums of the 16-bit (fp32: 32-bit) words of each row, then of each
+    column, of a 2-D `weight`: one int64 vector on its device. Two weights have the same sums
+    unless their differences cancel in every row and, again, in every column they touch (at
+    least four changed words in a rectangle, each pair equal and opposite). Each sum is one read
+    of the words, where computing the merge again (the base in fp32, B @ A, the rounding) to
+    compare would cost what the merge costs."""
     import torch
 
-    words = weight[start:start + size]
-    words = words.view(torch.int16 if words.element_size() == 2 else torch.int32)
+    words = weight.view(torch.int16 if weight.element_size() == 2 else torch.int32)
     return torch.cat([words.sum(1, dtype=torch.int64), words.sum(0, dtype=torch.int64)])
 
 

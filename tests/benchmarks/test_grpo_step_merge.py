@@ -65,6 +65,7 @@ def test_the_in_place_merge_writes_what_the_products_merge_writes():
     assert torch.equal(product[name][16:24], base[name][16:24])  # k untouched
     for p in params.values():  # what another version left there: the in-place merge overwrites
         p.data.add_(1.0)
+    assert worker.grpo_served_modules() == 0  # the product's merge is not served any more
 
     _merge_in_place(worker, tensors, 2.0)
     for n, p in params.items():
