@@ -63,7 +63,7 @@ class AdapterBroadcast:
         self._learner: Any = None
         self._engines: Any = None
         self._payload: Any = None  # ObjectRef of the newest payload
-        self._expected: tuple[int, str | None] = (0, None)  # what every engine must report
+        self._expected: tuple[int, str | None, int] = (0, None, 0)  # what every engine must report
         self._learner_now: list[float] = []  # the learner's probe log-probs at that version
         self._checked: dict[int, ProbeStats | None] = {}  # a replacement's figures
         self._ask: Callable[..., Any] = self._ask_without_deadline
@@ -145,7 +145,7 @@ class AdapterBroadcast:
         """Every engine back to the base model (version 0) and the check with it: where the
         engines follow a learner restarted before any checkpoint (`learner` is the new one)."""
         engines.load_adapter(None, force=True)
-        self._payload, self._expected = None, (0, None)
+        self._payload, self._expected = None, (0, None, 0)
         if engines is self._engines:
             self._learner = learner
             if self.probe is not None:
