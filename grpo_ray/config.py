@@ -712,6 +712,18 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
+    def resolved(self) -> dict[str, Any]:
+        """`to_dict` with the keys that have no effect in this config (`TAKES_EFFECT_ONLY`:
+        a file's synthetic keys once the command line chose a local file) at their defaults:
+        what ran, and a file that loads back as it is."""
+        out = self.to_dict()
+        for key, _, applies, _ in TAKES_EFFECT_ONLY:
+            section, name = key.split(".")
+            if not applies(self):
+                out[section][name] = type(getattr(self, section)).model_fields[name].get_default(
+                    call_default_factory=True)
+        return out
+
 
 NOTEBOOK_REWARDS = ("correctness", "integer", "strict_format", "soft_format", "xml_count")
 """The built-ins that `reward.mode` chooses between two versions of."""

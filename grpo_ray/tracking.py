@@ -1,5 +1,6 @@
 """Where per-step metrics go: a compact console table, `metrics.jsonl`, TensorBoard, and Weights &
-Biases when configured. The loop calls one `Tracker`; a sink that is off is simply absent."""
+Biases when configured. The loop calls one `Tracker`; a sink that is off is simply absent. Every
+row of a JSON-lines file starts with its `time`."""
 from __future__ import annotations
 
 import json
@@ -38,6 +39,19 @@ def table_legend(width: int = 80) -> list[str]:
     return textwrap.wrap(f"columns: {words} (every figure of a step: metrics.jsonl)", width)
 
 
+def timestamp() -> str:
+    """Now, as the `time` of a row: ISO 8601, UTC, to the second."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
+    """Append `row` to a JSON-lines file, its `time` first."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": timestamp(), **row}) + "\n")
+
+
 class Sink(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
     def close(self) -> None: ...
@@ -70,7 +84,7 @@ class JsonlSink:
         self.file = open(path, "a")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.write(json.dumps({"time": timestamp(), "step": step, **metrics}) + "\n")
         self.file.flush()
 
     def close(self) -> None:
@@ -233,21 +247,18 @@ class Tracker:
         for sink in self.sinks:
             sink.log(metrics, step)
 
-    def log_eval(self, metrics: dict[str, float], step: int, tag: str,
-                 about: dict[str, str] | None = None) -> None:
-        """Evaluation metrics (accuracy, pass@k, maj@k, mean@k, ...): `eval.jsonl` with the tag
-        and `about` (words: which rule judged, where the rows come from), and `eval/...` in
-        TensorBoard and W&B; not the console table or `metrics.jsonl`, whose rows are training
-        steps."""
-        with open(self.out / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "tag": tag, **(about or {}), **metrics}) + "\n")
+    def log_eval(self, record: dict[str, Any]) -> None:
+        """An evaluation (`evaluation.eval_record`: its step, tag, metrics, sanity answer and
+        completions): a line of `eval.jsonl`, and its metrics as `eval/...` in TensorBoard and
+        W&B; not the console table or `metrics.jsonl`, whose rows are training steps."""
+        append_jsonl(self.out / "eval.jsonl", record)
         for sink in self.sinks:
             if isinstance(sink, (TensorBoardSink, WandbSink)):
-                sink.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+                sink.log({f"eval/{k}": v for k, v in record["metrics"].items()}, record["step"])
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         for row in rows:
-            self.samples.write(json.dumps({"step": step, **row}) + "\n")
+            self.samples.write(json.dumps({"time": timestamp(), "step": step, **row}) + "\n")
         self.samples.flush()
 
     def close(self) -> None:

@@ -201,8 +201,11 @@ def inject_into_new_engines(engines, fault: str) -> None:
 
 
 # ---- a run's logs ------------------------------------------------------------------------------
-def jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def jsonl(path, times: bool = False) -> list[dict]:
+    """The rows of a JSON-lines log, without the `time` each was written at (which differs
+    between two runs of the same steps) unless `times`."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return rows if times else [{k: v for k, v in r.items() if k != "time"} for r in rows]
 
 
 def figures(out) -> list[dict]:

@@ -266,3 +266,19 @@ def test_a_trl_config_base_is_not_a_setting_the_user_gave(tmp_path):
     base, _ = from_trl(str(trl))
     assert base["algorithm"]["importance_sampling_cap"] != 2.0  # TRL's default, not ours
     assert not load_config(None, [], base).algorithm.importance_sampling_correction
+
+
+def test_the_resolved_config_loads_back_as_it_is(tmp_path):
+    """What a run writes to `<output.dir>/config.yaml` (`Config.resolved`): every key, those
+    without effect at their defaults, so that `--config` takes the file back (the README's
+    math example runs tiny-cpu.yaml, whose data.num_synthetic a local file makes moot)."""
+    import yaml
+
+    cfg = load_config(Path("configs/tiny-cpu.yaml"), [
+        "data.source=local", "data.path=math.jsonl", "data.question_field=problem",
+        "data.answer_field=solution", "data.gold=boxed", "data.eval_fraction=0.25"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    again = load_config(path)
+    assert again.data.num_synthetic == 2000 and cfg.data.num_synthetic == 500  # moot: default
+    assert again.resolved() == cfg.resolved() and again.data.path == "math.jsonl"

@@ -1,5 +1,6 @@
 """What a user sees: the console table, metrics.jsonl, TensorBoard events and the curves plot."""
 import json
+import re
 
 import pytest
 
@@ -39,7 +40,10 @@ def test_tracker_writes_jsonl_tensorboard_samples_and_plot(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["accuracy"] == 0.3
     samples = [json.loads(x) for x in (tmp_path / "completions.jsonl").read_text().splitlines()]
-    assert samples[1] == {"step": 2, "completion": "c2"}
+    assert samples[1] == {"time": samples[1]["time"], "step": 2, "completion": "c2"}
+    # a timestamp first in every row (ISO 8601, UTC), so a run's folder says when each step ran
+    for row in rows + samples:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["time"]) and list(row)[0] == "time"
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -103,10 +107,13 @@ def test_eval_metrics_go_to_eval_jsonl_and_tensorboard(tmp_path):
 
     tracker = Tracker(LoggingConfig(), tmp_path, {}, print_fn=lambda _: None)
     metrics = {"accuracy": 0.25, "mean@k": 0.25, "pass@k": 0.5, "maj@k": 0.25}
-    tracker.log_eval(metrics, 0, "before", {"judge": "math-verify (reward 'math')"})
+    tracker.log_eval({"step": 0, "tag": "before", "judge": "math-verify (reward 'math')",
+                      "metrics": metrics})
     tracker.close()
     (row,) = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
-    assert row == {"step": 0, "tag": "before", "judge": "math-verify (reward 'math')", **metrics}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row.pop("time"))
+    assert row == {"step": 0, "tag": "before", "judge": "math-verify (reward 'math')",
+                   "metrics": metrics}
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert set(events.Tags()["scalars"]) == {f"eval/{k}" for k in metrics}

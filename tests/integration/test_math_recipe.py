@@ -89,11 +89,13 @@ def test_evaluation_on_held_out_rows_by_math_verify(run):
     assert trainer.judge.label == "math-verify (reward 'math')"
     rows = [json.loads(line) for line in (trainer.out / "eval.jsonl").read_text().splitlines()]
     assert [r["tag"] for r in rows] == ["before", "after"]
-    for r in rows:
-        assert r["judge"] == trainer.judge.label and r["held_out"] == held_out.source
+    for row in rows:
+        assert row["judge"] == trainer.judge.label and row["held_out"] == held_out.source
+        r = row["metrics"]
         assert r["num_samples"] == 2 and r["num_completions"] == 8 and r["samples_per_prompt"] == 4
         assert 0 <= r["maj@k"] <= r["pass@k"] <= 1 and r["accuracy"] <= r["pass@k"]
         assert r["accuracy"] == r["mean@k"]
+        assert [s["question"] for s in row["samples"][::4]] == held_out.questions
     text = "\n".join(trainer.lines)
     assert "judged by math-verify (reward 'math')" in text
     assert "accuracy (mean@4)" in text and "pass@4" in text and "maj@4" in text
