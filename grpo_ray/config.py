@@ -64,11 +64,11 @@ def _is_number(annotation: Any) -> bool:
 class ModelConfig(_Section):
     path: str = "builtin:tiny"
     """Hugging Face id or local directory of the base model; `builtin:tiny` builds the tiny
-    Qwen2-architecture model and tokenizer in code (no hub needed) under `output.dir`;
-    `builtin:tiny-warm` is that model after a supervised warm-up on the synthetic train rows
-    that teaches it the XML format with low correctness (the demo's and the learning benchmark's
-    start; needs `data.source: synthetic`; built once per settings under `output.dir`, ~90 s on
-    2 cores)."""
+    Qwen2-architecture model and tokenizer in code (no hub needed); `builtin:tiny-warm` is that
+    model after a supervised warm-up on the synthetic train rows that teaches it the XML format
+    with low correctness (the demo's and the learning benchmark's start; needs `data.source:
+    synthetic`; about a minute on 2 cores). Both are built once per settings in a cache
+    (`models.resolve.cache_dir`, `~/.cache/grpo-ray`)."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights dtype of the rollout engines and of the learner's unquantized parts; `auto` is
     bfloat16 on GPU and float32 on CPU."""

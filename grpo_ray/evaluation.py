@@ -364,18 +364,21 @@ def sanity_check(cfg: Config, tokenizer: Any, held_out: PromptBatch) -> SanityCh
         rows = [{"question": question, "gold": ""}]
         batch = prompt_batch(rows, tokenizer, cfg.data.max_prompt_length, cfg.data.system_prompt)
         return SanityCheck(batch, f"sanity check: {question!r}")
+    import textwrap
+
     if cfg.model.path == "builtin:tiny-warm":
         can = (f"{cfg.model.path} knows only arithmetic word problems like its training rows "
-               f"(operands up to {cfg.data.synthetic_max_value}), so the reference notebook's "
-               f"question ({question!r}) means nothing to it")
+               f"(operands up to {cfg.data.synthetic_max_value}): the reference notebook's "
+               f"question, {question!r}, means nothing to it")
     else:
         can = (f"{cfg.model.path} has random weights: it answers no question, the reference "
-               f"notebook's ({question!r}) included, and its text is noise until it has "
-               "trained for a while")
+               f"notebook's {question!r} included, and writes noise until it has trained for "
+               "a while")
     batch = PromptBatch(held_out.prompt_ids[:1], held_out.prompts[:1], held_out.answers[:1],
                         held_out.questions[:1], {k: v[:1] for k, v in held_out.columns.items()})
-    return SanityCheck(batch, f"sanity check: the first held-out problem, gold answer "
-                              f"{batch.answers[0]!r} ({can}): {batch.questions[0]!r}")
+    why = textwrap.fill(f"(the first held-out problem, gold answer {batch.answers[0]!r}; {can})",
+                        80)
+    return SanityCheck(batch, f"sanity check: {batch.questions[0]!r}\n{why}")
 
 
 def show_answer(text: str, max_lines: int = 8) -> str:
@@ -384,7 +387,7 @@ def show_answer(text: str, max_lines: int = 8) -> str:
     lines = [f"    {line.rstrip()}" for line in text.splitlines() if line.strip()]
     if len(lines) > max_lines:
         lines = lines[:max_lines] + [f"    ... ({len(lines) - max_lines} more lines)"]
-    return "\n".join(lines) or "    (no text)"
+    return "\n".join(lines) or ("    (only whitespace)" if text else "    (no text)")
 
 
 def eval_record(tag: str, step: int | None, model: str, adapter: str | None,

@@ -507,14 +507,14 @@ class Trainer:
         """What the run wrote to `output.dir`, one line per entry, for the end of the run."""
         known = {
             "config.yaml": "the config as resolved (every key)",
-            "adapter": "the trained LoRA adapter (PEFT; grpo-ray eval/export --adapter)",
+            "adapter": "the trained LoRA adapter, PEFT format (--adapter)",
             "checkpoints": "resumable checkpoints (--resume)",
             "metrics.jsonl": "one row per step: every figure, with its time",
-            "eval.jsonl": "one row per evaluation: metrics, sanity answer, every completion",
+            "eval.jsonl": "one row per evaluation, with every completion",
             "completions.jsonl": f"{self.cfg.logging.samples_per_step} completions per step, "
                                  "with each reward",
             "curves.png": "reward, accuracy and format rate against steps",
-            "tensorboard": f"TensorBoard events (tensorboard --logdir {self.out / 'tensorboard'})",
+            "tensorboard": "TensorBoard events (tensorboard --logdir ...)",
             "logs": "the actors' own output (vLLM, transformers, Ray)",
         }
         order = list(known)

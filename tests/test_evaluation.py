@@ -205,14 +205,14 @@ def test_show_answer_has_no_runs_of_blank_lines():
     """A random model's answer held dozens of newlines: 66 blank lines on the console."""
     noise = "foo\n\n\n   \n\nbar  \n" + "\n" * 30 + "baz"
     assert show_answer(noise) == "    foo\n    bar\n    baz"
-    assert show_answer("\n\n") == "    (no text)"
+    assert show_answer("\n\n") == "    (only whitespace)" and show_answer("") == "    (no text)"
     many = "\n".join(f"line {i}" for i in range(20))
     assert show_answer(many).splitlines()[-1] == "    ... (12 more lines)"
 
 
 @pytest.mark.parametrize("model, can", [
     ("builtin:tiny-warm", "knows only arithmetic word problems like its training rows "
-                          "(operands up to 5), so the reference notebook's question"),
+                          "(operands up to 5): the reference notebook's question"),
     ("builtin:tiny", "has random weights: it answers no question"),
 ])
 def test_a_builtin_model_is_asked_a_held_out_problem_it_can_answer(model, can, tokenizer):
@@ -228,9 +228,12 @@ def test_a_builtin_model_is_asked_a_held_out_problem_it_can_answer(model, can, t
     check = sanity_check(cfg, tokenizer, held_out)
     assert check.batch.questions == held_out.questions[:1]
     assert check.batch.answers == held_out.answers[:1] and check.batch.answers[0]
-    assert check.heading.startswith(f"sanity check: the first held-out problem, gold answer "
-                                    f"{held_out.answers[0]!r} ({model} {can}")
-    assert "How many r's are in strawberry?" in check.heading
+    first, *why = check.heading.splitlines()
+    assert first == f"sanity check: {held_out.questions[0]!r}"
+    assert " ".join(why).startswith(f"(the first held-out problem, gold answer "
+                                    f"{held_out.answers[0]!r}; {model} {can}")
+    assert "How many r's are in strawberry?" in " ".join(why)
+    assert all(len(line) <= 80 for line in why)
     # a question of one's own is asked as it is, and so is the reference one of a real model
     own = load_config("configs/tiny-cpu.yaml", [f"model.path={model}",
                                                 "eval.sanity_question=What is 2 + 2?"])
