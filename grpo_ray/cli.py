@@ -42,7 +42,7 @@ def connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None,
         local = [f"cluster.{k}={v}" for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus))
                  if v is not None]
         print(f"joining the Ray cluster at {given}"
-              + (f" ({', '.join(local)} size a local Ray only: the cluster's own resources "
+              + (f" ({', '.join(local)}: for a local Ray only, the cluster's own resources "
                  "count)" if local else "") + " ...", flush=True)
         ray.init(address=address, **console)
     else:
@@ -216,7 +216,7 @@ def checkpoint_to_resume(cfg, root, resume: bool) -> tuple[object, bool]:
 
     state = json.loads((checkpoint / STATE_FILE).read_text())
     step, total = state["step"], cfg.algorithm.total_steps
-    differ = resume_differences(state.get("config"), cfg.to_dict(), Config().to_dict())
+    differ = resume_differences(state.get("config"), cfg.resolved(), Config().to_dict())
     if differ:
         raise UserError(f"{root} holds checkpoints of another config ({checkpoint.name}; "
                         f"{summarize_differences(differ)}): set another output.dir for a new "

@@ -128,7 +128,7 @@ class Trainer:
                                   notify=self.print)
         self.rollouts = RolloutSource(cfg, self.prompts, self.engines, self.rewards)
         self.broadcast = AdapterBroadcast(notify=self.print)
-        self.tracker = Tracker(cfg.logging, self.out, cfg.to_dict(), self.print,
+        self.tracker = Tracker(cfg.logging, self.out, cfg.resolved(), self.print,
                                total_steps=cfg.algorithm.total_steps)
         # every sync verified; the probe scored by engines and learner before any training
         probe_start = time.monotonic()
@@ -433,7 +433,7 @@ class Trainer:
         state = self.learner_call("checkpoint state", "state_dict")
         adapter = self.learner_call("adapter export", "export_adapter", self.version)
         trainer_state = {"adapter_version": self.version, "data": self.data_state,
-                         "config": self.cfg.to_dict(), "prefetched": self.rollouts.state_dict()}
+                         "config": self.cfg.resolved(), "prefetched": self.rollouts.state_dict()}
         path = save_checkpoint(self.checkpoints, self.step, state, trainer_state, adapter,
                                keep=self.cfg.output.keep_checkpoints)
         self.saved_step = self.step
@@ -451,7 +451,7 @@ class Trainer:
         self._truncate_logs()
         self._read_back_evaluation("before")  # for the before/after table at the end
         self.print(f"resumed from {path} at step {self.step}, adapter version {self.version}")
-        changed = changed_keys(state.get("config", {}), self.cfg.to_dict())
+        changed = changed_keys(state.get("config", {}), self.cfg.resolved())
         if changed:  # e.g. a longer run: the lr schedule is re-planned for the new total
             self.print(f"config differs from the checkpoint's: {', '.join(changed)}; the "
                        "learning-rate schedule follows this run's settings from step "

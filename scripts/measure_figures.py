@@ -130,7 +130,8 @@ def machine() -> dict:
 
 def quiet(figures: dict) -> str:
     after = figures["quiet_after"].replace("|", "\\|")
-    return f"{figures['quiet_s']:.0f} s, after `{after}`" if after else f"{figures['quiet_s']:.0f} s"
+    seconds = f"{figures['quiet_s']:.0f} s"
+    return f"{seconds}, after `{after}`" if after else seconds
 
 
 def render(figures: dict) -> str:

@@ -115,7 +115,7 @@ def checkpoint_of(out, step: int, argv: list[str]):
     from grpo_ray.contracts import AdapterPayload
 
     args = parser().parse_args(argv)
-    config = load_config(args.config, args.overrides).to_dict()
+    config = load_config(args.config, args.overrides).resolved()  # as the trainer records it
     lora = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 3)}
     return save_checkpoint(out / "checkpoints", step, {"lora": lora},
                            {"adapter_version": step, "data": {}, "config": config},
@@ -176,9 +176,9 @@ def test_another_config_is_refused_in_one_line_and_a_complete_run_exits_0(tmp_pa
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == (
         f"error: {out / 'checkpoints'} holds checkpoints of another config (step-000002; "
-        "data.eval_fraction: None -> 0.25; data.gold: 'after-hashes' -> 'boxed'; data.path: "
-        "None -> 'math.jsonl'; and 3 more): set another output.dir for a new run, or pass "
-        "--resume to continue that one with this run's settings")
+        "data.eval_fraction: None -> 0.25; data.gold: 'after-hashes' -> 'boxed'; "
+        "data.num_synthetic: 500 -> 2000; and 4 more): set another output.dir for a new run, or "
+        "pass --resume to continue that one with this run's settings")
     # the final checkpoint, the adapter and the final evaluation are written: nothing left to
     # do, nothing started
     (out / "adapter").mkdir()
@@ -191,6 +191,32 @@ def test_another_config_is_refused_in_one_line_and_a_complete_run_exits_0(tmp_pa
         f"this run is complete: {out / 'checkpoints' / 'step-000002'} is step 2 of 2 and its "
         f"adapter is in {out / 'adapter'}; nothing to do (another output.dir starts a new run)")
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "eval.jsonl"]
+
+
+def test_the_runs_own_config_yaml_continues_that_run(tmp_path, monkeypatch, capsys):
+    """`<output.dir>/config.yaml` (the config as resolved) given back as `--config` is the same
+    run: it resumes, where a file written for synthetic rows ran on a local file (its synthetic
+    keys, moot, are at their defaults in config.yaml)."""
+    import yaml
+
+    import grpo_ray.cli
+    from grpo_ray.config import load_config
+
+    def connect(*args, **kwargs):
+        raise Connected
+
+    monkeypatch.setattr(grpo_ray.cli, "connect_ray", connect)
+    out, rows = tmp_path / "run", tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"What is {a} + 2?", "answer": f"#### {a + 2}"})
+                            + "\n" for a in (1, 2)))
+    argv = ["train", "--config", "configs/tiny-cpu.yaml", f"output.dir={out}",
+            f"data.path={rows}", "eval.split=train", "algorithm.total_steps=4"]
+    checkpoint_of(out, 2, argv)
+    resolved = tmp_path / "config.yaml"
+    resolved.write_text(yaml.safe_dump(load_config("configs/tiny-cpu.yaml", argv[3:]).resolved()))
+    with pytest.raises(Connected):
+        main(["train", "--config", str(resolved)])
+    assert "holds a checkpoint of this config" in capsys.readouterr().out
 
 
 def test_a_run_stopped_in_its_final_evaluation_resumes_to_run_it(tmp_path, monkeypatch,
@@ -281,7 +307,7 @@ def test_eval_writes_beside_what_it_judged(tmp_path):
 
     adapter = tmp_path / "run" / "adapter"
     assert eval_record_path(None, str(adapter), "o") == tmp_path / "run" / "eval-adapter.jsonl"
-    assert eval_record_path(None, str(adapter) + "/", "o") == tmp_path / "run" / "eval-adapter.jsonl"
+    assert eval_record_path(None, f"{adapter}/", "o") == tmp_path / "run" / "eval-adapter.jsonl"
     assert eval_record_path(None, None, str(tmp_path / "run")) == tmp_path / "run" / "eval-base.jsonl"
     assert eval_record_path(str(tmp_path / "x" / "r.jsonl"), str(adapter), "o") == \
         tmp_path / "x" / "r.jsonl"

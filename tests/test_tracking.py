@@ -43,7 +43,8 @@ def test_tracker_writes_jsonl_tensorboard_samples_and_plot(tmp_path):
     assert samples[1] == {"time": samples[1]["time"], "step": 2, "completion": "c2"}
     # a timestamp first in every row (ISO 8601, UTC), so a run's folder says when each step ran
     for row in rows + samples:
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["time"]) and list(row)[0] == "time"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row["time"])
+        assert list(row)[0] == "time"
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
