@@ -381,9 +381,11 @@ class Trainer:
 
     def evaluate(self, tag: str) -> dict[str, float]:
         """Answers of the held-out prompts (`evaluation.eval_sampling`) and of the sanity question
-        with the engines' current adapter. Metrics go to `eval.jsonl` (with the tag) and, as
-        `eval/...` at the current step, to TensorBoard / W&B; not to the console table or
-        `metrics.jsonl`, whose rows are training steps. Prints one line."""
+        with the engines' current adapter. The record (`evaluation.eval_record`: metrics,
+        sanity answer, every completion) goes to `eval.jsonl`, its metrics, as `eval/...` at the
+        current step, to TensorBoard / W&B; not to the console table or `metrics.jsonl`, whose
+        rows are training steps. Prints a line before (on a CPU it takes a while) and one
+        after."""
         from grpo_ray.evaluation import (answer_sanity, eval_line, eval_record, eval_sampling,
                                          eval_start_line, evaluate)
 
