@@ -167,50 +167,51 @@ def write_readme(figures: dict) -> None:
     README.write_text(text[:start] + "\n" + render(figures) + "\n" + text[end:])
 
 
+def measure(command: str, env: dict[str, str], keep_cache: bool) -> tuple[int, dict]:
+    """Run `make <command>` as a user would; its exit code and figures."""
+    if command != "demo":
+        r = run_timed(["make", command], env)
+        figures = {k: r[k] for k in ("wall_s", "quiet_s", "quiet_after")}
+        if command == "test":
+            summary = re.findall(r"=+ (.*(?:passed|failed).*?) =+", r["output"])
+            figures["summary"] = summary[-1] if summary else "no summary"
+        return r["code"], figures
+    with tempfile.TemporaryDirectory(prefix="grpo-ray-cache-") as cache:
+        r = run_timed(["make", "demo"], env if keep_cache else {**env, "GRPO_RAY_CACHE": cache})
+    if r["code"] != 0:
+        return r["code"], {}
+    return 0, {"wall_s": r["wall_s"], "quiet_s": r["quiet_s"], "quiet_after": r["quiet_after"],
+               # from the line that announces the warm-up to the next step's line
+               "warmup_s": seconds_between(r["events"], "builtin:tiny-warm: building it once",
+                                           "starting a local Ray"),
+               **demo_figures(r["output"], ROOT / "outputs" / "demo")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--skip", default="", help="comma-separated: setup, demo, test")
     p.add_argument("--keep-cache", action="store_true",
                    help="use the usual model cache (the demo's warm-up may be cached already)")
     p.add_argument("--write", action="store_true",
-                   help="store docs/figures.json and rewrite the README's block from it")
+                   help="store docs/figures.json and rewrite the README's block from it, after "
+                   "each command (so that `make test` checks the figures measured before it)")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     env = {**os.environ, "COLUMNS": "80", "RAY_ADDRESS": ""}
     figures = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
-    failed = []
-    if "setup" not in skip:
-        r = run_timed(["make", "setup"], env)
-        figures["setup"] = {k: r[k] for k in ("wall_s", "quiet_s", "quiet_after")}
-        failed += ["make setup"] * (r["code"] != 0)
-    if "demo" not in skip:
-        with tempfile.TemporaryDirectory(prefix="grpo-ray-cache-") as cache:
-            demo_env = env if args.keep_cache else {**env, "GRPO_RAY_CACHE": cache}
-            r = run_timed(["make", "demo"], demo_env)
-        failed += ["make demo"] * (r["code"] != 0)
-        if r["code"] == 0:
-            figures["demo"] = {
-                "wall_s": r["wall_s"], "quiet_s": r["quiet_s"], "quiet_after": r["quiet_after"],
-                # from the line that announces the warm-up to the next step's line
-                "warmup_s": seconds_between(r["events"], "builtin:tiny-warm: building it once",
-                                            "starting a local Ray"),
-                **demo_figures(r["output"], ROOT / "outputs" / "demo")}
-    if "test" not in skip:
-        r = run_timed(["make", "test"], env)
-        summary = re.findall(r"=+ (.*(?:passed|failed).*?) =+", r["output"])
-        figures["test"] = {"wall_s": r["wall_s"], "quiet_s": r["quiet_s"],
-                           "quiet_after": r["quiet_after"],
-                           "summary": summary[-1] if summary else "no summary"}
-        failed += ["make test"] * (r["code"] != 0)
-    print(json.dumps(figures, indent=2))
+    for command in ("setup", "demo", "test"):
+        if command in skip:
+            continue
+        code, figures[command] = measure(command, env, args.keep_cache)
+        print(json.dumps({command: figures[command]}, indent=2))
+        if code != 0:
+            print(f"make {command} failed (exit code {code}); not written", file=sys.stderr)
+            return 1
+        if args.write:
+            FIGURES.write_text(json.dumps(figures, indent=2) + "\n")
+            write_readme(figures)
+            print(f"wrote {FIGURES} and the README's block")
     print(render(figures))
-    if failed:
-        print(f"failed: {', '.join(failed)}; nothing written", file=sys.stderr)
-        return 1
-    if args.write:
-        FIGURES.write_text(json.dumps(figures, indent=2) + "\n")
-        write_readme(figures)
-        print(f"wrote {FIGURES} and the README's block")
     return 0
 
 
