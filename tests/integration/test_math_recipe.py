@@ -41,6 +41,7 @@ def recipe_on_the_tiny_model(tmp_path, tiny_model_path) -> dict:
     data["reward"]["functions"].append({"name": "rewards_for_tests:text_length"})
     data["model"]["path"] = tiny_model_path
     data["data"]["path"] = str(path)
+    del data["data"]["num_synthetic"]  # tiny-cpu's, for synthetic rows: refused beside a file
     data["learner"].update(load_in_4bit=None, learning_rate=5e-3, warmup_ratio=0.0)
     data["reward"].update(num_workers=2, cpus_per_worker=0.25)
     # it rarely samples EOS within 32 tokens: with truncated completions masked, nothing would
