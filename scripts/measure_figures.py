@@ -136,11 +136,14 @@ def quiet(figures: dict) -> str:
 
 def render(figures: dict) -> str:
     """The README's block of figures, from `docs/figures.json`'s content."""
-    m, lines = figures["machine"], []
-    lines.append(f"Measured on {figures['date']} by `scripts/measure_figures.py` in a fresh "
-                 f"clone (commit {m['commit']}), on {m['cores']} CPU cores ({m['cpu']}), "
-                 f"{m['memory_gib']} GiB, {m['python']}:")
-    lines.append("")
+    import textwrap
+
+    m = figures["machine"]
+    where = " in a fresh clone" if "setup" in figures else ""
+    lines = textwrap.wrap(
+        f"Measured on {figures['date']} by `scripts/measure_figures.py`{where} (commit "
+        f"{m['commit']}), on {m['cores']} CPU cores ({m['cpu']}), {m['memory_gib']} GiB, "
+        f"{m['python']}:", 100) + [""]
     lines.append("| command | time | longest quiet stretch, after the line |")
     lines.append("|---|---|---|")
     if "setup" in figures:
@@ -199,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     env = {**os.environ, "COLUMNS": "80", "RAY_ADDRESS": ""}
     figures = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
+    if "setup" not in skip and (ROOT / ".venv" / ".installed").exists():
+        print("make setup has nothing to do here (.venv is set up): measure in a fresh clone, "
+              "or pass --skip setup", file=sys.stderr)
+        return 2
     for command in ("setup", "demo", "test"):
         if command in skip:
             continue
