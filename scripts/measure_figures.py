@@ -81,6 +81,13 @@ def run_timed(cmd: list[str], env: dict[str, str], columns: int = 80) -> dict:
             "quiet_s": round(longest, 1), "quiet_after": before}
 
 
+def pytest_summary(output: str) -> str:
+    """pytest's last line (`514 passed, 24 deselected, ... in 908.26s (0:15:08)`), uncoloured."""
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+    summary = re.findall(r"=+ (.*(?:passed|failed).*?) =+", plain)
+    return summary[-1] if summary else "no summary"
+
+
 def seconds_between(events: list[tuple[float, str]], first: str, then: str) -> float | None:
     """Seconds from the output holding `first` to the next output holding `then`."""
     start = next((t for t, text in events if first in text), None)
@@ -103,7 +110,7 @@ def demo_figures(output: str, out_dir: Path) -> dict:
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     evals = {r["tag"]: r for r in map(json.loads, (out_dir / "eval.jsonl").read_text()
                                       .splitlines())}
-    up = re.search(r"up in (\d+) s", output)
+    up = re.search(r"placed: .*?; up in (\d+) s", output)
     return {"steps": len(rows),
             "train_s": round(sum(r["time/step_s"] for r in rows), 1),
             "step_s": round(sum(r["time/step_s"] for r in rows) / len(rows), 2),
@@ -176,8 +183,7 @@ def measure(command: str, env: dict[str, str], keep_cache: bool) -> tuple[int, d
         r = run_timed(["make", command], env)
         figures = {k: r[k] for k in ("wall_s", "quiet_s", "quiet_after")}
         if command == "test":
-            summary = re.findall(r"=+ (.*(?:passed|failed).*?) =+", r["output"])
-            figures["summary"] = summary[-1] if summary else "no summary"
+            figures["summary"] = pytest_summary(r["output"])
         return r["code"], figures
     with tempfile.TemporaryDirectory(prefix="grpo-ray-cache-") as cache:
         r = run_timed(["make", "demo"], env if keep_cache else {**env, "GRPO_RAY_CACHE": cache})

@@ -99,7 +99,8 @@ def test_the_figures_script_reads_a_demo_run(tmp_path):
     (tmp_path / "eval.jsonl").write_text("".join(
         json.dumps({"tag": tag, "metrics": {"accuracy": acc, "time_s": 12.3}}) + "\n"
         for tag, acc in (("before", 0.2), ("after", 0.4))))
-    output = "placed: cpu layout, ...; up in 23 s: engines 20 s beside the learner 15 s; ..."
+    output = ("actors up in 20 s; the sync probe's first scores ...\n"
+              "placed: cpu layout, ...; up in 23 s: engines 20 s beside the learner 15 s; ...")
     assert measure_figures.demo_figures(output, tmp_path) == {
         "steps": 2, "train_s": 3.0, "step_s": 1.5, "startup_s": 23, "eval_s": [12.3, 12.3],
         "heldout_before": 0.2, "heldout_after": 0.4}
@@ -107,3 +108,7 @@ def test_the_figures_script_reads_a_demo_run(tmp_path):
               (52.5, "starting a local Ray (2 CPUs) ...")]
     assert measure_figures.seconds_between(events, "building it once", "starting a local") == 51.5
     assert measure_figures.last_line(b"one\r\ntwo\r\n\r\nbar 1\rbar 2\r\n") == "bar 2"
+    coloured = ("\x1b[33m========= \x1b[32m514 passed\x1b[0m, \x1b[33m\x1b[1m24 deselected"
+                "\x1b[0m\x1b[33m in 908.26s (0:15:08)\x1b[0m\x1b[33m ==========\x1b[0m\r\n")
+    assert measure_figures.pytest_summary("collected\r\n" + coloured) == (
+        "514 passed, 24 deselected in 908.26s (0:15:08)")
