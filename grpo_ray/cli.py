@@ -39,8 +39,14 @@ def connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None,
     console = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
     if address:
         wait_for_cluster(address, timeout_s, given)
+        local = [f"cluster.{k}={v}" for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus))
+                 if v is not None]
+        print(f"joining the Ray cluster at {given}"
+              + (f" ({', '.join(local)}: for a local Ray only, the cluster's own resources "
+                 "count)" if local else "") + " ...", flush=True)
         ray.init(address=address, **console)
     else:
+        print(f"starting a local Ray ({num_cpus or 'all'} CPUs) ...", flush=True)
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **console)
 
 
@@ -54,9 +60,17 @@ def head_endpoint(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def wait_for_cluster(address: str, timeout_s: float, given: str) -> None:
+REFUSED_FOR_S = 10.0
+"""How long an address may answer "connection refused" (or name no host) before the wait for it
+gives up: a head that is starting listens within seconds, while a machine that does not answer
+at all (a firewall, a node still booting) is waited for up to `cluster.placement_timeout_s`."""
+
+
+def wait_for_cluster(address: str, timeout_s: float, given: str,
+                     refused_for_s: float = REFUSED_FOR_S) -> None:
     """Return once something accepts connections at the address's host and port (a head may
-    still be starting); ClusterError naming `given` after `timeout_s`."""
+    still be starting); ClusterError naming `given` after `timeout_s`, or after `refused_for_s`
+    of nothing but refusals: the host answered, nothing listens there."""
     import socket
     import time
 
@@ -65,8 +79,8 @@ def wait_for_cluster(address: str, timeout_s: float, given: str) -> None:
     endpoint = head_endpoint(address)
     if endpoint is None:
         return
-    deadline = time.monotonic() + timeout_s
-    said = False
+    start = time.monotonic()
+    deadline, said, slow = start + timeout_s, False, False
     while True:
         left = deadline - time.monotonic()
         try:
@@ -74,40 +88,54 @@ def wait_for_cluster(address: str, timeout_s: float, given: str) -> None:
                 return
         except OSError as e:
             error = e.strerror or str(e) or type(e).__name__
+            # a refusal, or no such host, is an answer at once; a timeout may be a slow network
+            slow = slow or not isinstance(e, (ConnectionRefusedError, socket.gaierror))
+        give_up = timeout_s if slow else min(timeout_s, refused_for_s)
         if not said:  # at once: the wait may be a head still starting, or a wrong address
             print(f"cannot reach the Ray cluster at {given} yet ({error}); retrying for up to "
-                  f"{timeout_s:g} s (cluster.placement_timeout_s)", file=sys.stderr, flush=True)
+                  f"{give_up:g} s" + ("" if give_up < timeout_s
+                                      else " (cluster.placement_timeout_s)"),
+                  file=sys.stderr, flush=True)
             said = True
-        if deadline - time.monotonic() < 1.0:
+        if time.monotonic() - start > give_up - 1.0:
+            within = (f"{error} for {give_up:g} s, answered at once each time: nothing "
+                      "listens there" if give_up < timeout_s
+                      else f"no answer within {timeout_s:g} s (cluster.placement_timeout_s="
+                           f"{timeout_s:g}; last error: {error})")
             raise ClusterError(
-                f"cannot reach the Ray cluster at {given}: no answer within {timeout_s:g} s "
-                f"(cluster.placement_timeout_s={timeout_s:g}; last error: {error}); start its "
-                "head (ray start --head), correct the address, or unset it to start a local Ray")
+                f"cannot reach the Ray cluster at {given}: {within}; start its head (ray start "
+                "--head), correct the address, or unset it to start a local Ray")
         time.sleep(1.0)
 
 
-def worker_logs(cfg, verbose: bool):
-    """Where the actors placed inside the block send their output: `<output.dir>/logs/` (one
-    line says so), or with `verbose` the console, through Ray."""
+def worker_logs(out_dir, verbose: bool):
+    """Where the actors placed inside the block send their output: `<out_dir>/logs/` (one line
+    says so), or with `verbose` the console, through Ray."""
     if verbose:
         return nullcontext()
     from pathlib import Path
 
     from grpo_ray.logs import worker_logs_in
 
-    log_dir = Path(cfg.output.dir) / "logs"
+    log_dir = Path(out_dir) / "logs"
     print(f"worker logs (vLLM, transformers, Ray): {log_dir.absolute()}/ "
           "(--verbose prints them here)")
     return worker_logs_in(log_dir)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from grpo_ray.cluster.plan import fit_to_machine
     from grpo_ray.driver.trainer import Trainer
     from grpo_ray.faults import (EXIT_CODES, InfraError, Interrupted, StopNow,
                                  stop_at_once_on_signals)
 
     cfg = run_config(args)
     args.config_output_dir = cfg.output.dir  # where an unexpected error's traceback goes
+    # before anything starts: a placement this machine cannot hold fails now, or default CPU
+    # shares too large for it are scaled down (before the checkpoint's config is compared)
+    fit_line = fit_to_machine(cfg)
+    if fit_line:
+        print(fit_line)
     trainer = Trainer(cfg)
     # before Ray starts: a run that would resume nothing, resume a damaged checkpoint, or
     # continue another config fails (or falls back to an older checkpoint) at once
@@ -121,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus,
                     cfg.cluster.placement_timeout_s, args.verbose)
         # signals: over Ray's own SIGTERM handler (an exit with code 15)
-        with worker_logs(cfg, args.verbose), stop_at_once_on_signals():
+        with worker_logs(cfg.output.dir, args.verbose), stop_at_once_on_signals():
             try:
                 trainer.setup()
                 if checkpoint is not None:
@@ -129,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 trainer.fit()
             finally:
                 trainer.close()
-        print(f"adapter saved to {trainer.out / 'adapter'}")
+        print(trainer.describe_outputs())
     except Interrupted as e:
         print(_interrupted_line(e.step, e.checkpoint, args), file=sys.stderr)
         return e.exit_code
@@ -174,7 +202,7 @@ def checkpoint_to_resume(cfg, root, resume: bool) -> tuple[object, bool]:
 
     from grpo_ray.config import Config, UserError
     from grpo_ray.driver.checkpoint import (STATE_FILE, latest_checkpoint, resumable_checkpoint,
-                                            resume_differences)
+                                            resume_differences, summarize_differences)
 
     if latest_checkpoint(root) is None:
         if resume:
@@ -189,11 +217,11 @@ def checkpoint_to_resume(cfg, root, resume: bool) -> tuple[object, bool]:
 
     state = json.loads((checkpoint / STATE_FILE).read_text())
     step, total = state["step"], cfg.algorithm.total_steps
-    differ = resume_differences(state.get("config"), cfg.to_dict(), Config().to_dict())
+    differ = resume_differences(state.get("config"), cfg.resolved(), Config().to_dict())
     if differ:
         raise UserError(f"{root} holds checkpoints of another config ({checkpoint.name}; "
-                        f"{'; '.join(differ)}): pass --resume to continue that run with this "
-                        "run's settings, or choose another output.dir")
+                        f"{summarize_differences(differ)}): set another output.dir for a new "
+                        "run, or pass --resume to continue that one with this run's settings")
     adapter = Path(cfg.output.dir) / "adapter" / "adapter_model.safetensors"
     if step >= total and adapter.is_file() and _evaluated_after(Path(cfg.output.dir), step):
         print(f"this run is complete: {checkpoint} is step {step} of {total} and its adapter is "
@@ -240,13 +268,16 @@ def _interrupted_line(step: int, checkpoint: object, args: argparse.Namespace) -
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
+    from pathlib import Path
 
+    from grpo_ray.cluster.plan import fit_to_machine
     from grpo_ray.config import UserError, load_config
     from grpo_ray.driver.data.prompts import load_tokenizer
-    from grpo_ray.driver.evaluation import (eval_sampling, evaluate, format_metrics, held_out_batch,
-                                            make_judge, sanity_batch, sanity_sampling)
+    from grpo_ray.driver.evaluation import (answer_sanity, eval_record, eval_sampling,
+                                            eval_start_line, evaluate, format_metrics,
+                                            held_out_batch, make_judge, sanity_check, show_answer)
     from grpo_ray.driver.models.resolve import resolve_model_path
+    from grpo_ray.driver.tracking import append_jsonl
     from grpo_ray.sync.files import read_adapter
 
     cfg = load_config(args.config, args.overrides)
@@ -254,14 +285,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # prompts and adapter first: bad data or a wrong path fails before any engine starts
     model_path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(model_path)
-    held_out, sanity = held_out_batch(cfg, tokenizer), sanity_batch(cfg, tokenizer)
+    held_out = held_out_batch(cfg, tokenizer)
+    sanity = sanity_check(cfg, tokenizer, held_out)
     judge = make_judge(cfg)
     try:
         payload = read_adapter(args.adapter, version=1) if args.adapter else None
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"--adapter: {e}") from None
+    path = eval_record_path(args.out, args.adapter, cfg.output.dir)
     # the engines must accept the adapter's rank, whatever lora.r says
     rank = max(cfg.engine_lora_rank, payload.peft_config.get("r", 0) if payload else 0)
+    fit_line = fit_to_machine(cfg, engines_only=True)
+    if fit_line:
+        print(fit_line)
     connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus,
                 cfg.cluster.placement_timeout_s, args.verbose)
 
@@ -270,46 +306,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from grpo_ray.cluster.placement import place_engines
     from grpo_ray.rollout.worker import RolloutWorker
 
-    with worker_logs(cfg, args.verbose):
+    # the engines' logs beside the record, not under a config's output.dir the run never used
+    with worker_logs(Path(path).parent, args.verbose):
+        print(f"starting {cfg.rollout.num_engines} rollout engine(s) (vLLM) ...", flush=True)
         engines = place_engines(cfg, RolloutWorker, [
             (model_path, cfg.rollout, rank, cfg.model.dtype, cfg.algorithm.seed, i)
             for i in range(cfg.rollout.num_engines)])
+    which = f"adapter {args.adapter}" if args.adapter else "base model"
     try:
         if payload is not None:
             ref = ray.put(payload)
             engines.load_adapter(ref)
             # an engine started again mid-evaluation serves the adapter too
             engines.admit = lambda i: engines.admission_call(i, "load_adapter", ref)
+        print(eval_start_line(f"the {which}", len(held_out), cfg), flush=True)
         metrics, texts = evaluate(engines, held_out, eval_sampling(cfg), judge)
-        _, (answer,) = evaluate(engines, sanity, sanity_sampling(cfg))
+        answer, right = answer_sanity(engines, sanity, cfg, judge)
     finally:
         engines.shutdown()
-    which = f"adapter {args.adapter}" if args.adapter else "base model"
     print(f"eval of {which} on {model_path}, {len(held_out)} prompts of {held_out.source}:\n"
           f"{format_metrics(metrics, judge.label)}")
-    print(f"sanity check: {cfg.eval.sanity_question!r}\n{answer}")
-    path = eval_record_path(args.out, args.adapter, cfg.output.dir)
-    per_prompt = len(texts) // len(held_out)
-    samples = [{"question": held_out.questions[k // per_prompt],
-                "gold": held_out.answers[k // per_prompt], "completion": t}
-               for k, t in enumerate(texts)]
-    with open(path, "a") as f:  # one line a run, as training's eval.jsonl
-        f.write(json.dumps(
-            {"model": model_path, "adapter": args.adapter, "held_out": held_out.source,
-             "judge": judge.label, "metrics": metrics, "sanity_question": cfg.eval.sanity_question,
-             "sanity_answer": answer, "samples": samples}) + "\n")
+    verdict = {True: " (right)", False: " (wrong)", None: ""}[right]
+    print(f"{sanity.heading}\n--- answer{verdict}:\n{show_answer(answer)}")
+    append_jsonl(path, eval_record("eval", None, model_path, args.adapter, held_out, judge,
+                                   metrics, texts, sanity, answer, right))
     print(f"appended to {path}")
     return 0
 
 
 def eval_record_path(out: str | None, adapter: str | None, output_dir: str):
-    """Where `grpo-ray eval` appends its line: `--out`, else `eval.jsonl` inside the adapter
-    directory it judged (the same name as training's evaluations), else, for the base model,
-    `<output.dir>/eval-base.jsonl`. Parent directories are made."""
+    """Where `grpo-ray eval` appends its line: `--out`, else beside the adapter it judged
+    (`<adapter>/../eval-<adapter name>.jsonl`, next to the training run's own `eval.jsonl`, same
+    schema), else, for the base model, `<output.dir>/eval-base.jsonl`. Its parent directory is
+    made; the engines' logs go to `logs/` there."""
     from pathlib import Path
 
-    path = Path(out) if out else (Path(adapter) / "eval.jsonl" if adapter
-                                  else Path(output_dir) / "eval-base.jsonl")
+    if out:
+        path = Path(out)
+    elif adapter:
+        judged = Path(adapter).resolve()
+        path = judged.parent / f"eval-{judged.name}.jsonl"
+    else:
+        path = Path(output_dir) / "eval-base.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -367,8 +405,9 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate the base model or an adapter on held-out prompts")
     e.add_argument("--config", help="YAML file under configs/ (defaults apply without one)")
     e.add_argument("--adapter", help="PEFT adapter directory (default: the base model alone)")
-    e.add_argument("--out", metavar="FILE", help="JSON-lines file to append the result to "
-                   "(default: <adapter>/eval.jsonl; without --adapter <output.dir>/eval-base.jsonl)")
+    e.add_argument("--out", metavar="FILE", help="JSON-lines file to append the result to, "
+                   "the engines' logs beside it (default: eval-<name>.jsonl beside the adapter "
+                   "<name>; without --adapter <output.dir>/eval-base.jsonl)")
     e.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     e.add_argument("overrides", nargs="*", metavar="section.key=value")
     e.set_defaults(run=cmd_eval)

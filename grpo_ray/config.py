@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      model_validator)
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -63,11 +64,11 @@ def _is_number(annotation: Any) -> bool:
 class ModelConfig(_Section):
     path: str = "builtin:tiny"
     """Hugging Face id or local directory of the base model; `builtin:tiny` builds the tiny
-    Qwen2-architecture model and tokenizer in code (no hub needed) under `output.dir`;
-    `builtin:tiny-warm` is that model after a supervised warm-up on the synthetic train rows
-    that teaches it the XML format with low correctness (the demo's and the learning benchmark's
-    start; needs `data.source: synthetic`; built once per settings under `output.dir`, ~90 s on
-    2 cores)."""
+    Qwen2-architecture model and tokenizer in code (no hub needed); `builtin:tiny-warm` is that
+    model after a supervised warm-up on the synthetic train rows that teaches it the XML format
+    with low correctness (the demo's and the learning benchmark's start; needs `data.source:
+    synthetic`; about a minute on 2 cores). Both are built once per settings in a cache
+    (`models.resolve.cache_dir`, `~/.cache/grpo-ray`)."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Weights dtype of the rollout engines and of the learner's unquantized parts; `auto` is
     bfloat16 on GPU and float32 on CPU."""
@@ -87,7 +88,8 @@ class DataConfig(_Section):
     source: Literal["hub", "local", "synthetic"] = "synthetic"
     """`hub`: `name`/`subset`/`split` through `datasets`; `local`: a JSONL, JSON, CSV or Parquet
     file at `path`; `synthetic`: arithmetic word problems generated in code, in GSM8K's shape.
-    Hub and local rows are read through `question_field`, `answer_field` and `gold`."""
+    Hub and local rows are read through `question_field`, `answer_field` and `gold`. Not given,
+    it follows from the keys that are: `path` means `local`, `name` or `subset` means `hub`."""
     name: str = "openai/gsm8k"
     subset: str = "main"
     split: str = "train"
@@ -129,6 +131,22 @@ class DataConfig(_Section):
     """System prompt; None uses the reference recipe's XML format prompt."""
     seed: int = 3407
     """Seed of the shuffling order (each epoch reshuffles with seed + epoch)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_source(cls, data: Any) -> Any:
+        """`source` from the keys given beside it, when it is not given itself: a file says
+        where the rows are as clearly as `source: local` does."""
+        if not isinstance(data, dict) or "source" in data:
+            return data
+        local = data.get("path") is not None
+        hub = [k for k in ("name", "subset") if k in data]
+        if local and hub:
+            raise ValueError(f"@source: data.path ({data['path']}) reads a local file, "
+                             f"data.{hub[0]} ({data[hub[0]]}) a hub dataset: set data.source")
+        if local or hub:
+            return {**data, "source": "local" if local else "hub"}
+        return data
 
 
 class RolloutConfig(_Section):
@@ -530,6 +548,26 @@ class Config(_Section):
 
     # ---- invariants between fields -----------------------------------------------------------
     @model_validator(mode="after")
+    def _given_keys_take_effect(self, info: ValidationInfo) -> "Config":
+        """Each key of `TAKES_EFFECT_ONLY` that was given (in a YAML file or an override, not by
+        a `--trl-config` base, which carries TRL's defaults) with a value other than its default
+        must have the setting beside it that makes it count: else ConfigError naming both. Not
+        where a later layer turned that setting off (`data.source=local` on the command line
+        over a file written for synthetic data): the file's synthetic keys are then moot."""
+        given = (info.context or {}).get("given") if info.context else None
+        if given is None:  # built in code: the fields its sections were given
+            given = dict.fromkeys(_fields_set(self), 1)
+        for key, other, applies, needs in TAKES_EFFECT_ONLY:
+            section, name = key.split(".")
+            default = type(getattr(self, section)).model_fields[name].get_default(
+                call_default_factory=True)
+            if (given.get(key, 0) >= max(1, given.get(other, 0)) and self.get(key) != default
+                    and not applies(self)):
+                _require(False, key, f"has no effect unless {needs}, and here {other}="
+                         f"{_brief(self.get(other))}: drop it, or change {other}")
+        return self
+
+    @model_validator(mode="after")
     def _invariants(self) -> "Config":
         r, lr, d = self.rollout, self.learner, self.data
         _require(r.num_generations >= 2, "rollout.num_generations",
@@ -558,7 +596,7 @@ class Config(_Section):
         if self.model.path == "builtin:tiny-warm":
             _require(d.source == "synthetic", "model.path",
                      f"builtin:tiny-warm warms up on synthetic rows; it needs "
-                     f"data.source=synthetic (got {d.source!r})")
+                     f"data.source=synthetic (got data.source={d.source})")
         if lr.load_in_4bit:
             _require(lr.num_gpus > 0 and self.cluster.use_gpu is not False, "learner.load_in_4bit",
                      "4-bit (bitsandbytes) needs the learner on a GPU: learner.num_gpus > 0 and "
@@ -662,6 +700,100 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
+    def resolved(self) -> dict[str, Any]:
+        """`to_dict` with the keys that have no effect in this config (`TAKES_EFFECT_ONLY`:
+        a file's synthetic keys once the command line chose a local file) at their defaults:
+        what ran, and a file that loads back as it is."""
+        out = self.to_dict()
+        for key, _, applies, _ in TAKES_EFFECT_ONLY:
+            section, name = key.split(".")
+            if not applies(self):
+                out[section][name] = type(getattr(self, section)).model_fields[name].get_default(
+                    call_default_factory=True)
+        return out
+
+
+NOTEBOOK_REWARDS = ("correctness", "integer", "strict_format", "soft_format", "xml_count")
+"""The built-ins that `reward.mode` chooses between two versions of."""
+
+TAKES_EFFECT_ONLY: list[tuple[str, str, Any, str]] = [
+    # (key, the key it depends on, whether it takes effect (Config -> bool), when it does)
+    ("data.path", "data.source", lambda c: c.data.source == "local", "data.source=local"),
+    ("data.name", "data.source", lambda c: c.data.source == "hub", "data.source=hub"),
+    ("data.subset", "data.source", lambda c: c.data.source == "hub", "data.source=hub"),
+    ("data.num_synthetic", "data.source", lambda c: c.data.source == "synthetic",
+     "data.source=synthetic"),
+    ("data.synthetic_max_value", "data.source", lambda c: c.data.source == "synthetic",
+     "data.source=synthetic"),
+    ("data.eval_split", "data.eval_path", lambda c: not c.data.eval_path,
+     "data.eval_path is unset (its file replaces the split)"),
+    ("data.eval_split", "data.eval_fraction", lambda c: not c.data.eval_fraction,
+     "data.eval_fraction is unset (its rows replace the split)"),
+    ("algorithm.importance_sampling_cap", "algorithm.importance_sampling_correction",
+     lambda c: c.algorithm.importance_sampling_correction,
+     "algorithm.importance_sampling_correction is on (its default with algorithm.max_staleness=1)"),
+    ("algorithm.max_refill_rounds", "algorithm.filter_zero_variance_groups",
+     lambda c: c.algorithm.filter_zero_variance_groups,
+     "algorithm.filter_zero_variance_groups=true"),
+    ("learner.micro_batch_size", "learner.max_tokens_per_micro_batch",
+     lambda c: c.learner.max_tokens_per_micro_batch is None,
+     "learner.max_tokens_per_micro_batch is unset (it replaces micro_batch_size)"),
+    ("learner.upcast_unquantized_to_fp32", "learner.load_in_4bit",
+     lambda c: c.learner.load_in_4bit is not False and c.learner.backend != "unsloth",
+     "the learner is bitsandbytes 4-bit + PEFT (learner.load_in_4bit not false, "
+     "learner.backend not unsloth)"),
+    ("learner.warmup_ratio", "learner.lr_scheduler_type",
+     lambda c: c.learner.lr_scheduler_type != "constant",
+     "learner.lr_scheduler_type has a warm-up (constant has none)"),
+    *((f"cluster.sync_probe_{k}", "cluster.sync_probe", lambda c: c.cluster.sync_probe,
+       "cluster.sync_probe=true") for k in ("min_slope", "max_slope", "z", "min_movement")),
+    ("logging.wandb_project", "logging.wandb", lambda c: c.logging.wandb, "logging.wandb=true"),
+    ("reward.mode", "reward.functions",
+     lambda c: any(f.name in NOTEBOOK_REWARDS for f in c.reward.functions),
+     f"reward.functions has one of the notebook's rewards ({', '.join(NOTEBOOK_REWARDS)})"),
+    ("eval.every_steps", "algorithm.total_steps",
+     lambda c: c.eval.every_steps < c.algorithm.total_steps,
+     "it is below algorithm.total_steps (the last step is evaluated anyway)"),
+    *((f"rollout.{k}", "cluster.use_gpu", lambda c: c.cluster.use_gpu is not False,
+       "the engines may run on GPUs (cluster.use_gpu not false)")
+      for k in ("kv_cache_gb", "gpu_memory_utilization", "gpus_per_engine")),
+    ("cluster.colocate", "cluster.use_gpu", lambda c: c.cluster.use_gpu is not False,
+     "the actors may run on GPUs (cluster.use_gpu not false)"),
+    ("rollout.kv_cache_space_gb", "cluster.use_gpu", lambda c: c.cluster.use_gpu is not True,
+     "the engines may run on CPUs (cluster.use_gpu not true)"),
+]
+"""Keys that only count beside another: given without it, `Config` refuses them (one line
+naming both) rather than run without them. Where one key implies the other, it is set instead
+(`data.path` sets `data.source: local`, `DataConfig._implied_source`)."""
+
+
+def _fields_set(model: BaseModel, prefix: str = "") -> set[str]:
+    """Dotted keys given to `model` and its sections when they were built (not defaulted)."""
+    out = set()
+    for name in model.model_fields_set:
+        value = getattr(model, name)
+        out |= (_fields_set(value, f"{prefix}{name}.") if isinstance(value, _Section)
+                else {f"{prefix}{name}"})
+    return out
+
+
+def _given(data: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys of a nested mapping of sections (what a YAML file and overrides give)."""
+    out = set()
+    for key, value in data.items():
+        out |= (_given(value, f"{prefix}{key}.") if isinstance(value, dict) and not prefix
+                else {f"{prefix}{key}"})
+    return out
+
+
+def _brief(value: Any) -> str:
+    """A value for a one-line message (reward functions by name)."""
+    if isinstance(value, list) and value and all(hasattr(v, "name") for v in value):
+        return "[" + ", ".join(v.name for v in value) + "]"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
 
 LOCAL_FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 """Suffixes of a single local data file; any other `data.path` is a directory of split files."""
@@ -720,16 +852,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 base: dict[str, Any] | None = None) -> Config:
     """Defaults <- `base` (a TRL config's, `grpo_ray.driver.trl_config`) <- YAML file <- dotted
     overrides, then type checks and invariants."""
-    data = _merge(base or {}, read_yaml(path)) if path is not None else dict(base or {})
+    own = read_yaml(path) if path is not None else {}
+    data, given = _merge(base or {}, own), dict.fromkeys(_given(own), 1)  # the file: layer 1
     for item in overrides or []:
-        data = _merge(data, parse_override(item))
-    return build_config(data)
+        override = parse_override(item)
+        data = _merge(data, override)
+        given.update(dict.fromkeys(_given(override), 2))
+    return build_config(data, given)
 
 
-def build_config(data: dict[str, Any]) -> Config:
-    """A validated Config from a nested mapping; ConfigError names the first bad key."""
+def build_config(data: dict[str, Any], given: dict[str, int] | None = None) -> Config:
+    """A validated Config from a nested mapping; ConfigError names the first bad key. `given`:
+    the dotted keys the user set, each with its layer (1: a YAML file, 2: an override), for
+    `Config._given_keys_take_effect`; None: every key of `data`, in one layer."""
+    given = dict.fromkeys(_given(data), 1) if given is None else dict(given)
+    implied = [given[k] for k in ("data.path", "data.name", "data.subset") if k in given]
+    if implied and "data.source" not in given:  # `DataConfig._implied_source`: as late as them
+        given["data.source"] = max(implied)
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"given": given})
     except ValidationError as e:
         raise ConfigError(_one_line(e)) from None
 

@@ -104,6 +104,31 @@ def screen_lines(output: str) -> list[str]:
     return [line.rsplit("\r", 1)[-1] for line in output.split("\n")]
 
 
+def terminal_screen(output: str, columns: int) -> list[str]:
+    """The lines a terminal of `columns` columns holds after `output`, as it draws them: a
+    carriage return goes back to column 0 and what follows overwrites the line from there, a
+    line longer than the window wraps onto the next, escape sequences draw nothing. Unlike
+    `screen_lines`, text written after a bar without a newline shows as the bar's continuation
+    (`...step_s=0.interrupted at step 4`), which is what a user saw."""
+    import re
+
+    lines, line, column = [], [], 0
+    for token in re.split(r"(\x1b\[[0-9;?]*[A-Za-z]|\r|\n)", output):
+        if token == "\n":
+            lines.append("".join(line).rstrip())
+            line, column = [], 0
+        elif token == "\r":
+            column = 0
+        elif token and not token.startswith("\x1b"):
+            for char in token:
+                if column == columns:  # autowrap
+                    lines.append("".join(line).rstrip())
+                    line, column = [], 0
+                line[column:column + 1] = [char]
+                column += 1
+    return lines + ["".join(line).rstrip()]
+
+
 # ---- sync faults, injected into a RolloutWorker through `actor.__ray_call__` ---------------------
 def inject(worker, fault: str, persistent: bool = False, old=None) -> None:
     """Make rollout engine `worker` serve something else than the learner's adapter.
@@ -194,8 +219,11 @@ def inject_into_new_engines(engines, fault: str) -> None:
 
 
 # ---- a run's logs ------------------------------------------------------------------------------
-def jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def jsonl(path, times: bool = False) -> list[dict]:
+    """The rows of a JSON-lines log, without the `time` each was written at (which differs
+    between two runs of the same steps) unless `times`."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return rows if times else [{k: v for k, v in r.items() if k != "time"} for r in rows]
 
 
 def figures(out) -> list[dict]:

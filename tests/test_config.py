@@ -165,3 +165,120 @@ def test_evaluation_is_greedy_or_sampled():
     assert sampled.seed == 3407  # the same draws at every evaluation
     with pytest.raises(ConfigError, match="eval.samples: must be 1 with eval.temperature=0"):
         load_config(Path("configs/tiny-cpu.yaml"), ["eval.samples=4"])
+
+
+# ---- no setting silently ignored ---------------------------------------------------------------
+def test_a_data_path_means_local_data_and_a_hub_name_hub_data():
+    """`data.path` alone reads that file (it used to train on synthetic rows, exit 0); a hub
+    name or subset alone reads the hub; both without `data.source` say which to choose."""
+    assert load_config(Path("configs/tiny-cpu.yaml"),
+                       ["data.path=rows.jsonl", "eval.split=train"]).data.source == "local"
+    assert load_config(None, ["data.name=openai/gsm8k"]).data.source == "hub"
+    assert load_config(None, ["data.subset=socratic"]).data.source == "hub"
+    with pytest.raises(ConfigError, match=r"^data.source: data.path \(rows.jsonl\) reads a local "
+                       r"file, data.name \(x/y\) a hub dataset: set data.source$"):
+        load_config(None, ["data.path=rows.jsonl", "data.name=x/y"])
+    # a file written for synthetic rows (tiny-cpu sets data.num_synthetic) runs on a local file
+    # once the command line says so: its synthetic keys are moot, not an error
+    for switch in (["data.source=local"], []):
+        cfg = load_config(Path("configs/tiny-cpu.yaml"),
+                          switch + ["data.path=rows.jsonl", "eval.split=train"])
+        assert cfg.data.source == "local"
+
+
+MOOT_KEYS = [  # (overrides of tiny-cpu.yaml, the key without effect, the key it needs)
+    (["data.source=synthetic", "data.path=rows.jsonl"], "data.path", "data.source"),
+    (["data.source=hub", "data.path=rows.jsonl"], "data.path", "data.source"),
+    (["data.source=local", "data.path=rows.jsonl", "eval.split=train", "data.name=x/y"],
+     "data.name", "data.source"),
+    (["data.subset=socratic", "data.source=synthetic"], "data.subset", "data.source"),
+    (["data.source=hub", "data.num_synthetic=10"], "data.num_synthetic", "data.source"),
+    (["data.source=hub", "data.synthetic_max_value=5"], "data.synthetic_max_value", "data.source"),
+    (["data.path=a.jsonl", "data.eval_path=b.jsonl", "data.eval_split=dev"], "data.eval_split",
+     "data.eval_path"),
+    (["data.path=a.jsonl", "data.eval_fraction=0.1", "data.eval_split=dev"], "data.eval_split",
+     "data.eval_fraction"),
+    (["algorithm.importance_sampling_cap=3"], "algorithm.importance_sampling_cap",
+     "algorithm.importance_sampling_correction"),
+    (["algorithm.max_refill_rounds=4"], "algorithm.max_refill_rounds",
+     "algorithm.filter_zero_variance_groups"),
+    (["learner.max_tokens_per_micro_batch=4096", "learner.micro_batch_size=4"],
+     "learner.micro_batch_size", "learner.max_tokens_per_micro_batch"),
+    (["learner.load_in_4bit=false", "learner.upcast_unquantized_to_fp32=true"],
+     "learner.upcast_unquantized_to_fp32", "learner.load_in_4bit"),
+    (["learner.lr_scheduler_type=constant", "learner.warmup_ratio=0.2"], "learner.warmup_ratio",
+     "learner.lr_scheduler_type"),
+    (["cluster.sync_probe=false", "cluster.sync_probe_min_slope=0.3"],
+     "cluster.sync_probe_min_slope", "cluster.sync_probe"),
+    (["cluster.sync_probe=false", "cluster.sync_probe_max_slope=2"],
+     "cluster.sync_probe_max_slope", "cluster.sync_probe"),
+    (["cluster.sync_probe=false", "cluster.sync_probe_z=2"], "cluster.sync_probe_z",
+     "cluster.sync_probe"),
+    (["cluster.sync_probe=false", "cluster.sync_probe_min_movement=0.1"],
+     "cluster.sync_probe_min_movement", "cluster.sync_probe"),
+    (["logging.wandb_project=mine"], "logging.wandb_project", "logging.wandb"),
+    (["reward.mode=seed-parity", "reward.functions=[{name: math}]"], "reward.mode",
+     "reward.functions"),
+    (["eval.every_steps=5"], "eval.every_steps", "algorithm.total_steps"),
+    (["cluster.use_gpu=false", "rollout.kv_cache_gb=4"], "rollout.kv_cache_gb", "cluster.use_gpu"),
+    (["cluster.use_gpu=false", "rollout.gpu_memory_utilization=0.8"],
+     "rollout.gpu_memory_utilization", "cluster.use_gpu"),
+    (["cluster.use_gpu=false", "rollout.gpus_per_engine=2"], "rollout.gpus_per_engine",
+     "cluster.use_gpu"),
+    (["cluster.use_gpu=false", "cluster.colocate=true", "learner.num_gpus=0.5"],
+     "cluster.colocate", "cluster.use_gpu"),
+    (["cluster.use_gpu=true", "rollout.kv_cache_space_gb=4"], "rollout.kv_cache_space_gb",
+     "cluster.use_gpu"),
+]
+
+
+@pytest.mark.parametrize("overrides, key, other", MOOT_KEYS)
+def test_a_key_without_what_makes_it_count_is_refused_naming_both(overrides, key, other):
+    with pytest.raises(ConfigError) as e:
+        load_config(Path("configs/tiny-cpu.yaml"), overrides)
+    message = str(e.value)
+    assert message.startswith(f"{key}: has no effect unless ") and "\n" not in message, message
+    assert f"and here {other}=" in message and message.endswith(f"drop it, or change {other}")
+
+
+def test_every_key_that_counts_only_beside_another_has_a_case_above():
+    from grpo_ray.config import TAKES_EFFECT_ONLY
+
+    assert {key for key, _, _, _ in TAKES_EFFECT_ONLY} == {key for _, key, _ in MOOT_KEYS}
+
+
+def test_the_same_keys_with_what_makes_them_count_load():
+    load_config(Path("configs/tiny-cpu.yaml"), [
+        "algorithm.filter_zero_variance_groups=true", "algorithm.max_refill_rounds=4",
+        "algorithm.importance_sampling_correction=true", "algorithm.importance_sampling_cap=3",
+        "learner.max_tokens_per_micro_batch=4096", "logging.wandb=true",
+        "logging.wandb_project=mine", "reward.mode=seed-parity", "eval.every_steps=2",
+        "cluster.sync_probe_z=2", "learner.lr_scheduler_type=cosine", "learner.warmup_ratio=0.2"])
+
+
+def test_a_trl_config_base_is_not_a_setting_the_user_gave(tmp_path):
+    """`--trl-config` carries TRL's defaults (its importance-sampling cap among them): with the
+    correction off in the TRL file, the cap it never set is not refused."""
+    from grpo_ray.driver.trl_config import from_trl
+
+    trl = tmp_path / "grpo.yaml"
+    trl.write_text("vllm_importance_sampling_correction: false\nmax_steps: 3\n")
+    base, _ = from_trl(str(trl))
+    assert base["algorithm"]["importance_sampling_cap"] != 2.0  # TRL's default, not ours
+    assert not load_config(None, [], base).algorithm.importance_sampling_correction
+
+
+def test_the_resolved_config_loads_back_as_it_is(tmp_path):
+    """What a run writes to `<output.dir>/config.yaml` (`Config.resolved`): every key, those
+    without effect at their defaults, so that `--config` takes the file back (the README's
+    math example runs tiny-cpu.yaml, whose data.num_synthetic a local file makes moot)."""
+    import yaml
+
+    cfg = load_config(Path("configs/tiny-cpu.yaml"), [
+        "data.source=local", "data.path=math.jsonl", "data.question_field=problem",
+        "data.answer_field=solution", "data.gold=boxed", "data.eval_fraction=0.25"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    again = load_config(path)
+    assert again.data.num_synthetic == 2000 and cfg.data.num_synthetic == 500  # moot: default
+    assert again.resolved() == cfg.resolved() and again.data.path == "math.jsonl"

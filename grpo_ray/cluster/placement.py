@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from grpo_ray.cluster.engines import EngineGroup
 from grpo_ray.cluster.learner import LearnerHandle
-from grpo_ray.cluster.plan import (PlacementError, Plan, _fmt, check_fits, plan_placement, use_gpu)
+from grpo_ray.cluster.plan import (PlacementError, Plan, _fmt, check_fits, engines_plan,
+                                   plan_placement, use_gpu)
 from grpo_ray.config import Config
 from grpo_ray.faults import ActorLostError
 from grpo_ray.logs import actor_env_vars
@@ -174,10 +175,8 @@ def place_engines(cfg: Config, engine_cls: type, engine_args: list[tuple]) -> En
     from ray.util.placement_group import remove_placement_group
 
     nodes = cluster_nodes()
-    full = plan_placement(cfg, use_gpu(cfg, nodes))
     n = len(engine_args)
-    plan = Plan(full.layout, [dict(full.engine) for _ in range(n)], -1, {}, list(range(n)),
-                full.engine, 0, full.reward, [f"rollout engine {i}" for i in range(n)])
+    plan = engines_plan(plan_placement(cfg, use_gpu(cfg, nodes)), n)
     check_fits(plan, nodes)
     pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray-engines",
                   cfg.cluster.placement_strategy)

@@ -9,6 +9,7 @@ Three layouts, chosen from the config and the cluster:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from grpo_ray.config import Config, UserError
@@ -112,6 +113,69 @@ def check_fits(plan: Plan, nodes: list[dict[str, float]]) -> list[int]:
 def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items())
                      if k in ("CPU", "GPU")) or "nothing"
+
+
+def engines_plan(full: Plan, n: int) -> Plan:
+    """The engines of `full` alone, each in its own bundle (`placement.place_engines`)."""
+    return Plan(full.layout, [dict(full.engine) for _ in range(n)], -1, {}, list(range(n)),
+                full.engine, 0, full.reward, [f"rollout engine {i}" for i in range(n)])
+
+
+def fit_to_machine(cfg: Config, engines_only: bool = False) -> str | None:
+    """Before an embedded local Ray starts (no `cluster.address`, no RAY_ADDRESS): the plan
+    checked against this machine (`cluster.num_cpus`/`num_gpus`, else its own CPUs and GPUs),
+    so that a placement it cannot hold fails now, naming what is missing, rather than after Ray
+    and the model have started. On a machine without GPUs whose CPUs cannot hold the default
+    CPU shares (learner 1, each engine 1, each reward worker 0.25: 2.5 CPUs, more than a 2-core
+    laptop has), the shares still at their defaults are scaled down, in `cfg`, to fit; Ray's
+    CPUs place actors, they do not bound their threads. Returns a line saying so, or None.
+    `engines_only`: the plan of `placement.place_engines` (evaluation)."""
+    import os
+
+    if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        return None  # the cluster's own resources are checked once joined (`place_actors`)
+    cpus = cfg.cluster.num_cpus or len(os.sched_getaffinity(0))
+    gpus = cfg.cluster.num_gpus if cfg.cluster.num_gpus is not None else _visible_gpus()
+    node = {"CPU": float(cpus), "GPU": float(gpus)}
+    gpu = use_gpu(cfg, [node])
+    note = None if gpu else _scale_cpu_shares(cfg, cpus, engines_only)
+    plan = plan_placement(cfg, gpu)
+    check_fits(engines_plan(plan, cfg.rollout.num_engines) if engines_only else plan, [node])
+    return note
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _scale_cpu_shares(cfg: Config, cpus: int, engines_only: bool) -> str | None:
+    """Scale the CPU shares left at their defaults so that the CPU layout's total fits `cpus`
+    (`fit_to_machine`); a line naming the values set, or None where nothing was changed."""
+    from grpo_ray.config import LearnerConfig, RewardConfig, RolloutConfig
+
+    shares = [(cfg.rollout, "cpus_per_engine", RolloutConfig, cfg.rollout.num_engines)]
+    if not engines_only:
+        shares += [(cfg.learner, "num_cpus", LearnerConfig, 1),
+                   (cfg.reward, "cpus_per_worker", RewardConfig, cfg.reward.num_workers)]
+    total = sum(getattr(section, name) * n for section, name, _, n in shares)
+    scalable = [(section, name, n) for section, name, model, n in shares
+                if getattr(section, name) == model.model_fields[name].default]
+    defaults = sum(getattr(section, name) * n for section, name, n in scalable)
+    free = cpus - (total - defaults)  # what the shares a user set leave
+    if total <= cpus + 1e-9 or not defaults or free <= 0:
+        return None  # fits, or nothing to scale (`check_fits` says what is missing)
+    factor = free / defaults
+    keys = {RolloutConfig: "rollout", LearnerConfig: "learner", RewardConfig: "reward"}
+    set_to = []
+    for section, name, _ in scalable:
+        value = math.floor(getattr(section, name) * factor * 100) / 100
+        setattr(section, name, value)
+        set_to.append(f"{keys[type(section)]}.{name}={value:g}")
+    return (f"this machine has {cpus} CPU{'s' * (cpus != 1)} and the default CPU shares of "
+            f"the actors need "
+            f"{total:g}: {', '.join(set_to)} here (set them, or cluster.num_cpus, to choose)")
 
 
 def use_gpu(cfg: Config, nodes: list[dict[str, float]]) -> bool:

@@ -263,3 +263,11 @@ def resume_differences(saved: dict[str, Any] | None, config: dict[str, Any],
     changed = changed_keys(fill(saved, defaults), config)
     return [c for c in changed if c.split(":", 1)[0] not in RESUME_IGNORED_KEYS]
 
+
+def summarize_differences(differences: list[str], shown: int = 3, width: int = 60) -> str:
+    """A few of `resume_differences`' lines for a one-line message: each whole where it is
+    short (`key: old -> new`), else its key alone (a list of reward functions is hundreds of
+    characters), then "and N more"."""
+    parts = [d if len(d) <= width else d.split(":", 1)[0] for d in differences[:shown]]
+    more = len(differences) - shown
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

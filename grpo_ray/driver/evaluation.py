@@ -341,16 +341,100 @@ def held_out_batch(cfg: Config, tokenizer: Any) -> HeldOutBatch:
                         batch.columns, source=source)
 
 
-def sanity_batch(cfg: Config, tokenizer: Any) -> PromptBatch:
-    """The fixed sanity question (no gold answer) as a one-prompt batch."""
-    rows = [{"question": cfg.eval.sanity_question, "gold": ""}]
-    return prompt_batch(rows, tokenizer, cfg.data.max_prompt_length, cfg.data.system_prompt)
+@dataclass
+class SanityCheck:
+    """The question answered without and with the adapter (`sanity_check`)."""
+
+    batch: PromptBatch
+    """One prompt; its gold answer is "" for the reference question, which has none."""
+    heading: str
+    """What is asked and why, for the console."""
+
+
+def sanity_check(cfg: Config, tokenizer: Any, held_out: PromptBatch) -> SanityCheck:
+    """`eval.sanity_question` (the reference notebook's, by default), except where it means
+    nothing: a built-in tiny model knows only the synthetic arithmetic problems, so with the
+    default question it is asked the first held-out problem instead, whose gold answer says
+    whether it got it right, and the heading says what the model can and cannot answer."""
+    from grpo_ray.config import EvalConfig
+
+    question = cfg.eval.sanity_question
+    builtin = cfg.model.path.startswith("builtin:")
+    if not builtin or question != EvalConfig.model_fields["sanity_question"].default:
+        rows = [{"question": question, "gold": ""}]
+        batch = prompt_batch(rows, tokenizer, cfg.data.max_prompt_length, cfg.data.system_prompt)
+        return SanityCheck(batch, f"sanity check: {question!r}")
+    import textwrap
+
+    if cfg.model.path == "builtin:tiny-warm":
+        can = (f"{cfg.model.path} knows only arithmetic word problems like its training rows "
+               f"(operands up to {cfg.data.synthetic_max_value}): the reference notebook's "
+               f"question, {question!r}, means nothing to it")
+    else:
+        can = (f"{cfg.model.path} has random weights: it answers no question, the reference "
+               f"notebook's {question!r} included, and writes noise until it has trained for "
+               "a while")
+    batch = PromptBatch(held_out.prompt_ids[:1], held_out.prompts[:1], held_out.answers[:1],
+                        held_out.questions[:1], {k: v[:1] for k, v in held_out.columns.items()})
+    why = textwrap.fill(f"(the first held-out problem, gold answer {batch.answers[0]!r}; {can})",
+                        80)
+    return SanityCheck(batch, f"sanity check: {batch.questions[0]!r}\n{why}")
+
+
+def show_answer(text: str, max_lines: int = 8) -> str:
+    """A completion for the console: indented, without blank lines (a random model's text can
+    hold dozens), at most `max_lines` lines."""
+    lines = [f"    {line.rstrip()}" for line in text.splitlines() if line.strip()]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines] + [f"    ... ({len(lines) - max_lines} more lines)"]
+    return "\n".join(lines) or ("    (only whitespace)" if text else "    (no text)")
+
+
+def eval_record(tag: str, step: int | None, model: str, adapter: str | None,
+                held_out: HeldOutBatch, judge: Judge, metrics: dict[str, float],
+                texts: list[str], sanity: SanityCheck, answer: str,
+                right: bool | None) -> dict[str, Any]:
+    """One line of an evaluation file, the same for training's `eval.jsonl` and `grpo-ray
+    eval`'s: `step` and `tag` (training's; `grpo-ray eval` writes null and `eval`), `model`,
+    `adapter` (the directory read; null for the base model or the run's own learner),
+    `adapter_version` (0: the base model), `held_out` and `judge` (words), `metrics`
+    (`evaluate`'s), `sanity` (question, gold, answer, right: null without a gold) and
+    `samples` (every completion with its question and gold, prompt-major). The writer adds
+    `time`."""
+    per_prompt = max(1, len(texts) // len(held_out))
+    return {"step": step, "tag": tag, "model": model, "adapter": adapter,
+            "adapter_version": int(metrics["adapter_version"]), "held_out": held_out.source,
+            "judge": judge.label, "metrics": metrics,
+            "sanity": {"question": sanity.batch.questions[0], "gold": sanity.batch.answers[0],
+                       "answer": answer, "right": right},
+            "samples": [{"question": held_out.questions[k // per_prompt],
+                         "gold": held_out.answers[k // per_prompt], "completion": t}
+                        for k, t in enumerate(texts)]}
+
+
+def answer_sanity(engines: EngineGroup, sanity: SanityCheck, cfg: Config,
+                  judge: Judge) -> tuple[str, bool | None]:
+    """The engines' greedy answer to the sanity question, and whether the judge counts it right
+    (None for a question without a gold answer)."""
+    gold = sanity.batch.answers[0]
+    metrics, (answer,) = evaluate(engines, sanity.batch, sanity_sampling(cfg),
+                                  judge if gold else None)
+    return answer, (metrics["accuracy"] > 0 if gold else None)
+
+
+def _how(cfg: Config) -> str:
+    e = cfg.eval
+    return "greedy" if e.temperature == 0 else f"x {e.samples} at T={e.temperature:g}"
+
+
+def eval_start_line(what: str, prompts: int, cfg: Config) -> str:
+    """The line said before an evaluation runs (on a CPU it can take a while)."""
+    return f"evaluating {what}: {prompts} held-out prompts {_how(cfg)} ..."
 
 
 def eval_line(tag: str, step: int, metrics: dict[str, float], cfg: Config) -> str:
     """The one line training prints for an evaluation."""
-    e = cfg.eval
-    how = "greedy" if e.temperature == 0 else f"x {e.samples} at T={e.temperature:g}"
+    how = _how(cfg)
     k = f"{metrics['samples_per_prompt']:.0f}"
     votes = (f" (pass@{k} {metrics['pass@k']:.3f}, maj@{k} {metrics['maj@k']:.3f})"
              if metrics["samples_per_prompt"] > 1 else "")

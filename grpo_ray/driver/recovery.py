@@ -50,7 +50,7 @@ class Recovery:
         adapter = t.learner.call("adapter export", "export_adapter", t.version)
         prefetched = t.next_rollout.state_dict() if t.next_rollout is not None else None
         trainer_state = {"adapter_version": t.version, "data": t.data_state,
-                         "config": t.cfg.to_dict(), "prefetched": prefetched}
+                         "config": t.cfg.resolved(), "prefetched": prefetched}
         path = save_checkpoint(self.root, t.step, state, trainer_state, adapter,
                                keep=t.cfg.output.keep_checkpoints)
         self.saved_step = t.step
@@ -94,8 +94,9 @@ class Recovery:
             t.sync.send(t.version)
         # rows a crashed run logged after its last checkpoint are logged again from here
         self._truncate_logs()
+        t.read_back_evaluation("before")  # for the before/after table at the end
         t.print(f"resumed from {path} at step {t.step}, adapter version {t.version}")
-        changed = changed_keys(state.get("config", {}), t.cfg.to_dict())
+        changed = changed_keys(state.get("config", {}), t.cfg.resolved())
         if changed:  # e.g. a longer run: the lr schedule is re-planned for the new total
             t.print(f"config differs from the checkpoint's: {', '.join(changed)}; the "
                     f"learning-rate schedule follows this run's settings from step {t.step}")

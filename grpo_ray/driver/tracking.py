@@ -1,5 +1,6 @@
 """Where per-step metrics go: a compact console table, `metrics.jsonl`, TensorBoard, and Weights &
-Biases when configured. The loop calls one `Tracker`; a sink that is off is simply absent."""
+Biases when configured. The loop calls one `Tracker`; a sink that is off is simply absent. Every
+row of a JSON-lines file starts with its `time`."""
 from __future__ import annotations
 
 import json
@@ -12,21 +13,43 @@ from typing import Any, Protocol, TextIO
 
 from grpo_ray.config import LoggingConfig
 
-# The columns of the console table: (metric key, header, format).
+# The columns of the console table: (metric key, header, format, what the header means). The
+# widths keep a row within 80 columns.
 TABLE = [
-    ("step", "step", "{:>4.0f}"),
-    ("reward/mean", "reward", "{:>7.3f}"),
-    ("reward/std", "r_std", "{:>6.3f}"),
-    ("accuracy", "acc", "{:>5.2f}"),
-    ("format_rate", "fmt", "{:>5.2f}"),
-    ("completion_length", "len", "{:>6.1f}"),
-    ("learner/kl", "kl", "{:>8.5f}"),
-    ("learner/clip_fraction", "clip", "{:>5.3f}"),
-    ("learner/loss", "loss", "{:>8.4f}"),
-    ("learner/grad_norm", "gnorm", "{:>7.4f}"),
-    ("learner/learning_rate", "lr", "{:>8.2e}"),
-    ("time/step_s", "step_s", "{:>6.2f}"),
+    ("step", "step", "{:>4.0f}", None),
+    ("reward/mean", "reward", "{:>6.3f}", "mean total reward"),
+    ("reward/std", "r_std", "{:>5.3f}", "its std"),
+    ("accuracy", "acc", "{:>5.2f}", "share judged right"),
+    ("format_rate", "fmt", "{:>5.2f}", "share in the strict format"),
+    ("completion_length", "len", "{:>5.1f}", "completion tokens"),
+    ("learner/kl", "kl", "{:>7.5f}", "KL to the reference"),
+    ("learner/clip_fraction", "clip", "{:>5.3f}", "share of clipped ratios"),
+    ("learner/loss", "loss", "{:>7.4f}", None),
+    ("learner/grad_norm", "gnorm", "{:>6.3f}", "gradient norm"),
+    ("learner/learning_rate", "lr", "{:>7.1e}", "learning rate"),
+    ("time/step_s", "step_s", "{:>6.2f}", "seconds a step"),
 ]
+
+
+def table_legend(width: int = 80) -> list[str]:
+    """What the table's abbreviated headers mean, in lines of at most `width` characters."""
+    import textwrap
+
+    words = "; ".join(f"{h} = {meaning}" for _, h, _, meaning in TABLE if meaning)
+    return textwrap.wrap(f"columns: {words} (every figure of a step: metrics.jsonl)", width)
+
+
+def timestamp() -> str:
+    """Now, as the `time` of a row: ISO 8601, UTC, to the second."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
+    """Append `row` to a JSON-lines file, its `time` first."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": timestamp(), **row}) + "\n")
 
 
 class Sink(Protocol):
@@ -35,17 +58,21 @@ class Sink(Protocol):
 
 
 class ConsoleTable:
-    """One aligned row per step; the header again every 20 rows."""
+    """One aligned row per step; the header again every 20 rows, the first time under a legend
+    of its abbreviations."""
 
     def __init__(self, print_fn=print, every: int = 20):
         self.print, self.every, self.rows = print_fn, every, 0
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.rows == 0:
+            for line in table_legend():
+                self.print(line)
         if self.rows % self.every == 0:
-            self.print(" ".join(f"{h:>{len(f.format(0.0))}}" for _, h, f in TABLE))
+            self.print(" ".join(f"{h:>{len(f.format(0.0))}}" for _, h, f, _ in TABLE))
         values = {**metrics, "step": step}
         self.print(" ".join(f.format(values[k]) if k in values else " " * len(f.format(0.0))
-                            for k, _, f in TABLE))
+                            for k, _, f, _ in TABLE))
         self.rows += 1
 
     def close(self) -> None:
@@ -57,7 +84,7 @@ class JsonlSink:
         self.file = open(path, "a")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.write(json.dumps({"time": timestamp(), "step": step, **metrics}) + "\n")
         self.file.flush()
 
     def close(self) -> None:
@@ -108,47 +135,58 @@ def _width(stream: TextIO) -> int:
         return 0
 
 
+def bar_size(stream: TextIO) -> dict[str, Any]:
+    """tqdm's size arguments for a bar on `stream`: it follows the window where the terminal
+    reports a size; one that reports none (a pty without a window size, as `script` gives)
+    would get a bar of 0 columns, i.e. none, so it gets shutil's fallback size (COLUMNS, else
+    80 columns)."""
+    if _width(stream) > 0:
+        return {"dynamic_ncols": True}
+    size = shutil.get_terminal_size()
+    return {"ncols": size.columns, "nrows": size.lines}
+
+
+BAR_FORMAT = "step {n_fmt}/{total_fmt} {desc} |{bar}| {elapsed}<{remaining}, {rate_fmt}"
+"""The headline figures first, so that a narrow terminal cuts the bar, not them: at 80 columns
+`step 12/60 reward 1.234 acc 0.42 |████      | 00:36<02:24,  3.00s/step`."""
+
+
 class ProgressBar:
     """A bar over the run's steps with the headline figures, at the bottom of the terminal.
 
-    While it is up, whatever the process prints to stdout or stderr (the table, evaluation
-    lines, `--verbose` worker logs) goes above it: each complete line is written with the bar
-    cleared, then the bar is drawn again (tqdm's `external_write_mode`, for any print to either
-    stream). Its clock starts at the first step logged, less that step's `time/step_s`, so its
-    rate and ETA count training steps, not placement and the first evaluation. It closes after
-    the last step, so its final state stays under the table."""
+    It appears with the first step logged: its clock starts there, less that step's
+    `time/step_s`, so its rate and ETA count training steps, not placement and the first
+    evaluation (which print lines of their own). While it is up, whatever the process prints to
+    stdout or stderr (the table, evaluation lines, `--verbose` worker logs) goes above it: each
+    complete line is written with the bar cleared, then the bar is drawn again (tqdm's
+    `external_write_mode`, for any print to either stream). It closes after the last step (or
+    when the run stops), ending its line, so its final state stays under the table and the
+    next line starts on a line of its own."""
 
     def __init__(self, total_steps: int):
-        from tqdm import tqdm
-
-        self.streams = sys.stdout, sys.stderr
-        # A terminal that reports no size (a pty without a window size, as `script` gives)
-        # would get a bar of 0 columns and rows, i.e. none: it gets shutil's fallback size.
-        size = None if _width(sys.stderr) > 0 else shutil.get_terminal_size()
-        self.bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=size is None,
-                        ncols=size and size.columns, nrows=size and size.lines,
-                        file=sys.stderr)
-        self.clock_started = False
-        sys.stdout, sys.stderr = (_AboveBar(s, self.bar) for s in self.streams)
+        self.total, self.bar = total_steps, None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        figures = (f"reward {metrics.get('reward/mean', float('nan')):.3f} "
+                   f"acc {metrics.get('accuracy', float('nan')):.2f}")
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=step - 1, desc=figures, unit="step",
+                            bar_format=BAR_FORMAT, file=sys.stderr, **bar_size(sys.stderr))
+            # tqdm's clock began now; the step it shows began `time/step_s` ago
+            self.bar.start_t -= metrics.get("time/step_s", 0.0)
+            self.streams = sys.stdout, sys.stderr
+            sys.stdout, sys.stderr = (_AboveBar(s, self.bar) for s in self.streams)
         if self.bar.disable:  # closed after the last step
             return
-        if not self.clock_started:
-            # not at placement and the first evaluation (minutes on a CPU): the rate, hence
-            # the ETA, is over training steps only
-            self.clock_started = True
-            self.bar.initial = step - 1
-            self.bar.start_t = self.bar._time() - metrics.get("time/step_s", 0.0)
         self.bar.n = step
-        self.bar.set_postfix({"reward": f"{metrics.get('reward/mean', float('nan')):.3f}",
-                              "acc": f"{metrics.get('accuracy', float('nan')):.2f}",
-                              "step_s": f"{metrics.get('time/step_s', float('nan')):.1f}"})
+        self.bar.set_description_str(figures)
         if step >= self.bar.total:
             self.close()
 
     def close(self) -> None:
-        if self.bar.disable:
+        if self.bar is None or self.bar.disable:
             return
         for wrapper in (sys.stdout, sys.stderr):
             if isinstance(wrapper, _AboveBar):
@@ -157,7 +195,7 @@ class ProgressBar:
             sys.stdout = self.streams[0]
         if isinstance(sys.stderr, _AboveBar):
             sys.stderr = self.streams[1]
-        self.bar.close()
+        self.bar.close()  # draws the final state and ends the line
 
 
 class _AboveBar:
@@ -209,21 +247,18 @@ class Tracker:
         for sink in self.sinks:
             sink.log(metrics, step)
 
-    def log_eval(self, metrics: dict[str, float], step: int, tag: str,
-                 about: dict[str, str] | None = None) -> None:
-        """Evaluation metrics (accuracy, pass@k, maj@k, mean@k, ...): `eval.jsonl` with the tag
-        and `about` (words: which rule judged, where the rows come from), and `eval/...` in
-        TensorBoard and W&B; not the console table or `metrics.jsonl`, whose rows are training
-        steps."""
-        with open(self.out / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "tag": tag, **(about or {}), **metrics}) + "\n")
+    def log_eval(self, record: dict[str, Any]) -> None:
+        """An evaluation (`evaluation.eval_record`: its step, tag, metrics, sanity answer and
+        completions): a line of `eval.jsonl`, and its metrics as `eval/...` in TensorBoard and
+        W&B; not the console table or `metrics.jsonl`, whose rows are training steps."""
+        append_jsonl(self.out / "eval.jsonl", record)
         for sink in self.sinks:
             if isinstance(sink, (TensorBoardSink, WandbSink)):
-                sink.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+                sink.log({f"eval/{k}": v for k, v in record["metrics"].items()}, record["step"])
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         for row in rows:
-            self.samples.write(json.dumps({"step": step, **row}) + "\n")
+            self.samples.write(json.dumps({"time": timestamp(), "step": step, **row}) + "\n")
         self.samples.flush()
 
     def close(self) -> None:

@@ -56,6 +56,8 @@ class Trainer:
         self.evals: dict[str, dict[str, float]] = {}
         """Evaluation metrics by tag (`before`, `step N`, `after`)."""
         self.sanity_answers: dict[str, str] = {}
+        self.sanity_right: dict[str, bool | None] = {}
+        """The sanity question's answer by tag, and whether it is right (None: no gold)."""
 
     @property
     def saved_step(self) -> int | None:
@@ -68,7 +70,7 @@ class Trainer:
         GPU is taken, and writes nothing to `output.dir`."""
         from grpo_ray.driver.data.dataset import load_rows
         from grpo_ray.driver.data.prompts import PromptIterator, load_tokenizer
-        from grpo_ray.driver.evaluation import held_out_batch, make_judge, sanity_batch
+        from grpo_ray.driver.evaluation import held_out_batch, make_judge, sanity_check
         from grpo_ray.driver.models.resolve import resolve_model_path
         from grpo_ray.sync.probe import probe_sequences
 
@@ -80,7 +82,8 @@ class Trainer:
         self.prompts = PromptIterator(rows, tokenizer, cfg.rollout.prompts_per_step,
                                       cfg.data.max_prompt_length, cfg.data.system_prompt,
                                       cfg.data.seed)
-        self.eval_prompts = held_out_batch(cfg, tokenizer), sanity_batch(cfg, tokenizer)
+        held_out = held_out_batch(cfg, tokenizer)
+        self.eval_prompts = held_out, sanity_check(cfg, tokenizer, held_out)
         self.data_state = self.prompts.state_dict()
         """Data position after the last completed step: what a checkpoint records."""
         self.initial_data_state = self.data_state
@@ -101,6 +104,10 @@ class Trainer:
         cfg = self.cfg
         if not hasattr(self, "prompts"):
             self.prepare_data()
+        self.write_config()
+        r = cfg.rollout
+        self.print(f"starting the actors: 1 learner, {r.num_engines} rollout engine(s) (vLLM), "
+                   f"{cfg.reward.num_workers} reward worker(s) ...")
         start = time.monotonic()
         self.actors = place_actors(
             cfg,
@@ -116,7 +123,7 @@ class Trainer:
                                   max_unscored_fraction=cfg.reward.max_unscored_fraction,
                                   notify=self.print)
         self.rollouts = Rollouts(cfg, self.prompts, self.engines, self.rewards, self.groups)
-        self.tracker = Tracker(cfg.logging, self.out, cfg.to_dict(), self.print,
+        self.tracker = Tracker(cfg.logging, self.out, cfg.resolved(), self.print,
                                total_steps=cfg.algorithm.total_steps)
         # every sync verified, every new engine admitted by it; the probe scored by engines and
         # learner before any training
@@ -125,6 +132,9 @@ class Trainer:
                                 ProbeRule.of(cfg.cluster), notify=self.print)
         self.engines.admit = self.sync.admit
         probe_start = time.monotonic()
+        if cfg.cluster.sync_probe:  # each engine's first forward: tens of seconds on a CPU
+            self.print(f"actors up in {probe_start - start:.0f} s; the sync probe's first "
+                       "scores (engines and learner, the base model) ...")
         self.sync.start()
         learner = self.learner.call("description", "describe")
         now = time.monotonic()
@@ -266,36 +276,44 @@ class Trainer:
     # ---- evaluation and outputs --------------------------------------------------------------
     def evaluate(self, tag: str) -> dict[str, float]:
         """Answers of the held-out prompts (`evaluation.eval_sampling`) and of the sanity question
-        with the engines' current adapter. Metrics go to `eval.jsonl` (with the tag) and, as
-        `eval/...` at the current step, to TensorBoard / W&B; not to the console table or
-        `metrics.jsonl`, whose rows are training steps. Prints one line."""
-        from grpo_ray.driver.evaluation import eval_line, eval_sampling, evaluate, sanity_sampling
+        with the engines' current adapter. The record (`evaluation.eval_record`: metrics,
+        sanity answer, every completion) goes to `eval.jsonl`, its metrics, as `eval/...` at the
+        current step, to TensorBoard / W&B; not to the console table or `metrics.jsonl`, whose
+        rows are training steps. Prints a line before (on a CPU it takes a while) and one
+        after."""
+        from grpo_ray.driver.evaluation import (answer_sanity, eval_line, eval_record,
+                                                eval_sampling, eval_start_line, evaluate)
 
         held_out, sanity = self.eval_prompts
+        what = {"before": "the base model, before training",
+                "after": f"the trained adapter, after step {self.step}"}.get(
+                    tag, f"the adapter of step {self.step}")
+        self.print(eval_start_line(what, len(held_out), self.cfg))
         start = time.perf_counter()
-        metrics, _ = evaluate(self.engines, held_out, eval_sampling(self.cfg), self.judge)
-        _, (self.sanity_answers[tag],) = evaluate(self.engines, sanity, sanity_sampling(self.cfg))
+        metrics, texts = evaluate(self.engines, held_out, eval_sampling(self.cfg), self.judge)
+        answer, right = answer_sanity(self.engines, sanity, self.cfg, self.judge)
         metrics["time_s"] = time.perf_counter() - start
-        self.tracker.log_eval(metrics, self.step, tag,
-                              {"judge": self.judge.label, "held_out": held_out.source})
-        self.evals[tag] = metrics
+        self.tracker.log_eval(eval_record(tag, self.step, self.model_path, None, held_out,
+                                          self.judge, metrics, texts, sanity, answer, right))
+        self.evals[tag], self.sanity_answers[tag], self.sanity_right[tag] = metrics, answer, right
         self.print(eval_line(tag, self.step, metrics, self.cfg))
         return metrics
 
     def print_evaluation(self) -> None:
         """The before/after table and the sanity question's two answers."""
-        from grpo_ray.driver.evaluation import format_side_by_side
+        from grpo_ray.driver.evaluation import format_side_by_side, show_answer
 
         before, after = self.evals.get("before"), self.evals["after"]
-        if before is not None:  # a resumed run has only "after"
+        if before is not None:  # a resumed run reads it back from eval.jsonl (`restore`)
             self.print(format_side_by_side(before, after, judge=self.judge.label,
                                            source=self.eval_prompts[0].source))
-        self.print(f"sanity check: {self.cfg.eval.sanity_question!r}")
+        self.print(self.eval_prompts[1].heading)
         for tag, metrics in ((t, self.evals[t]) for t in ("before", "after") if t in self.evals):
             version = int(metrics["adapter_version"])
             which = "base model" if version == 0 else "trained adapter"
-            self.print(f"--- {tag} training, adapter version {version} ({which}):\n"
-                       f"{self.sanity_answers[tag]}")
+            right = {True: ": right", False: ": wrong", None: ""}[self.sanity_right.get(tag)]
+            self.print(f"--- {tag} training, adapter version {version} ({which}){right}\n"
+                       f"{show_answer(self.sanity_answers[tag])}")
 
     def save_adapter(self, path: Path) -> Path:
         """Write the learner's current adapter (PEFT format) from the driver, so the output
@@ -304,6 +322,57 @@ class Trainer:
 
         return write_adapter(self.learner.call("adapter export", "export_adapter", self.version),
                              path)
+
+    def read_back_evaluation(self, tag: str) -> None:
+        """The last evaluation `tag` that `eval.jsonl` holds (a resumed run's "before" ran in
+        an earlier process), as if this run had made it."""
+        import json
+
+        path = self.out / "eval.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()
+                if line.strip()] if path.is_file() else []
+        for row in rows:
+            if row.get("tag") == tag and "metrics" in row:  # older files wrote no "metrics"
+                self.evals[tag] = row["metrics"]
+                self.sanity_answers[tag] = row["sanity"]["answer"]
+                self.sanity_right[tag] = row["sanity"]["right"]
+
+    def write_config(self) -> Path:
+        """`<output.dir>/config.yaml`: this run's config as resolved (`Config.resolved`), every
+        key, defaults included, so that the folder says what ran without the command or the
+        source; `--config` takes it back as it is."""
+        import yaml
+
+        from grpo_ray.driver.tracking import timestamp
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "config.yaml"
+        path.write_text(f"# grpo-ray train, resolved config (every key), {timestamp()}\n"
+                        + yaml.safe_dump(self.cfg.resolved(), sort_keys=False))
+        return path
+
+    def describe_outputs(self) -> str:
+        """What the run wrote to `output.dir`, one line per entry, for the end of the run."""
+        known = {
+            "config.yaml": "the config as resolved (every key)",
+            "adapter": "the trained LoRA adapter, PEFT format (--adapter)",
+            "checkpoints": "resumable checkpoints (--resume)",
+            "metrics.jsonl": "one row per step: every figure, with its time",
+            "eval.jsonl": "one row per evaluation, with every completion",
+            "completions.jsonl": f"{self.cfg.logging.samples_per_step} completions per step, "
+                                 "with each reward",
+            "curves.png": "reward, accuracy and format rate against steps",
+            "tensorboard": "TensorBoard events (tensorboard --logdir ...)",
+            "logs": "the actors' own output (vLLM, transformers, Ray)",
+        }
+        order = list(known)
+        present = sorted(self.out.iterdir(), key=lambda p: (
+            order.index(p.name) if p.name in known else len(order), p.name))
+        names = [p.name + ("/" if p.is_dir() else "") for p in present]
+        width = max(map(len, names), default=0)
+        return "\n".join([f"written to {self.out}/:"] + [
+            f"  {name:<{width}}  {known.get(p.name, '')}".rstrip()
+            for name, p in zip(names, present)])
 
     def close(self) -> None:
         if hasattr(self, "tracker"):

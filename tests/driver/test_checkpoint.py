@@ -316,7 +316,9 @@ def record_prompts(trainer) -> list[list[str]]:
 
 
 def jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """Rows of a log, without the `time` each was written at."""
+    return [{k: v for k, v in json.loads(line).items() if k != "time"}
+            for line in path.read_text().splitlines()]
 
 
 def steps_figures(out) -> list[dict]:
@@ -344,8 +346,9 @@ def test_resumed_run_equals_uninterrupted_run(ray_local, tiny_model_path, tmp_pa
 
     (b_out / "checkpoints").mkdir(parents=True)
     shutil.copytree(a_root / "step-000002", b_out / "checkpoints" / "step-000002")
-    for name in ("metrics.jsonl", "completions.jsonl"):
+    for name in ("metrics.jsonl", "completions.jsonl", "eval.jsonl"):
         shutil.copy(a_out / name, b_out / name)
+    a_lines = len(lines)
     b = build(b_out, tiny_model_path, lines.append)
     try:
         b.restore(latest_checkpoint(b_out / "checkpoints"))
@@ -359,6 +362,11 @@ def test_resumed_run_equals_uninterrupted_run(ray_local, tiny_model_path, tmp_pa
         b.close()
 
     assert b_questions == a_questions[2:]
+    # the resumed run ends with the before/after table too, its "before" read back from the
+    # evaluation A made before its first step
+    assert b.evals["before"] == a.evals["before"]
+    assert any(line.split()[:4] == ["metric", "before", "after", "change"]
+               for line in "\n".join(lines[a_lines:]).splitlines())
     # completions (with their rewards) and figures of every step, the resumed one included
     b_rows = jsonl(b_out / "completions.jsonl")
     assert [r["step"] for r in b_rows] == [1] * 8 + [2] * 8 + [3] * 8

@@ -16,7 +16,12 @@ from grpo_ray.config import ConfigError, load_config
 from grpo_ray.contracts import PromptBatch, Sampling
 from grpo_ray.driver.evaluation import (STOP, evaluate, format_side_by_side, judge_completions,
                                         majority_index, make_judge, pass_at_k, reasoning_words,
-                                        sample_metrics, score_completions)
+                                        sample_metrics, sanity_check, score_completions,
+                                        show_answer)
+
+EVAL_RECORD_KEYS = ["time", "step", "tag", "model", "adapter", "adapter_version", "held_out",
+                    "judge", "metrics", "sanity", "samples"]
+"""The keys of a line of training's `eval.jsonl` and of `grpo-ray eval`'s file, in order."""
 
 TEXTS = [
     # exact and numeric match, strict (ends right after </answer>) and soft format; 5 words
@@ -197,6 +202,45 @@ def test_a_users_judging_reward_votes_on_answer_text():
     assert judge.same([("11", "11.0"), ("3", "3")]) == [False, True]
 
 
+def test_show_answer_has_no_runs_of_blank_lines():
+    """A random model's answer held dozens of newlines: 66 blank lines on the console."""
+    noise = "foo\n\n\n   \n\nbar  \n" + "\n" * 30 + "baz"
+    assert show_answer(noise) == "    foo\n    bar\n    baz"
+    assert show_answer("\n\n") == "    (only whitespace)" and show_answer("") == "    (no text)"
+    many = "\n".join(f"line {i}" for i in range(20))
+    assert show_answer(many).splitlines()[-1] == "    ... (12 more lines)"
+
+
+@pytest.mark.parametrize("model, can", [
+    ("builtin:tiny-warm", "knows only arithmetic word problems like its training rows "
+                          "(operands up to 5): the reference notebook's question"),
+    ("builtin:tiny", "has random weights: it answers no question"),
+])
+def test_a_builtin_model_is_asked_a_held_out_problem_it_can_answer(model, can, tokenizer):
+    """The reference notebook's question (how many r's in strawberry) means nothing to the tiny
+    model; its base answer `3` and trained `2` read as a regression. A built-in model is asked
+    the first held-out problem instead, with its gold answer, and told what it can answer."""
+    from grpo_ray.driver.evaluation import held_out_batch
+
+    overrides = ["eval.num_samples=4"] + (["data.synthetic_max_value=5"] if "warm" in model
+                                          else [])
+    cfg = load_config("configs/tiny-cpu.yaml", [f"model.path={model}", *overrides])
+    held_out = held_out_batch(cfg, tokenizer)
+    check = sanity_check(cfg, tokenizer, held_out)
+    assert check.batch.questions == held_out.questions[:1]
+    assert check.batch.answers == held_out.answers[:1] and check.batch.answers[0]
+    first, *why = check.heading.splitlines()
+    assert first == f"sanity check: {held_out.questions[0]!r}"
+    assert " ".join(why).startswith(f"(the first held-out problem, gold answer "
+                                    f"{held_out.answers[0]!r}; {model} {can}")
+    assert "How many r's are in strawberry?" in " ".join(why)
+    assert all(len(line) <= 80 for line in why)
+    # a question of one's own is asked as it is, and so is the reference one of a real model
+    own = load_config("configs/tiny-cpu.yaml", [f"model.path={model}",
+                                                "eval.sanity_question=What is 2 + 2?"])
+    assert sanity_check(own, tokenizer, held_out).heading == "sanity check: 'What is 2 + 2?'"
+
+
 # ---- through Ray -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -258,22 +302,36 @@ def test_fit_evaluates_before_every_step_and_after(fitted):
     assert [trainer.evals[t]["adapter_version"] for t in trainer.evals] == [0, 1, 2]
     rows = [json.loads(line) for line in (trainer.out / "eval.jsonl").read_text().splitlines()]
     assert [(r["step"], r["tag"]) for r in rows] == [(0, "before"), (1, "step 1"), (2, "after")]
-    assert all(math.isfinite(r["accuracy"]) and r["num_samples"] == 5 for r in rows)
+    # one schema, the same as `grpo-ray eval`'s (tests/driver/test_export.py), with a
+    # time per row
+    assert all(list(r) == EVAL_RECORD_KEYS for r in rows)
+    assert all(math.isfinite(r["metrics"]["accuracy"]) and r["metrics"]["num_samples"] == 5
+               and len(r["samples"]) == 5 for r in rows)
+    assert [r["adapter_version"] for r in rows] == [0, 1, 2] and rows[0]["adapter"] is None
     assert {r["judge"] for r in rows} == {trainer.judge.label}
     assert {r["held_out"] for r in rows} == {"synthetic held-out rows (split 'test')"}
+    assert rows[-1]["sanity"] == {"question": "How many r's are in strawberry?", "gold": "",
+                                  "answer": trainer.sanity_answers["after"], "right": None}
     # metrics.jsonl keeps one row per training step
     steps = [json.loads(line)["step"] for line in
              (trainer.out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
 
     text = "\n".join(trainer.lines)
+    # a line before each evaluation says what runs, as the result's line says what ran
+    assert text.index("evaluating the base model, before training: 5 held-out prompts greedy"
+                      ) < text.index("eval before (step 0")
+    assert text.index("evaluating the trained adapter, after step 2: 5 held-out prompts") < \
+        text.index("eval after (step 2")
     assert "metric" in text and "accuracy (mean@1)" in text and "change" in text
     assert "judged by numeric equality, GSM8K's rule (reward 'correctness')" in text
+    # a model from a directory is asked the reference notebook's question
     assert "sanity check: \"How many r's are in strawberry?\"" in text
     assert "before training, adapter version 0 (base model)" in text
     assert "after training, adapter version 2 (trained adapter)" in text
     for tag in ("before", "after"):
-        assert trainer.sanity_answers[tag] in text
+        assert show_answer(trainer.sanity_answers[tag]) in text
+    assert "\n\n" not in text
 
 
 def test_saved_adapter_read_back_answers_the_same(fitted):

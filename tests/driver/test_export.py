@@ -223,8 +223,10 @@ def test_a_failed_write_leaves_no_partial_directory(tiny_model_path, adapter, tm
 
 def test_eval_of_an_adapter_on_a_data_file(ray_local, tiny_model_path, adapter, tmp_path,
                                            capsys):
-    """`grpo-ray eval --adapter DIR` on a local file: the table on stdout, and one JSON line in
-    DIR/eval.jsonl (training's name) naming the adapter, with a sample per row of the file."""
+    """`grpo-ray eval --adapter DIR` on a local file: the table on stdout, and one JSON line
+    beside DIR (`eval-<name>.jsonl`, in the schema of training's `eval.jsonl`) naming the
+    adapter, with a sample per row of the file; the engine's logs beside it too, not under the
+    config's output.dir."""
     import shutil
 
     from grpo_ray.cli import main
@@ -242,9 +244,14 @@ def test_eval_of_an_adapter_on_a_data_file(ray_local, tiny_model_path, adapter, 
     assert rc == 0
     assert f"eval of adapter {judged}" in out and "3 prompts" in out
     assert any(line.startswith("accuracy") for line in out.splitlines()), out
-    assert f"appended to {judged / 'eval.jsonl'}" in out
-    (line,) = (judged / "eval.jsonl").read_text().splitlines()
+    record = tmp_path / "eval-adapter.jsonl"
+    assert f"appended to {record}" in out
+    (line,) = record.read_text().splitlines()
     report = json.loads(line)
+    assert list(report) == ["time", "step", "tag", "model", "adapter", "adapter_version",
+                            "held_out", "judge", "metrics", "sanity", "samples"]
     assert report["adapter"] == str(judged) and report["metrics"]["adapter_version"] == 1
+    assert (report["step"], report["tag"], report["adapter_version"]) == (None, "eval", 1)
     assert [s["question"] for s in report["samples"]] == [r["question"] for r in rows]
-    assert not (tmp_path / "out" / "eval.json").exists()
+    assert list((tmp_path / "logs").glob("rollout-0-*.log"))
+    assert not (tmp_path / "out").exists()

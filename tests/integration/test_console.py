@@ -7,11 +7,12 @@ import re
 import subprocess
 import sys
 
-from helpers import run_in_terminal, screen_lines
+from helpers import run_in_terminal, terminal_screen
 
-from grpo_ray.driver.tracking import TABLE
+from grpo_ray.config import load_config
+from grpo_ray.driver.tracking import TABLE, table_legend
 
-HEADER = " ".join(f"{h:>{len(f.format(0.0))}}" for _, h, f in TABLE)
+HEADER = " ".join(f"{h:>{len(f.format(0.0))}}" for _, h, f, _ in TABLE)
 ROW = re.compile(r"^ +(\d+) +-?\d+\.\d{3} ")
 
 
@@ -28,28 +29,49 @@ def clean_env() -> dict[str, str]:
 
 def test_train_on_a_terminal_is_quiet_with_a_bar_and_an_unbroken_table(tiny_model_path,
                                                                          tmp_path):
+    """On an 80-column terminal: a line before each long stretch says what runs, the table's
+    rows are whole, the bar shows step, reward and accuracy, and every line printed after it
+    (the checkpoint, the final evaluation, the list of outputs) starts at column 0."""
     out = tmp_path / "run"
     code, text = run_in_terminal(
         grpo_ray("train") + [f"model.path={tiny_model_path}", f"output.dir={out}",
                              "algorithm.total_steps=2", "logging.tensorboard=false"],
-        timeout=600, env=clean_env())
+        timeout=600, env=clean_env(), columns=80)
     assert code == 0, text[-5000:]
-    shown = [line for line in screen_lines(text) if line.strip()]
+    # what the terminal holds, each of our lines whole (not wrapped at 80 columns: where a line
+    # starts is the point here)
+    shown = [line for line in terminal_screen(text, 1000) if line.strip()]
 
-    # only our own lines before the table: where worker logs go, placement, first evaluation
+    # only our own lines before the table, each said before what it waits for: Ray, where
+    # worker logs go, the actors, the sync probe's first scores, placement, the first evaluation
     header = shown.index(HEADER)
-    assert [line.split(" ")[0] for line in shown[:header]] == ["worker", "placed:", "eval"], shown
-    assert shown[0] == (f"worker logs (vLLM, transformers, Ray): {out}/logs/ "
+    legend = table_legend()
+    assert shown[header - len(legend):header] == legend
+    assert [line.split(" ")[0] for line in shown[:header - len(legend)]] == [
+        "starting", "worker", "starting", "actors", "placed:", "evaluating", "eval"], shown
+    assert shown[0] == "starting a local Ray (2 CPUs) ..."
+    assert shown[1] == (f"worker logs (vLLM, transformers, Ray): {out}/logs/ "
                         "(--verbose prints them here)")
-    # the rows right under the header, whole, then the bar's final state under them
+    # the rows right under the header, whole, then the bar's final state under them: within
+    # 80 columns, its figures whole
     rows = shown[header + 1:header + 3]
     assert [ROW.match(r).group(1) for r in rows if ROW.match(r)] == ["1", "2"], shown
-    assert all(len(r) == len(HEADER) for r in rows), rows
-    assert re.match(r"grpo: 100%\|.*\| 2/2 \[.*(step/s|s/step), reward=", shown[header + 3])
+    assert all(len(r) == len(HEADER) <= 80 for r in rows), rows
+    bar = shown[header + 3]
+    assert re.match(r"step 2/2 reward -?\d\.\d{3} acc \d\.\d\d \|.{5,}\| ", bar), bar
+    assert len(bar) <= 80
     # the bar was drawn and redrawn over itself while the run went on
-    assert set(re.findall(r"\rgrpo:\s+\d+%\|[^|]*\| (\d)/2 ", text)) == {"0", "1", "2"}
-    # nothing of Ray's or vLLM's on the console
-    assert not [line for line in shown[1:] if re.search(r"pid=|INFO|WARNING|vLLM", line)], shown
+    assert set(re.findall(r"\rstep (\d)/2 reward", text)) == {"0", "1", "2"}
+    # every line after the bar starts a line of its own
+    after = shown[header + 4:]
+    assert after[0] == f"checkpoint of step 2 written to {out / 'checkpoints' / 'step-000002'}"
+    assert after[1].startswith("evaluating the trained adapter, after step 2: 16 held-out")
+    assert after[2].startswith("eval after (step 2, adapter version 2")
+    assert after[-1].startswith("  logs/") and f"written to {out}/:" in after
+    assert not [line for line in after if "step 2/2 reward" in line], after
+    # nothing of Ray's or vLLM's on the console, no runs of blank lines
+    assert not [line for line in shown if re.search(rf"pid=|INFO|WARNING|{VLLM_OUTPUT}", line)]
+    assert "\n\n\n" not in text.replace("\r", "")
 
     logs = {p.name.rsplit("-", 1)[0]: p for p in (out / "logs").iterdir()}
     assert set(logs) == {"learner", "rollout-0", "reward"}, logs
@@ -57,6 +79,11 @@ def test_train_on_a_terminal_is_quiet_with_a_bar_and_an_unbroken_table(tiny_mode
     # its loader's progress is always there)
     assert re.search(VLLM_OUTPUT, logs["rollout-0"].read_text())
     assert len(list((out / "logs").glob("reward-*.log"))) == 2
+    # the run's folder, readable without the source: the config as resolved, at its top
+    assert load_config(out / "config.yaml").to_dict() == load_config(
+        "configs/tiny-cpu.yaml", [f"model.path={tiny_model_path}", f"output.dir={out}",
+                                  "algorithm.total_steps=2", "logging.tensorboard=false"]
+    ).resolved()
 
 
 def test_eval_verbose_forwards_worker_output_to_the_console(tiny_model_path, tmp_path):
@@ -70,3 +97,6 @@ def test_eval_verbose_forwards_worker_output_to_the_console(tiny_model_path, tmp
     assert re.search(r"\(RolloutWorker pid=\d+\)", console) and re.search(VLLM_OUTPUT, console)
     assert "worker logs" not in console and not (out / "logs").exists()
     assert json.loads((out / "eval-base.jsonl").read_text().splitlines()[-1])["adapter"] is None
+    # a line before each long stretch: the engine's start, the evaluation
+    assert "starting 1 rollout engine(s) (vLLM) ..." in console
+    assert "evaluating the base model: 2 held-out prompts greedy ..." in console

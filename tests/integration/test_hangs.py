@@ -85,7 +85,7 @@ def finish(trainer: Trainer) -> dict:
         lora = ray.get(trainer.learner.actor.state_dict.remote())["lora"]
         return {"lora": lora, "completions": jsonl(trainer.out / "completions.jsonl"),
                 "figures": figures(trainer.out), "eval": [
-                    {k: v for k, v in r.items() if k != "time_s"}
+                    {**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "time_s"}}
                     for r in jsonl(trainer.out / "eval.jsonl")],
                 "metrics": jsonl(trainer.out / "metrics.jsonl"),
                 "sanity": trainer.sanity_answers["after"]}

@@ -23,7 +23,10 @@ def test_ray_job_submit_runs_training(head, tiny_model_path, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
     # the job's log is the driver's own lines; the actors' output is under output.dir/logs
-    assert "worker logs" in done.stdout and "step  reward" in done.stdout
+    assert "worker logs" in done.stdout and "step reward r_std" in done.stdout
+    # joined through RAY_ADDRESS: tiny-cpu.yaml's cluster.num_cpus sizes only a local Ray
+    assert ("joining the Ray cluster at RAY_ADDRESS=" in done.stdout
+            and "(cluster.num_cpus=2: for a local Ray only" in done.stdout)
     assert "pid=" not in done.stdout and list((out / "logs").glob("rollout-0-*.log"))
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -41,6 +41,7 @@ def recipe_on_the_tiny_model(tmp_path, tiny_model_path) -> dict:
     data["reward"]["functions"].append({"name": "rewards_for_tests:text_length"})
     data["model"]["path"] = tiny_model_path
     data["data"]["path"] = str(path)
+    del data["data"]["num_synthetic"]  # tiny-cpu's, for synthetic rows: refused beside a file
     data["learner"].update(load_in_4bit=None, learning_rate=5e-3, warmup_ratio=0.0)
     data["reward"].update(num_workers=2, cpus_per_worker=0.25)
     # it rarely samples EOS within 32 tokens: with truncated completions masked, nothing would
@@ -89,11 +90,13 @@ def test_evaluation_on_held_out_rows_by_math_verify(run):
     assert trainer.judge.label == "math-verify (reward 'math')"
     rows = [json.loads(line) for line in (trainer.out / "eval.jsonl").read_text().splitlines()]
     assert [r["tag"] for r in rows] == ["before", "after"]
-    for r in rows:
-        assert r["judge"] == trainer.judge.label and r["held_out"] == held_out.source
+    for row in rows:
+        assert row["judge"] == trainer.judge.label and row["held_out"] == held_out.source
+        r = row["metrics"]
         assert r["num_samples"] == 2 and r["num_completions"] == 8 and r["samples_per_prompt"] == 4
         assert 0 <= r["maj@k"] <= r["pass@k"] <= 1 and r["accuracy"] <= r["pass@k"]
         assert r["accuracy"] == r["mean@k"]
+        assert [s["question"] for s in row["samples"][::4]] == held_out.questions
     text = "\n".join(trainer.lines)
     assert "judged by math-verify (reward 'math')" in text
     assert "accuracy (mean@4)" in text and "pass@4" in text and "maj@4" in text

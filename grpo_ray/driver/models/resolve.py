@@ -113,8 +113,8 @@ def tiny_model(seed: int) -> Path:
 
 def warm_tiny_model(cfg: Config) -> Path:
     """The tiny model (seed `algorithm.seed`) after `sft_warmup` with `BENCHMARK_WARMUP` on the
-    synthetic train rows: it writes the XML format with low correctness (~90 s on 2 CPU cores,
-    once per settings)."""
+    synthetic train rows: it writes the XML format with low correctness (about a minute on 2
+    CPU cores, once per settings)."""
     from grpo_ray.driver.data.dataset import load_rows
     from grpo_ray.driver.models.warmup import BENCHMARK_WARMUP, warm_up
 
@@ -125,10 +125,11 @@ def warm_tiny_model(cfg: Config) -> Path:
                     rows=[d.num_synthetic, d.seed, d.synthetic_max_value])
 
     def build(out: Path) -> None:
-        # ~90 s of silence otherwise: say what happens, once, and how long it takes
+        # a minute of silence otherwise: say what happens, once, and how long it takes (a bar
+        # follows on a terminal)
         print(f"model.path=builtin:tiny-warm: building it once (supervised warm-up of the tiny "
-              f"model, {BENCHMARK_WARMUP['steps']} steps, ~90 s on 2 CPU cores); cached in "
-              f"{cache_dir()}", flush=True)
+              f"model, {BENCHMARK_WARMUP['steps']} steps, about a minute on 2 CPU cores); cached "
+              f"in {cache_dir()}", flush=True)
         base = tiny_model(cfg.algorithm.seed)
         warm_up(str(base), str(out), load_rows(d), seed=cfg.algorithm.seed,
                 system_prompt=d.system_prompt, threads=threads)

@@ -15,6 +15,7 @@ Tiny models on CPU only: float32, full fine-tuning, torch and transformers impor
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,11 @@ def sft_warmup(model_path: str, out_dir: str, rows: list[dict[str, str]], steps:
     order: list[int] = []
     from tqdm import tqdm
 
+    from grpo_ray.driver.tracking import bar_size
+
     # on a terminal only (disable=None): a bar in a log file is one copy per refresh
     for _ in tqdm(range(steps), desc="warm-up", unit="step", disable=None if progress else True,
-                  leave=False):
+                  leave=False, file=sys.stderr, **bar_size(sys.stderr)):
         if len(order) < batch_size:
             epoch = list(range(len(rows)))
             rng.shuffle(epoch)
