@@ -561,10 +561,12 @@ class Config(_Section):
             section, name = key.split(".")
             default = type(getattr(self, section)).model_fields[name].get_default(
                 call_default_factory=True)
-            if (given.get(key, 0) >= max(1, given.get(other, 0)) and self.get(key) != default
-                    and not applies(self)):
+            if (given.get(key, 0) >= max(1, given.get(other, 0))
+                    and getattr(getattr(self, section), name) != default and not applies(self)):
+                other_section, other_name = other.split(".")
                 _require(False, key, f"has no effect unless {needs}, and here {other}="
-                         f"{_brief(self.get(other))}: drop it, or change {other}")
+                         f"{_brief(getattr(getattr(self, other_section), other_name))}: drop "
+                         f"it, or change {other}")
         return self
 
     @model_validator(mode="after")
