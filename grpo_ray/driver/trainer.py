@@ -105,9 +105,11 @@ class Trainer:
         if not hasattr(self, "prompts"):
             self.prepare_data()
         self.write_config()
-        r = cfg.rollout
-        self.print(f"starting the actors: 1 learner, {r.num_engines} rollout engine(s) (vLLM), "
-                   f"{cfg.reward.num_workers} reward worker(s) ...")
+        engines, workers = cfg.rollout.num_engines, cfg.reward.num_workers
+        # within 80 columns, as the bar and the table are
+        self.print(f"starting the actors: 1 learner, {engines} rollout engine"
+                   f"{'s' * (engines != 1)} (vLLM), {workers} reward worker{'s' * (workers != 1)}"
+                   " ...")
         start = time.monotonic()
         self.actors = place_actors(
             cfg,

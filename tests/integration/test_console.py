@@ -52,6 +52,8 @@ def test_train_on_a_terminal_is_quiet_with_a_bar_and_an_unbroken_table(tiny_mode
     assert shown[0] == "starting a local Ray (2 CPUs) ..."
     assert shown[1] == (f"worker logs (vLLM, transformers, Ray): {out}/logs/ "
                         "(--verbose prints them here)")
+    assert shown[2] == ("starting the actors: 1 learner, 1 rollout engine (vLLM), 2 reward "
+                        "workers ...")  # within 80 columns
     # the rows right under the header, whole, then the bar's final state under them: within
     # 80 columns, its figures whole
     rows = shown[header + 1:header + 3]
