@@ -180,18 +180,22 @@ class Trainer:
     def train_batch(self, scored: ScoredBatch) -> TrainBatch:
         import torch
 
-        from grpo_ray.algo.grpo import group_advantages
+        from grpo_ray.algo.grpo import MULTI_OBJECTIVE_AGGREGATIONS
         from grpo_ray.algo.masking import loss_mask
 
-        rollout, scores = scored.rollout, scored.scores
-        rewards = torch.tensor([math.nan if s is None else s for s in scores.total],
+        rollout, scores, a = scored.rollout, scored.scores, self.cfg.algorithm
+        # (B, K): each function's scores (NaN: it did not score the row), in config order
+        per_func = torch.tensor([[math.nan if s is None else s for s in values]
+                                 for values in scores.per_function.values()],
+                                dtype=torch.float64).reshape(-1, len(scores.total)).T
+        weights = torch.tensor([f.weight for f in self.cfg.reward.functions],
                                dtype=torch.float64)
-        advantages = group_advantages(rewards, self.cfg.rollout.num_generations,
-                                      self.cfg.algorithm.scale_rewards)
+        advantages = MULTI_OBJECTIVE_AGGREGATIONS[a.multi_objective_aggregation](
+            per_func, weights, self.cfg.rollout.num_generations, a.scale_rewards)
         return TrainBatch(rollout.prompt_ids, rollout.completion_ids, advantages.tolist(),
                           rollout.sampling_logprobs,
                           mask=loss_mask(scores.total, rollout.finish_reasons,
-                                         self.cfg.algorithm.mask_truncated_completions),
+                                         a.mask_truncated_completions),
                           engine_index=rollout.engine_index, sampling_version=scored.version)
 
     def sync(self) -> dict[str, float]:

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from grpo_ray.algo.grpo import grpo_loss, probability_gap, truncated_is_weights
+from grpo_ray.algo.grpo import grpo_loss, importance_weights, probability_gap
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
 from grpo_ray.contracts import TrainBatch
 
@@ -84,11 +84,13 @@ def two_pass_reference(w, batch: TrainBatch) -> dict:
                        for i in rows])
     advantages = torch.tensor([batch.advantages[i] for i in rows], dtype=torch.float64,
                               device=dev)
-    is_weights = (truncated_is_weights(old, sampling, a.importance_sampling_cap)
+    is_weights = (importance_weights(old, sampling, mask, a.importance_sampling_mode,
+                                     a.importance_sampling_cap, a.importance_sampling_min)
                   if a.importance_sampling_correction else None)
     num_tokens = int(mask.sum())
     out = grpo_loss(logp, old, ref, advantages, mask, beta=a.beta, epsilon=a.epsilon,
-                    epsilon_high=a.epsilon_high, loss_type=a.loss_type, num_sequences=len(rows),
+                    epsilon_high=a.epsilon_high, loss_type=a.loss_type,
+                    num_sequences=len(batch),  # the masked row too: TRL's batch size
                     num_tokens=num_tokens, max_completion_length=MAX_COMPLETION,
                     is_weights=is_weights)
     out.loss.backward()
