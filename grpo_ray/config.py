@@ -89,7 +89,8 @@ class DataConfig(_Section):
     file at `path`; `synthetic`: arithmetic word problems generated in code, in GSM8K's shape.
     Hub and local rows are read through `question_field`, `answer_field` and `gold`."""
     name: str = "openai/gsm8k"
-    subset: str = "main"
+    subset: str | None = "main"
+    """The dataset's configuration (`datasets.load_dataset`'s `name`); None: its only one."""
     split: str = "train"
     """Split trained on (hub data, a local directory of split files)."""
     eval_split: str | None = None
@@ -796,10 +797,11 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 # ---- loading -------------------------------------------------------------------------------
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` over it, section by section (lists are replaced whole)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -835,11 +837,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> Config:
-    """Defaults <- `base` (a TRL config's, `grpo_ray.trl_config`) <- YAML file <- dotted
-    overrides, then type checks and invariants."""
-    data = _merge(base or {}, read_yaml(path)) if path is not None else dict(base or {})
+    """Defaults <- `base` <- YAML file <- dotted overrides, then type checks and invariants.
+    (A TRL file's layers: `grpo_ray.trl_config.load_with_trl`.)"""
+    data = merge(base or {}, read_yaml(path)) if path is not None else dict(base or {})
     for item in overrides or []:
-        data = _merge(data, parse_override(item))
+        data = merge(data, parse_override(item))
     return build_config(data)
 
 
