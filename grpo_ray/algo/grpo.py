@@ -67,7 +67,8 @@ def _unscaled(centred: Tensor, groups: Tensor, rewards: Tensor, eps: float) -> T
 SCALES = tuple(ADVANTAGE_SCALINGS)
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group",
+                     eps: float = 1e-4) -> Tensor:
     """Group-relative advantages, one per completion.
 
     rewards: (B,) float, B = P * group_size, prompt-major. NaN marks a row that could not be
@@ -83,9 +84,11 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     r - mean by 1e-4 there (|A| ~ 1e-12), a deliberate, harmless difference.
     """
     if rewards.dim() != 1 or not rewards.is_floating_point():
-        raise ValueError(f"rewards must be a 1-D float tensor, got shape {tuple(rewards.shape)} {rewards.dtype}")
+        raise ValueError(f"rewards must be a 1-D float tensor, got shape "
+                         f"{tuple(rewards.shape)} {rewards.dtype}")
     if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"group_size {group_size} does not divide the {rewards.numel()} rewards into whole groups")
+        raise ValueError(f"group_size {group_size} does not divide the {rewards.numel()} "
+                         "rewards into whole groups")
     if scale not in ADVANTAGE_SCALINGS:
         raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
     if torch.isinf(rewards).any():
@@ -115,7 +118,8 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Per-token k3 estimate of KL(policy || ref) on tokens sampled from the policy (Schulman;
     TRL's `per_token_kl`). (B, T), (B, T) -> (B, T): exp(ref - logp) - (ref - logp) - 1, >= 0."""
     if logp.shape != ref_logp.shape:
-        raise ValueError(f"ref_logp shape {tuple(ref_logp.shape)} != logp shape {tuple(logp.shape)}")
+        raise ValueError(f"ref_logp shape {tuple(ref_logp.shape)} != logp shape "
+                         f"{tuple(logp.shape)}")
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 

@@ -7,10 +7,10 @@ one chunk's logits at a time too.
 
 TRL components: `trl.trainer.utils.selective_log_softmax`, on each chunk's logits (TRL's Triton
 kernel on a GPU), and `entropy_from_logits` for the entropies of the same chunk's logits (for
-`algorithm.top_entropy_quantile`). The chunking stays ours on purpose: TRL's function takes a batch's full logits,
-and TRL's hidden-states kernel (`trl.kernels.ChunkedLogProbFunction`) always multiplies in the
-hidden states' dtype, where this multiplies in the dtype the caller asks for: the compute dtype
-(bf16 on a GPU, as TRL) or fp32 (TRL's `cast_lm_head_to_fp32`).
+`algorithm.top_entropy_quantile`). The chunking stays ours on purpose: TRL's function takes a
+batch's full logits, and TRL's hidden-states kernel (`trl.kernels.ChunkedLogProbFunction`) always
+multiplies in the hidden states' dtype, where this multiplies in the dtype the caller asks for:
+the compute dtype (bf16 on a GPU, as TRL) or fp32 (TRL's `cast_lm_head_to_fp32`).
 """
 from __future__ import annotations
 

@@ -213,19 +213,17 @@ class LearnerWorker:
     def _old_logprobs(self, mb: MicroBatch) -> None:
         """The micro-batch's log-probs under the adapter as it is now (eval mode, no gradient),
         and with an entropy mask their entropies, from the same chunked lm_head pass."""
-        hidden = self._hidden(mb, train=False)
         if self.algorithm.top_entropy_quantile < 1:
-            mb.old_logp, mb.entropies = self._token_logprobs(hidden, mb, with_entropy=True)
+            mb.old_logp, mb.entropies = self._logprobs(mb, train=False, with_entropy=True)
         else:
-            mb.old_logp = self._token_logprobs(hidden, mb)
+            mb.old_logp = self._logprobs(mb, train=False)
 
     def _entropy_pass(self, prepared: _Prepared) -> None:
         """The entropies of every micro-batch under the adapter as it is now, before a later
         optimizer pass of the same batch (TRL computes them in each pass's own forward)."""
         with torch.no_grad():
             for mb in prepared.micro_batches:
-                _, mb.entropies = self._token_logprobs(self._hidden(mb, train=False), mb,
-                                                       with_entropy=True)
+                _, mb.entropies = self._logprobs(mb, train=False, with_entropy=True)
 
     def _accumulate_gradients(self, prepared: _Prepared,
                               ref_watch: Stopwatch | None = None) -> dict[str, float]:
@@ -326,12 +324,14 @@ class LearnerWorker:
                                                      "loss_kernel": kernel})
 
     # ---- log-probabilities ---------------------------------------------------------------------
-    def _logprobs(self, mb: MicroBatch, train: bool, temperature: float | None = None) -> Tensor:
+    def _logprobs(self, mb: MicroBatch, train: bool, temperature: float | None = None,
+                  with_entropy: bool = False) -> Any:
         """(b, T) log-probs of the completion tokens under the model as it is now (the adapter
-        is whatever is enabled), at `temperature` (None: the rollout's). Eval mode for the
-        passes without gradients (the reference, a separate pass's old log-probs: deterministic
-        even with LoRA dropout); train mode (dropout, gradient checkpointing) for the update's."""
-        return self._token_logprobs(self._hidden(mb, train), mb, temperature)
+        is whatever is enabled), at `temperature` (None: the rollout's); `with_entropy` (no
+        gradient): and their (b, T) entropies. Eval mode for the passes without gradients (the
+        reference, a separate pass's old log-probs: deterministic even with LoRA dropout); train
+        mode (dropout, gradient checkpointing) for the update's."""
+        return self._token_logprobs(self._hidden(mb, train), mb, temperature, with_entropy)
 
     def _hidden(self, mb: MicroBatch, train: bool) -> Tensor:
         """(b, T, H) last hidden states at the positions that predict the completion tokens."""

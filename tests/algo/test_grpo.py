@@ -127,7 +127,8 @@ def test_clipped_ratio_both_sides_delta_and_gradient():
     old = torch.zeros(3, 4, dtype=torch.float64)
     term = clipped_ratio(policy_inputs(logp, old, t([1.0, -1.0, 0.0])), epsilon=0.2,
                          epsilon_high=0.28)
-    # A = +1: -min(r, clamp(r, 0.8, 1.28)); A = -1: max(r, clamp(r, 0.8, 1.28)); A = 0: nothing clipped
+    # A = +1: -min(r, clamp(r, 0.8, 1.28)); A = -1: max(r, clamp(r, 0.8, 1.28));
+    # A = 0: nothing clipped
     close(term.per_token, [[-1.28, -0.5, -1.1, -0.9], [1.5, 0.8, 1.1, 0.9], [0, 0, 0, 0]])
     assert term.clipped.tolist() == [[True, False, False, False], [False, True, False, False],
                                      [False] * 4]
