@@ -102,6 +102,8 @@ def test_every_loss_field_maps(tmp_path):
     assert {key: cfg.get(key) for key in OURS} == OURS
     # reward_weights: the weights of the reward functions, ours (the recipe's five) here
     assert [f.weight for f in cfg.reward.functions] == LOSS_FIELDS["reward_weights"]
+    old_name = write(tmp_path, "max_steps: 3\nvllm_importance_sampling_cap: 2.0\n", "old.yaml")
+    assert load_with_trl(old_name, None, [])[0].algorithm.importance_sampling_cap == 2.0
 
 
 def test_trl_defaults_need_no_unsupported_line(tmp_path):
