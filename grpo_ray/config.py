@@ -333,7 +333,15 @@ class AlgorithmConfig(_Section):
     the importance weight capped at `epsilon_high` and detached, times the advantage and the
     log-prob, token mean (MiniMax-M1); `sapo`: a soft sigmoid gate in place of the clip,
     sequence then batch mean (SAPO); `vespo`: a gamma weighting of the sequence's importance
-    weight times the advantage and the log-prob, token mean (VESPO)."""
+    weight times the advantage and the log-prob, token mean (VESPO).
+
+    The default stays `grpo`, where TRL's is `dapo`: this section's defaults are the reference
+    recipe's, and the reference notebook ran TRL's then-default `grpo`; the CPU learning
+    benchmark (configs/learn-cpu.yaml, 60 steps, seeds 3407, 1, 2; 2 CPU cores, 2026-12-07)
+    does not tell the two apart: held-out sampled accuracy 0.197/0.207/0.196 -> 0.418/0.386/
+    0.339 with `grpo` (after: 0.339-0.418, mean 0.381), -> 0.425/0.411/0.318 with `dapo`
+    (0.318-0.425, mean 0.385), strict format after 0.92-0.96 and 0.91-0.95 (docs/learning.md).
+    A TRL user's file gets `dapo` through `--trl-config` (TRL's defaults apply there)."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """The policy loss's importance weight pi / pi_old: one per token, or one per sequence, exp
     of the mean of its tokens' log-ratios (GSPO; TRL's `importance_sampling_level`). GSPO's own
