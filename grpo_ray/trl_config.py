@@ -338,18 +338,20 @@ def load_with_trl(trl_path: str, config_path: str | None,
                   overrides: list[str]) -> tuple[Config, list[str], list[str]]:
     """The config of `train --trl-config`: our defaults <- TRL's defaults of the fields the file
     does not set <- `--config` <- the file's fields <- overrides. Returns it, the fields ignored,
-    and one line per key two of these set differently (which value won, and the other's)."""
+    and one line per key two of these (ours included) set differently: which value won, where it
+    came from, and the others'."""
     carried = from_trl(trl_path)
     command_line: dict[str, Any] = {}
     for item in overrides:
         command_line = merge(command_line, parse_override(item))
-    layers = [Layer("TRL's default", carried.defaults),
+    layers = [Layer("grpo-ray's default", default_values()),
+              Layer("TRL's default", carried.defaults),
               Layer(f"--config {config_path}", read_yaml(config_path) if config_path else {}),
               Layer(str(trl_path), carried.explicit), Layer("the command line", command_line)]
     data: dict[str, Any] = {}
     for layer in layers:
         data = merge(data, layer.values)
-    lines = provenance(layers)
+    lines = provenance(layers, {"TRL's default", str(trl_path)})
     if carried.reward_weights is not None:
         data = _with_reward_weights(data, carried.reward_weights, trl_path)
         lines.append(f"reward.functions[*].weight={carried.reward_weights} ({trl_path}'s "
@@ -390,9 +392,10 @@ def _winner(layers: list[Layer], key: str) -> str | None:
     return found[-1] if found else None
 
 
-def provenance(layers: list[Layer]) -> list[str]:
-    """One line per dotted key that two layers set to different values: the value that wins
-    (the last layer's), its source, then what the others set."""
+def provenance(layers: list[Layer], about: set[str]) -> list[str]:
+    """One line per dotted key that two layers set to different values, one of them a layer in
+    `about` (the TRL file's two): the value that wins (the last layer's), its source, then what
+    the others set."""
     flat = [(layer.label, _flat(layer.values)) for layer in layers]
     keys = sorted({k for _, values in flat for k in values})
     lines = []
@@ -400,7 +403,7 @@ def provenance(layers: list[Layer]) -> list[str]:
         settings = [(label, values[key]) for label, values in flat if key in values]
         (label, value), others = settings[-1], settings[:-1]
         others = [(lbl, v) for lbl, v in others if v != value]
-        if others:
+        if others and about & {label, *(lbl for lbl, _ in others)}:
             lines.append(f"{key}={value} ({label}) over " + ", ".join(
                 f"{v} ({lbl})" for lbl, v in reversed(others)))
     return lines

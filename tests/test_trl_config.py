@@ -119,25 +119,29 @@ def test_trl_defaults_need_no_unsupported_line(tmp_path):
             a.importance_sampling_cap, a.use_bias_correction_kl, a.beta) == (
         "dapo", "token", "sequence_mask", 3.0, True, 0.0)
     silent = write(tmp_path, "max_steps: 3\n", "silent.yaml")  # the same, left to the defaults
-    assert load_with_trl(silent, None, []) == (cfg, [], [])
+    assert load_with_trl(silent, None, [])[:2] == (cfg, [])
 
 
 def test_the_trl_file_wins_over_a_config_preset_and_the_console_says_so(tmp_path):
     """docs/trl.md's own line: `--trl-config grpo.yaml --config configs/tiny-cpu.yaml`. The
     file's learning_rate and output_dir win over the preset's; the preset's sizes win over TRL's
-    defaults; overrides win over both. Every key set differently gets one line."""
+    defaults; overrides win over both. Every key the TRL file or TRL's defaults set differently
+    from another source gets one line; the preset over ours alone gets none."""
     path = write(tmp_path, f"learning_rate: 1.0e-5\noutput_dir: {tmp_path / 'out'}\n"
                            "max_steps: 2\nbeta: 0.02\n")
     cfg, _, lines = load_with_trl(path, "configs/tiny-cpu.yaml", ["algorithm.beta=0.1"])
     assert cfg.learner.learning_rate == 1e-5 and cfg.output.dir == str(tmp_path / "out")
     assert cfg.rollout.max_completion_length == 32 and cfg.algorithm.beta == 0.1
-    assert f"learner.learning_rate=1e-05 ({path}) over 0.0005 (--config configs/tiny-cpu.yaml)" \
-        in lines
+    assert (f"learner.learning_rate=1e-05 ({path}) over 0.0005 (--config configs/tiny-cpu.yaml), "
+            "5e-06 (grpo-ray's default)") in lines
     assert (f"output.dir={tmp_path / 'out'} ({path}) over outputs/tiny-cpu "
-            "(--config configs/tiny-cpu.yaml)") in lines
+            "(--config configs/tiny-cpu.yaml), outputs/run (grpo-ray's default)") in lines
     assert ("rollout.max_completion_length=32 (--config configs/tiny-cpu.yaml) over 512 "
-            "(TRL's default)") in lines
-    assert f"algorithm.beta=0.1 (the command line) over 0.02 ({path})" in lines
+            "(TRL's default), 200 (grpo-ray's default)") in lines
+    assert (f"algorithm.beta=0.1 (the command line) over 0.02 ({path}), 0.04 (grpo-ray's "
+            "default)") in lines
+    assert "algorithm.seed=42 (TRL's default) over 3407 (grpo-ray's default)" in lines
+    assert not [line for line in lines if line.startswith(("cluster.", "data.num_synthetic"))]
     assert not [line for line in lines if line.startswith("algorithm.total_steps")
                 and "(--config" in line.split(" over ")[0]]
 
@@ -235,18 +239,23 @@ def test_a_trl_grpo_file_trains_on_cpu(ray_local, tiny_model_path, tmp_path, cap
     printed = capsys.readouterr().out
     assert rc == 0
     assert (f"--trl-config {path}: carried over; not supported here (ignored): "
-            "use_peft (TRL's default false trains every weight; here a LoRA adapter)") in printed
-    for line in (f"model.path={tiny_model_path} ({path}) over builtin:tiny "
-                 "(--config configs/tiny-cpu.yaml)",
-                 f"lora.r=8 ({path}) over 16 (TRL's default)",
+            "lora_target_modules (TRL's default lets PEFT choose by architecture (q_proj, v_proj "
+            "on Qwen2); ours: lora.target_modules, all seven projections), use_peft (TRL's "
+            "default false trains every weight; here a LoRA adapter)\n") in printed
+    assert "loss" not in printed.splitlines()[0]  # no loss field unsupported
+    for line in (f"model.path={tiny_model_path} ({path}) over builtin:tiny (grpo-ray's default)",
+                 f"data.source=local ({path}) over synthetic (grpo-ray's default)",
+                 f"data.path={data} ({path}) over None (grpo-ray's default)",
+                 f"lora.r=8 ({path}) over 64 (grpo-ray's default)",  # tiny-cpu's is 8 too
                  f"learner.learning_rate=0.0001 ({path}) over 0.0005 "
-                 "(--config configs/tiny-cpu.yaml), 1e-06 (TRL's default)",
+                 "(--config configs/tiny-cpu.yaml), 5e-06 (grpo-ray's default)",
                  f"output.dir={out} ({path}) over outputs/tiny-cpu "
-                 "(--config configs/tiny-cpu.yaml)"):
-        assert line in printed
+                 "(--config configs/tiny-cpu.yaml), outputs/run (grpo-ray's default)",
+                 f"algorithm.loss_type=dapo ({path}) over grpo (grpo-ray's default)"):
+        assert f"\n  {line}\n" in printed, line
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]  # max_steps
-    assert steps[0]["learner/kl"] > 0 and "learner/clip_ratio/region_mean" in steps[0]
+    assert steps[1]["learner/kl"] > 0 and "learner/clip_ratio/region_mean" in steps[1]
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"]) == (8, 16)
     assert list((out / "tensorboard").iterdir())  # report_to: [tensorboard]

@@ -114,16 +114,6 @@ def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
     return (hi == lo) | (valid.sum(dim=1) < 2)
 
 
-def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Per-token k3 estimate of KL(policy || ref) on tokens sampled from the policy (Schulman;
-    TRL's `per_token_kl`). (B, T), (B, T) -> (B, T): exp(ref - logp) - (ref - logp) - 1, >= 0."""
-    if logp.shape != ref_logp.shape:
-        raise ValueError(f"ref_logp shape {tuple(ref_logp.shape)} != logp shape "
-                         f"{tuple(logp.shape)}")
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
-
-
 MultiObjective = Callable[[Tensor, Tensor, int, str], Tensor]
 MULTI_OBJECTIVE_AGGREGATIONS: dict[str, MultiObjective] = {}
 """`algorithm.multi_objective_aggregation` -> the advantages of a step from every reward
@@ -243,6 +233,16 @@ def high_entropy_mask(entropies: Tensor, mask: Tensor, threshold: Tensor) -> Ten
 
 
 # ---- the loss -----------------------------------------------------------------------------------
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(policy || ref) on tokens sampled from the policy (Schulman;
+    TRL's `per_token_kl`). (B, T), (B, T) -> (B, T): exp(ref - logp) - (ref - logp) - 1, >= 0."""
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"ref_logp shape {tuple(ref_logp.shape)} != logp shape "
+                         f"{tuple(logp.shape)}")
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
 IMPORTANCE_SAMPLING_LEVELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "token": lambda log_ratio, mask: log_ratio,
     "sequence": lambda log_ratio, mask: ((log_ratio * mask).sum(-1, keepdim=True)
