@@ -255,7 +255,8 @@ def test_a_trl_grpo_file_trains_on_cpu(ray_local, tiny_model_path, tmp_path, cap
         assert f"\n  {line}\n" in printed, line
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]  # max_steps
-    assert steps[1]["learner/kl"] > 0 and "learner/clip_ratio/region_mean" in steps[1]
+    # the clipped loss ran (TRL's figures of it are logged) on the step's completion tokens
+    assert "learner/clip_ratio/region_mean" in steps[1] and steps[1]["learner/num_tokens"] > 0
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"]) == (8, 16)
     assert list((out / "tensorboard").iterdir())  # report_to: [tensorboard]
