@@ -118,6 +118,20 @@ def test_missing_and_malformed_files(tmp_path):
     (["learner.max_tokens_per_micro_batch=159"],
      "learner.max_tokens_per_micro_batch: 159 < data.max_prompt_length + "
      "rollout.max_completion_length (128 + 32): the longest row would not fit"),
+    # the combinations of the loss's options TRL refuses, naming both keys
+    (["algorithm.importance_sampling_min=2", "algorithm.importance_sampling_cap=2"],
+     "algorithm.importance_sampling_min: 2.0 must be below algorithm.importance_sampling_cap"),
+    (["algorithm.importance_sampling_correction=true", "algorithm.importance_sampling_cap=null"],
+     "algorithm.importance_sampling_mode: token_truncate needs a bound: set "
+     "algorithm.importance_sampling_cap or algorithm.importance_sampling_min"),
+    (["algorithm.importance_sampling_correction=true", "algorithm.loss_type=vespo",
+      "algorithm.importance_sampling_mode=sequence_mask"],
+     "algorithm.importance_sampling_mode: loss_type=vespo puts the rollout weights into its own "
+     "sequence weight, token by token: use token_truncate or token_mask with "
+     "algorithm.loss_type=vespo (got sequence_mask)"),
+    (["algorithm.loss_type=gspo"], "algorithm.loss_type: must be one of 'grpo', 'bnpo', "
+     "'dr_grpo', 'dapo', 'luspo', 'cispo', 'sapo' or 'vespo' (got 'gspo')"),
+    (["algorithm.top_entropy_quantile=1.5"], "algorithm.top_entropy_quantile: must be <= 1"),
 ])
 def test_invariants_name_the_key_they_are_about(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -165,3 +179,16 @@ def test_evaluation_is_greedy_or_sampled():
     assert sampled.seed == 3407  # the same draws at every evaluation
     with pytest.raises(ConfigError, match="eval.samples: must be 1 with eval.temperature=0"):
         load_config(Path("configs/tiny-cpu.yaml"), ["eval.samples=4"])
+
+
+def test_every_registered_loss_is_a_loss_type_and_its_hyperparameters_are_fields():
+    """`algorithm.loss_type` is the registry of `algo.losses`, and every keyword a registered
+    loss takes is an `algorithm.*` field (the learner passes them by name)."""
+    import typing
+
+    from grpo_ray.algo.losses import POLICY_LOSSES
+    from grpo_ray.config import AlgorithmConfig, LossType
+
+    assert typing.get_args(LossType) == tuple(POLICY_LOSSES)
+    for loss in POLICY_LOSSES.values():
+        assert set(loss.params) <= set(AlgorithmConfig.model_fields), loss.name
