@@ -20,11 +20,11 @@ class Groups:
     """`size` completions a prompt (`rollout.num_generations`); `scale_rewards`
     (`algorithm.scale_rewards`), `mask_truncated` (`algorithm.mask_truncated_completions`),
     `aggregation` (`algorithm.multi_objective_aggregation`) and `weights` (each reward
-    function's `weight`, in config order) as configured."""
+    function's `weight`, in config order; None: 1 each) as configured."""
 
     def __init__(self, size: int, scale_rewards: str = "group", mask_truncated: bool = False,
                  aggregation: str = "sum_then_normalize",
-                 weights: tuple[float, ...] = ()) -> None:
+                 weights: tuple[float, ...] | None = None) -> None:
         self.size, self.scale_rewards, self.mask_truncated = size, scale_rewards, mask_truncated
         self.aggregation, self.weights = aggregation, weights
 
@@ -49,9 +49,10 @@ class Groups:
         per_func = torch.tensor([[math.nan if s is None else s for s in values]
                                  for values in scores.per_function.values()],
                                 dtype=torch.float64).reshape(-1, len(scores.total)).T
+        weights = (torch.ones(per_func.shape[1], dtype=torch.float64) if self.weights is None
+                   else torch.tensor(self.weights, dtype=torch.float64))
         advantages = MULTI_OBJECTIVE_AGGREGATIONS[self.aggregation](
-            per_func, torch.tensor(self.weights, dtype=torch.float64), self.size,
-            self.scale_rewards)
+            per_func, weights, self.size, self.scale_rewards)
         return TrainBatch(rollout.prompt_ids, rollout.completion_ids, advantages.tolist(),
                           rollout.sampling_logprobs,
                           mask=loss_mask(scores.total, rollout.finish_reasons,
