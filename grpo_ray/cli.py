@@ -178,19 +178,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_config(args: argparse.Namespace):
-    """The config of `train`: defaults <- `--trl-config` (a TRL GRPOConfig YAML, carried over
-    field by field; one line names what we do not support) <- `--config` <- overrides."""
+    """The config of `train`: defaults <- `--config` <- overrides; with `--trl-config` (a TRL
+    YAML file, carried over field by field) TRL's defaults go under `--config` and the fields the
+    file sets over it (`trl_config.load_with_trl`); the console says what it did not carry over
+    and, for every key set differently by two sources, which one won."""
     from grpo_ray.config import load_config
 
-    base = None
-    if getattr(args, "trl_config", None):
-        from grpo_ray.driver.trl_config import from_trl
+    if not getattr(args, "trl_config", None):
+        return load_config(args.config, args.overrides)
+    from grpo_ray.driver.trl_config import load_with_trl
 
-        base, unsupported = from_trl(args.trl_config)
-        print(f"--trl-config {args.trl_config}: GRPOConfig carried over"
-              + (f"; not supported here (ignored): {', '.join(unsupported)}" if unsupported
-                 else ""))
-    return load_config(args.config, args.overrides, base)
+    cfg, ignored, differ = load_with_trl(args.trl_config, args.config, args.overrides)
+    print(f"--trl-config {args.trl_config}: carried over"
+          + (f"; not supported here (ignored): {', '.join(ignored)}" if ignored else ""))
+    if differ:
+        print("set differently by two sources (the first wins):\n  " + "\n  ".join(differ))
+    return cfg
 
 
 def checkpoint_to_resume(cfg, root, resume: bool) -> tuple[object, bool]:

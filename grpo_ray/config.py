@@ -91,7 +91,8 @@ class DataConfig(_Section):
     Hub and local rows are read through `question_field`, `answer_field` and `gold`. Not given,
     it follows from the keys that are: `path` means `local`, `name` or `subset` means `hub`."""
     name: str = "openai/gsm8k"
-    subset: str = "main"
+    subset: str | None = "main"
+    """The dataset's configuration (`datasets.load_dataset`'s `name`); None: its only one."""
     split: str = "train"
     """Split trained on (hub data, a local directory of split files)."""
     eval_split: str | None = None
@@ -321,6 +322,10 @@ class LearnerConfig(_Section):
         return self
 
 
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo"]
+"""`algorithm.loss_type`: the losses registered in `algo.losses` (a test keeps the two equal)."""
+
+
 class AlgorithmConfig(_Section):
     total_steps: int = Field(250, ge=1)
     beta: float = Field(0.04, ge=0)
@@ -328,22 +333,95 @@ class AlgorithmConfig(_Section):
     epsilon: float = Field(0.2, gt=0, lt=1)
     """Lower clip range of the probability ratio."""
     epsilon_high: float | None = Field(None, gt=0)
-    """Upper clip range; None means `epsilon` (DAPO's clip-higher when larger)."""
-    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"
-    """`grpo`: mean over each sequence's tokens, then over sequences (DeepSeekMath); `bnpo`:
-    mean over all tokens of the batch; `dr_grpo`: sum over tokens / (sequences x
-    max_completion_length) (Dr. GRPO)."""
+    """Upper clip range; None means `epsilon` (DAPO's clip-higher when larger). For `cispo` it is
+    the cap of the importance weight itself (ScaleRL's eps_max, 5.0 there), as in TRL."""
+    delta: float | None = Field(None, gt=0)
+    """Two-sided clipping (INTELLECT-2): the ratio is also capped at `delta` where the advantage
+    is negative, so a token far above the old policy cannot get an unbounded push down; None:
+    off. Recommended above 1 + epsilon_high. The clipped losses only (grpo, bnpo, dr_grpo, dapo,
+    luspo)."""
+    loss_type: LossType = "grpo"
+    """The policy loss (`algo.losses`, one registered function each; TRL's `loss_type`).
+    `grpo`: clipped ratio, each sequence's token mean, then the mean over sequences
+    (DeepSeekMath); `bnpo` and `dapo`: clipped ratio, the mean over every token of the step's
+    batch (DAPO; TRL's bnpo normalizes each micro-batch by its own tokens, here both by the
+    whole batch's); `dr_grpo`: clipped ratio, the sum over tokens / (sequences x
+    max_completion_length) (Dr. GRPO); `luspo`: clipped ratio, each sequence's token sum, then
+    the mean over sequences (LUSPO, meant with `importance_sampling_level: sequence`); `cispo`:
+    the importance weight capped at `epsilon_high` and detached, times the advantage and the
+    log-prob, token mean (MiniMax-M1); `sapo`: a soft sigmoid gate in place of the clip,
+    sequence then batch mean (SAPO); `vespo`: a gamma weighting of the sequence's importance
+    weight times the advantage and the log-prob, token mean (VESPO).
+
+    The default stays `grpo`, where TRL's is `dapo`: this section's defaults are the reference
+    recipe's, and the reference notebook ran TRL's then-default `grpo`; the CPU learning
+    benchmark (configs/learn-cpu.yaml, 60 steps, seeds 3407, 1, 2; 2 CPU cores, 2026-12-07)
+    does not tell the two apart: held-out sampled accuracy 0.197/0.207/0.196 -> 0.418/0.386/
+    0.339 with `grpo` (after: 0.339-0.418, mean 0.381), -> 0.425/0.411/0.318 with `dapo`
+    (0.318-0.425, mean 0.385), strict format after 0.92-0.96 and 0.91-0.95 (docs/learning.md).
+    A TRL user's file gets `dapo` through `--trl-config` (TRL's defaults apply there)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """The policy loss's importance weight pi / pi_old: one per token, or one per sequence, exp
+    of the mean of its tokens' log-ratios (GSPO; TRL's `importance_sampling_level`). GSPO's own
+    setup is `sequence` with `loss_type: grpo`."""
+    sapo_temperature_pos: float = Field(1.0, gt=0)
+    """`sapo`'s gate temperature where the advantage is positive."""
+    sapo_temperature_neg: float = Field(1.05, gt=0)
+    """`sapo`'s gate temperature where the advantage is not positive."""
+    vespo_k_pos: float = 2.0
+    """`vespo`'s power k of the weight phi(w) = e^lambda w^k e^(-lambda w) for advantages >= 0:
+    how hard sequences with w < 1 are damped."""
+    vespo_lambda_pos: float = 3.0
+    """`vespo`'s decay lambda for advantages >= 0: how hard sequences with w > 1 are damped."""
+    vespo_k_neg: float = 3.0
+    """`vespo`'s k for negative advantages."""
+    vespo_lambda_neg: float = 2.0
+    """`vespo`'s lambda for negative advantages."""
+    top_entropy_quantile: float = Field(1.0, ge=0, le=1)
+    """Keep only this top fraction of the batch's completion tokens, by the entropy of the
+    policy's distribution there, in the policy term (Beyond the 80/20 Rule: 0.2; TRL's
+    `top_entropy_quantile`); 1 keeps every token, 0 only the highest. The threshold is the
+    quantile over the whole step's batch (TRL's over each micro-batch: the same with one), from
+    entropies computed in the chunked log-prob pass without gradients that runs before each
+    optimizer pass (the old log-probs' pass); the KL term keeps every token. The `entropy`
+    metric is logged with it."""
+    off_policy_mask_threshold: float | None = Field(None, ge=0)
+    """DeepSeek-V3.2's off-policy sequence mask: a completion with a negative advantage whose
+    mean per-token KL(rollout engine || policy) estimate exceeds this is left out of the policy
+    term (0.5 in TRL's docs); None: off (TRL's `off_policy_mask_threshold`)."""
+    use_bias_correction_kl: bool = False
+    """Multiply the KL term by the importance weight pi / pi_old, which makes its gradient the
+    unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's `use_bias_correction_kl`, default true
+    there). False keeps the plain k3 term, what this project always ran; the two differ in the
+    gradient even on policy (the weight is 1 but differentiable)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide advantages by the std of the group, of the batch, or not at all (Dr. GRPO)."""
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = \
+        "sum_then_normalize"
+    """How several reward functions become one advantage (TRL's option of the same name).
+    `sum_then_normalize`: the weighted sum of the functions (`reward.functions[i].weight`),
+    then group-relative advantages scaled by `scale_rewards`. `normalize_then_sum` (GDPO): each
+    function normalized within its group, the weighted sum normalized over the batch;
+    `scale_rewards` does not apply."""
     num_iterations: int = Field(1, ge=1)
     """Optimizer passes over each generated batch (GRPO's mu); the ratio is 1 on the first."""
     importance_sampling_correction: bool | None = None
-    """Weight each token by min(p_learner / p_rollout, cap), p_rollout being the engine's
-    probability under the adapter version it sampled with: truncated importance sampling that
-    corrects the rollout/learner probability gap and, one step off policy, the version the
-    batch is behind. None: on when `max_staleness` > 0, off otherwise (resolved when the config
-    loads)."""
-    importance_sampling_cap: float = Field(2.0, ge=1)
+    """Weight each token (or sequence) of the policy term by p_learner / p_rollout, p_rollout
+    being the engine's probability under the adapter version it sampled with, truncated or
+    masked per `importance_sampling_mode`: it corrects the rollout/learner probability gap and,
+    one step off policy, the version the batch is behind (TRL's vLLM importance sampling).
+    None: on when `max_staleness` > 0, off otherwise (resolved when the config loads)."""
+    importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate",
+                                      "sequence_mask"] = "token_truncate"
+    """TRL's `vllm_importance_sampling_mode`: a weight per token or one per sequence (the product
+    of its token ratios), truncated to [importance_sampling_min, importance_sampling_cap] or
+    masked (set to 0) outside it. `token_truncate` is the truncated importance sampling this
+    project ran before the modes existed, and stays the default; TRL's is `sequence_mask`."""
+    importance_sampling_cap: float | None = Field(2.0, gt=0)
+    """Upper bound of the importance weight (TRL's `vllm_importance_sampling_clip_max`, 3.0
+    there); None: none."""
+    importance_sampling_min: float | None = Field(None, ge=0)
+    """Lower bound (TRL's `vllm_importance_sampling_clip_min`); None: none."""
     max_staleness: int = Field(0, ge=0, le=1)
     """0: on policy, each step runs generate -> score -> update -> sync in turn. 1: one step off
     policy: while the learner trains on batch s, the engines generate batch s+1 with the adapter
@@ -356,17 +434,32 @@ class AlgorithmConfig(_Section):
     max_refill_rounds: int = Field(2, ge=0)
     """Extra batches generated at most per step to refill dropped groups (the bound on
     over-generation); a step that is still short trains on the groups it has."""
-
-    @model_validator(mode="after")
-    def _resolve_importance_sampling(self) -> "AlgorithmConfig":
-        if self.importance_sampling_correction is None:  # resolved once, here
-            self.importance_sampling_correction = self.max_staleness > 0
-        return self
     mask_truncated_completions: bool = False
     """Leave completions cut at `rollout.max_completion_length` (finish reason `length`) out of
     the loss (TRL's option of the same name, from DAPO): a truncated text is no evidence of a
     good or bad answer. Their rewards still count in their group's advantages."""
     seed: int = 3407
+
+    @model_validator(mode="after")
+    def _resolve_importance_sampling(self) -> "AlgorithmConfig":
+        if self.importance_sampling_correction is None:  # resolved once, here
+            self.importance_sampling_correction = self.max_staleness > 0
+        low, high = self.importance_sampling_min, self.importance_sampling_cap
+        _require(low is None or high is None or low < high, "importance_sampling_min",
+                 f"{low} must be below algorithm.importance_sampling_cap ({high})")
+        if not self.importance_sampling_correction:
+            return self
+        _require(not (self.importance_sampling_mode.endswith("_truncate")
+                      and low is None and high is None), "importance_sampling_mode",
+                 f"{self.importance_sampling_mode} needs a bound: set "
+                 "algorithm.importance_sampling_cap or algorithm.importance_sampling_min")
+        _require(not (self.loss_type == "vespo"
+                      and self.importance_sampling_mode.startswith("sequence")),
+                 "importance_sampling_mode",
+                 f"loss_type=vespo puts the rollout weights into its own sequence weight, token "
+                 f"by token: use token_truncate or token_mask with algorithm.loss_type=vespo "
+                 f"(got {self.importance_sampling_mode})")
+        return self
 
 
 class ClusterConfig(_Section):
@@ -614,7 +707,28 @@ class Config(_Section):
                      f"must be a fraction in (0, 1) with cluster.colocate (got {lr.num_gpus:g}): "
                      "the learner's share of the GPU it shares with the engine")
         self._eval_invariants()
+        self._loss_kernel_invariants()
         return self
+
+    def _loss_kernel_invariants(self) -> None:
+        """What Liger's fused GRPO loss (0.8.5) cannot compute as TRL does is refused with it."""
+        if self.learner.loss_kernel != "liger":
+            return
+        a = self.algorithm
+        refused = {
+            "algorithm.loss_type=luspo": a.loss_type == "luspo",  # its token-level sum differs
+            f"algorithm.importance_sampling_level=sequence with loss_type={a.loss_type}":
+                a.importance_sampling_level == "sequence" and a.loss_type in (
+                    "cispo", "sapo", "vespo"),
+            f"algorithm.top_entropy_quantile={a.top_entropy_quantile}":
+                a.top_entropy_quantile < 1,
+            f"algorithm.off_policy_mask_threshold={a.off_policy_mask_threshold}":
+                a.off_policy_mask_threshold is not None,
+        }
+        for what, bad in refused.items():
+            _require(not bad, "learner.loss_kernel",
+                     f"liger (Liger-Kernel's fused GRPO loss) does not compute {what} as TRL "
+                     "does; use learner.loss_kernel=chunked")
 
     def _data_invariants(self) -> None:
         d = self.data
@@ -779,6 +893,12 @@ def _fields_set(model: BaseModel, prefix: str = "") -> set[str]:
     return out
 
 
+def given_keys(data: dict[str, Any], layer: int) -> dict[str, int]:
+    """The dotted keys a YAML file (layer 1) or an override (layer 2) sets, each with its layer,
+    for `build_config`'s `given`."""
+    return dict.fromkeys(_given(data), layer)
+
+
 def _given(data: dict[str, Any], prefix: str = "") -> set[str]:
     """Dotted keys of a nested mapping of sections (what a YAML file and overrides give)."""
     out = set()
@@ -813,10 +933,11 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 # ---- loading -------------------------------------------------------------------------------
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` over it, section by section (lists are replaced whole)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -852,14 +973,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> Config:
-    """Defaults <- `base` (a TRL config's, `grpo_ray.driver.trl_config`) <- YAML file <- dotted
-    overrides, then type checks and invariants."""
+    """Defaults <- `base` <- YAML file <- dotted overrides, then type checks and invariants.
+    (A TRL file's layers: `grpo_ray.driver.trl_config.load_with_trl`.)"""
     own = read_yaml(path) if path is not None else {}
-    data, given = _merge(base or {}, own), dict.fromkeys(_given(own), 1)  # the file: layer 1
+    data, given = merge(base or {}, own), given_keys(own, 1)
     for item in overrides or []:
         override = parse_override(item)
-        data = _merge(data, override)
-        given.update(dict.fromkeys(_given(override), 2))
+        data = merge(data, override)
+        given.update(given_keys(override, 2))
     return build_config(data, given)
 
 
@@ -867,7 +988,7 @@ def build_config(data: dict[str, Any], given: dict[str, int] | None = None) -> C
     """A validated Config from a nested mapping; ConfigError names the first bad key. `given`:
     the dotted keys the user set, each with its layer (1: a YAML file, 2: an override), for
     `Config._given_keys_take_effect`; None: every key of `data`, in one layer."""
-    given = dict.fromkeys(_given(data), 1) if given is None else dict(given)
+    given = given_keys(data, 1) if given is None else dict(given)
     implied = [given[k] for k in ("data.path", "data.name", "data.subset") if k in given]
     if implied and "data.source" not in given:  # `DataConfig._implied_source`: as late as them
         given["data.source"] = max(implied)

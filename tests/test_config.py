@@ -118,6 +118,20 @@ def test_missing_and_malformed_files(tmp_path):
     (["learner.max_tokens_per_micro_batch=159"],
      "learner.max_tokens_per_micro_batch: 159 < data.max_prompt_length + "
      "rollout.max_completion_length (128 + 32): the longest row would not fit"),
+    # the combinations of the loss's options TRL refuses, naming both keys
+    (["algorithm.importance_sampling_min=2", "algorithm.importance_sampling_cap=2"],
+     "algorithm.importance_sampling_min: 2.0 must be below algorithm.importance_sampling_cap"),
+    (["algorithm.importance_sampling_correction=true", "algorithm.importance_sampling_cap=null"],
+     "algorithm.importance_sampling_mode: token_truncate needs a bound: set "
+     "algorithm.importance_sampling_cap or algorithm.importance_sampling_min"),
+    (["algorithm.importance_sampling_correction=true", "algorithm.loss_type=vespo",
+      "algorithm.importance_sampling_mode=sequence_mask"],
+     "algorithm.importance_sampling_mode: loss_type=vespo puts the rollout weights into its own "
+     "sequence weight, token by token: use token_truncate or token_mask with "
+     "algorithm.loss_type=vespo (got sequence_mask)"),
+    (["algorithm.loss_type=gspo"], "algorithm.loss_type: must be one of 'grpo', 'bnpo', "
+     "'dr_grpo', 'dapo', 'luspo', 'cispo', 'sapo' or 'vespo' (got 'gspo')"),
+    (["algorithm.top_entropy_quantile=1.5"], "algorithm.top_entropy_quantile: must be <= 1"),
 ])
 def test_invariants_name_the_key_they_are_about(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -259,13 +273,15 @@ def test_the_same_keys_with_what_makes_them_count_load():
 def test_a_trl_config_base_is_not_a_setting_the_user_gave(tmp_path):
     """`--trl-config` carries TRL's defaults (its importance-sampling cap among them): with the
     correction off in the TRL file, the cap it never set is not refused."""
-    from grpo_ray.driver.trl_config import from_trl
+    from grpo_ray.driver.trl_config import load_with_trl
 
     trl = tmp_path / "grpo.yaml"
     trl.write_text("vllm_importance_sampling_correction: false\nmax_steps: 3\n")
-    base, _ = from_trl(str(trl))
-    assert base["algorithm"]["importance_sampling_cap"] != 2.0  # TRL's default, not ours
-    assert not load_config(None, [], base).algorithm.importance_sampling_correction
+    cfg = load_with_trl(str(trl), None, [])[0]
+    assert cfg.algorithm.importance_sampling_cap != 2.0  # TRL's default, not ours
+    assert not cfg.algorithm.importance_sampling_correction
+    with pytest.raises(ConfigError, match=r"^algorithm.importance_sampling_cap: has no effect "):
+        load_with_trl(str(trl), None, ["algorithm.importance_sampling_cap=5"])  # ours: refused
 
 
 def test_the_resolved_config_loads_back_as_it_is(tmp_path):
@@ -282,3 +298,16 @@ def test_the_resolved_config_loads_back_as_it_is(tmp_path):
     again = load_config(path)
     assert again.data.num_synthetic == 2000 and cfg.data.num_synthetic == 500  # moot: default
     assert again.resolved() == cfg.resolved() and again.data.path == "math.jsonl"
+
+
+def test_every_registered_loss_is_a_loss_type_and_its_hyperparameters_are_fields():
+    """`algorithm.loss_type` is the registry of `algo.losses`, and every keyword a registered
+    loss takes is an `algorithm.*` field (the learner passes them by name)."""
+    import typing
+
+    from grpo_ray.algo.losses import POLICY_LOSSES
+    from grpo_ray.config import AlgorithmConfig, LossType
+
+    assert typing.get_args(LossType) == tuple(POLICY_LOSSES)
+    for loss in POLICY_LOSSES.values():
+        assert set(loss.params) <= set(AlgorithmConfig.model_fields), loss.name

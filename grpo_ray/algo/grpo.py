@@ -1,9 +1,12 @@
-"""GRPO's math as pure torch functions: group-relative advantages, the clipped surrogate, the k3
-KL to the reference, truncated importance sampling and the loss aggregations.
+"""GRPO's math around the loss as pure torch functions: group-relative advantages (and their
+scalings, a registry), the k3 KL to the reference, the rollout importance weights, the off-policy
+and entropy masks, and `grpo_loss`, which puts them around a registered policy loss
+(`algo.losses`) in TRL's order.
 
 The formulas follow TRL 1.16's `GRPOTrainer` (`_generate_and_score_completions` for the
 advantages and the vLLM importance-sampling ratio, `_compute_loss` for the loss), checked by
-`tests/algo/test_parity_trl.py`. Deliberate differences are stated where they occur.
+`tests/algo/test_parity_trl.py` against TRL's own source. Deliberate differences are stated
+where they occur.
 
 TRL components: `trl.trainer.utils.nanstd` (the group and batch std of the advantages), imported
 where it is used, as TRL loads transformers and accelerate.
@@ -14,16 +17,58 @@ away, as in TRL, and NaN * 0 is NaN.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-SCALES = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+from grpo_ray.algo.losses import (LOSS_TYPES, POLICY_LOSSES, PolicyInputs, Stat,  # noqa: F401
+                                  policy_loss)
+
+# ---- advantages ---------------------------------------------------------------------------------
+Scaling = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+ADVANTAGE_SCALINGS: dict[str, Scaling] = {}
+"""`algorithm.scale_rewards` -> how the centred rewards are scaled: (centred (P, n), rewards
+grouped (P, n), rewards (B,), eps) -> (P, n)."""
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def register_advantage_scaling(name: str) -> Callable[[Scaling], Scaling]:
+    def register(fn: Scaling) -> Scaling:
+        ADVANTAGE_SCALINGS[name] = fn
+        return fn
+    return register
+
+
+@register_advantage_scaling("group")
+def _by_group_std(centred: Tensor, groups: Tensor, rewards: Tensor, eps: float) -> Tensor:
+    """Divided by the group's std + eps (DeepSeekMath; TRL's `scale_rewards="group"`)."""
+    from trl.trainer.utils import nanstd
+
+    return centred / (nanstd(groups, dim=1, keepdim=True) + eps)
+
+
+@register_advantage_scaling("batch")
+def _by_batch_std(centred: Tensor, groups: Tensor, rewards: Tensor, eps: float) -> Tensor:
+    """Divided by the whole batch's std + eps, the mean staying per group (PPO Lite; TRL's
+    `scale_rewards="batch"`)."""
+    from trl.trainer.utils import nanstd
+
+    return centred / (nanstd(rewards) + eps)
+
+
+@register_advantage_scaling("none")
+def _unscaled(centred: Tensor, groups: Tensor, rewards: Tensor, eps: float) -> Tensor:
+    """Not divided (Dr. GRPO, arXiv 2503.20783: the std brings a question-difficulty bias)."""
+    return centred
+
+
+SCALES = tuple(ADVANTAGE_SCALINGS)
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: str = "group",
+                     eps: float = 1e-4) -> Tensor:
     """Group-relative advantages, one per completion.
 
     rewards: (B,) float, B = P * group_size, prompt-major. NaN marks a row that could not be
@@ -39,22 +84,19 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
     r - mean by 1e-4 there (|A| ~ 1e-12), a deliberate, harmless difference.
     """
     if rewards.dim() != 1 or not rewards.is_floating_point():
-        raise ValueError(f"rewards must be a 1-D float tensor, got shape {tuple(rewards.shape)} {rewards.dtype}")
+        raise ValueError(f"rewards must be a 1-D float tensor, got shape "
+                         f"{tuple(rewards.shape)} {rewards.dtype}")
     if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"group_size {group_size} does not divide the {rewards.numel()} rewards into whole groups")
-    if scale not in SCALES:
+        raise ValueError(f"group_size {group_size} does not divide the {rewards.numel()} "
+                         "rewards into whole groups")
+    if scale not in ADVANTAGE_SCALINGS:
         raise ValueError(f"unknown scale {scale!r}; expected one of {SCALES}")
     if torch.isinf(rewards).any():
         raise ValueError("rewards contain inf; mark unscorable rows with NaN instead")
 
-    from trl.trainer.utils import nanstd
-
     groups = rewards.view(-1, group_size)
-    adv = groups - torch.nanmean(groups, dim=1, keepdim=True)
-    if scale == "group":
-        adv = adv / (nanstd(groups, dim=1, keepdim=True) + eps)
-    elif scale == "batch":
-        adv = adv / (nanstd(rewards) + eps)
+    adv = ADVANTAGE_SCALINGS[scale](groups - torch.nanmean(groups, dim=1, keepdim=True), groups,
+                                    rewards, eps)
     # Groups with one distinct valid value carry no signal; exact zeros keep them out of the loss.
     adv = torch.where(zero_variance_groups(rewards, group_size).unsqueeze(1),
                       torch.zeros_like(adv), adv)
@@ -72,83 +114,163 @@ def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
     return (hi == lo) | (valid.sum(dim=1) < 2)
 
 
+MultiObjective = Callable[[Tensor, Tensor, int, str], Tensor]
+MULTI_OBJECTIVE_AGGREGATIONS: dict[str, MultiObjective] = {}
+"""`algorithm.multi_objective_aggregation` -> the advantages of a step from every reward
+function's scores: (rewards_per_func (B, K), NaN where function k did not score the row;
+weights (K,); group_size; scale_rewards) -> (B,). A row no function scored gets 0."""
+
+
+def register_multi_objective(name: str) -> Callable[[MultiObjective], MultiObjective]:
+    def register(fn: MultiObjective) -> MultiObjective:
+        MULTI_OBJECTIVE_AGGREGATIONS[name] = fn
+        return fn
+    return register
+
+
+def _check_per_func(rewards_per_func: Tensor, weights: Tensor, group_size: int) -> None:
+    if rewards_per_func.dim() != 2 or weights.shape != rewards_per_func.shape[1:]:
+        raise ValueError(f"rewards_per_func {tuple(rewards_per_func.shape)} must be (B, K) and "
+                         f"weights {tuple(weights.shape)} (K,)")
+    if group_size < 1 or rewards_per_func.shape[0] % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the {rewards_per_func.shape[0]}"
+                         " rows into whole groups")
+
+
+@register_multi_objective("sum_then_normalize")
+def sum_then_normalize(rewards_per_func: Tensor, weights: Tensor, group_size: int,
+                       scale: str) -> Tensor:
+    """The weighted sum of the functions that scored each row (NaN where none did: the reward
+    pool's `Scores.total`), then `group_advantages` with `scale`. TRL:
+    `_generate_and_score_completions`, the `sum_then_normalize` branch."""
+    _check_per_func(rewards_per_func, weights, group_size)
+    total = (rewards_per_func * weights.to(rewards_per_func).unsqueeze(0)).nansum(dim=1)
+    total[torch.isnan(rewards_per_func).all(dim=1)] = math.nan
+    return group_advantages(total, group_size, scale)
+
+
+@register_multi_objective("normalize_then_sum")
+def normalize_then_sum(rewards_per_func: Tensor, weights: Tensor, group_size: int,
+                       scale: str, eps: float = 1e-4) -> Tensor:
+    """GDPO (each reward function normalized within its group, then the weighted sum normalized
+    over the batch): with z_k = (r_k - mean_group(r_k)) / (std_group(r_k) + eps) (0 where NaN),
+    s = sum_k w_k z_k, A = (s - mean(s)) / (std(s) + eps) over the batch; rows no function scored
+    stay out of the means. `scale` does not apply (TRL ignores `scale_rewards` here too). TRL:
+    `_generate_and_score_completions`, the `normalize_then_sum` branch, then its NaN -> 0."""
+    from trl.trainer.utils import nanstd
+
+    _check_per_func(rewards_per_func, weights, group_size)
+    k = rewards_per_func.shape[1]
+    grouped = rewards_per_func.view(-1, group_size, k)
+    z = ((grouped - torch.nanmean(grouped, dim=1, keepdim=True))
+         / (nanstd(grouped, dim=1, keepdim=True) + eps)).view(-1, k)
+    summed = (z * weights.to(z).unsqueeze(0)).nansum(dim=1)
+    summed[torch.isnan(rewards_per_func).all(dim=1)] = math.nan
+    adv = (summed - torch.nanmean(summed)) / (nanstd(summed) + eps)
+    return torch.nan_to_num(adv, nan=0.0)
+
+
+# ---- the rollout importance weights and the masks -----------------------------------------------
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def importance_weights(old_logp: Tensor, sampling_logp: Tensor, mask: Tensor, mode: str,
+                       cap: float | None, minimum: float | None = None) -> Tensor:
+    """Importance weights pi_old / pi_rollout that correct for the rollout engine sampling from a
+    slightly different distribution than the learner's (and, one step off policy, from the
+    previous adapter): TRL's vLLM importance sampling, `vllm_importance_sampling_mode`.
+
+    old_logp, sampling_logp, mask: (B, T) -> detached (B, T) for the token modes, (B, 1) for the
+    sequence modes (the product of the sequence's token ratios). `*_truncate` clamps the ratio
+    to [minimum, cap]; `*_mask` sets ratios outside [minimum, cap] to 0 (the token or sequence
+    then takes no part in the policy term). None is no bound. A NaN sampling logprob
+    (unavailable from the engine) and every position outside the mask count as ratio 1, as TRL.
+    TRL: `_generate_and_score_completions`, the `vllm_importance_sampling_correction` block."""
+    if old_logp.shape != sampling_logp.shape or mask.shape != old_logp.shape:
+        raise ValueError(f"shapes differ: old_logp {tuple(old_logp.shape)}, sampling_logp "
+                         f"{tuple(sampling_logp.shape)}, mask {tuple(mask.shape)}")
+    if mode not in IMPORTANCE_SAMPLING_MODES:
+        raise ValueError(f"unknown importance sampling mode {mode!r}; expected one of "
+                         f"{IMPORTANCE_SAMPLING_MODES}")
+    level, constraint = mode.split("_")
+    diff = torch.nan_to_num((old_logp - sampling_logp).detach() * mask, nan=0.0)
+    ratio = torch.exp(diff.sum(-1, keepdim=True) if level == "sequence" else diff)
+    if constraint == "truncate":
+        return torch.clamp(ratio, min=minimum, max=cap)
+    low = -math.inf if minimum is None else minimum
+    high = math.inf if cap is None else cap
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+def off_policy_mask(advantages: Tensor, logp: Tensor, sampling_logp: Tensor, mask: Tensor,
+                    threshold: float) -> Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9): a sequence with a
+    negative advantage whose mean KL(rollout || policy) estimate, sampling_logp - logp over its
+    tokens, exceeds `threshold` is dropped. advantages (B, 1); logp, sampling_logp, mask (B, T)
+    -> (B, 1) 1.0 keep / 0.0 drop. NaN sampling log-probs count as 0. TRL: `get_off_policy_mask`,
+    fed the rollout's log-probs (`sampling_per_token_logps`)."""
+    kl = torch.nan_to_num(sampling_logp - logp.detach(), nan=0.0)
+    mean_kl = (kl * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (mean_kl <= threshold)).to(mask.dtype)
+
+
+def entropy_threshold(entropies: Tensor, mask: Tensor, top_quantile: float) -> Tensor:
+    """The entropy at or above which a token is among the `top_quantile` highest of the masked
+    tokens (Beyond the 80/20 Rule, arXiv 2506.01939: learning on the ~20% forking tokens).
+    entropies, mask: (N, T) (every micro-batch of the whole batch, concatenated) -> a scalar;
+    +inf without tokens (nothing passes). TRL: `get_high_entropy_mask`'s `torch.quantile(...,
+    1 - top_entropy_quantile)`, over the tokens of its (micro-)batch."""
+    active = entropies[mask.bool()].float()
+    if not active.numel():
+        return torch.tensor(math.inf, device=entropies.device)
+    return torch.quantile(active, 1 - top_quantile)
+
+
+def high_entropy_mask(entropies: Tensor, mask: Tensor, threshold: Tensor) -> Tensor:
+    """(B, T) entropies, mask, the batch's `entropy_threshold` -> (B, T) bool: the masked tokens
+    whose entropy reaches it (TRL's `get_high_entropy_mask`)."""
+    return ((entropies * mask) >= threshold) & mask.bool()
+
+
+# ---- the loss -----------------------------------------------------------------------------------
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Per-token k3 estimate of KL(policy || ref) on tokens sampled from the policy (Schulman;
     TRL's `per_token_kl`). (B, T), (B, T) -> (B, T): exp(ref - logp) - (ref - logp) - 1, >= 0."""
     if logp.shape != ref_logp.shape:
-        raise ValueError(f"ref_logp shape {tuple(ref_logp.shape)} != logp shape {tuple(logp.shape)}")
+        raise ValueError(f"ref_logp shape {tuple(ref_logp.shape)} != logp shape "
+                         f"{tuple(logp.shape)}")
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
 
-def clipped_surrogate(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, epsilon_low: float, epsilon_high: float
-) -> tuple[Tensor, Tensor]:
-    """PPO's clipped objective, negated as a loss, per token.
+IMPORTANCE_SAMPLING_LEVELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "token": lambda log_ratio, mask: log_ratio,
+    "sequence": lambda log_ratio, mask: ((log_ratio * mask).sum(-1, keepdim=True)
+                                         / mask.sum(-1, keepdim=True).clamp(min=1.0)),
+}
+"""`algorithm.importance_sampling_level` -> the log of the policy term's importance weight from
+the per-token log-ratios (B, T) and mask: per token, or one per sequence, the mean of its
+tokens' (GSPO, arXiv 2507.18071; TRL's `importance_sampling_level`)."""
 
-    logp, old_logp: (B, T); advantages: (B,). ratio = exp(logp - old_logp).
-    Returns (loss (B, T) = -min(ratio * A, clamp(ratio, 1 - eps_low, 1 + eps_high) * A),
-    clipped (B, T) bool: where the clipped term is the one taken, so the token has no gradient;
-    TRL's is_low_clipped | is_high_clipped).
-    """
-    if logp.shape != old_logp.shape:
-        raise ValueError(f"old_logp shape {tuple(old_logp.shape)} != logp shape {tuple(logp.shape)}")
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"advantages shape {tuple(advantages.shape)} must be ({logp.shape[0]},), one per sequence")
-    adv = advantages.unsqueeze(1)
-    ratio = torch.exp(logp - old_logp)
-    clamped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    loss = -torch.min(ratio * adv, clamped * adv)
-    clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
-    return loss, clipped
+HYPERPARAMETERS = tuple(sorted({p for loss in POLICY_LOSSES.values() for p in loss.params}))
+"""Every keyword argument some registered loss takes (`algorithm.*` names)."""
 
 
-def truncated_is_weights(old_logp: Tensor, sampling_logp: Tensor, cap: float) -> Tensor:
-    """Truncated importance weights that correct for the rollout engine sampling from a slightly
-    different distribution than the learner's (TRL's vLLM importance sampling, `token_truncate`).
+def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: str, *, num_sequences: int,
+                   num_tokens: int, max_completion_length: int) -> Tensor:
+    """These rows' share of the whole batch's loss, by `loss_type`'s registered aggregation
+    (`algo.losses`): summed over micro-batches it equals the loss of the whole batch at once.
 
-    (B, T), (B, T) -> (B, T) detached: min(exp(old_logp - sampling_logp), cap). A NaN sampling
-    logprob (unavailable from the engine) gives weight 1, as TRL. TRL's default mode is
-    `sequence_mask` with cap 3; this is the token-level truncated variant only.
-    """
-    if old_logp.shape != sampling_logp.shape:
-        raise ValueError(f"sampling_logp shape {tuple(sampling_logp.shape)} != old_logp shape {tuple(old_logp.shape)}")
-    diff = (old_logp - sampling_logp).detach()
-    diff = torch.where(torch.isnan(diff), torch.zeros_like(diff), diff)
-    return torch.clamp(torch.exp(diff), max=cap)
-
-
-def aggregate_loss(
-    per_token: Tensor, mask: Tensor, loss_type: str, *, num_sequences: int, num_tokens: int,
-    max_completion_length: int,
-) -> Tensor:
-    """These rows' share of the whole batch's loss: summed over micro-batches it equals the loss
-    of the whole batch computed at once, so gradient accumulation is exact.
-
-    per_token, mask: (B, T) (mask float or bool); num_sequences and num_tokens (sum of the mask)
-    count the WHOLE batch. Returns a scalar:
-    - "grpo": sum_i (sum_t l*m / max(1, sum_t m)) / num_sequences (DeepSeekMath);
-    - "bnpo": sum l*m / max(1, num_tokens) (token mean over the batch);
-    - "dr_grpo": sum l*m / (num_sequences * max_completion_length) (Dr. GRPO).
-    With one micro-batch these are TRL's formulas. TRL normalizes each micro-batch by its own
-    size and divides by the accumulation steps, which is inexact for "bnpo" when micro-batches
-    hold different token counts (and for all types with unequal micro-batches); this is not.
-    """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    if mask.shape != per_token.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} != per_token shape {tuple(per_token.shape)}")
+    per_token: (B, T) or (B, 1); mask: (B, T) (float or bool); num_sequences and num_tokens (the
+    sum of the mask) count the WHOLE batch. Returns a scalar."""
+    aggregate = policy_loss(loss_type).aggregate
+    if per_token.shape[0] != mask.shape[0] or per_token.shape[1] not in (1, mask.shape[1]):
+        raise ValueError(f"per_token shape {tuple(per_token.shape)} does not fit mask shape "
+                         f"{tuple(mask.shape)}")
     if num_sequences < 1:
         raise ValueError(f"num_sequences must be >= 1, got {num_sequences}")
-    m = mask.to(per_token.dtype)
-    masked = per_token * m
-    if loss_type == "grpo":
-        return (masked.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / num_sequences
-    if loss_type == "bnpo":
-        return masked.sum() / max(1, num_tokens)
-    if max_completion_length < 1:
-        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
-    return masked.sum() / (num_sequences * max_completion_length)
+    return aggregate(per_token, mask.to(per_token.dtype), num_sequences=num_sequences,
+                     num_tokens=num_tokens, max_completion_length=max_completion_length)
 
 
 @dataclass
@@ -156,43 +278,83 @@ class LossOutputs:
     loss: Tensor
     """Scalar, this micro-batch's share of the batch loss (differentiable)."""
     per_token_kl: Tensor
-    """(B, T) detached k3 KL to the reference; zeros when beta == 0 or there is no reference."""
+    """(B, T) detached k3 KL to the reference (times the importance weight with
+    `use_bias_correction_kl`); zeros when beta == 0 or there is no reference."""
     clipped: Tensor
-    """(B, T) bool, tokens whose clipped term was taken."""
-    ratio: Tensor
-    """(B, T) detached exp(logp - old_logp)."""
+    """Bool, (B, T) or (B, 1): where the loss's clipping took the gradient away."""
+    stats: dict[str, Stat]
+    """The logged figures, mergeable over micro-batches: `kl`, `clip_fraction` (the mean of
+    `clipped`) and the loss's own under TRL's names (`clip_ratio/region_mean`, ...)."""
 
 
 def grpo_loss(
     logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, mask: Tensor, *,
-    beta: float, epsilon: float, epsilon_high: float | None, loss_type: str, num_sequences: int,
-    num_tokens: int, max_completion_length: int, is_weights: Tensor | None = None,
+    loss_type: str, beta: float, num_sequences: int, num_tokens: int, max_completion_length: int,
+    is_weights: Tensor | None = None, importance_sampling_level: str = "token",
+    use_bias_correction_kl: bool = False, entropy_mask: Tensor | None = None,
+    off_policy_threshold: float | None = None, sampling_logp: Tensor | None = None,
+    **hyperparameters: float | None,
 ) -> LossOutputs:
-    """The GRPO loss of one micro-batch (TRL's `_compute_loss` for grpo/bnpo/dr_grpo, token-level
-    ratios, no entropy mask or off-policy mask).
+    """The loss of one micro-batch: TRL's `_compute_loss`, with the policy term of `loss_type`
+    (`algo.losses.POLICY_LOSSES`).
 
-    logp (B, T) differentiable; old_logp, ref_logp, is_weights, mask (B, T); advantages (B,).
-    per_token = surrogate * is_weights (if given) + beta * k3_kl(logp, ref_logp) (if beta > 0 and
-    ref_logp is given); as TRL, the importance weights do not touch the KL term. The loss is
-    `aggregate_loss(per_token, mask, ...)`. epsilon_high None means epsilon.
+    logp (B, T) differentiable; old_logp, ref_logp, mask, entropy_mask, sampling_logp (B, T);
+    is_weights (B, T) or (B, 1) (`importance_weights`); advantages (B,). In TRL's order:
+    coef = exp(log-ratio) at `importance_sampling_level`; the registered term; times the
+    off-policy sequence mask (`off_policy_threshold`, from `sampling_logp`, else old_logp, as
+    TRL); times `entropy_mask`; times `is_weights` (but VESPO folds them into its own weight);
+    plus beta * k3_kl(logp, ref_logp) (times coef with `use_bias_correction_kl`, DeepSeek-V3.2's
+    unbiased KL gradient) when beta > 0 and ref_logp is given: the importance weights and the
+    masks never touch the KL term. The loss is `aggregate_loss(per_token, mask, loss_type, ...)`.
+    `hyperparameters` are the term's keyword arguments (`epsilon`, `epsilon_high`, `delta`,
+    `sapo_temperature_pos`, ...: see its signature; `epsilon_high` and `delta` may be left out:
+    None); those of other registered losses are ignored, any other name is an error.
     """
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, epsilon, eps_high)
-    if is_weights is not None:
-        if is_weights.shape != logp.shape:
-            raise ValueError(f"is_weights shape {tuple(is_weights.shape)} != logp shape {tuple(logp.shape)}")
-        surrogate = surrogate * is_weights
-    per_token = surrogate
-    if beta > 0 and ref_logp is not None:
+    loss = policy_loss(loss_type)
+    missing = [p for p in loss.required if p not in hyperparameters]
+    unknown = [p for p in hyperparameters if p not in HYPERPARAMETERS]
+    if missing or unknown:
+        raise ValueError(f"grpo_loss({loss_type}): " + "; ".join(
+            part for part in (missing and f"missing {', '.join(missing)}",
+                              unknown and f"unknown {', '.join(unknown)}") if part))
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; "
+                         f"expected one of {tuple(IMPORTANCE_SAMPLING_LEVELS)}")
+    if old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(f"shapes differ: logp {tuple(logp.shape)}, old_logp "
+                         f"{tuple(old_logp.shape)}, mask {tuple(mask.shape)}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages shape {tuple(advantages.shape)} must be "
+                         f"({logp.shape[0]},), one per sequence")
+    if is_weights is not None and (is_weights.shape[0] != logp.shape[0]
+                                   or is_weights.shape[1] not in (1, logp.shape[1])):
+        raise ValueError(f"is_weights shape {tuple(is_weights.shape)} must be "
+                         f"({logp.shape[0]}, {logp.shape[1]}) or ({logp.shape[0]}, 1)")
+    m = mask.to(logp.dtype)
+    adv = advantages.unsqueeze(1)
+    log_ratio = logp - old_logp
+    coef = torch.exp(IMPORTANCE_SAMPLING_LEVELS[importance_sampling_level](log_ratio, m))
+    term = loss.term(PolicyInputs(logp, log_ratio, coef, adv, m, is_weights),
+                     **{p: hyperparameters[p] for p in loss.params if p in hyperparameters})
+    per_token = term.per_token
+    if off_policy_threshold is not None:
+        rollout = old_logp if sampling_logp is None else sampling_logp
+        per_token = per_token * off_policy_mask(adv, logp, rollout, m, off_policy_threshold)
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask
+    if is_weights is not None and not loss.folds_is_weights:
+        per_token = per_token * is_weights
+    kl = torch.zeros_like(logp)
+    if beta != 0 and ref_logp is not None:
         kl = k3_kl(logp, ref_logp)
+        if use_bias_correction_kl:
+            kl = kl * coef
         per_token = per_token + beta * kl
-        per_token_kl = kl.detach()
-    else:
-        per_token_kl = torch.zeros_like(logp).detach()
-    loss = aggregate_loss(per_token, mask, loss_type, num_sequences=num_sequences, num_tokens=num_tokens,
-                          max_completion_length=max_completion_length)
-    return LossOutputs(loss=loss, per_token_kl=per_token_kl, clipped=clipped,
-                       ratio=torch.exp(logp - old_logp).detach())
+    stats = {"kl": Stat.mean(kl, m), "clip_fraction": Stat.mean(term.clipped, m), **term.stats}
+    return LossOutputs(
+        loss=aggregate_loss(per_token, m, loss_type, num_sequences=num_sequences,
+                            num_tokens=num_tokens, max_completion_length=max_completion_length),
+        per_token_kl=kl.detach(), clipped=term.clipped, stats=stats)
 
 
 def probability_gap(learner_logp: Tensor, sampling_logp: Tensor, mask: Tensor) -> dict[str, float]:

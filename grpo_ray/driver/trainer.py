@@ -50,8 +50,10 @@ class Trainer:
         """The step being run (0 between steps)."""
         self.next_rollout: PendingRollout | None = None
         """The next step's rollout, submitted one step off while the learner updates."""
-        self.groups = Groups(cfg.rollout.num_generations, cfg.algorithm.scale_rewards,
-                             cfg.algorithm.mask_truncated_completions)
+        a = cfg.algorithm
+        self.groups = Groups(cfg.rollout.num_generations, a.scale_rewards,
+                             a.mask_truncated_completions, a.multi_objective_aggregation,
+                             tuple(f.weight for f in cfg.reward.functions))
         self.recovery = Recovery(self)
         self.evals: dict[str, dict[str, float]] = {}
         """Evaluation metrics by tag (`before`, `step N`, `after`)."""

@@ -4,8 +4,8 @@ right-padded tensors of one micro-batch.
 A micro-batch holds `micro_batch_size` rows in batch order, or, with a budget of padded tokens,
 rows of like lengths (longest first) as many as the budget allows: memory is bounded by the
 budget, whatever the completions' lengths, and little of each micro-batch is padding. Gradient
-accumulation stays exact either way: `algo.grpo.aggregate_loss` normalizes each micro-batch by
-whole-batch counts.
+accumulation stays exact either way: every loss's aggregation (`algo.losses`) normalizes each
+micro-batch by whole-batch counts.
 """
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ class MicroBatch:
     sampling_logp: Tensor  # (b, T) the rollout engine's log-probs, 0 after the end
     old_logp: Tensor | None = None  # (b, T) current adapter, before this step's update
     ref_logp: Tensor | None = None  # (b, T) adapter disabled; None when beta == 0
+    entropies: Tensor | None = None  # (b, T) current adapter, before this optimizer pass;
+    # None unless algorithm.top_entropy_quantile < 1
 
 
 def pad_rows(prompts: list[list[int]], completions: list[list[int]], advantages: list[float],

@@ -2,9 +2,11 @@
 
 The reference policy is the same model with the adapter disabled, so the learner holds one copy
 of the base weights. Log-probabilities come from the decoder body's last hidden states through
-`token_logprobs`, so the vocabulary logits of the batch never exist at once; with
-`learner.loss_kernel=liger` the update's loss comes from them through Liger's fused linear GRPO
-loss (`fused_loss.fused_grpo_loss`) instead.
+`token_logprobs`, so the vocabulary logits of the batch never exist at once, and the loss is
+`algo.grpo.grpo_loss` with the `algorithm.loss_type` registered in `algo.losses`; with
+`learner.loss_kernel=liger` the update's loss comes from the hidden states through Liger's fused
+linear GRPO loss (`fused_loss.fused_grpo_loss`) instead, and its logged figures from
+`grpo_loss` on the log-probs of a pass without gradients.
 
 TRL components: `use_adapter` (the reference pass with the adapter off), `get_peak_flops` and
 `compute_mfu` (MFU), from `trl.trainer.utils`; `selective_log_softmax` through `token_logprobs`.
@@ -23,12 +25,14 @@ import torch
 from torch import Tensor
 from trl.trainer.utils import compute_mfu, get_peak_flops, use_adapter
 
-from grpo_ray.algo.grpo import grpo_loss, probability_gap, truncated_is_weights
+from grpo_ray.algo.grpo import (entropy_threshold, grpo_loss, high_entropy_mask,
+                                importance_weights, probability_gap)
+from grpo_ray.algo.losses import Stat, policy_loss
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
 from grpo_ray.contracts import TrainBatch
-from grpo_ray.learner.batching import (MicroBatch, active_rows, cat_padded, check_prompts, pad_rows,
-                                       padding_fraction, plan_micro_batches)
-from grpo_ray.learner.fused_loss import LossShare, fused_grpo_loss
+from grpo_ray.learner.batching import (MicroBatch, active_rows, cat_padded, check_prompts,
+                                       pad_rows, padding_fraction, plan_micro_batches)
+from grpo_ray.learner.fused_loss import fused_grpo_loss
 from grpo_ray.learner.logprobs import token_logprobs
 from grpo_ray.learner.model import import_backend, load_policy
 from grpo_ray.learner.state import learner_state, load_learner_state
@@ -38,13 +42,24 @@ from grpo_ray.learner.throughput import Stopwatch, linear_params, step_flops
 @dataclass
 class _Prepared:
     micro_batches: list[MicroBatch]
-    num_sequences: int
-    num_tokens: int
+    num_sequences: int  # every row of the batch, masked ones included (TRL's batch size)
+    num_tokens: int  # completion tokens of the active rows
     lengths: list[int]  # prompt + completion tokens of each active row
     padding_fraction: float
-    separate_pass: bool  # old and reference log-probs computed before the update
-    # (num_iterations > 1); else the update computes them (old = its own log-probs, detached)
+    separate_pass: bool  # old and reference log-probs (and entropies) computed before the
+    # update (num_iterations > 1, or an entropy mask); else the update computes them (old = its
+    # own log-probs, detached)
     order: list[int]  # the batch row of each micro-batch row, micro-batch after micro-batch
+
+
+@dataclass
+class LossShare:
+    """One micro-batch's part of the step, whichever loss kernel computed it."""
+
+    loss: Tensor
+    """Scalar, this micro-batch's share of the batch loss (differentiable)."""
+    stats: dict[str, Stat]
+    """Its logged figures (`LossOutputs.stats`), merged over the micro-batches."""
 
 
 class LearnerWorker:
@@ -103,7 +118,9 @@ class LearnerWorker:
         are the update's own, detached (TRL's choice), so the ratio is exactly 1 and no separate
         pass over the batch computes them. They are computed in train mode: with LoRA dropout > 0
         they carry that step's dropout, as in TRL. With more iterations the old log-probs (eval
-        mode) and the reference's come from one pass before the first optimizer step."""
+        mode) and the reference's come from one pass before the first optimizer step; so do
+        they with an entropy mask (`top_entropy_quantile` < 1), whose entropies come from that
+        pass and, before each later optimizer step, from one more pass without gradients."""
         a = self.algorithm
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -118,13 +135,15 @@ class LearnerWorker:
         totals = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_fraction": 0.0}
         start_update = time.perf_counter()
         if prepared.num_tokens:
-            for _ in range(a.num_iterations):
+            for iteration in range(a.num_iterations):
+                if iteration and a.top_entropy_quantile < 1:  # the entropies of the new adapter
+                    self._entropy_pass(prepared)
                 stats = self._accumulate_gradients(prepared, ref_watch)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.learner.max_grad_norm)
                 self.optimizer.step()
                 stats["grad_norm"] = grad_norm.item()
-                for k in totals:
-                    totals[k] += stats[k] / a.num_iterations
+                for k, v in stats.items():  # each figure's mean over the iterations
+                    totals[k] = totals.get(k, 0.0) + v / a.num_iterations
         else:  # every row masked or empty: a no-op optimizer step keeps the schedule in step
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer.step()
@@ -179,16 +198,32 @@ class LearnerWorker:
                         [batch.advantages[rows[j]] for j in mb],
                         [batch.sampling_logprobs[rows[j]] for j in mb], self.device)
                for mb in plan]
-        separate = self.algorithm.num_iterations > 1
+        a = self.algorithm
+        separate = a.num_iterations > 1 or a.top_entropy_quantile < 1
         if separate:
             with torch.no_grad():
                 for mb in mbs:
-                    mb.old_logp = self._logprobs(mb, train=False)
-                    if self.algorithm.beta:
+                    self._old_logprobs(mb)
+                    if a.beta:
                         mb.ref_logp = self._reference_logprobs(mb, ref_watch)
-        return _Prepared(mbs, len(rows), sum(len(batch.completion_ids[i]) for i in rows),
+        return _Prepared(mbs, len(batch), sum(len(batch.completion_ids[i]) for i in rows),
                          lengths, padding_fraction(lengths, plan), separate,
                          [rows[j] for mb in plan for j in mb])
+
+    def _old_logprobs(self, mb: MicroBatch) -> None:
+        """The micro-batch's log-probs under the adapter as it is now (eval mode, no gradient),
+        and with an entropy mask their entropies, from the same chunked lm_head pass."""
+        if self.algorithm.top_entropy_quantile < 1:
+            mb.old_logp, mb.entropies = self._logprobs(mb, train=False, with_entropy=True)
+        else:
+            mb.old_logp = self._logprobs(mb, train=False)
+
+    def _entropy_pass(self, prepared: _Prepared) -> None:
+        """The entropies of every micro-batch under the adapter as it is now, before a later
+        optimizer pass of the same batch (TRL computes them in each pass's own forward)."""
+        with torch.no_grad():
+            for mb in prepared.micro_batches:
+                _, mb.entropies = self._logprobs(mb, train=False, with_entropy=True)
 
     def _accumulate_gradients(self, prepared: _Prepared,
                               ref_watch: Stopwatch | None = None) -> dict[str, float]:
@@ -199,8 +234,15 @@ class LearnerWorker:
         a = self.algorithm
         ref_watch = ref_watch or Stopwatch(self.device)
         self.optimizer.zero_grad(set_to_none=True)
+        threshold = None
+        if a.top_entropy_quantile < 1:  # one threshold for the whole batch's tokens
+            mbs = prepared.micro_batches
+            threshold = entropy_threshold(cat_padded([mb.entropies for mb in mbs]),
+                                          cat_padded([mb.mask for mb in mbs]),
+                                          a.top_entropy_quantile)
         # Tensors, not floats: .item() per micro-batch would wait for the GPU each time.
-        loss = kl = clipped = torch.zeros((), device=self.device)
+        loss = torch.zeros((), device=self.device)
+        stats: dict[str, Stat] = {}
         for mb in prepared.micro_batches:
             if a.beta and not prepared.separate_pass:
                 mb.ref_logp = self._reference_logprobs(mb, ref_watch)
@@ -208,53 +250,72 @@ class LearnerWorker:
             if self.learner.loss_kernel == "liger":
                 out = self._fused_loss(hidden, mb, prepared)
             else:
-                out = self._chunked_loss(hidden, mb, prepared)
+                out = self._chunked_loss(hidden, mb, prepared, threshold)
             out.loss.backward()
             loss = loss + out.loss.detach()
-            kl = kl + out.kl_sum
-            clipped = clipped + out.clipped_sum
-        n = max(prepared.num_tokens, 1)
-        return {"loss": loss.item(), "kl": kl.item() / n, "clip_fraction": clipped.item() / n}
+            if mb.entropies is not None:
+                out.stats["entropy"] = Stat.mean(mb.entropies, mb.mask.to(mb.entropies))
+            for k, s in out.stats.items():
+                stats[k] = stats[k].merge(s) if k in stats else s
+        return {"loss": loss.item(), **{k: s.value() for k, s in stats.items()}}
 
-    def _chunked_loss(self, hidden: Tensor, mb: MicroBatch, prepared: _Prepared) -> LossShare:
-        """The micro-batch's loss through `token_logprobs` and `grpo_loss` (loss_kernel chunked)."""
+    def _loss_arguments(self, prepared: _Prepared) -> dict[str, Any]:
+        """What `grpo_loss` and `fused_grpo_loss` both take, from the algorithm's settings: the
+        loss type, its hyperparameters (those its registered function names), the counts."""
+        a = self.algorithm
+        params = {p: getattr(a, p) for p in policy_loss(a.loss_type).params}
+        return dict(loss_type=a.loss_type, beta=a.beta, num_sequences=prepared.num_sequences,
+                    num_tokens=prepared.num_tokens,
+                    max_completion_length=self.max_completion_length,
+                    importance_sampling_level=a.importance_sampling_level,
+                    use_bias_correction_kl=a.use_bias_correction_kl, **params)
+
+    def _chunked_loss(self, hidden: Tensor, mb: MicroBatch, prepared: _Prepared,
+                      threshold: Tensor | None) -> LossShare:
+        """The micro-batch's loss through `token_logprobs` and `grpo_loss` (loss_kernel chunked);
+        `threshold`: the batch's entropy threshold (an entropy mask), else None."""
         a = self.algorithm
         logp = self._token_logprobs(hidden, mb)
         if not prepared.separate_pass:
             mb.old_logp = logp.detach()
         out = grpo_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask,
-                        beta=a.beta, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
-                        loss_type=a.loss_type, num_sequences=prepared.num_sequences,
-                        num_tokens=prepared.num_tokens,
-                        max_completion_length=self.max_completion_length,
-                        is_weights=self._is_weights(mb))
-        return LossShare(out.loss, (out.per_token_kl * mb.mask).sum(),
-                         (out.clipped & mb.mask).sum())
+                        is_weights=self._is_weights(mb),
+                        entropy_mask=None if threshold is None else high_entropy_mask(
+                            mb.entropies, mb.mask, threshold),
+                        off_policy_threshold=a.off_policy_mask_threshold,
+                        sampling_logp=mb.sampling_logp, **self._loss_arguments(prepared))
+        return LossShare(out.loss, out.stats)
 
     def _fused_loss(self, hidden: Tensor, mb: MicroBatch, prepared: _Prepared) -> LossShare:
         """The micro-batch's loss through Liger's fused linear GRPO loss (loss_kernel liger).
-        It returns no per-token log-probs, and the importance weights and the gap metrics need
-        the old ones: without a separate pass they come from one more lm_head pass over the
-        update's hidden states, without gradients (no decoder forward; a third more lm_head
-        work than the chunked update, docs/design.md). Liger then takes the old log-probs as
-        its own, detached (old_logp None), so the ratio is exactly 1 as in the chunked path."""
-        a = self.algorithm
+        It returns no per-token log-probs, and the importance weights, the gap metrics and the
+        logged figures need them: they come from one more lm_head pass over the update's hidden
+        states, without gradients (no decoder forward; a third more lm_head work than the
+        chunked update, docs/design.md), and the figures from `grpo_loss` on them. Without a
+        separate pass they are the old log-probs too, and Liger takes the old log-probs as its
+        own, detached (old_logp None), so the ratio is exactly 1 as in the chunked path."""
+        with torch.no_grad():
+            current = self._token_logprobs(hidden.detach(), mb)
         if not prepared.separate_pass:
-            with torch.no_grad():
-                mb.old_logp = self._token_logprobs(hidden.detach(), mb)
-        weight = self._lm_head.weight
-        return fused_grpo_loss(
+            mb.old_logp = current
+        weight, arguments = self._lm_head.weight, self._loss_arguments(prepared)
+        is_weights = self._is_weights(mb)
+        loss = fused_grpo_loss(
             hidden, weight.to(self._lm_head_dtype() or weight.dtype), mb.targets, mb.mask,
-            mb.advantages,
-            mb.old_logp if prepared.separate_pass else None, mb.ref_logp, self._is_weights(mb),
-            beta=a.beta, epsilon=a.epsilon, epsilon_high=a.epsilon_high, loss_type=a.loss_type,
-            num_sequences=prepared.num_sequences, num_tokens=prepared.num_tokens,
-            max_completion_length=self.max_completion_length, temperature=self.temperature)
+            mb.advantages, mb.old_logp if prepared.separate_pass else None, mb.ref_logp,
+            is_weights, temperature=self.temperature, **arguments)
+        with torch.no_grad():
+            stats = grpo_loss(current, mb.old_logp, mb.ref_logp, mb.advantages, mb.mask,
+                              is_weights=is_weights, **arguments).stats
+        return LossShare(loss, stats)
 
     def _is_weights(self, mb: MicroBatch) -> Tensor | None:
         a = self.algorithm
-        return (truncated_is_weights(mb.old_logp, mb.sampling_logp, a.importance_sampling_cap)
-                if a.importance_sampling_correction else None)
+        if not a.importance_sampling_correction:
+            return None
+        return importance_weights(mb.old_logp, mb.sampling_logp, mb.mask,
+                                  a.importance_sampling_mode, a.importance_sampling_cap,
+                                  a.importance_sampling_min)
 
     def set_loss_kernel(self, kernel: str) -> None:
         """Switch `learner.loss_kernel` (validated as in the config), for a benchmark that times
@@ -263,12 +324,14 @@ class LearnerWorker:
                                                      "loss_kernel": kernel})
 
     # ---- log-probabilities ---------------------------------------------------------------------
-    def _logprobs(self, mb: MicroBatch, train: bool, temperature: float | None = None) -> Tensor:
+    def _logprobs(self, mb: MicroBatch, train: bool, temperature: float | None = None,
+                  with_entropy: bool = False) -> Any:
         """(b, T) log-probs of the completion tokens under the model as it is now (the adapter
-        is whatever is enabled), at `temperature` (None: the rollout's). Eval mode for the
-        passes without gradients (the reference, a separate pass's old log-probs: deterministic
-        even with LoRA dropout); train mode (dropout, gradient checkpointing) for the update's."""
-        return self._token_logprobs(self._hidden(mb, train), mb, temperature)
+        is whatever is enabled), at `temperature` (None: the rollout's); `with_entropy` (no
+        gradient): and their (b, T) entropies. Eval mode for the passes without gradients (the
+        reference, a separate pass's old log-probs: deterministic even with LoRA dropout); train
+        mode (dropout, gradient checkpointing) for the update's."""
+        return self._token_logprobs(self._hidden(mb, train), mb, temperature, with_entropy)
 
     def _hidden(self, mb: MicroBatch, train: bool) -> Tensor:
         """(b, T, H) last hidden states at the positions that predict the completion tokens."""
@@ -279,12 +342,12 @@ class LearnerWorker:
         # Only the positions that predict completion tokens go through the lm_head.
         return hidden.gather(1, mb.positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
 
-    def _token_logprobs(self, hidden: Tensor, mb: MicroBatch,
-                        temperature: float | None = None) -> Tensor:
+    def _token_logprobs(self, hidden: Tensor, mb: MicroBatch, temperature: float | None = None,
+                        with_entropy: bool = False) -> Any:
         return token_logprobs(hidden, self._lm_head.weight, mb.targets,
                               self.learner.logprob_chunk_size,
                               self.temperature if temperature is None else temperature,
-                              self._lm_head_dtype())
+                              self._lm_head_dtype(), with_entropy)
 
     def _lm_head_dtype(self) -> torch.dtype | None:
         """The log-prob matmul's dtype (`cast_lm_head_to_fp32`; None: the weight's)."""

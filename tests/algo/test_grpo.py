@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from grpo_ray.algo.grpo import (LOSS_TYPES, aggregate_loss, clipped_surrogate, group_advantages,
-                                grpo_loss, k3_kl, probability_gap, truncated_is_weights)
+from grpo_ray.algo.grpo import (LOSS_TYPES, aggregate_loss, group_advantages, grpo_loss,
+                                importance_weights, k3_kl, probability_gap)
+from grpo_ray.algo.losses import POLICY_LOSSES, PolicyInputs, clipped_ratio
 
 NAN = float("nan")
 LN = math.log
@@ -107,34 +108,95 @@ def test_k3_kl_hand_computed():
     assert (k3_kl(torch.randn(3, 4).double(), torch.randn(3, 4).double()) >= 0).all()
 
 
-def test_clipped_surrogate_both_sides_and_gradient():
+def policy_inputs(logp, old, advantages, mask=None):
+    log_ratio = logp - old
+    mask = torch.ones_like(logp) if mask is None else mask
+    return PolicyInputs(logp, log_ratio, torch.exp(log_ratio), advantages[:, None], mask, None)
+
+
+def test_clipped_ratio_both_sides_delta_and_gradient():
     ratios = [1.5, 0.5, 1.1, 0.9]
     logp = torch.log(t([ratios, ratios, ratios])).requires_grad_()
     old = torch.zeros(3, 4, dtype=torch.float64)
-    loss, clipped = clipped_surrogate(logp, old, t([1.0, -1.0, 0.0]), 0.2, 0.28)
-    # A = +1: -min(r, clamp(r, 0.8, 1.28)); A = -1: max(r, clamp(r, 0.8, 1.28)); A = 0: nothing clipped
-    close(loss, [[-1.28, -0.5, -1.1, -0.9], [1.5, 0.8, 1.1, 0.9], [0, 0, 0, 0]])
-    assert clipped.tolist() == [[True, False, False, False], [False, True, False, False], [False] * 4]
-    loss.sum().backward()
+    term = clipped_ratio(policy_inputs(logp, old, t([1.0, -1.0, 0.0])), epsilon=0.2,
+                         epsilon_high=0.28)
+    # A = +1: -min(r, clamp(r, 0.8, 1.28)); A = -1: max(r, clamp(r, 0.8, 1.28));
+    # A = 0: nothing clipped
+    close(term.per_token, [[-1.28, -0.5, -1.1, -0.9], [1.5, 0.8, 1.1, 0.9], [0, 0, 0, 0]])
+    assert term.clipped.tolist() == [[True, False, False, False], [False, True, False, False],
+                                     [False] * 4]
+    term.per_token.sum().backward()
     # d(-A r)/d logp = -A r where unclipped, 0 where the clipped constant was taken
     close(logp.grad, [[0, -0.5, -1.1, -0.9], [1.5, 0, 1.1, 0.9], [0, 0, 0, 0]])
-    assert (logp.grad[clipped] == 0).all()
+    assert (logp.grad[term.clipped] == 0).all()
+    # delta 1.2 caps the ratio where A < 0 too: max(min(r, 1.2), clamp(r, 0.8, 1.28))
+    term = clipped_ratio(policy_inputs(logp, old, t([1.0, -1.0, 0.0])), epsilon=0.2,
+                         epsilon_high=0.28, delta=1.2)
+    close(term.per_token[1], [1.28, 0.8, 1.1, 0.9])
+    assert term.stats["clip_ratio/low_mean"].value() == pytest.approx(1 / 12)
 
 
-def test_clipped_surrogate_bad_shapes():
-    with pytest.raises(ValueError, match="advantages shape"):
-        clipped_surrogate(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), 0.2, 0.2)
-    with pytest.raises(ValueError, match="old_logp shape"):
-        clipped_surrogate(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), 0.2, 0.2)
+def test_the_other_terms_hand_computed():
+    """At ratio 1 (on policy): CISPO -A logp with gradient -A; SAPO -4/tau sigmoid(0) A = -2A/tau
+    with gradient -A (sigmoid'(0) = 1/4); VESPO phi(1) = 1: -A logp; LUSPO sums over tokens."""
+    logp = torch.log(t([[0.5, 0.25], [0.5, 0.5]])).requires_grad_()
+    inputs = policy_inputs(logp, logp.detach(), t([2.0, -1.0]))
+    kw = {"epsilon": 0.2, "epsilon_high": 5.0, "sapo_temperature_pos": 1.0,
+          "sapo_temperature_neg": 2.0, "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0,
+          "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}
+    want = {"cispo": ([[-2 * LN(0.5), -2 * LN(0.25)], [LN(0.5)] * 2], [[-2, -2], [1, 1]]),
+            "sapo": ([[-4.0, -4.0], [1.0, 1.0]], [[-2, -2], [1, 1]]),
+            "vespo": ([[-2 * LN(0.5), -2 * LN(0.25)], [LN(0.5)] * 2], [[-2, -2], [1, 1]])}
+    for name, (values, grads) in want.items():
+        loss = POLICY_LOSSES[name]
+        term = loss.term(inputs, **{p: kw[p] for p in loss.params})
+        close(term.per_token.expand(2, 2), values)
+        logp.grad = None
+        term.per_token.sum().backward()
+        close(logp.grad, grads)
+    mask = t([[1, 1], [1, 0]])
+    got = aggregate_loss(t([[1.0, 2.0], [3.0, 4.0]]), mask, "luspo", num_sequences=2,
+                         num_tokens=3, max_completion_length=2)
+    assert got.item() == pytest.approx((1 + 2 + 3) / 2)
 
 
-def test_truncated_is_weights():
-    old = torch.log(t([[0.3, 0.9, 0.2, 0.5]])).requires_grad_()
-    sampling = torch.log(t([[0.2, 0.3, 0.4, NAN]]))
-    w = truncated_is_weights(old, sampling, cap=2.0)
-    # ratios 1.5, 3 -> capped at 2, 0.5, NaN sampling logprob -> 1
-    close(w, [[1.5, 2.0, 0.5, 1.0]])
+def test_sequence_level_importance_weight_is_the_mean_log_ratio():
+    """GSPO: one ratio per sequence, exp of the mean of its tokens' log-ratios."""
+    logp = torch.log(t([[2.0, 0.5, 1.0]]))
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    kw = dict(beta=0.0, epsilon=0.2, loss_type="grpo", num_sequences=1, num_tokens=2,
+              max_completion_length=3)
+    mask = t([[1, 1, 0]])
+    out = grpo_loss(logp, old, None, t([1.0]), mask, importance_sampling_level="sequence", **kw)
+    # (ln 2 + ln 0.5) / 2 = 0: ratio 1 for both tokens; per token 1.0 would be clipped at 1.2
+    assert out.loss.item() == pytest.approx(-1.0, abs=1e-12)
+    token = grpo_loss(logp, old, None, t([1.0]), mask, **kw)
+    assert token.loss.item() == pytest.approx(-(1.2 + 0.5) / 2, abs=1e-12)
+
+
+def test_grpo_loss_names_a_missing_or_unknown_hyperparameter():
+    x = torch.zeros(1, 2)
+    kw = dict(beta=0.0, num_sequences=1, num_tokens=2, max_completion_length=2)
+    with pytest.raises(ValueError, match="missing sapo_temperature_pos, sapo_temperature_neg"):
+        grpo_loss(x, x, None, torch.zeros(1), x + 1, loss_type="sapo", epsilon=0.2, **kw)
+    with pytest.raises(ValueError, match="unknown epsilonn"):
+        grpo_loss(x, x, None, torch.zeros(1), x + 1, loss_type="grpo", epsilon=0.2,
+                  epsilonn=0.3, **kw)
+    with pytest.raises(ValueError, match="unknown loss_type 'foo'"):
+        grpo_loss(x, x, None, torch.zeros(1), x + 1, loss_type="foo", **kw)
+
+
+def test_importance_weights_token_truncate():
+    old = torch.log(t([[0.3, 0.9, 0.2, 0.5, 0.9]])).requires_grad_()
+    sampling = torch.log(t([[0.2, 0.3, 0.4, NAN, 0.1]]))
+    w = importance_weights(old, sampling, t([[1, 1, 1, 1, 0]]), "token_truncate", cap=2.0)
+    # ratios 1.5, 3 -> capped at 2, 0.5, NaN sampling logprob -> 1, outside the mask -> 1
+    close(w, [[1.5, 2.0, 0.5, 1.0, 1.0]])
     assert not w.requires_grad
+    # the sequence modes: the product of the ratios, 1.5 * 3 * 0.5 = 2.25
+    close(importance_weights(old, sampling, t([[1, 1, 1, 1, 0]]), "sequence_truncate", 3.0),
+          [[2.25]])
+    close(importance_weights(old, sampling, t([[1, 1, 1, 1, 0]]), "sequence_mask", 2.0), [[0.0]])
 
 
 # ---------------------------------------------------------------- aggregation and loss
@@ -164,15 +226,18 @@ def test_aggregate_loss_loop_vs_vectorized_and_empty_row():
     rows = [(per_token[i] * mask[i]).sum().item() / max(1.0, mask[i].sum().item()) for i in range(5)]
     total = sum((per_token[i] * mask[i]).sum().item() for i in range(5))
     n_tok = int(mask.sum())
-    expected = {"grpo": sum(rows) / 5, "bnpo": total / n_tok, "dr_grpo": total / (5 * 9)}
+    expected = {"grpo": sum(rows) / 5, "sapo": sum(rows) / 5, "bnpo": total / n_tok,
+                "dapo": total / n_tok, "cispo": total / n_tok, "vespo": total / n_tok,
+                "dr_grpo": total / (5 * 9), "luspo": total / 5}
+    assert set(expected) == set(LOSS_TYPES)
     for lt in LOSS_TYPES:
         got = aggregate_loss(per_token, mask, lt, num_sequences=5, num_tokens=n_tok, max_completion_length=9)
         assert got.item() == pytest.approx(expected[lt], abs=1e-12)
 
 
 def test_aggregate_loss_unknown_type():
-    with pytest.raises(ValueError, match="'dapo'"):
-        aggregate_loss(torch.zeros(1, 2), torch.ones(1, 2), "dapo", num_sequences=1, num_tokens=2,
+    with pytest.raises(ValueError, match="'foo'"):
+        aggregate_loss(torch.zeros(1, 2), torch.ones(1, 2), "foo", num_sequences=1, num_tokens=2,
                        max_completion_length=2)
 
 
@@ -186,7 +251,7 @@ def test_grpo_loss_hand_computed():
     k = 0.5 + LN(2) - 1
     assert out.loss.item() == pytest.approx((-2 + 0.1 * k - 2) / 2, abs=1e-12)
     close(out.per_token_kl, [[k, 0.0]])
-    assert out.ratio.tolist() == [[1.0, 1.0]] and not out.clipped.any()
+    assert not out.clipped.any() and out.stats["kl"].value() == pytest.approx(k / 2)
     out.loss.backward()
     # d/dlogp: surrogate -A * r = -2; KL 1 - exp(ref - logp) = (0.5, 0); / 2 tokens
     close(logp.grad, [[(-2 + 0.1 * 0.5) / 2, -1.0]])
@@ -220,9 +285,11 @@ def test_micro_batches_sum_to_whole_batch_loss_and_gradient(loss_type):
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     lengths = torch.tensor([5, 1, 3, 0, 4, 2])
     mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
-    isw = truncated_is_weights(old, sampling, cap=2.0)
+    isw = importance_weights(old, sampling, mask, "token_truncate", cap=2.0)
     kw = dict(beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type, num_sequences=B,
-              num_tokens=int(mask.sum()), max_completion_length=7)
+              num_tokens=int(mask.sum()), max_completion_length=7, sapo_temperature_pos=1.0,
+              sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+              vespo_k_neg=3.0, vespo_lambda_neg=2.0)
 
     logp = base.clone().requires_grad_()
     whole = grpo_loss(logp, old, ref, adv, mask, is_weights=isw, **kw).loss

@@ -31,10 +31,13 @@ def test_the_driver_masks_what_the_config_asks():
     rollout = Rollout(prompt_index=[0] * 4, prompt_ids=[[1]] * 4, completion_ids=[[2, 3]] * 4,
                       completion_texts=["x"] * 4, sampling_logprobs=[[-1.0, -1.0]] * 4,
                       finish_reasons=["stop", "length", "stop", "length"], adapter_version=0)
-    scores = Scores(per_function={}, total=[1.0, 0.0, None, 0.5])
+    total = [1.0, 0.0, None, 0.5]
     for masked, expected in ((False, [True, True, False, True]),
                              (True, [True, False, False, False])):
         cfg = load_config("configs/tiny-cpu.yaml",
                           [f"algorithm.mask_truncated_completions={str(masked).lower()}"])
+        # the first function scored what it could, the others nothing
+        names = [f.name for f in cfg.reward.functions]
+        scores = Scores({n: total if i == 0 else [None] * 4 for i, n in enumerate(names)}, total)
         scored = ScoredBatch(PromptBatch([[1]], [[]], ["1"], ["q"]), rollout, scores)
         assert Trainer(cfg).groups.train_batch(scored).mask == expected

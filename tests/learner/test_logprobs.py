@@ -106,3 +106,20 @@ def test_the_matmul_runs_in_the_dtype_asked_for():
                                rtol=0, atol=1e-5)
     assert 1e-4 < (fp32 - bf16).abs().max() < 0.1
     torch.testing.assert_close(token_logprobs(hidden, weight, targets, 4), fp32)  # the weight's
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_entropies_from_the_same_chunks(chunk_size):
+    """`with_entropy`: the entropy of each position's tempered distribution, -sum p log p (TRL's
+    `entropy_from_logits`), chunk by chunk, beside the same log-probs; without gradients only."""
+    hidden, weight, targets = (x.detach() if x.is_floating_point() else x for x in _inputs())
+    with torch.no_grad():
+        logp, entropy = token_logprobs(hidden, weight, targets, chunk_size, 0.7,
+                                       with_entropy=True)
+    logits = (hidden @ weight.T) / 0.7
+    want = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(entropy, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logp, _naive(hidden, weight, targets, 0.7), rtol=0, atol=1e-12)
+    assert (entropy > 0).all() and entropy.shape == (3, 7)
+    with pytest.raises(ValueError, match="with_entropy is for passes without gradients"):
+        token_logprobs(hidden.requires_grad_(), weight, targets, chunk_size, with_entropy=True)

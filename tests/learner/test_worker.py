@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import make_worker
 
+from grpo_ray.algo.losses import LOSS_TYPES
 from grpo_ray.contracts import TrainBatch
 
 
@@ -107,7 +108,8 @@ def test_train_step_updates_only_the_adapter(tiny_model_path, batch):
     assert set(stats) == {"loss", "grad_norm", "learning_rate", "kl", "clip_fraction",
                           "gap_mean_abs_diff", "gap_kl", "num_tokens", "padding_fraction",
                           "time_logprobs_s", "time_ref_s", "time_update_s", "tflops",
-                          "peak_memory_gb"}
+                          "peak_memory_gb", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                          "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
     assert stats["num_tokens"] == sum(len(c) for c in batch.completion_ids) == 37
     assert stats["learning_rate"] == 1e-3 and stats["grad_norm"] > 0
@@ -160,30 +162,61 @@ def test_zero_learning_rate_changes_nothing(tiny_model_path, batch):
     assert w.sequence_logprobs(batch.prompt_ids, batch.completion_ids) == before
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
-def test_gradient_accumulation_is_exact_and_masked_rows_count_for_nothing(
-        tiny_model_path, batch, loss_type):
-    algorithm = {"beta": 0.04, "loss_type": loss_type, "importance_sampling_correction": True}
-    # The whole batch in one micro-batch ...
-    w = make_worker(tiny_model_path, algorithm=algorithm, micro_batch_size=len(batch))
-    whole = w._accumulate_gradients(w._prepare(batch))
-    want = {n: p.grad.clone() for n, p in w.model.named_parameters() if p.requires_grad}
-    # ... equals one row at a time, with a masked row (NaN advantage) added in the middle.
+ACCUMULATION_CASES = {
+    **{loss: {"loss_type": loss} for loss in LOSS_TYPES},
+    "gspo": {"loss_type": "grpo", "importance_sampling_level": "sequence"},
+    "dapo, entropy mask": {"loss_type": "dapo", "top_entropy_quantile": 0.3},
+    "dapo, off-policy mask, sequence_mask weights": {
+        "loss_type": "dapo", "off_policy_mask_threshold": 0.0,
+        "importance_sampling_mode": "sequence_mask", "importance_sampling_cap": 3.0},
+}
+
+
+@pytest.mark.parametrize("algorithm", ACCUMULATION_CASES.values(), ids=ACCUMULATION_CASES.keys())
+def test_gradient_accumulation_is_exact_and_masked_rows_count_only_as_rows(
+        tiny_model_path, batch, algorithm):
+    """Loss, figures and gradients of a batch are the same in one micro-batch, one row at a time
+    and in token-budget micro-batches. A masked row (NaN advantage) takes no part but counts in
+    the number of sequences, as TRL's batch size: the per-sequence losses come out 6/7 of the
+    batch without it, the token means the same."""
+    from grpo_ray.algo.losses import policy_loss, token_mean
+
+    algorithm = {"beta": 0.04, "importance_sampling_correction": True, **algorithm}
     masked = TrainBatch(batch.prompt_ids[:3] + [[5, 6]] + batch.prompt_ids[3:],
                         batch.completion_ids[:3] + [[7, 8, 9]] + batch.completion_ids[3:],
                         batch.advantages[:3] + [math.nan] + batch.advantages[3:],
                         batch.sampling_logprobs[:3] + [[-1.0] * 3] + batch.sampling_logprobs[3:],
                         mask=[True] * 3 + [False] + [True] * 3)
-    w.learner.micro_batch_size = 1
-    prepared = w._prepare(masked)
-    assert len(prepared.micro_batches) == 6 and prepared.num_sequences == 6
-    split = w._accumulate_gradients(prepared)
-    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5, abs=1e-7)
-    assert split["kl"] == pytest.approx(whole["kl"], rel=1e-5)
-    assert any(g.abs().max() > 0 for g in want.values())
-    for n, p in w.model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-7)
+    from grpo_ray.config import LearnerConfig
+
+    w = make_worker(tiny_model_path, algorithm=algorithm)
+    runs = {}
+    for name, batch_, learner in [("without", batch, {"micro_batch_size": 7}),
+                                  ("whole", masked, {"micro_batch_size": 7}),
+                                  ("rows", masked, {"micro_batch_size": 1}),
+                                  ("budget", masked, {"max_tokens_per_micro_batch": 80})]:
+        w.learner = LearnerConfig.model_validate({**w.learner.model_dump(), **learner})
+        prepared = w._prepare(batch_)
+        stats = w._accumulate_gradients(prepared)
+        grads = {n: p.grad.clone() for n, p in w.model.named_parameters() if p.requires_grad}
+        runs[name] = (len(prepared.micro_batches), prepared.num_sequences, stats, grads)
+    assert [runs[k][:2] for k in runs] == [(1, 6), (1, 7), (6, 7), (4, 7)]
+    whole, grads = runs["whole"][2:]
+    assert any(g.abs().max() > 0 for g in grads.values())
+    assert whole["kl"] > 0 and abs(whole["loss"]) > 1e-4
+    for name in ["rows", "budget"]:
+        stats, split_grads = runs[name][2:]
+        assert stats.keys() == whole.keys()
+        for k in whole:
+            assert stats[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-7), (name, k)
+        for n, g in split_grads.items():
+            torch.testing.assert_close(g, grads[n], rtol=1e-4, atol=1e-7, msg=(name, n))
+    # the masked row: only its count, in the losses that divide by sequences
+    scale = 1.0 if policy_loss(algorithm["loss_type"]).aggregate is token_mean else 6 / 7
+    without, without_grads = runs["without"][2:]
+    assert whole["loss"] == pytest.approx(without["loss"] * scale, rel=1e-5, abs=1e-7)
+    for n, g in without_grads.items():
+        torch.testing.assert_close(grads[n], g * scale, rtol=1e-4, atol=1e-7, msg=n)
 
 
 def test_positive_advantage_raises_the_completion_logprob(tiny_model_path, batch):

@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from grpo_ray.algo.grpo import grpo_loss, probability_gap, truncated_is_weights
+from grpo_ray.algo.grpo import (HYPERPARAMETERS, entropy_threshold, grpo_loss,
+                                high_entropy_mask, importance_weights, probability_gap)
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
 from grpo_ray.contracts import TrainBatch
 
@@ -60,11 +61,13 @@ def two_pass_reference(w, batch: TrainBatch) -> dict:
     a, model, dev = w.algorithm, w.model, w.device
     rows = [i for i in range(len(batch)) if batch.mask[i]]
 
-    def row_logp(i: int) -> torch.Tensor:
+    def row_logp(i: int, entropy: bool = False) -> torch.Tensor:
         p, c = batch.prompt_ids[i], batch.completion_ids[i]
         ids = torch.tensor([p + c], device=dev)
         logits = model(input_ids=ids).logits[0, len(p) - 1:len(p) + len(c) - 1]
         logp = torch.log_softmax(logits.double() / w.temperature, dim=-1)
+        if entropy:
+            return -(logp.exp() * logp).sum(-1)
         return logp.gather(-1, torch.tensor(c, device=dev)[:, None])[:, 0]
 
     def padded(xs):
@@ -73,6 +76,7 @@ def two_pass_reference(w, batch: TrainBatch) -> dict:
     model.eval()
     with torch.no_grad():
         old = padded([row_logp(i) for i in rows])
+        entropies = padded([row_logp(i, entropy=True) for i in rows])
         with model.disable_adapter():
             ref = padded([row_logp(i) for i in rows])
     model.train()
@@ -80,17 +84,26 @@ def two_pass_reference(w, batch: TrainBatch) -> dict:
     logp = padded([row_logp(i) for i in rows])
     mask = padded([torch.ones(len(batch.completion_ids[i]), dtype=torch.bool, device=dev)
                    for i in rows])
-    sampling = padded([torch.tensor(batch.sampling_logprobs[i], dtype=torch.float64, device=dev)
-                       for i in rows])
+    # float32, as the learner keeps the engine's log-probs (vLLM's are float32)
+    sampling = padded([torch.tensor(batch.sampling_logprobs[i], dtype=torch.float32,
+                                    device=dev).double() for i in rows])
     advantages = torch.tensor([batch.advantages[i] for i in rows], dtype=torch.float64,
                               device=dev)
-    is_weights = (truncated_is_weights(old, sampling, a.importance_sampling_cap)
+    is_weights = (importance_weights(old, sampling, mask, a.importance_sampling_mode,
+                                     a.importance_sampling_cap, a.importance_sampling_min)
                   if a.importance_sampling_correction else None)
+    entropy_mask = None
+    if a.top_entropy_quantile < 1:
+        threshold = entropy_threshold(entropies, mask, a.top_entropy_quantile)
+        entropy_mask = high_entropy_mask(entropies, mask, threshold)
     num_tokens = int(mask.sum())
-    out = grpo_loss(logp, old, ref, advantages, mask, beta=a.beta, epsilon=a.epsilon,
-                    epsilon_high=a.epsilon_high, loss_type=a.loss_type, num_sequences=len(rows),
+    out = grpo_loss(logp, old, ref, advantages, mask, beta=a.beta, loss_type=a.loss_type,
+                    num_sequences=len(batch),  # the masked row too: TRL's batch size
                     num_tokens=num_tokens, max_completion_length=MAX_COMPLETION,
-                    is_weights=is_weights)
+                    is_weights=is_weights, importance_sampling_level=a.importance_sampling_level,
+                    use_bias_correction_kl=a.use_bias_correction_kl, entropy_mask=entropy_mask,
+                    off_policy_threshold=a.off_policy_mask_threshold, sampling_logp=sampling,
+                    **{k: getattr(a, k) for k in HYPERPARAMETERS})
     out.loss.backward()
     gap = probability_gap(old, sampling, mask)
     return {"loss": out.loss.item(), "kl": float((out.per_token_kl * mask).sum() / num_tokens),
@@ -108,6 +121,21 @@ CASES = {
                                "loss_type": "dr_grpo"}, {"max_tokens_per_micro_batch": 40}),
     "two iterations (a separate pass)": ({"beta": 0.04, "num_iterations": 2},
                                          {"max_tokens_per_micro_batch": 40}),
+    # the lm_head in float64 (its weight's dtype): the products of sequence_mask's and vespo's
+    # ratios would carry float32's rounding past 1e-6
+    "entropy and off-policy masks, sequence_mask weights, weighted kl, dapo": (
+        {"beta": 0.04, "loss_type": "dapo", "top_entropy_quantile": 0.2,
+         "off_policy_mask_threshold": 0.0, "importance_sampling_correction": True,
+         "importance_sampling_mode": "sequence_mask", "importance_sampling_cap": 1e6,
+         "use_bias_correction_kl": True},
+        {"max_tokens_per_micro_batch": 40, "cast_lm_head_to_fp32": None}),
+    "vespo, token_mask weights": ({"beta": 0.04, "loss_type": "vespo",
+                                   "importance_sampling_correction": True,
+                                   "importance_sampling_mode": "token_mask",
+                                   "importance_sampling_cap": 1e3},
+                                  {"micro_batch_size": 3, "cast_lm_head_to_fp32": None}),
+    "gspo": ({"beta": 0.04, "loss_type": "grpo", "importance_sampling_level": "sequence",
+              "delta": 1.5}, {"micro_batch_size": 3}),
 }
 
 
@@ -137,7 +165,8 @@ def test_one_pass_update_equals_the_two_pass_computation(tiny_model_path, batch,
     plan = w._plan([len(batch.prompt_ids[i]) + len(batch.completion_ids[i])
                     for i in range(len(batch)) if batch.mask[i]])
     iterations = algorithm.get("num_iterations", 1)
-    no_grad = len(plan) * ((algorithm["beta"] > 0) + (iterations > 1))
+    separate = iterations > 1 or algorithm.get("top_entropy_quantile", 1) < 1
+    no_grad = len(plan) * ((algorithm["beta"] > 0) + separate)
     assert forwards.count(True) == len(plan) * iterations and forwards.count(False) == no_grad
     if "max_tokens_per_micro_batch" in learner:
         sizes = sorted(len(mb) for mb in plan)
