@@ -16,7 +16,7 @@ from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
 from ray.runtime_env import RuntimeEnv
 from ray.runtime_env.runtime_env import _validate_no_local_paths
 
-from grpo_ray.cluster.placement import ACTOR_ENV
+from grpo_ray.cluster.starting import ACTOR_ENV
 from grpo_ray.cluster.plan import PlacementError, check_fits, plan_placement
 from grpo_ray.config import Config, load_config
 
