@@ -175,10 +175,10 @@ def _merged_load_parts(worker, payload) -> dict[str, float]:
     """Run through `__ray_call__` in an engine: seconds of each part of `VllmMergedWeights.load`
     for `payload` (the version the engine holds, merged again), and of the merge's host side
     alone (`merge_host_s`: near `merge_s` where the merge is bound by its launches, far below
-    where by the GPU's work), then the A/B's other merge (`_merge_in_place`); {} for a LoRA
-    engine."""
+    where by the GPU's work), of the sync check's count of the modules it serves
+    (`served_modules_s`), then the A/B's other merge (`_merge_in_place`); {} for a LoRA engine."""
     from grpo_ray.sync.digest import tensor_digest
-    from grpo_ray.sync.merged import VllmMergedWeights, _merge_on_worker, lora_scale
+    from grpo_ray.sync.merged import VllmMergedWeights, lora_scale
 
     slot = worker.adapter
     if not isinstance(slot, VllmMergedWeights):
@@ -190,13 +190,15 @@ def _merged_load_parts(worker, payload) -> dict[str, float]:
 
     def merge() -> float:  # the product's merge; its host seconds: until the calls are queued
         start = time.perf_counter()
-        slot.llm.collective_rpc(_merge_on_worker, args=(slot.model_path, tensors, scale))
+        slot.llm.collective_rpc("grpo_merge", args=(slot.model_path, tensors, scale))
         return time.perf_counter() - start
 
     merge_host_s, merge_s = timed(merge)
     _, reset_s = timed(slot.llm.reset_prefix_cache)
+    _, served_s = timed(slot.served_modules)  # the sync check's count of the merge, every sync
     out = {"materialize_s": materialize_s, "digest_s": digest_s, "merge_s": merge_s,
-           "merge_host_s": merge_host_s, "reset_prefix_cache_s": reset_s}
+           "merge_host_s": merge_host_s, "reset_prefix_cache_s": reset_s,
+           "served_modules_s": served_s}
     # the A/B: the other merge on the same weights, then the product's again (a failure of the
     # other is printed, and the parts above kept)
     try:
@@ -211,9 +213,10 @@ def _merged_load_parts(worker, payload) -> dict[str, float]:
 
 
 def _merge_in_place(worker, tensors, scale) -> dict[str, float]:
-    """The merge A/B's other side, not the product's (`merged._merge_on_worker`: the base in
-    fp32, B @ A added in fp32, rounded, copied into the weight): each shard written by one addmm
-    of the pristine base and B @ A straight into the engine's weight, in its dtype (cuBLAS
+    """The merge A/B's other side, not the product's (`MergedWeightsExtension.grpo_merge`: the
+    base in fp32, B @ A added in fp32, rounded, copied into the weight): run on a vLLM worker by
+    `collective_rpc`, each shard written by one addmm of the pristine base and B @ A straight
+    into the engine's weight, in its dtype (cuBLAS
     accumulates in fp32 and rounds once), no fp32 copy and fewer launches. Returns how far it
     lands from the product's merge over the first three weights: the largest difference relative
     to their largest value, and the fraction of elements that differ. Empty where vLLM repacked
@@ -222,9 +225,9 @@ def _merge_in_place(worker, tensors, scale) -> dict[str, float]:
 
     from grpo_ray.sync.merged import merge_plan
 
-    model = worker.model_runner.model
+    model = worker.get_model()
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
-    base = worker.__dict__["_grpo_ray_base_weights"]
+    base = worker._grpo_base  # the pristine base the extension keeps
     plan = merge_plan(list(tensors), getattr(model, "packed_modules_mapping", {}))
     if any(params[name].shape != base[name].shape for name in plan):
         return {}

@@ -12,6 +12,7 @@
     algo/                 pure math (advantages, losses): no Ray, no I/O
     config.py, contracts.py, faults.py, answer_format.py, atomic.py, logs.py
                           the vocabulary every process shares
+    internals.py          the few private parts of vLLM and Ray used, each in one function
 
 Nothing heavy is imported here or in any folder's `__init__`, so `grpo-ray --help` is instant.
 """

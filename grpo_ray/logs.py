@@ -6,9 +6,10 @@ By default the console holds only the driver's lines: the command line picks
 line picks no directory and Ray forwards worker output as usual (`(RolloutWorker pid=...) ...`).
 
 The redirection is Ray's worker setup hook: a function Ray runs in a new worker process before
-it imports the actor's class, so import-time messages land in the file too. Ray accepts the
+it imports the actor's class, so import-time messages land in the file too. Ray honours the
 `worker_process_setup_hook` key only in a job's runtime_env (and a job started by
-`ray job submit` has its own), so each actor gets the environment variable that key turns into.
+`ray job submit` has its own; in an actor's it is ignored), so each actor gets the environment
+variable that key turns into (`internals.ray_setup_hook_env`, Ray's private name).
 """
 from __future__ import annotations
 
@@ -21,10 +22,6 @@ from typing import Iterator
 LOG_DIR_ENV = "GRPO_RAY_WORKER_LOG_DIR"
 """The directory the driver chose for worker logs; unset: Ray's own behaviour."""
 LOG_NAME_ENV = "GRPO_RAY_WORKER_LOG_NAME"
-# What ray.init turns `runtime_env={"worker_process_setup_hook": "module.function"}` into
-# (ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR, Ray 2.60); Ray's default_worker
-# runs the function it names when the process starts.
-_RAY_SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
 
 
 @contextmanager
@@ -50,8 +47,10 @@ def actor_env_vars(env_vars: dict[str, str], name: str) -> dict[str, str]:
     log_dir = os.environ.get(LOG_DIR_ENV)
     if not log_dir:
         return dict(env_vars)
+    from grpo_ray.internals import ray_setup_hook_env
+
     return {**env_vars, LOG_DIR_ENV: log_dir, LOG_NAME_ENV: name,
-            _RAY_SETUP_HOOK_ENV: f"{__name__}.redirect_output"}
+            **ray_setup_hook_env(f"{__name__}.redirect_output")}
 
 
 def redirect_output() -> None:

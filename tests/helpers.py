@@ -108,8 +108,10 @@ def screen_lines(output: str) -> list[str]:
 def inject(worker, fault: str, persistent: bool = False, old=None) -> None:
     """Make rollout engine `worker` serve something else than the learner's adapter.
 
-    `no-adapter-now`: at once, the base model under the current version and digest (a LoRA
-    request of None; a merged engine's base weights back). The others act on the next adapter
+    `no-adapter-now`: at once, the base model under the current version and digest: a LoRA
+    engine's adapter stays bound in vLLM (its identity intact: only the probe can tell) while its
+    LoRA layers hold zeros; a merged engine's base weights are written back behind the merge's
+    back (its identity's count of served modules drops). The others act on the next adapter
     load (every load with `persistent`): `no-adapter` loads, then serves the base model as above;
     `previous` ignores the load (the engine keeps the previous version); `old` loads the payload
     `old` (an older version) under the version sent; `zero` / `double` load the adapter with one
@@ -142,12 +144,29 @@ def inject(worker, fault: str, persistent: bool = False, old=None) -> None:
 
 
 def _serve_base(adapter) -> None:
-    if hasattr(adapter, "restore_base"):  # merged weights: the base again, the identity kept
-        version, digest = adapter.version, adapter.digest
-        adapter.restore_base()
-        adapter.version, adapter.digest = version, digest
+    if hasattr(adapter, "restore_base"):  # merged weights
+        adapter.llm.collective_rpc(_base_weights_back)
     else:
-        adapter.request = None
+        adapter.llm.collective_rpc(_zero_lora_slot, args=(adapter.request.lora_int_id,))
+    adapter.llm.reset_prefix_cache()  # its blocks came from the adapter's weights
+
+
+def _base_weights_back(worker) -> None:
+    """On a merged engine's vLLM worker: every weight the merges target back to its base."""
+    from grpo_ray.sync.merged import _set_weight
+
+    modules = dict(worker.get_model().named_modules())
+    for name, base in worker._grpo_base.items():
+        _set_weight(modules[name.removesuffix(".weight")], base.clone())
+
+
+def _zero_lora_slot(worker, lora_id: int) -> None:
+    """On a LoRA engine's vLLM worker: the slot of adapter `lora_id` zeroed in every LoRA layer,
+    as vLLM does for a module the adapter does not name (the adapter stays registered)."""
+    manager = worker.get_model().lora_manager
+    slot = manager.lora_index_to_id.index(lora_id)
+    for layer in manager.modules.values():
+        layer.reset_lora(slot)
 
 
 def _damaged(payload, fault: str, device: str):

@@ -61,9 +61,9 @@ class EnginePlacer:
 
     def draining(self) -> set[str]:
         """The nodes being drained (a preemption notice, `ray drain-node`)."""
-        from grpo_ray.internals import draining_nodes
+        from grpo_ray.internals import ray_draining_nodes
 
-        return draining_nodes()
+        return ray_draining_nodes()
 
     def release(self, i: int) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -54,12 +54,13 @@ def load_learner_state(model: Any, optimizer: Any, scheduler: Any, state: dict[s
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     # The saved optimizer holds the lr the OLD plan gave for the next step (0 once it ended):
-    # set the lr this run's plan gives at the saved step instead.
+    # the scheduler steps to the saved step again on this run's plan, which sets that step's lr
+    # in the optimizer and in `get_last_lr()`.
     scheduler.base_lrs = planned
-    for group, base, lr_lambda in zip(optimizer.param_groups, planned, scheduler.lr_lambdas):
+    for group, base in zip(optimizer.param_groups, planned):
         group["initial_lr"] = base
-        group["lr"] = base * lr_lambda(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    scheduler.last_epoch -= 1
+    scheduler.step()
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

@@ -77,7 +77,7 @@ class LearnerWorker:
         self.model, self._compute_dtype, self.description = load_policy(
             model_path, model, lora, learner, algorithm.seed, self.device)
         self._ipc_export: Any = None
-        self._exported: tuple[int, str | None] = (0, None)  # (version, digest) of the last export
+        self._exported: tuple[int, str | None, int] = (0, None, 0)  # `exported_identity`
         causal_lm = self.model.get_base_model()
         self._decoder = causal_lm.get_decoder()
         self._lm_head = causal_lm.get_output_embeddings()
@@ -343,12 +343,14 @@ class LearnerWorker:
             payload = self._ipc_export.export(self.model, version, dtype)
         else:
             raise ValueError(f"unknown adapter transport {transport!r}")
-        self._exported = (version, payload.digest)
+        names = payload.tensors if transport == "tensors" else payload.names
+        self._exported = (version, payload.digest, sender.lora_modules(names))
         return payload
 
-    def exported_identity(self) -> tuple[int, str | None]:
-        """(version, digest) of the last `export_adapter`: what every engine must report after
-        loading it (the driver asks for these few bytes instead of fetching the payload)."""
+    def exported_identity(self) -> tuple[int, str | None, int]:
+        """(version, digest, LoRA modules) of the last `export_adapter`: what every engine must
+        report after loading it (`RolloutWorker.adapter_identity`; the driver asks for these few
+        bytes instead of fetching the payload). (0, None, 0): the base model, nothing exported."""
         return self._exported
 
     # ---- checkpoint state ----------------------------------------------------------------------

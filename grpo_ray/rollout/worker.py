@@ -14,11 +14,17 @@ from typing import Any
 
 from grpo_ray.config import RolloutConfig
 from grpo_ray.contracts import Rollout, Sampling
-from grpo_ray.sync.merged import VllmMergedWeights
-from grpo_ray.sync.receiver import VllmAdapterSlot
+from grpo_ray.sync.merged import MergedWeightsExtension, VllmMergedWeights
+from grpo_ray.sync.receiver import LoraExtension, VllmAdapterSlot
 
 CPU_BATCHED_TOKENS = 4096
 """vLLM's default `max_num_batched_tokens`: the prompt tokens one scheduler step takes."""
+
+
+class EngineExtension(LoraExtension, MergedWeightsExtension):
+    """What vLLM's workers of a rollout engine do besides vLLM's own work: the sync's engine side
+    (`sync.receiver`, `sync.merged`). vLLM mixes it into its worker class
+    (`worker_extension_cls`) and `LLM.collective_rpc("grpo_...")` calls its methods."""
 
 
 def engine_lora_rank(rank: int) -> int:
@@ -46,7 +52,8 @@ def engine_kwargs(rollout: RolloutConfig, max_lora_rank: int, dtype: str, seed: 
         **lora, max_model_len=rollout.max_model_len,
         gpu_memory_utilization=rollout.gpu_memory_utilization,
         enforce_eager=rollout.enforce_eager, seed=seed, dtype=dtype,
-        enable_prefix_caching=True)
+        enable_prefix_caching=True,
+        worker_extension_cls=f"{EngineExtension.__module__}.{EngineExtension.__qualname__}")
     if on_cuda:
         kwargs["tensor_parallel_size"] = rollout.gpus_per_engine
         if rollout.kv_cache_gb is not None:
@@ -161,11 +168,14 @@ class RolloutWorker:
         """Version of the adapter the next `generate` samples with (0 = base model)."""
         return self.adapter.version
 
-    def adapter_identity(self) -> tuple[int, str | None]:
-        """(version, digest) of the adapter the next `generate` samples with: the digest
-        (`sync.digest.tensor_digest`) of the tensors this engine handed to vLLM, computed
-        here on the engine's device (None: the base model)."""
-        return self.adapter.version, self.adapter.digest
+    def adapter_identity(self) -> tuple[int, str | None, int]:
+        """(version, digest, modules) of the adapter the next `generate` samples with: the digest
+        (`sync.digest.tensor_digest`) of the tensors this engine handed to vLLM, computed here on
+        the engine's device (None: the base model), and the number of LoRA modules (A/B pairs)
+        the engine serves it on, read back from vLLM now: those its LoRA manager bound, or those
+        whose merged weights are what the merge wrote (`served_modules`). The learner reports
+        the same three for what it exported (`LearnerWorker.exported_identity`)."""
+        return self.adapter.version, self.adapter.digest, self.adapter.served_modules()
 
     def load_adapter(self, payload: Any, from_file: bool = False, reload: bool = False,
                      force: bool = False) -> float:

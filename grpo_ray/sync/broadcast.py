@@ -286,11 +286,11 @@ def _figures(i: int, stats: ProbeStats) -> dict[str, float]:
 
 
 def _describe(identity: tuple) -> str:
-    """An adapter identity (version, digest[, modules it applies to]) in words."""
-    version, digest, *rest = identity
-    text = (f"adapter version {version} with digest "
-            f"{'none (the base model)' if digest is None else digest[:12]}")
-    return text + (f" applied to {rest[0]} modules" if rest else "")
+    """An adapter identity (version, digest, modules it applies to) in words."""
+    version, digest, modules = identity
+    if digest is None:
+        return f"adapter version {version} with digest none (the base model)"
+    return f"adapter version {version} with digest {digest[:12]} applied to {modules} modules"
 
 
 def _gpu_uuid(actor: Any) -> str | None:

@@ -6,11 +6,14 @@ vLLM's own adapter loading does the work (its config checks, name mapping and q/
 `WorkerLoRAManager._load_adapter`), with the weights taken from memory instead of a safetensors
 file: only the adapter's config is written, to tmpfs (`/dev/shm`), where vLLM reads it. An engine
 core in another process (or `from_file`) writes the weights too and lets vLLM read the file, as
-plain vLLM does.
+plain vLLM does. On vLLM's workers this runs as methods of `LoraExtension` (vLLM's
+`worker_extension_cls`); no public API of vLLM takes an adapter from memory, so the one private
+step is `internals.vllm_add_lora_from_tensors`. After every load the engine reports how many LoRA
+modules vLLM bound, read back from vLLM (`served_modules`): an adapter whose names match none of
+the model's modules binds none, however right its digest.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import tempfile
@@ -86,7 +89,7 @@ class VllmAdapterSlot:
                              os.path.join(self._root, f"v{payload.version}"),
                              weights=not in_memory)
         request = LoRARequest(f"adapter-v{payload.version}", payload.version, str(path))
-        added = (all(self.llm.collective_rpc(_add_lora_from_tensors, args=(request, tensors)))
+        added = (all(self.llm.collective_rpc("grpo_add_lora", args=(request, tensors)))
                  if in_memory else engine.add_lora(request))
         if not added:
             raise RuntimeError(f"vLLM refused adapter version {payload.version} at {path}")
@@ -99,37 +102,33 @@ class VllmAdapterSlot:
             shutil.rmtree(previous.lora_path, ignore_errors=True)
         return time.perf_counter() - start
 
+    def served_modules(self) -> int:
+        """How many LoRA modules (A/B pairs) the adapter of the next `generate` applies, read back
+        from vLLM's LoRA manager now (`LoraExtension.grpo_bound_modules`): an adapter whose
+        names match none of the model's modules binds none. 0 for the base model."""
+        if self.request is None:
+            return 0
+        return min(self.llm.collective_rpc("grpo_bound_modules",
+                                           args=(self.request.lora_int_id,)))
 
-def _add_lora_from_tensors(worker: Any, request: Any, tensors: dict[str, Any]) -> bool:
-    """Runs on each vLLM worker (through `LLM.collective_rpc`): vLLM's own adapter loading, with
-    the weights taken from `tensors` instead of a safetensors file at `request.lora_path` (which
-    holds only the adapter's config)."""
-    manager = worker.model_runner.lora_manager
-    loader = manager._lora_model_cls
-    # The engine's own copy: vLLM scales lora_b in place when it activates an adapter
-    # (`LoRALayerWeights.optimize`), and on the CPU `tensors` are views of the object store's
-    # buffer, which every engine of the node (and any engine started later) reads.
-    weights = {k: v.to(manager.device, copy=True) for k, v in tensors.items()}
-    accepted = inspect.signature(loader.from_lora_tensors).parameters
 
-    class _FromTensors(loader):  # type: ignore[misc, valid-type]
-        @classmethod
-        def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper=None,
-                                  **kwargs):
-            modules = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in weights}
-            unexpected = sorted(modules - set(expected_lora_modules))
-            if unexpected:
-                raise ValueError(f"adapter targets modules {unexpected} that this engine's model "
-                                 f"cannot apply LoRA to (expected {sorted(expected_lora_modules)})")
-            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-            kwargs["device"] = str(manager.device)
-            return loader.from_lora_tensors(tensors=weights, peft_helper=peft_helper, **kwargs)
+class LoraExtension:
+    """Methods of vLLM's workers in a LoRA engine (mixed in through `worker_extension_cls`,
+    called by `collective_rpc` name)."""
 
-    manager._lora_model_cls = _FromTensors
-    try:
-        return manager.add_adapter(request)
-    finally:
-        manager._lora_model_cls = loader
+    def grpo_add_lora(self, request: Any, tensors: dict[str, Any]) -> bool:
+        """vLLM's own adapter loading with the weights from `tensors`
+        (`internals.vllm_add_lora_from_tensors`)."""
+        from grpo_ray.internals import vllm_add_lora_from_tensors
+
+        return vllm_add_lora_from_tensors(self, request, tensors)
+
+    def grpo_bound_modules(self, lora_id: int) -> int:
+        """How many LoRA modules vLLM bound for adapter `lora_id`
+        (`internals.vllm_lora_bound_modules`)."""
+        from grpo_ray.internals import vllm_lora_bound_modules
+
+        return vllm_lora_bound_modules(self.get_model(), lora_id)  # type: ignore[attr-defined]
 
 
 def _remove_dead_workers_dirs(root: Path) -> None:

@@ -16,7 +16,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from grpo_ray.contracts import AdapterPayload
 from grpo_ray.sync.digest import tensor_digest
@@ -43,6 +43,16 @@ def adapter_payload(peft_model: Any, version: int, adapter_name: str = "default"
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in exported.items()}
     return AdapterPayload(version=version, tensors=tensors,
                           peft_config=_adapter_config(peft_model, adapter_name), digest=digest)
+
+
+def lora_modules(names: Iterable[str]) -> int:
+    """How many LoRA modules (A/B pairs) an adapter with these tensor names applies to: what
+    every engine must serve it on (`RolloutWorker.adapter_identity`)."""
+    parts: dict[str, set[str]] = {}
+    for name in names:
+        prefix, _, rest = name.rpartition(".lora_")
+        parts.setdefault(prefix, set()).add(rest[:1])
+    return sum(found == {"A", "B"} for found in parts.values())
 
 
 def _lora_state(peft_model: Any, adapter_name: str) -> dict[str, Any]:
@@ -79,7 +89,7 @@ class FlatLayout:
 
 @dataclass
 class PackedAdapter(FlatLayout):
-    """An adapter as one flat byte buffer and its layout: the form AdapterBroadcast ships.
+    """An adapter as one flat byte buffer and its layout: the form AdapterSync ships.
 
     Ray stores a numpy buffer out of band, so sending it costs one copy into the object store
     and reading it none (the reader maps it); a dict of torch tensors is pickled tensor by tensor
@@ -141,7 +151,7 @@ def pack_tensors(tensors: dict[str, Any], version: int, peft_config: dict[str, A
 
 def packed_adapter(peft_model: Any, version: int, dtype: str | None = None,
                    adapter_name: str = "default") -> PackedAdapter:
-    """`adapter_payload` in the packed form that AdapterBroadcast ships."""
+    """`adapter_payload` in the packed form that AdapterSync ships."""
     return pack_tensors(_lora_state(peft_model, adapter_name), version,
                         _adapter_config(peft_model, adapter_name), dtype)
 

@@ -35,7 +35,7 @@ class StandInLearner:
     def __init__(self, model_path: str) -> None:
         from helpers import hf_model
 
-        self.path, self.model, self.exported = model_path, hf_model(model_path), (0, None)
+        self.path, self.model, self.exported = model_path, hf_model(model_path), (0, None, 0)
 
     def train(self, seed: int) -> None:
         from helpers import peft_model
@@ -43,10 +43,10 @@ class StandInLearner:
         self.model = peft_model(self.path, seed=seed)
 
     def export_adapter(self, version: int, transport: str = "packed", dtype: str | None = None):
-        from grpo_ray.sync.sender import packed_adapter
+        from grpo_ray.sync.sender import lora_modules, packed_adapter
 
         payload = packed_adapter(self.model, version, dtype)
-        self.exported = (version, payload.digest)
+        self.exported = (version, payload.digest, lora_modules(payload.names))
         return payload
 
     def exported_identity(self):
@@ -92,7 +92,7 @@ def setting(ray_local, tiny_model_path, tokenizer):
     assert out["fallback_object_store"] == 0 and sync.transport.name == "object-store"
     # vLLM scales lora_B in place as it activates an adapter: the engine must have copied it
     payload = ray_local.get(sync._payload)
-    assert ray_local.get(engines.engines[0].adapter_identity.remote()) == (1, payload.digest)
+    assert ray_local.get(engines.engines[0].adapter_identity.remote()) == (1, payload.digest, 14)
     batch = PromptBatch(chat_prompts(tokenizer), [[], []], ["", ""], ["", ""])
     yield engines, lines, batch, sync, learner
     engines.shutdown()
@@ -157,12 +157,13 @@ def test_sync_check_repairs_then_replaces_then_refuses(ray_local, tiny_model_pat
 
     # the learner exported something no engine holds: a clear error with the digests, no loop
     right = ray_local.get(learner.exported_identity.remote())
-    ray_local.get(learner.__ray_call__.remote(_set_exported, (1, "f" * 64)))
+    ray_local.get(learner.__ray_call__.remote(_set_exported, (1, "f" * 64, right[2])))
     try:
         with pytest.raises(SyncCheckError, match=(
                 r"rollout engine 0 failed the sync check at adapter version 1: it holds adapter "
-                rf"version 1 with digest {right[1][:12]}, the learner exported adapter version 1 "
-                r"with digest ffffffffffff .*the new rollout engine 0 disagrees too")):
+                rf"version 1 with digest {right[1][:12]} applied to 14 modules, the learner exported "
+                r"adapter version 1 with digest ffffffffffff .*the new rollout engine 0 disagrees "
+                r"too")):
             sync.verify(1)
     finally:
         ray_local.get(learner.__ray_call__.remote(_set_exported, right))

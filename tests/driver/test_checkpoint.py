@@ -234,6 +234,7 @@ def test_a_longer_resumed_run_continues_on_the_schedule_of_its_new_total(tiny_mo
     resumed.load_state_dict(state)
     planned = fresh.optimizer.param_groups[0]["lr"]
     assert planned > 0 and resumed.optimizer.param_groups[0]["lr"] == pytest.approx(planned)
+    assert resumed.scheduler.get_last_lr() == [pytest.approx(planned)]  # not the old plan's 0
     assert resumed.train_step(small_batch())["learning_rate"] == pytest.approx(planned)
     assert resumed.scheduler.last_epoch == 4
 

@@ -153,15 +153,16 @@ class TinyLearner:
 
     def __init__(self, model_path: str) -> None:
         self.model = make_peft(model_path, seed=1)
-        self.exported = (0, None)
+        self.exported = (0, None, 0)
 
     def export_adapter(self, version: int, transport: str = "tensors", dtype: str | None = None):
-        from grpo_ray.sync.sender import packed_adapter
+        from grpo_ray.sync.sender import lora_modules, packed_adapter
 
         assert transport in ("tensors", "packed"), transport
         payload = (adapter_payload(self.model, version) if transport == "tensors"
                    else packed_adapter(self.model, version, dtype))
-        self.exported = (version, payload.digest)
+        names = payload.tensors if transport == "tensors" else payload.names
+        self.exported = (version, payload.digest, lora_modules(names))
         return payload
 
     def exported_identity(self):

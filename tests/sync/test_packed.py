@@ -61,12 +61,13 @@ def test_in_memory_load_equals_vllms_load_from_files(served_engine, peft_model):
     before = w.score(prompt, completion)
     packed = packed_adapter(peft_model, served_engine.next_version, dtype=w.lora_dtype())
     v = served_engine.load(packed, peft_model)
-    assert w.adapter_identity() == (v, packed.digest)  # computed by the engine, on its side
+    # computed by the engine, on its side: 2 layers x 7 projections bound
+    assert w.adapter_identity() == (v, packed.digest, 14)
     assert os.listdir(os.path.join(w.adapter._root, f"v{v}")) == [CONFIG_NAME]  # no weights
     in_memory = w.score(prompt, completion)
     from_payload = adapter_payload(peft_model, v + 1)
     served_engine.load(from_payload, peft_model, from_file=True)
-    assert w.adapter_identity() == (v + 1, packed.digest) == (v + 1, from_payload.digest)
+    assert w.adapter_identity() == (v + 1, packed.digest, 14) == (v + 1, from_payload.digest, 14)
     from_file = w.score(prompt, completion)
     assert w.llm.llm_engine.list_loras() == {v + 1}
     gap = max(abs(a - b) for a, b in zip(in_memory[0], from_file[0]))
