@@ -38,10 +38,9 @@ class EnginePlacer:
         """The node engine i's bundle is reserved on; None while it waits for room."""
         from ray.util.placement_group import placement_group_table
 
-        group = self.groups[i]
-        if not group.wait(0):
-            return None
-        return placement_group_table(group)["bundles_to_node_id"][0]
+        # the table, not `group.wait(0)`: a zero timeout answers False even once it is placed
+        table = placement_group_table(self.groups[i])
+        return table["bundles_to_node_id"][0] if table["state"] == "CREATED" else None
 
     def start(self, i: int) -> Any:
         """Engine i in its reserved bundle, starting (not waited for)."""

@@ -229,3 +229,69 @@ def test_a_node_killed_without_room_shrinks_the_fleet_or_ends_the_run_below_min(
     assert len(dropped) == 1 and dropped[0].startswith("rollout engine 1 lost during "), lines
     engines = [r["rollout/engines"] for r in rows]
     assert engines[:2] == [2, 2] and engines[-1] == 1 and t.step == steps, engines
+
+
+def cli_run(out, model_path, cluster_address: str, steps: int, *overrides: str):
+    """`grpo-ray train` as a user starts it, on the cluster at `cluster_address`."""
+    import os
+    import subprocess
+    import sys
+
+    args = [f"output.dir={out}", f"model.path={model_path}", f"algorithm.total_steps={steps}",
+            f"cluster.address={cluster_address}", "learner.learning_rate=5e-3",
+            "learner.warmup_ratio=0", "logging.tensorboard=false", "eval.num_samples=2",
+            "output.save_every=0", "rollout.prompts_per_step=4", "learner.num_cpus=0.25",
+            "reward.cpus_per_worker=0.25", REWARDS, "rollout.num_engines=2",
+            "rollout.cpus_per_engine=1", "cluster.num_cpus=null",
+            "cluster.placement_strategy=SPREAD", *overrides]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.Popen([sys.executable, "-m", "grpo_ray", "train", "--config",
+                             "configs/tiny-cpu.yaml", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_grpo_ray_train_on_three_nodes_grows_at_step_3_shrinks_at_step_6_as_a_fixed_run(
+        cluster, tiny_model_path, tmp_path):
+    """The issue's run: `grpo-ray train` on a local cluster of three nodes (a head for the
+    driver, two for the run), a node added once step 3 is logged and engine 1's node drained once
+    step 6 is: every step finishes, the join and the leave are logged, and the adapter is the
+    one a fixed fleet trains on the same cluster."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    c, nodes = cluster
+    steps = 9
+    fixed = cli_run(tmp_path / "fixed", tiny_model_path, c.address, steps)
+    assert fixed.wait(timeout=900) == 0, fixed.stdout.read()
+
+    run = cli_run(tmp_path / "elastic", tiny_model_path, c.address, steps,
+                  "rollout.min_engines=1", "rollout.max_engines=3")
+    metrics, events = tmp_path / "elastic" / "metrics.jsonl", []
+    deadline = time.monotonic() + 900
+    while run.poll() is None and time.monotonic() < deadline:
+        done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        if done >= 3 and not events:
+            events.append(c.add_node(num_cpus=1))
+        if done >= 6 and len(events) == 1:
+            # engines take 1 CPU: node A holds the learner, the rewards and one engine, node B
+            # (1 CPU) the other; B gets the preemption notice
+            subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address",
+                            c.address, "--node-id", nodes[1].node_id, "--reason",
+                            "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
+                            "spot instance reclaimed", "--deadline-remaining-seconds", "600"],
+                           check=True)
+            events.append("drained")
+        time.sleep(0.2)
+    output = run.stdout.read()
+    assert run.wait(timeout=60) == 0, output
+    assert len(events) == 2, output
+    joined = [line for line in output.splitlines() if " joined on node " in line]
+    left = [line for line in output.splitlines() if " left: its node " in line]
+    assert len(joined) == 1 and joined[0].startswith("rollout engine 2 joined"), output
+    assert len(left) == 1 and left[0].endswith("is draining; 2 rollout engine(s) go on"), output
+    rows = jsonl(metrics)
+    assert len(rows) == steps and max(r["rollout/engines"] for r in rows) == 3
+    assert rows[-1]["rollout/engines"] == 2 and rows[-1]["rollout/engine_leaves"] == 1
+    assert_same_training(tmp_path / "fixed", tmp_path / "elastic")
