@@ -140,7 +140,7 @@ def run_plain(args, in_process: bool, with_lora: bool = True, text: bool = False
 def run_actor(args, merge: bool = False) -> list[dict]:
     import ray
 
-    from grpo_ray.cluster.placement import ACTOR_ENV
+    from grpo_ray.cluster.starting import ACTOR_ENV
     from grpo_ray.contracts import Sampling
     from grpo_ray.rollout.worker import RolloutWorker
     from grpo_ray.sync.sender import pack_tensors

@@ -113,3 +113,19 @@ def ray_setup_hook_env(function: str) -> dict[str, str]:
         raise _moved("ray", "ray._private.ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR",
                      "the variable Ray's default_worker runs a setup hook from") from None
     return {name: function}
+
+
+def ray_draining_nodes() -> set[str]:
+    """The hex ids of the nodes Ray is draining (a preemption notice, `ray drain-node`, the
+    autoscaler's idle termination): where an elastic fleet's engines finish their slice and leave.
+
+    Private: `ray._private.state.state.get_draining_nodes` (the GCS's GetDrainingNodes, what Ray
+    Serve reads to move its replicas off such nodes). Ray 2.60 has no public API for it: the node
+    table (`ray.nodes()`, `ray.util.state.list_nodes`) says ALIVE until the node is gone."""
+    try:
+        from ray._private.state import state
+    except ImportError:
+        raise _moved("ray", "ray._private.state.state", "the GCS client that lists the nodes "
+                     "being drained") from None
+    return set(_attribute(state, "get_draining_nodes", "ray",
+                          "the GCS's GetDrainingNodes")())

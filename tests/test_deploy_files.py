@@ -1,7 +1,8 @@
-"""The cluster files (launcher config, KubeRay RayJob, runtime_env, submit script) checked with
+"""The cluster files (launcher config, KubeRay RayJobs, runtime_env, submit script) checked with
 Ray's own validators and the project's config loader and placement check; no cluster started."""
 import copy
 import os
+import re
 import shlex
 import subprocess
 import zipfile
@@ -16,7 +17,7 @@ from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
 from ray.runtime_env import RuntimeEnv
 from ray.runtime_env.runtime_env import _validate_no_local_paths
 
-from grpo_ray.cluster.placement import ACTOR_ENV
+from grpo_ray.cluster.starting import ACTOR_ENV
 from grpo_ray.cluster.plan import PlacementError, check_fits, plan_placement
 from grpo_ray.config import Config, load_config
 
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 SUBMIT = ROOT / "scripts" / "submit.sh"
 REFERENCE = "configs/qwen2.5-3b-gsm8k.yaml"
+RAYJOBS = ["rayjob.yaml", "rayjob-elastic.yaml"]
 
 # RayJobSpec's fields (ray-operator/apis/ray/v1/rayjob_types.go, KubeRay 1.5).
 RAYJOB_SPEC_FIELDS = {
@@ -32,6 +34,17 @@ RAYJOB_SPEC_FIELDS = {
     "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
     "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend",
     "schedule"}
+# RayClusterSpec's, WorkerGroupSpec's and AutoscalerOptions' (raycluster_types.go, KubeRay 1.5).
+RAYCLUSTER_SPEC_FIELDS = {
+    "headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling",
+    "autoscalerOptions", "headServiceAnnotations", "suspend", "managedBy", "upgradeStrategy",
+    "gcsFaultToleranceOptions", "authOptions"}
+WORKER_GROUP_FIELDS = {
+    "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "suspend",
+    "numOfHosts", "rayStartParams", "template", "scaleStrategy"}
+AUTOSCALER_OPTIONS_FIELDS = {
+    "resources", "image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "securityContext",
+    "idleTimeoutSeconds", "upscalingMode", "version"}
 
 
 def load(name: str) -> dict:
@@ -45,17 +58,34 @@ def train_command(argv: list[str]) -> Config:
     return load_config(ROOT / argv[3], argv[4:])
 
 
-def fits(cfg: Config, nodes: list[dict[str, float]]) -> None:
+def fits(cfg: Config, nodes: list[dict[str, float]], engines: int | None = None) -> None:
+    """The placement check of `cfg`, or of `cfg` with a fleet of `engines`."""
+    if engines is not None:
+        cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(
+            update={"num_engines": engines})})
     check_fits(plan_placement(cfg, use_gpu=True), nodes)
+
+
+def fleet_fits(cfg: Config, at_min: list[dict], at_max: list[dict]) -> None:
+    """An elastic fleet: the run starts on the cluster at its minimum (the start and the min
+    fleets fit there), grows to max_engines on the cluster at its maximum, and no further."""
+    low, high = cfg.fleet_bounds
+    assert cfg.elastic and cfg.cluster.autoscale, "an elastic example asks the autoscaler"
+    fits(cfg, at_min)
+    fits(cfg, at_min, engines=low)
+    fits(cfg, at_max, engines=high)
+    with pytest.raises(PlacementError, match="cannot place"):
+        fits(cfg, at_max, engines=high + 1)  # max_engines uses the cluster's maximum
 
 
 def test_every_cluster_yaml_parses():
     names = sorted(p.name for p in DEPLOY.glob("*.yaml"))
-    assert names == ["ray-cluster.yaml", "rayjob.yaml", "runtime_env.yaml"]
+    assert names == ["ray-cluster.yaml", "rayjob-elastic.yaml", "rayjob.yaml", "runtime_env.yaml"]
     for name in names:
         docs = list(yaml.safe_load_all((DEPLOY / name).read_text()))
         assert len(docs) == 1 and isinstance(docs[0], dict), name
-    assert isinstance(yaml.safe_load(load("rayjob.yaml")["spec"]["runtimeEnvYAML"]), dict)
+    for name in RAYJOBS:
+        assert isinstance(yaml.safe_load(load(name)["spec"]["runtimeEnvYAML"]), dict)
 
 
 # ---- ray up ------------------------------------------------------------------------------------
@@ -88,10 +118,49 @@ def test_launcher_minimum_cluster_holds_the_reference_recipe():
         fits(cfg, [head])  # what starting with min_workers 0 would give
 
 
+def test_launcher_holds_the_elastic_fleet_it_names_from_min_to_max_workers():
+    text = (DEPLOY / "ray-cluster.yaml").read_text()
+    # the elastic run's submit command in its comment, continuation lines joined
+    command = re.search(r"#   (scripts/submit\.sh [^\n]*max_engines[^\n]*)",
+                        text.replace("\\\n#    ", ""))
+    done = run_submit(*shlex.split(command.group(1))[1:], DRY_RUN="1")
+    assert done.returncode == 0, done.stderr
+    entrypoint = dict(line.split(": ", 1) for line in done.stdout.splitlines())["entrypoint"]
+    words = subprocess.run(["bash", "-c", "printf '%s\\0' " + entrypoint], capture_output=True,
+                           text=True, check=True).stdout.split("\0")[:-1]
+    cfg = train_command(words)
+
+    raw = load("ray-cluster.yaml")
+    types = raw["available_node_types"]
+    head = types[raw["head_node_type"]]["resources"]
+    workers = {name: t for name, t in types.items() if name != raw["head_node_type"]}
+    assert raw["max_workers"] >= sum(t["max_workers"] for t in workers.values())
+    fleet_fits(cfg, [head] + [t["resources"] for t in workers.values()
+                              for _ in range(t["min_workers"])],
+               [head] + [t["resources"] for t in workers.values()
+                         for _ in range(t["max_workers"])])
+
+
 # ---- KubeRay RayJob ----------------------------------------------------------------------------
 
-def test_rayjob_runs_the_reference_recipe_on_a_cluster_that_holds_it():
-    job = load("rayjob.yaml")
+def rayjob_nodes(cluster: dict, replicas: str) -> list[dict[str, float]]:
+    """The Ray nodes of a RayCluster spec: the head and each worker group's `replicas`
+    (replicas, minReplicas or maxReplicas) pods."""
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    nodes = [{"CPU": float(head["resources"]["limits"]["cpu"]), "GPU": 0.0}]
+    for group in cluster["workerGroupSpecs"]:
+        assert set(group) <= WORKER_GROUP_FIELDS, set(group) - WORKER_GROUP_FIELDS
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        res = group["template"]["spec"]["containers"][0]["resources"]
+        assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"]
+        node = {"CPU": float(res["limits"]["cpu"]), "GPU": float(res["limits"]["nvidia.com/gpu"])}
+        nodes += [node] * group[replicas]
+    return nodes
+
+
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_runs_the_reference_recipe_on_a_cluster_that_holds_it(name):
+    job = load(name)
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     spec = job["spec"]
     assert set(spec) <= RAYJOB_SPEC_FIELDS, set(spec) - RAYJOB_SPEC_FIELDS
@@ -100,22 +169,32 @@ def test_rayjob_runs_the_reference_recipe_on_a_cluster_that_holds_it():
     assert cfg.model.path == "Qwen/Qwen2.5-3B-Instruct" and cfg.cluster.use_gpu is True
 
     cluster = spec["rayClusterSpec"]
+    assert set(cluster) <= RAYCLUSTER_SPEC_FIELDS, set(cluster) - RAYCLUSTER_SPEC_FIELDS
     assert cluster["rayVersion"] == ray.__version__
-    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
-    nodes = [{"CPU": float(head["resources"]["limits"]["cpu"]), "GPU": 0.0}]
-    for group in cluster["workerGroupSpecs"]:
-        res = group["template"]["spec"]["containers"][0]["resources"]
-        assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"]
-        node = {"CPU": float(res["limits"]["cpu"]), "GPU": float(res["limits"]["nvidia.com/gpu"])}
-        nodes += [node] * group["replicas"]
-    fits(cfg, nodes)
+    fits(cfg, rayjob_nodes(cluster, "replicas"))
     # the driver runs on the head: the run must land on one of its volumes, not in the pod
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     mounts = [m["mountPath"] for m in head["volumeMounts"]]
     assert any(cfg.output.dir.startswith(m + "/") for m in mounts), cfg.output.dir
 
 
-def test_rayjob_retries_and_the_retry_resumes():
-    spec = load("rayjob.yaml")["spec"]
+def test_elastic_rayjob_grows_its_fleet_from_min_to_max_replicas():
+    spec = load("rayjob-elastic.yaml")["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    options = cluster["autoscalerOptions"]
+    assert set(options) <= AUTOSCALER_OPTIONS_FIELDS, set(options) - AUTOSCALER_OPTIONS_FIELDS
+    assert options["upscalingMode"] in {"Default", "Aggressive", "Conservative"}
+    cfg = train_command(shlex.split(spec["entrypoint"]))
+    fleet_fits(cfg, rayjob_nodes(cluster, "minReplicas"), rayjob_nodes(cluster, "maxReplicas"))
+    # the output differs from the fixed run's: a retry must not resume the other config's run
+    assert cfg.output.dir != train_command(shlex.split(load("rayjob.yaml")["spec"]["entrypoint"])
+                                           ).output.dir
+
+
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_retries_and_the_retry_resumes(name):
+    spec = load(name)["spec"]
     assert spec["backoffLimit"] > 0
     # each retry runs the same entrypoint: it must resume by itself, from storage that outlives
     # the driver's pod and the Ray cluster (a PersistentVolumeClaim, not the pod's emptyDir)
@@ -130,8 +209,9 @@ def test_rayjob_retries_and_the_retry_resumes():
     assert set(volume) == {"name", "persistentVolumeClaim"}, volume
 
 
-def test_rayjob_runtime_env_is_accepted_by_ray():
-    env = yaml.safe_load(load("rayjob.yaml")["spec"]["runtimeEnvYAML"])
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_runtime_env_is_accepted_by_ray(name):
+    env = yaml.safe_load(load(name)["spec"]["runtimeEnvYAML"])
     assert set(env) <= RuntimeEnv.known_fields
     runtime_env = RuntimeEnv(**env)
     # the submitter pod has no checkout: working_dir and pip must be URIs, not local paths

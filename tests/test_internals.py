@@ -91,3 +91,12 @@ def test_ray_runs_the_setup_hook_that_its_private_variable_names(ray_local, tmp_
     assert f"public-{pids[1]}.log" not in written, (
         "Ray now runs worker_process_setup_hook from an actor's runtime_env: use that public key "
         "instead of the private variable (grpo_ray.internals.ray_setup_hook_env)")
+
+
+def test_ray_lists_no_draining_node_in_a_healthy_cluster(ray_local):
+    """`ray_draining_nodes` reads the GCS's draining list (a drained node's case runs in
+    tests/cluster/test_elastic.py, on a cluster of several nodes)."""
+    from grpo_ray.internals import ray_draining_nodes
+
+    assert ray_draining_nodes() == set()
+    assert ray_local.nodes()[0]["Alive"]

@@ -19,11 +19,15 @@ that callers never branch on it:
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections import Counter
 from typing import Any, Callable, Iterator
 
+from grpo_ray.cluster.fleet import Fleet
 from grpo_ray.cluster.group import ActorGroup, work_deadline
 from grpo_ray.config import ClusterConfig
 from grpo_ray.contracts import PromptBatch, Rollout, Sampling
+from grpo_ray.faults import first_line
 
 
 def even_slices(n: int, parts: int) -> list[tuple[int, int]]:
@@ -42,32 +46,47 @@ def even_slices(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 class PendingGeneration:
-    """A generation in flight on every engine of a group, each on its even slice of the batch.
+    """A generation in flight on every serving engine of a group, each on its even slice of the
+    batch.
 
-    Slice k (prompts a..b) samples with seed `sampling.seed + a`, so a slice generated again by
-    a replacement engine is what the lost one would have returned. Its deadline follows from the
-    largest slice's tokens (`EngineGroup.generate_deadline`)."""
+    Prompt j of the batch samples with seed `sampling.seed + j` whichever engine answers it, so a
+    slice generated again by a replacement engine, or by another engine once its own is dropped,
+    is what the lost one would have returned, and a fleet of any size samples the same batch.
+    Its deadline follows from the largest slice's tokens (`EngineGroup.generate_deadline`)."""
 
     def __init__(self, group: "EngineGroup", batch: PromptBatch, sampling: Sampling) -> None:
         self.group, self.batch, self.sampling = group, batch, sampling
-        self.slices = even_slices(len(batch), len(group.engines))
+        serving = group.serving()
+        self.slices = even_slices(len(batch), len(serving))
+        self.engine_of = {k: serving[k] for k in range(len(self.slices))}
+        """The engine (slot) generating each slice."""
         self.deadline_s = group.generate_deadline(max(b - a for a, b in self.slices), sampling)
         # every slice is submitted now; the caller collects them as they arrive
         self._stream = group.group.stream(
             "generation", self._submit, self.deadline_s, range(len(self.slices)),
-            setting="cluster.generate_floor_tokens_per_s, cluster.deadline_slack_s")
+            setting="cluster.generate_floor_tokens_per_s, cluster.deadline_slack_s",
+            route=self._route)
+
+    def _route(self, k: int) -> int:
+        """The engine of slice k; once that engine is dropped, the serving engine with the
+        fewest slices of this batch."""
+        i = self.engine_of[k]
+        if self.group.engines[i] is None:
+            load = Counter(self.engine_of.values())
+            i = self.engine_of[k] = min(self.group.serving(), key=lambda j: load[j])
+        return i
 
     def _submit(self, k: int) -> Any:
         a, b = self.slices[k]
         seed = None if self.sampling.seed is None else self.sampling.seed + a
-        return self.group.engines[k].generate.remote(self.batch.prompt_ids[a:b],
-                                                     dataclasses.replace(self.sampling, seed=seed))
+        return self.group.engines[self._route(k)].generate.remote(
+            self.batch.prompt_ids[a:b], dataclasses.replace(self.sampling, seed=seed))
 
     def arrivals(self) -> Iterator[tuple[int, Rollout]]:
         """(k, part) for each slice k as soon as its engine returns it; a lost or hung engine is
         replaced and its slice generated again (`ActorGroup.stream`)."""
         for k, part in self._stream:
-            part.engine_index = [k] * len(part)
+            part.engine_index = [self.engine_of[k]] * len(part)
             yield k, part
 
     def result(self, expect_version: int | None = None) -> Rollout:
@@ -100,21 +119,34 @@ class EngineGroup:
                  on_shutdown: Callable[[], None] | None = None,
                  cluster: ClusterConfig | None = None,
                  notify: Callable[[str], None] = print,
-                 admit: Callable[[int], str | None] | None = None) -> None:
+                 admit: Callable[[int], str | None] | None = None,
+                 fleet: Fleet | None = None, placer: Any = None) -> None:
         if not engines:
             raise ValueError("EngineGroup: needs at least one engine")
         self.cluster = cluster = cluster or ClusterConfig()
         self.admit = admit
+        self.fleet = fleet or Fleet(len(engines), len(engines), len(engines),
+                                    cluster.max_restarts, start is not None)
+        """The engines' states and the rules of an elastic fleet (`cluster.fleet`)."""
+        self.placer = placer
+        """Where new engines are asked for and started (`placement.EnginePlacer`; None: a
+        fixed fleet)."""
         self.group = ActorGroup("rollout engine", list(engines), start, cluster.max_restarts,
                                 cluster.restart_timeout_s,
                                 after_start=lambda i: self.admit(i) if self.admit else None,
-                                notify=notify)
+                                notify=notify, health=self.fleet)
         self.engines = self.group.members
-        """The engine handles (a replacement takes its predecessor's place in this list)."""
+        """The engine handles by slot (a replacement takes its predecessor's place in this list;
+        an engine gone for good leaves None)."""
         self._on_shutdown = on_shutdown
+        self._coming: dict[int, tuple[Any, float]] = {}  # slot -> (ready ref, asked at)
 
     def __len__(self) -> int:
-        return len(self.engines)
+        return len(self.serving())
+
+    def serving(self) -> list[int]:
+        """The slots of the engines that are given work."""
+        return self.fleet.admitted()
 
     @property
     def restarts(self) -> int:
@@ -196,7 +228,8 @@ class EngineGroup:
         return self._call("GPU query", lambda i: self.engines[i].gpu_uuid.remote())
 
     def lora_dtype(self) -> str:
-        return self._call("dtype query", lambda i: self.engines[i].lora_dtype.remote(), [0])[0]
+        return self._call("dtype query", lambda i: self.engines[i].lora_dtype.remote(),
+                          self.serving()[:1])[0]
 
     # ---- lost engines --------------------------------------------------------------------------
     def replace(self, i: int, reason: str) -> None:
@@ -204,10 +237,64 @@ class EngineGroup:
         ActorLostError when it cannot come back; the sync's error when it disagrees."""
         self.group.replace(i, reason)
 
+    # ---- an elastic fleet ----------------------------------------------------------------------
+    def between_steps(self) -> None:
+        """Grow and shrink the fleet by `cluster.fleet`'s rules, between two steps (nothing runs
+        on the engines then): engines whose placement came are started, engines that came up are
+        admitted, engines on draining nodes leave, missing ones are asked for. Each join and
+        leave is said through `notify`. Nothing to do for a fixed fleet."""
+        import ray
+
+        if self.placer is None:
+            return
+        fleet, now = self.fleet, time.monotonic()
+        for i in sorted(fleet.waiting):
+            node = self.placer.placed(i)
+            if node is not None:
+                fleet.placed(i, node)
+                self.engines[i] = self.placer.start(i)
+                self._coming[i] = (self.engines[i].__ray_ready__.remote(), self._coming[i][1])
+        for i, (ready, asked) in list(self._coming.items()):
+            if i in fleet.waiting or not ray.wait([ready], timeout=0)[0]:
+                continue
+            try:
+                ray.get(ready)
+                fleet.up(i)
+            except Exception as e:  # noqa: BLE001 - its constructor failed: it never serves
+                self._leave(i, f"its start failed ({first_line(e)})")
+        decision = fleet.decide(self.placer.draining())
+        for i, why in decision.leave.items():
+            self._leave(i, why)
+        for i in decision.admit:
+            asked = self._coming.pop(i)[1]
+            try:
+                said = self.admit(i) if self.admit else ""
+            except Exception as e:  # noqa: BLE001 - refused: the fleet goes on without it
+                self._leave(i, f"refused at its admission: {first_line(e)}")
+                continue
+            fleet.joined(i)
+            self.notify(f"rollout engine {i} joined on node {fleet.nodes.get(i, '?')[:12]}: "
+                        f"{time.monotonic() - asked:.0f} s from its request, {said}; "
+                        f"{len(self)} engine(s) serve")
+        for _ in range(decision.ask):
+            i = fleet.ask()
+            self.engines.append(None)
+            self.placer.request(i)
+            self._coming[i] = (None, now)
+
+    def _leave(self, i: int, why: str) -> None:
+        """Engine i stops for good: its actor and its placement go."""
+        self._coming.pop(i, None)
+        self.group.drop(i, f"rollout engine {i} left: {why}")
+        self.placer.release(i)
+
     def shutdown(self) -> None:
         import ray
 
         for engine in self.engines:
-            ray.kill(engine)
+            if engine is not None:
+                ray.kill(engine)
+        if self.placer is not None:
+            self.placer.shutdown()
         if self._on_shutdown is not None:
             self._on_shutdown()

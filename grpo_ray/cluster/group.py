@@ -43,6 +43,11 @@ class MemberRestarted(Exception):
         self.index, self.reason, self.seconds = index, reason, seconds
 
 
+class NoRoom(Exception):
+    """A member's replacement found no room in the cluster within its wait (its node is gone and
+    no other holds its bundle): an elastic fleet drops it (`health.CallHealth.no_room`)."""
+
+
 class ActorGroup:
     """Handles of one role's actors and how to start member i again.
 
@@ -52,15 +57,17 @@ class ActorGroup:
     text for the restart line, e.g. the adapter it loaded; raises to refuse it);
     ready_timeout_s: how long a new member may take to start; where: how the restart line says
     where it started. `members` is kept, not copied: a replacement takes its predecessor's place
-    in the same list. `health` holds the decisions (`cluster.health.GroupHealth`)."""
+    in the same list; a member gone for good stays there as None (indices are slots). `health`
+    holds the decisions (`cluster.health.GroupHealth`, or a `cluster.fleet.Fleet`)."""
 
     def __init__(self, role: str, members: list[Any],
                  start: Callable[[int], Any] | None = None, max_restarts: int = 2,
                  ready_timeout_s: float = 600.0,
                  after_start: Callable[[int], str | None] | None = None,
                  notify: Callable[[str], None] = print, where: str = " in its placement bundle",
-                 repeat: bool = True) -> None:
-        self.health = GroupHealth(role, len(members), max_restarts, start is not None, repeat)
+                 repeat: bool = True, health: GroupHealth | None = None) -> None:
+        self.health = health or GroupHealth(role, len(members), max_restarts, start is not None,
+                                            repeat)
         self.role, self.members = role, members
         self.start, self.after_start, self.notify = start, after_start, notify
         self.ready_timeout_s, self.where = ready_timeout_s, where
@@ -86,35 +93,42 @@ class ActorGroup:
              indices: Sequence[int] | None = None,
              on_timeout: Callable[[int], str | None] | None = None,
              setting: str = "", fetch: bool = True) -> list[Any]:
-        """`submit(i)` (an ObjectRef) on members `indices` (default all) at once; their results
-        in that order (`stream` says what happens to lost and hung members)."""
-        indices = list(range(len(self.members)) if indices is None else indices)
+        """`submit(i)` (an ObjectRef) on members `indices` (default the admitted ones) at once;
+        their results in that order (`stream` says what happens to lost and hung members)."""
+        indices = list(self.health.admitted() if indices is None else indices)
         results = dict(self.stream(what, submit, timeout_s, indices, on_timeout, setting, fetch))
         return [results[i] for i in indices]
 
     def stream(self, what: str, submit: Callable[[int], Any], timeout_s: float,
                indices: Sequence[int] | None = None,
                on_timeout: Callable[[int], str | None] | None = None,
-               setting: str = "", fetch: bool = True) -> Iterator[tuple[int, Any]]:
-        """(i, result) for each member i as soon as its call returns. All calls are in flight at
-        once and waited on together; a call not done `timeout_s` after it was submitted counts as
-        a hung member. A lost or hung member is replaced (`replace`) and its call submitted again
-        with a fresh deadline, at most `max_restarts` times in this call (`cluster.health`);
-        `on_timeout(i)`, asked before a hung member is killed, may give the reason to report
-        (and change what the next `submit(i)` sends); `setting` names what decides the deadline,
-        for the message. An error the member's own code raised is raised here as Ray gives it
-        (`RayTaskError`). `fetch=False` yields the ObjectRef itself once it is ready and its
-        member still alive, without fetching it (an adapter on its way to the engines)."""
-        indices = list(range(len(self.members)) if indices is None else indices)
-        pending: dict[Any, tuple[int, float]] = {}  # ref -> (member, deadline)
-        for i in indices:  # submitted now, whenever the caller starts reading
-            pending[submit(i)] = (i, time.monotonic() + timeout_s)
-        return self._collect(what, submit, timeout_s, pending, on_timeout, setting, fetch)
+               setting: str = "", fetch: bool = True,
+               route: Callable[[int], int] | None = None) -> Iterator[tuple[int, Any]]:
+        """(k, result) for each call k (default: one per admitted member) as soon as it returns.
+        `submit(k)` submits call k on member `route(k)` (default: member k) and returns its
+        ObjectRef. All calls are in flight at once and waited on together; a call not done
+        `timeout_s` after it was submitted counts as a hung member. A lost or hung member is
+        replaced (`replace`) and its call submitted again with a fresh deadline, at most
+        `max_restarts` times in this call (`cluster.health`); a member whose replacement finds
+        no room is dropped and `route` sends its call to another member. `on_timeout(i)`, asked
+        before a hung member is killed, may give the reason to report (and change what the next
+        submit sends); `setting` names what decides the deadline, for the message. An error the
+        member's own code raised is raised here as Ray gives it (`RayTaskError`). A call routed
+        to a dropped member alone gives None. `fetch=False`
+        yields the ObjectRef itself once it is ready and its member still alive, without
+        fetching it (an adapter on its way to the engines)."""
+        keys = list(self.health.admitted() if indices is None else indices)
+        route = route or (lambda k: k)
+        pending: dict[Any, tuple[int, float]] = {}  # ref -> (call, deadline)
+        for k in keys:  # submitted now, whenever the caller starts reading
+            pending[submit(k)] = (k, time.monotonic() + timeout_s)
+        return self._collect(what, submit, timeout_s, pending, on_timeout, setting, fetch, route)
 
     def _collect(self, what: str, submit: Callable[[int], Any], timeout_s: float,
                  pending: dict[Any, tuple[int, float]],
                  on_timeout: Callable[[int], str | None] | None,
-                 setting: str, fetch: bool) -> Iterator[tuple[int, Any]]:
+                 setting: str, fetch: bool, route: Callable[[int], int]
+                 ) -> Iterator[tuple[int, Any]]:
         import ray
 
         health = self.health.call()
@@ -123,24 +137,35 @@ class ActorGroup:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s, fetch_local=fetch)
             if ready:
                 ref = ready[0]
-                i, _ = pending.pop(ref)
+                k, _ = pending.pop(ref)
+                i = route(k)
                 outcome, value, reason = self._outcome(i, ref, what, timeout_s, fetch)
             else:  # the earliest deadline passed
-                ref, (i, deadline) = min(pending.items(), key=lambda item: item[1][1])
+                ref, (k, deadline) = min(pending.items(), key=lambda item: item[1][1])
                 if deadline > time.monotonic():
                     continue
                 del pending[ref]
+                i = route(k)
                 outcome, value = Outcome.HUNG, None
                 reason = ((on_timeout(i) if on_timeout else None)
                           or hung_reason(self.role, i, what, timeout_s, setting))
             verdict = health.judge(i, outcome, reason)
             if verdict.action is Action.DELIVER:
-                yield i, value
+                yield k, value
                 continue
             if verdict.action is Action.RAISE:
                 raise value
-            self._perform(i, verdict)
-            pending[submit(i)] = (i, time.monotonic() + timeout_s)
+            try:
+                self._perform(i, verdict)
+            except NoRoom as e:
+                verdict = health.no_room(i, f"{reason}; {e}")
+                if verdict.action is not Action.DROP:
+                    raise ActorLostError(verdict.reason) from None
+                self.drop(i, f"{verdict.reason}: dropped")
+                if self.members[route(k)] is None:  # a call of that member alone: none left
+                    yield k, None
+                    continue
+            pending[submit(k)] = (k, time.monotonic() + timeout_s)
 
     def _outcome(self, i: int, ref: Any, what: str, timeout_s: float,
                  fetch: bool) -> tuple[Outcome, Any, str]:
@@ -180,7 +205,7 @@ class ActorGroup:
         began = time.perf_counter()
         ray.kill(self.members[i], no_restart=True)  # a hung call dies with its process
         self.health.replacing(i)
-        self.members[i] = member = self.start(i)
+        self.members[i] = member = self.start(i)  # NoRoom: no place for it came
         try:
             ray.get(member.__ray_ready__.remote(), timeout=self.ready_timeout_s)
             self.health.up(i)
@@ -199,9 +224,20 @@ class ActorGroup:
         self.notify(f"{reason}: started again{self.where} in {seconds:.1f} s"
                     + (f" {extra}" if extra else ""))
 
+    def drop(self, i: int, reason: str) -> None:
+        """Member i is gone for good (its slot stays, empty); said through `notify`."""
+        import ray
+
+        if self.members[i] is not None:
+            ray.kill(self.members[i], no_restart=True)
+        self.members[i] = None
+        self.health.gone(i)
+        self.notify(f"{reason}; {len(self.health.admitted())} {self.role}(s) go on")
+
     def kill_all(self) -> None:
         import ray
 
         for i, member in enumerate(self.members):
-            ray.kill(member)
+            if member is not None:
+                ray.kill(member)
             self.health.gone(i)

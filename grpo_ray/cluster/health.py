@@ -11,7 +11,10 @@ new member gives up at the first loss.
 
 After a replacement, a role whose calls are stateless repeats the lost call on the new member
 (engines: the sampling seed comes with the call; reward workers); a role whose state went with
-the process (the learner) does not: its caller restores that state (`Restarted`).
+the process (the learner) does not: its caller restores that state (`Restarted`). A member whose
+replacement finds no room in the cluster (an elastic fleet's engine, `cluster.fleet`) is dropped
+and its call goes to another member, as long as `min_members` are still admitted; below that
+the group gives up.
 
 A member's life (`State`): `starting` while its process comes up; `stale` once it is up but not
 yet proven (an engine before it holds the current adapter and passed the sync check); `admitted`
@@ -45,6 +48,8 @@ class Action(enum.Enum):
     """Raise the member's own error to the caller."""
     REPLACE = "replace"
     """Kill the member, start it again in its bundle, admit it."""
+    DROP = "drop"
+    """The member is gone for good; its call goes to another member."""
     GIVE_UP = "give up"
     """End the call with `ActorLostError(verdict.reason)`."""
 
@@ -69,14 +74,16 @@ def lost_reason(role: str, i: int, what: str, error: str) -> str:
 class GroupHealth:
     """The members' states and the group's restart budget. `can_start`: the group can start a
     new member (else a loss ends the call); `repeat`: a lost call is repeated on the new member
-    (else the caller restores the member's state, `after_replace` says so)."""
+    (else the caller restores the member's state, `after_replace` says so); `min_members`: the
+    fewest admitted members the group works with (None: all it started with)."""
 
     def __init__(self, role: str, size: int, max_restarts: int, can_start: bool = True,
-                 repeat: bool = True) -> None:
+                 repeat: bool = True, min_members: int | None = None) -> None:
         if size < 1:
             raise ValueError(f"{role} group: needs at least one member")
         self.role, self.max_restarts = role, max_restarts
         self.can_start, self.repeat = can_start, repeat
+        self.min_members = size if min_members is None else min_members
         self.states = [State.ADMITTED] * size
         self.restarts = 0
         """Members replaced over the group's life."""
@@ -86,6 +93,11 @@ class GroupHealth:
         return [i for i, s in enumerate(self.states) if s is State.ADMITTED]
 
     # ---- a member's life -----------------------------------------------------------------------
+    def add(self) -> int:
+        """A new member is asked for (it starts in a slot of its own): its index."""
+        self.states.append(State.STARTING)
+        return len(self.states) - 1
+
     def replacing(self, i: int) -> None:
         """Member i is killed and started again."""
         self.states[i] = State.STARTING
@@ -94,10 +106,11 @@ class GroupHealth:
         """Member i's new process is up, not yet admitted."""
         self._move(i, State.STARTING, State.STALE)
 
-    def admit(self, i: int) -> None:
-        """The role's hook accepted member i: it may be given work."""
+    def admit(self, i: int, replacement: bool = True) -> None:
+        """The role's hook accepted member i: it may be given work (`replacement`: it took a
+        lost member's place, a restart; else it joined)."""
         self._move(i, State.STALE, State.ADMITTED)
-        self.restarts += 1
+        self.restarts += replacement
 
     def gone(self, i: int) -> None:
         self.states[i] = State.GONE
@@ -143,3 +156,13 @@ class CallHealth:
                                            "same call (cluster.max_restarts); see the Ray logs "
                                            "of its node")
         return Verdict(Action.REPLACE, reason)
+
+    def no_room(self, i: int, reason: str) -> Verdict:
+        """Member i's replacement found no room in the cluster: it is dropped and its call goes
+        to another member while `min_members` stay admitted, else the group gives up."""
+        g = self.group
+        left = sum(1 for j in g.admitted() if j != i)
+        if left >= g.min_members:
+            return Verdict(Action.DROP, reason)
+        return Verdict(Action.GIVE_UP, f"{reason}; {left} {g.role}(s) left, fewer than "
+                                       f"{g.min_members} (rollout.min_engines)")

@@ -4,6 +4,7 @@ rollout engines, plain CPU actors for the reward pool, every start with a deadli
 them."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from concurrent.futures import Future
@@ -11,18 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from grpo_ray.cluster.engines import EngineGroup
+from grpo_ray.cluster.elastic import elastic_engines, request_resources, withdraw_resources
 from grpo_ray.cluster.learner import LearnerHandle
 from grpo_ray.cluster.plan import (PlacementError, Plan, _fmt, check_fits, engines_plan,
                                    plan_placement, use_gpu)
 from grpo_ray.config import Config
 from grpo_ray.faults import ActorLostError
+from grpo_ray.cluster.starting import ACTOR_ENV, actor_options, start_until_up
 from grpo_ray.logs import actor_env_vars
-
-# Environment of every actor we start: vLLM's engine core in the actor's own process (simpler to
-# place and to clean up than its default subprocess), quiet tokenizers. `actor_env_vars` adds
-# where the actor's output goes (grpo_ray/logs.py).
-ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
-
 
 def cluster_nodes() -> list[dict[str, float]]:
     """Total CPU/GPU resources of each alive node of the connected Ray cluster."""
@@ -43,6 +40,8 @@ class Actors:
     plan: Plan
     start_reward_worker: Callable[[], Any] | None = None
     """Starts one more reward worker like the others (the pool's replacement of a lost one)."""
+    autoscale: bool = False
+    """An autoscaler request stands for the run (`cluster.autoscale`): withdrawn at the end."""
     startup: dict[str, float] = field(default_factory=dict)
     """Seconds of the start: `placement_s` (the reservation), `engines_s` (from their start
     until the last was up), `learner_s` (likewise), `learner_after_engines` (1.0 where the
@@ -59,26 +58,36 @@ class Actors:
             ray.kill(actor)
         self.engines.shutdown()
         remove_placement_group(self.placement_group)
+        if self.autoscale:
+            withdraw_resources()
 
 
 def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls: type,
-                 engine_args: list[tuple], notify: Callable[[str], None] = print) -> Actors:
+                 engine_args: list[tuple] | Callable[[int], tuple],
+                 notify: Callable[[str], None] = print) -> Actors:
     """Check the plan against the cluster, reserve one placement group for the learner and the
-    engines, start them there, start the reward workers (plain CPU actors) and wait until all
-    are ready, each within `cluster.restart_timeout_s`. `engine_args[i]` are engine i's
-    constructor arguments. Where the learner must load after the engines, it is started first
-    as `learner_cls(*learner_args, defer_load=True)`, which only imports, and its `load()` is
+    engines (an elastic fleet: the learner's, and one per engine, `EnginePlacer`), start them
+    there, start the reward workers (plain CPU actors) and wait until all are ready, each within
+    `cluster.restart_timeout_s`. `engine_args(i)` (or `[i]`) are engine i's constructor
+    arguments. Where the learner must load after the engines, it is started first as
+    `learner_cls(*learner_args, defer_load=True)`, which only imports, and its `load()` is
     called once they are up. `notify` gets the groups' lines (a member replaced)."""
     import ray
     from ray.util.placement_group import remove_placement_group
 
     from grpo_ray.cluster.rewards import build_reward_workers, reward_worker_starter
 
+    args_of = engine_args if callable(engine_args) else engine_args.__getitem__
+    n = cfg.rollout.num_engines if callable(engine_args) else len(engine_args)
     nodes = cluster_nodes()
     plan = plan_placement(cfg, use_gpu(cfg, nodes))
     check_fits(plan, nodes)
+    if cfg.cluster.autoscale:  # the demand of the whole fleet, for the autoscaler to meet
+        request_resources(plan, cfg.fleet_bounds[1])
     start = time.monotonic()
-    pg = _reserve(plan, cfg.cluster.placement_timeout_s, "grpo-ray",
+    own = dataclasses.replace(plan, bundles=[plan.bundles[plan.learner_bundle]], learner_bundle=0,
+                              labels=["learner"]) if cfg.elastic else plan
+    pg = _reserve(own, cfg.cluster.placement_timeout_s, "grpo-ray",
                   cfg.cluster.placement_strategy)
     engines_start = time.monotonic()
     # vLLM sizes its KV cache from the GPU memory it sees free while it starts: on a shared GPU
@@ -89,7 +98,7 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
 
     def start_learner(i: int = 0, defer_load: bool = False) -> Any:
         return ray.remote(learner_cls).options(
-            **_actor_options(pg, plan.learner, plan.learner_bundle, "learner")
+            **actor_options(pg, plan.learner, plan.learner_bundle, "learner")
         ).remote(*learner_args, **({"defer_load": True} if defer_load else {}))
 
     rewards: list[Any] = []
@@ -98,8 +107,12 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
         learner_start = time.monotonic()
         learner = start_learner(defer_load=one_by_one)
         learner_up = _when_up(learner)
-        engines = _engine_group(cfg, pg, plan, engine_cls, engine_args, one_by_one=one_by_one,
-                                watch=learner, deadline=deadline, notify=notify)
+        if cfg.elastic:
+            engines = elastic_engines(cfg, plan, engine_cls, args_of, n, notify)
+        else:
+            engines = _engine_group(cfg, pg, plan, engine_cls, [args_of(i) for i in range(n)],
+                                    one_by_one=one_by_one, watch=learner, deadline=deadline,
+                                    notify=notify)
         loaded = learner.load.remote() if one_by_one else None
         reward_env = {"env_vars": actor_env_vars(ACTOR_ENV, "reward")}
         rewards = build_reward_workers(cfg.reward.functions, cfg.reward.mode, plan.reward_workers,
@@ -117,6 +130,8 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
     except BaseException:
         for actor in rewards:
             ray.kill(actor)
+        if cfg.elastic and "engines" in locals():
+            engines.shutdown()
         remove_placement_group(pg)
         raise
     start_reward = reward_worker_starter(cfg.reward.functions, cfg.reward.mode,
@@ -125,7 +140,8 @@ def place_actors(cfg: Config, learner_cls: type, learner_args: tuple, engine_cls
         learner, lambda i=0: start_until_up(start_learner, cfg.cluster.restart_timeout_s),
         cfg.cluster, notify)
     return Actors(handle, engines, rewards, pg, plan,
-                  lambda: start_until_up(start_reward, cfg.cluster.restart_timeout_s), startup)
+                  lambda: start_until_up(start_reward, cfg.cluster.restart_timeout_s),
+                  cfg.cluster.autoscale, startup)
 
 
 def _when_up(actor: Any) -> Future:
@@ -217,7 +233,7 @@ def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_arg
             watched.clear()  # up: only the engine is left to wait for
 
     def start(i: int) -> Any:
-        options = _actor_options(pg, plan.engine, plan.engine_bundles[i], f"rollout-{i}")
+        options = actor_options(pg, plan.engine, plan.engine_bundles[i], f"rollout-{i}")
         return ray.remote(engine_cls).options(**options).remote(*engine_args[i])
 
     def start_again(i: int) -> Any:  # a replacement: its bundle may be on a node just lost
@@ -229,33 +245,6 @@ def _engine_group(cfg: Config, pg: Any, plan: Plan, engine_cls: type, engine_arg
         if one_by_one:
             wait_ready(engines[-1], i)
     return EngineGroup(engines, start_again, on_shutdown, cfg.cluster, notify)
-
-
-def start_until_up(start: Callable[[], Any], timeout_s: float) -> Any:
-    """`start()` an actor (a replacement) and wait until it is up. One that dies before it is up
-    from a failure of the machines, not of its own constructor, is started again every second
-    until `timeout_s`: after a node is lost, Ray marks it dead only after its health checks
-    fail (seconds), and until then a placement bundle of that node is not placed again, so an
-    actor started in it dies with the node. Returns the last actor started, up or not (the
-    caller's own wait reports a constructor's error or a timeout)."""
-    import time
-
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        actor = start()
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
-            return actor
-        except GetTimeoutError:
-            return actor
-        except RayActorError as e:
-            if e.actor_init_failed or time.monotonic() + 1.0 >= deadline:
-                return actor
-        ray.kill(actor)
-        time.sleep(1.0)
 
 
 def _reserve(plan: Plan, timeout_s: float, name: str, strategy: str = "PACK") -> Any:
@@ -276,14 +265,3 @@ def _reserve(plan: Plan, timeout_s: float, name: str, strategy: str = "PACK") ->
                              "other jobs hold those resources, or the autoscaler could not add "
                              "them") from None
     return pg
-
-
-def _actor_options(pg: Any, resources: dict[str, float], bundle: int,
-                   name: str) -> dict[str, Any]:
-    """Options of the actor `name` (its log file's name) in bundle `bundle` of `pg`."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return dict(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
-                runtime_env={"env_vars": actor_env_vars(ACTOR_ENV, name)},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=bundle))

@@ -117,8 +117,8 @@ class Trainer:
             cfg,
             LearnerWorker, (self.model_path, cfg.model, cfg.lora, cfg.learner, cfg.algorithm,
                             cfg.rollout.max_completion_length, cfg.rollout.temperature),
-            RolloutWorker, [(self.model_path, cfg.rollout, cfg.engine_lora_rank, cfg.model.dtype,
-                             cfg.algorithm.seed, i) for i in range(cfg.rollout.num_engines)],
+            RolloutWorker, lambda i: (self.model_path, cfg.rollout, cfg.engine_lora_rank,
+                                      cfg.model.dtype, cfg.algorithm.seed, i),
             notify=self.print)
         self.learner, self.engines = self.actors.learner, self.actors.engines
         self.rewards = RewardPool(self.actors.reward_workers, cfg.reward.functions,
@@ -216,7 +216,10 @@ class Trainer:
                                            / max(metrics["time/generate_s"], 1e-9))
         metrics["rollout/staleness"] = float(staleness)
         metrics["adapter_version"] = float(self.version)
-        metrics.update({"faults/engine_restarts": float(self.engines.restarts),
+        metrics.update({"rollout/engines": float(len(self.engines)),
+                        "rollout/engine_joins": float(self.engines.fleet.joins),
+                        "rollout/engine_leaves": float(self.engines.fleet.leaves),
+                        "faults/engine_restarts": float(self.engines.restarts),
                         "faults/engine_repairs": float(self.sync.repairs),
                         "faults/reward_worker_restarts": float(self.rewards.restarts),
                         "faults/learner_restarts": float(self.recovery.learner_restarts)})
@@ -267,6 +270,7 @@ class Trainer:
         save_every, eval_every = self.cfg.output.save_every, self.cfg.eval.every_steps
         total = self.cfg.algorithm.total_steps
         while self.step < total and stop.signum is None:
+            self.engines.between_steps()  # an elastic fleet grows and shrinks here, not in a step
             history.append(self.run_step())
             if save_every and self.step % save_every == 0:
                 self.recovery.checkpoint()

@@ -209,12 +209,15 @@ class AdapterSync:
             self._learner_now = flatten(self.learner.call(
                 "the sync probe", "sequence_logprobs", p.prompt_ids, p.completion_ids, 1.0))
         engines_start = time.perf_counter()
-        identities = self.engines.adapter_identities()
-        scores = (self.engines.score(p.prompt_ids, p.completion_ids) if p is not None
+        serving = self.engines.serving()
+        identities = self.engines.adapter_identities(serving)
+        scores = (self.engines.score(p.prompt_ids, p.completion_ids, serving) if p is not None
                   else [None] * len(identities))
         out = {"probe_learner_s": engines_start - start,
                "probe_engines_s": time.perf_counter() - engines_start}
-        for i, (held, score) in enumerate(zip(identities, scores)):
+        for i, held, score in zip(serving, identities, scores):
+            if held is None:  # dropped meanwhile (an elastic fleet without room for it)
+                continue
             problem, stats = self._judge(i, tuple(held), score)
             if problem is not None:
                 stats = self._repair(i, problem)
@@ -228,7 +231,7 @@ class AdapterSync:
         """(what is wrong with engine i, or None; its probe figures)."""
         stats = None
         if score is not None and self.probe is not None:
-            stats = probe_stats(flatten(score), self.probe.engine_base[i], self._learner_now,
+            stats = probe_stats(flatten(score), self.probe.engine_base_of(i), self._learner_now,
                                 self.probe.learner_base)
         if held != self._expected:
             return (f"it holds {_describe(held)}, the learner exported "

@@ -144,6 +144,11 @@ class SyncProbe:
     engine_base: list[list[float]]
     """Each engine's, likewise (a replacement engine is the same model: it takes its slot's)."""
 
+    def engine_base_of(self, i: int) -> list[float]:
+        """Engine i's base log-probs; an engine that joined after the start (a slot the probe
+        did not score) is the same model as the first one, in the same dtype: its."""
+        return self.engine_base[i] if i < len(self.engine_base) else self.engine_base[0]
+
 
 def probe_sequences(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, completion ids) of the probe's examples, with the recipe's chat template and

@@ -49,7 +49,7 @@ def ray_gpu():
     """A local Ray with the machine's GPU (the shared `ray_local` fixture has 2 CPUs, no GPU)."""
     import ray
 
-    from grpo_ray.cluster.placement import ACTOR_ENV
+    from grpo_ray.cluster.starting import ACTOR_ENV
 
     ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False,
              log_to_driver=True, runtime_env={"env_vars": ACTOR_ENV})
