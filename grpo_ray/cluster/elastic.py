@@ -6,6 +6,7 @@ The fleet's decisions are `cluster.fleet`'s; `cluster.engines.EngineGroup.betwee
 performs them with an `EnginePlacer`."""
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from grpo_ray.cluster.engines import EngineGroup
@@ -20,8 +21,8 @@ class EnginePlacer:
     """Each engine of an elastic fleet in a placement group of its own, so that one is added or
     removed without touching the others or the learner. `request(i)` asks for engine i's bundle
     and returns at once; `placed(i)` says on which node it came; `start(i)` starts the engine
-    there. A lost engine's group is placed again by Ray on any node with room; `start_again(i)`
-    waits for that at most `cluster.replace_timeout_s`, then raises `NoRoom`."""
+    there. A lost engine gets a new group, placed on any node with room: `start_again(i)` waits
+    for that at most `cluster.replace_timeout_s`, then raises `NoRoom`."""
 
     def __init__(self, cfg: Config, bundle: dict[str, float], engine_cls: type,
                  engine_args: Callable[[int], tuple]) -> None:
@@ -50,12 +51,20 @@ class EnginePlacer:
         return ray.remote(self.engine_cls).options(**options).remote(*self.engine_args(i))
 
     def start_again(self, i: int) -> Any:
-        """A replacement of lost engine i once its bundle is placed again (`NoRoom` after
-        `cluster.replace_timeout_s`), up within `cluster.restart_timeout_s`."""
+        """A replacement of lost engine i, in a placement group asked for anew (the old one may
+        still be reserved on the node just lost, until Ray notices), up within
+        `cluster.restart_timeout_s`. `NoRoom`, its request withdrawn, when no node has room for
+        it within `cluster.replace_timeout_s`."""
         c = self.cfg.cluster
-        if not self.groups[i].wait(c.replace_timeout_s):
-            raise NoRoom(f"no room for it came within cluster.replace_timeout_s="
-                         f"{c.replace_timeout_s:g} s")
+        self.release(i)
+        self.request(i)
+        deadline = time.monotonic() + c.replace_timeout_s
+        while self.placed(i) is None:
+            if time.monotonic() > deadline:
+                self.release(i)
+                raise NoRoom(f"no room for it came within cluster.replace_timeout_s="
+                             f"{c.replace_timeout_s:g} s")
+            time.sleep(0.2)
         return start_until_up(lambda: self.start(i), c.restart_timeout_s)
 
     def draining(self) -> set[str]:
@@ -94,8 +103,14 @@ def elastic_engines(cfg: Config, plan: Plan, engine_cls: type,
     fleet = Fleet(n, low, high, cfg.cluster.max_restarts)
     for i in range(n):
         fleet.nodes[i] = placer.placed(i)
-    return EngineGroup([placer.start(i) for i in range(n)], placer.start_again, None,
-                       cfg.cluster, notify, fleet=fleet, placer=placer)
+
+    def start_again(i: int) -> Any:  # a lost engine's replacement, wherever it finds room
+        engine = placer.start_again(i)
+        fleet.nodes[i] = placer.placed(i)
+        return engine
+
+    return EngineGroup([placer.start(i) for i in range(n)], start_again, None, cfg.cluster,
+                       notify, fleet=fleet, placer=placer)
 
 
 def request_resources(plan: Plan, engines: int) -> None:
