@@ -145,8 +145,8 @@ class EngineGroup:
         return len(self.serving())
 
     def serving(self) -> list[int]:
-        """The slots of the engines that are given work."""
-        return self.fleet.admitted()
+        """The slots of the engines that are given work (`GroupHealth.working`)."""
+        return self.fleet.working()
 
     @property
     def restarts(self) -> int:

@@ -95,7 +95,7 @@ class Fleet(GroupHealth):
             node = self.nodes.get(i)
             if state is State.ADMITTED and node is not None and node in draining:
                 d.leave[i] = f"its node {node[:12]} is draining"
-            elif state is State.STALE:
+            elif state is State.STALE and i in self.joining:
                 d.admit.append(i)
         staying = len(self.admitted()) - len(d.leave)
         coming = sum(s in (State.STARTING, State.STALE) for s in self.states)

@@ -93,9 +93,9 @@ class ActorGroup:
              indices: Sequence[int] | None = None,
              on_timeout: Callable[[int], str | None] | None = None,
              setting: str = "", fetch: bool = True) -> list[Any]:
-        """`submit(i)` (an ObjectRef) on members `indices` (default the admitted ones) at once;
+        """`submit(i)` (an ObjectRef) on members `indices` (default the working ones) at once;
         their results in that order (`stream` says what happens to lost and hung members)."""
-        indices = list(self.health.admitted() if indices is None else indices)
+        indices = list(self.health.working() if indices is None else indices)
         results = dict(self.stream(what, submit, timeout_s, indices, on_timeout, setting, fetch))
         return [results[i] for i in indices]
 
@@ -104,7 +104,7 @@ class ActorGroup:
                on_timeout: Callable[[int], str | None] | None = None,
                setting: str = "", fetch: bool = True,
                route: Callable[[int], int] | None = None) -> Iterator[tuple[int, Any]]:
-        """(k, result) for each call k (default: one per admitted member) as soon as it returns.
+        """(k, result) for each call k (default: one per working member) as soon as it returns.
         `submit(k)` submits call k on member `route(k)` (default: member k) and returns its
         ObjectRef. All calls are in flight at once and waited on together; a call not done
         `timeout_s` after it was submitted counts as a hung member. A lost or hung member is
@@ -117,7 +117,7 @@ class ActorGroup:
         to a dropped member alone gives None. `fetch=False`
         yields the ObjectRef itself once it is ready and its member still alive, without
         fetching it (an adapter on its way to the engines)."""
-        keys = list(self.health.admitted() if indices is None else indices)
+        keys = list(self.health.working() if indices is None else indices)
         route = route or (lambda k: k)
         pending: dict[Any, tuple[int, float]] = {}  # ref -> (call, deadline)
         for k in keys:  # submitted now, whenever the caller starts reading
@@ -154,6 +154,7 @@ class ActorGroup:
                 yield k, value
                 continue
             if verdict.action is Action.RAISE:
+                _settle(pending)
                 raise value
             try:
                 self._perform(i, verdict)
@@ -232,7 +233,7 @@ class ActorGroup:
             ray.kill(self.members[i], no_restart=True)
         self.members[i] = None
         self.health.gone(i)
-        self.notify(f"{reason}; {len(self.health.admitted())} {self.role}(s) go on")
+        self.notify(f"{reason}; {len(self.health.working())} {self.role}(s) go on")
 
     def kill_all(self) -> None:
         import ray
@@ -241,3 +242,20 @@ class ActorGroup:
             if member is not None:
                 ray.kill(member)
             self.health.gone(i)
+
+
+def _settle(pending: dict[Any, Any], bound_s: float = 10.0) -> None:
+    """Fetch what the calls still in flight return (waiting at most `bound_s`) and drop it: when
+    one member's error ends the call, its siblings often fail alike, and Ray prints each error
+    never fetched as an "Unhandled error" with its traceback after ours, burying the run's last
+    line."""
+    import ray
+
+    if not pending:
+        return
+    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=bound_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001 - the first error is the one raised
+            pass

@@ -87,15 +87,24 @@ class GroupHealth:
         self.states = [State.ADMITTED] * size
         self.restarts = 0
         """Members replaced over the group's life."""
+        self.joining: set[int] = set()
+        """Members added after the start (`add`), not yet admitted."""
 
     def admitted(self) -> list[int]:
-        """The members that may be given work."""
+        """The members proven to serve."""
         return [i for i, s in enumerate(self.states) if s is State.ADMITTED]
+
+    def working(self) -> list[int]:
+        """The members given work: the admitted ones, and one whose replacement failed (its next
+        call finds out again, as a lost member's does); not one still joining, nor one gone."""
+        return [i for i, s in enumerate(self.states)
+                if s is not State.GONE and i not in self.joining]
 
     # ---- a member's life -----------------------------------------------------------------------
     def add(self) -> int:
         """A new member is asked for (it starts in a slot of its own): its index."""
         self.states.append(State.STARTING)
+        self.joining.add(len(self.states) - 1)
         return len(self.states) - 1
 
     def replacing(self, i: int) -> None:
@@ -111,9 +120,11 @@ class GroupHealth:
         lost member's place, a restart; else it joined)."""
         self._move(i, State.STALE, State.ADMITTED)
         self.restarts += replacement
+        self.joining.discard(i)
 
     def gone(self, i: int) -> None:
         self.states[i] = State.GONE
+        self.joining.discard(i)
 
     def _move(self, i: int, before: State, after: State) -> None:
         if self.states[i] is not before:

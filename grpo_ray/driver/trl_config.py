@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from grpo_ray.config import (ALL_PROJECTIONS, Config, ConfigError, build_config, default_values,
-                             given_keys, merge, parse_override, read_yaml)
+from grpo_ray.config import (ALL_PROJECTIONS, TAKES_EFFECT_ONLY, Config, ConfigError, build_config,
+                             default_values, given_keys, merge, parse_override, read_yaml)
 
 
 def _top_k(v: int) -> int:
@@ -356,10 +356,15 @@ def load_with_trl(trl_path: str, config_path: str | None,
         data = _with_reward_weights(data, carried.reward_weights, trl_path)
         lines.append(f"reward.functions[*].weight={carried.reward_weights} ({trl_path}'s "
                      "reward_weights)")
-    # the keys checked for counting only beside another (`TAKES_EFFECT_ONLY`): --config's and
-    # the command line's; not the TRL file's, which runs as it does in TRL, where such a field
-    # is inert (vllm_importance_sampling_cap with the correction off), nor TRL's defaults
-    given = {**given_keys(layers[2].values, 1), **given_keys(command_line, 2)}
+    # the layers of what the user set, for the keys that count only beside another
+    # (`TAKES_EFFECT_ONLY`): --config's keys are refused where a later layer makes them moot
+    # no more than a file's are, but the TRL file's own keys run as they do in TRL, where such a
+    # key is inert (vllm_importance_sampling_cap with the correction off); TRL's defaults are no
+    # one's setting
+    given = {**given_keys(layers[2].values, 1), **given_keys(carried.explicit, 2),
+             **given_keys(command_line, 3)}
+    checked = {key for key, *_ in TAKES_EFFECT_ONLY}
+    given = {k: layer for k, layer in given.items() if not (layer == 2 and k in checked)}
     try:
         return build_config(data, given), carried.ignored, lines
     except ConfigError as e:  # name the TRL field behind our key

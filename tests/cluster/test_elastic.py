@@ -26,7 +26,7 @@ from grpo_ray.config import load_config
 from grpo_ray.driver.trainer import Trainer
 
 REWARDS = "reward.functions=[{name: correctness}, {name: 'rewards_for_tests:text_length'}]"
-TIMING = ("time/", "sync/", "rollout/tokens_per_s", "learner/time_", "learner/peak_memory",
+TIMING = ("time", "sync/", "rollout/tokens_per_s", "learner/time_", "learner/peak_memory",
           "rollout/engine", "probe/", "learner/gap_kl/", "learner/gap_mean_abs_diff/")
 """Metrics that differ between fleets of another size or by the clock, not by what is trained
 (per-engine figures, timings)."""
