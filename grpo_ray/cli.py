@@ -278,7 +278,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from grpo_ray.driver.data.prompts import load_tokenizer
     from grpo_ray.driver.evaluation import (answer_sanity, eval_record, eval_sampling,
                                             eval_start_line, evaluate, format_metrics,
-                                            held_out_batch, make_judge, sanity_check, show_answer)
+                                            held_out_batch, sanity_check, show_answer)
+    from grpo_ray.driver.judge import make_judge
     from grpo_ray.driver.models.resolve import resolve_model_path
     from grpo_ray.driver.tracking import append_jsonl
     from grpo_ray.sync.files import read_adapter

@@ -72,7 +72,8 @@ class Trainer:
         GPU is taken, and writes nothing to `output.dir`."""
         from grpo_ray.driver.data.dataset import load_rows
         from grpo_ray.driver.data.prompts import PromptIterator, load_tokenizer
-        from grpo_ray.driver.evaluation import held_out_batch, make_judge, sanity_check
+        from grpo_ray.driver.evaluation import held_out_batch, sanity_check
+        from grpo_ray.driver.judge import make_judge
         from grpo_ray.driver.models.resolve import resolve_model_path
         from grpo_ray.sync.probe import probe_sequences
 
