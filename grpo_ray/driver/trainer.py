@@ -37,8 +37,8 @@ def describe_startup(parts: dict[str, float]) -> str:
 
 
 class Trainer(RunOutputs):
-    """Owns the actors of one run and the loop over steps; its evaluations and outputs are
-    `RunOutputs`'."""
+    """Owns the actors of one run and the loop over steps (its evaluations and outputs:
+    `RunOutputs`, its base)."""
 
     def __init__(self, cfg: Config, print_fn=print):
         from grpo_ray.driver.groups import Groups
