@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     import common
     import ray
 
-    from grpo_ray.cli import connect_ray
+    from grpo_ray.cluster.connect import connect_ray
     from grpo_ray.driver.trainer import Trainer
 
     # the functions this script runs in the actors (`__ray_call__`) use `timed`: shipped by value,

@@ -62,7 +62,7 @@ def _probe_ranges(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
 
 
 def _trainer(overrides: list[str], lines: list[str]):
-    from grpo_ray.cli import connect_ray
+    from grpo_ray.cluster.connect import connect_ray
     from grpo_ray.config import load_config
     from grpo_ray.driver.trainer import Trainer
 

@@ -10,117 +10,18 @@
 
 Without an address it starts an embedded local Ray; with `cluster.address` or RAY_ADDRESS (as
 under `ray job submit`) it joins that cluster. The actors' own output goes to
-`<output.dir>/logs/` unless `--verbose` (grpo_ray/logs.py).
+`<output.dir>/logs/` unless `--verbose` (grpo_ray/logs.py). `train` is here; the other commands
+are `driver/commands.py`'s, and joining a cluster is `cluster/connect.py`'s.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from contextlib import nullcontext
 
-
-def connect_ray(address: str | None, num_cpus: int | None, num_gpus: int | None,
-                timeout_s: float = 120.0, verbose: bool = True) -> None:
-    """Join the cluster at `address` (else RAY_ADDRESS), or start an embedded local Ray.
-
-    A cluster that does not answer within `timeout_s` fails with one line naming the address as
-    given (Ray itself retries for many minutes and names the resolved address). Without
-    `verbose`, Ray forwards no worker output and prints only its errors."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():  # called from a program (or test) that already joined a cluster
-        return
-    given = (f"cluster.address={address}" if address
-             else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}")
-    address = address or os.environ.get("RAY_ADDRESS")
-    console = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
-    if address:
-        wait_for_cluster(address, timeout_s, given)
-        local = [f"cluster.{k}={v}" for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus))
-                 if v is not None]
-        print(f"joining the Ray cluster at {given}"
-              + (f" ({', '.join(local)}: for a local Ray only, the cluster's own resources "
-                 "count)" if local else "") + " ...", flush=True)
-        ray.init(address=address, **console)
-    else:
-        print(f"starting a local Ray ({num_cpus or 'all'} CPUs) ...", flush=True)
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **console)
-
-
-def head_endpoint(address: str) -> tuple[str, int] | None:
-    """Host and port of a Ray address (`host:port`, `ray://host:port`, `[::1]:6379`); None
-    for what Ray resolves itself (`auto`, `local`, no port)."""
-    rest = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        return None
-    return host.strip("[]"), int(port)
-
-
-REFUSED_FOR_S = 10.0
-"""How long an address may answer "connection refused" (or name no host) before the wait for it
-gives up: a head that is starting listens within seconds, while a machine that does not answer
-at all (a firewall, a node still booting) is waited for up to `cluster.placement_timeout_s`."""
-
-
-def wait_for_cluster(address: str, timeout_s: float, given: str,
-                     refused_for_s: float = REFUSED_FOR_S) -> None:
-    """Return once something accepts connections at the address's host and port (a head may
-    still be starting); ClusterError naming `given` after `timeout_s`, or after `refused_for_s`
-    of nothing but refusals: the host answered, nothing listens there."""
-    import socket
-    import time
-
-    from grpo_ray.cluster.plan import ClusterError
-
-    endpoint = head_endpoint(address)
-    if endpoint is None:
-        return
-    start = time.monotonic()
-    deadline, said, slow = start + timeout_s, False, False
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            with socket.create_connection(endpoint, timeout=max(0.1, min(5.0, left))):
-                return
-        except OSError as e:
-            error = e.strerror or str(e) or type(e).__name__
-            # a refusal, or no such host, is an answer at once; a timeout may be a slow network
-            slow = slow or not isinstance(e, (ConnectionRefusedError, socket.gaierror))
-        give_up = timeout_s if slow else min(timeout_s, refused_for_s)
-        if not said:  # at once: the wait may be a head still starting, or a wrong address
-            print(f"cannot reach the Ray cluster at {given} yet ({error}); retrying for up to "
-                  f"{give_up:g} s" + ("" if give_up < timeout_s
-                                      else " (cluster.placement_timeout_s)"),
-                  file=sys.stderr, flush=True)
-            said = True
-        if time.monotonic() - start > give_up - 1.0:
-            within = (f"{error} for {give_up:g} s, answered at once each time: nothing "
-                      "listens there" if give_up < timeout_s
-                      else f"no answer within {timeout_s:g} s (cluster.placement_timeout_s="
-                           f"{timeout_s:g}; last error: {error})")
-            raise ClusterError(
-                f"cannot reach the Ray cluster at {given}: {within}; start its head (ray start "
-                "--head), correct the address, or unset it to start a local Ray")
-        time.sleep(1.0)
-
-
-def worker_logs(out_dir, verbose: bool):
-    """Where the actors placed inside the block send their output: `<out_dir>/logs/` (one line
-    says so), or with `verbose` the console, through Ray."""
-    if verbose:
-        return nullcontext()
-    from pathlib import Path
-
-    from grpo_ray.logs import worker_logs_in
-
-    log_dir = Path(out_dir) / "logs"
-    print(f"worker logs (vLLM, transformers, Ray): {log_dir.absolute()}/ "
-          "(--verbose prints them here)")
-    return worker_logs_in(log_dir)
+from grpo_ray.cluster.connect import connect_ray
+from grpo_ray.driver.commands import cmd_build_tiny, cmd_eval, cmd_export
+from grpo_ray.logs import worker_logs
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -268,122 +169,6 @@ def _interrupted_line(step: int, checkpoint: object, args: argparse.Namespace) -
         return "interrupted before step 1: nothing to resume (start again without --resume)"
     return (f"interrupted at step {step}: checkpoint written to {checkpoint}; resume with: "
             f"{_resume_command(args)}")
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from grpo_ray.cluster.plan import fit_to_machine
-    from grpo_ray.config import UserError, load_config
-    from grpo_ray.driver.data.prompts import load_tokenizer
-    from grpo_ray.driver.evaluation import (answer_sanity, eval_record, eval_sampling,
-                                            eval_start_line, evaluate, format_metrics,
-                                            held_out_batch, make_judge, sanity_check, show_answer)
-    from grpo_ray.driver.models.resolve import resolve_model_path
-    from grpo_ray.driver.tracking import append_jsonl
-    from grpo_ray.sync.files import read_adapter
-
-    cfg = load_config(args.config, args.overrides)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # prompts and adapter first: bad data or a wrong path fails before any engine starts
-    model_path = resolve_model_path(cfg)
-    tokenizer = load_tokenizer(model_path)
-    held_out = held_out_batch(cfg, tokenizer)
-    sanity = sanity_check(cfg, tokenizer, held_out)
-    judge = make_judge(cfg)
-    try:
-        payload = read_adapter(args.adapter, version=1) if args.adapter else None
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"--adapter: {e}") from None
-    path = eval_record_path(args.out, args.adapter, cfg.output.dir)
-    # the engines must accept the adapter's rank, whatever lora.r says
-    rank = max(cfg.engine_lora_rank, payload.peft_config.get("r", 0) if payload else 0)
-    fit_line = fit_to_machine(cfg, engines_only=True)
-    if fit_line:
-        print(fit_line)
-    connect_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus,
-                cfg.cluster.placement_timeout_s, args.verbose)
-
-    import ray
-
-    from grpo_ray.cluster.placement import place_engines
-    from grpo_ray.rollout.worker import RolloutWorker
-
-    # the engines' logs beside the record, not under a config's output.dir the run never used
-    with worker_logs(Path(path).parent, args.verbose):
-        print(f"starting {cfg.rollout.num_engines} rollout engine(s) (vLLM) ...", flush=True)
-        engines = place_engines(cfg, RolloutWorker, [
-            (model_path, cfg.rollout, rank, cfg.model.dtype, cfg.algorithm.seed, i)
-            for i in range(cfg.rollout.num_engines)])
-    which = f"adapter {args.adapter}" if args.adapter else "base model"
-    try:
-        if payload is not None:
-            ref = ray.put(payload)
-            engines.load_adapter(ref)
-            # an engine started again mid-evaluation serves the adapter too
-            engines.admit = lambda i: engines.admission_call(i, "load_adapter", ref)
-        print(eval_start_line(f"the {which}", len(held_out), cfg), flush=True)
-        metrics, texts = evaluate(engines, held_out, eval_sampling(cfg), judge)
-        answer, right = answer_sanity(engines, sanity, cfg, judge)
-    finally:
-        engines.shutdown()
-    print(f"eval of {which} on {model_path}, {len(held_out)} prompts of {held_out.source}:\n"
-          f"{format_metrics(metrics, judge.label)}")
-    verdict = {True: " (right)", False: " (wrong)", None: ""}[right]
-    print(f"{sanity.heading}\n--- answer{verdict}:\n{show_answer(answer)}")
-    append_jsonl(path, eval_record("eval", None, model_path, args.adapter, held_out, judge,
-                                   metrics, texts, sanity, answer, right))
-    print(f"appended to {path}")
-    return 0
-
-
-def eval_record_path(out: str | None, adapter: str | None, output_dir: str):
-    """Where `grpo-ray eval` appends its line: `--out`, else beside the adapter it judged
-    (`<adapter>/../eval-<adapter name>.jsonl`, next to the training run's own `eval.jsonl`, same
-    schema), else, for the base model, `<output.dir>/eval-base.jsonl`. Its parent directory is
-    made; the engines' logs go to `logs/` there."""
-    from pathlib import Path
-
-    if out:
-        path = Path(out)
-    elif adapter:
-        judged = Path(adapter).resolve()
-        path = judged.parent / f"eval-{judged.name}.jsonl"
-    else:
-        path = Path(output_dir) / "eval-base.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from grpo_ray.config import load_config
-    from grpo_ray.driver.export import check_adapter, merge_adapter, push_to_hub, save_adapter_dir
-    from grpo_ray.driver.models.resolve import resolve_model_path
-
-    cfg = load_config(args.config, args.overrides)
-    adapter = args.adapter or str(Path(cfg.output.dir) / "adapter")
-    check_adapter(adapter)
-    if args.merge:
-        path = merge_adapter(resolve_model_path(cfg), adapter,
-                             args.out or str(Path(cfg.output.dir) / "merged"), args.dtype)
-        print(f"merged {args.dtype} model saved to {path}")
-    elif args.out:
-        path = save_adapter_dir(adapter, resolve_model_path(cfg), args.out)
-        print(f"adapter and tokenizer saved to {path}")
-    else:
-        path = Path(adapter)
-    if args.push_to_hub:
-        print(f"pushed {path} to {push_to_hub(str(path), args.push_to_hub)}")
-    return 0
-
-
-def cmd_build_tiny(args: argparse.Namespace) -> int:
-    from grpo_ray.driver.models.tiny import main as build
-
-    build([args.path, "--shape", args.shape, "--dtype", args.dtype])
-    return 0
 
 
 VERBOSE_HELP = ("print the actors' own output (vLLM, transformers, Ray workers) here, as Ray "

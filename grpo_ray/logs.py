@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -39,6 +39,17 @@ def worker_logs_in(log_dir: str | Path) -> Iterator[Path]:
             os.environ.pop(LOG_DIR_ENV, None)
         else:
             os.environ[LOG_DIR_ENV] = before
+
+
+def worker_logs(out_dir, verbose: bool):
+    """Where the actors placed inside the block send their output: `<out_dir>/logs/` (one line
+    says so), or with `verbose` the console, through Ray."""
+    if verbose:
+        return nullcontext()
+    log_dir = Path(out_dir) / "logs"
+    print(f"worker logs (vLLM, transformers, Ray): {log_dir.absolute()}/ "
+          "(--verbose prints them here)")
+    return worker_logs_in(log_dir)
 
 
 def actor_env_vars(env_vars: dict[str, str], name: str) -> dict[str, str]:

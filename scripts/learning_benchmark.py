@@ -54,7 +54,7 @@ def run_benchmark(cfg: Any, eval_every: int, print_fn: Callable[[str], None] = p
     """Warm-up (through `model.path`), then `algorithm.total_steps` GRPO steps with held-out
     evaluations before, every `eval_every` steps and after. Joins the Ray cluster already
     initialized, else starts one as `grpo-ray train` does."""
-    from grpo_ray.cli import connect_ray
+    from grpo_ray.cluster.connect import connect_ray
     from grpo_ray.driver.trainer import Trainer
 
     if eval_every < 1:

@@ -96,7 +96,7 @@ def test_unreachable_ray_address_fails_in_time_with_one_line(tmp_path, tiny_mode
 
 
 def test_head_endpoint_of_ray_addresses():
-    from grpo_ray.cli import head_endpoint
+    from grpo_ray.cluster.connect import head_endpoint
 
     assert head_endpoint("10.0.0.1:6379") == ("10.0.0.1", 6379)
     assert head_endpoint("ray://head.example:10001") == ("head.example", 10001)
@@ -253,7 +253,7 @@ def test_unreachable_cluster_says_at_once_that_it_retries(monkeypatch, capsys):
     import socket
     import time
 
-    import grpo_ray.cli
+    from grpo_ray.cluster.connect import wait_for_cluster
     from grpo_ray.cluster.plan import ClusterError
 
     with socket.socket() as s:
@@ -269,7 +269,7 @@ def test_unreachable_cluster_says_at_once_that_it_retries(monkeypatch, capsys):
 
     monkeypatch.setattr(time, "sleep", sleep)
     with pytest.raises(ClusterError, match="no answer within 1.5 s"):
-        grpo_ray.cli.wait_for_cluster(address, 1.5, f"RAY_ADDRESS={address}")
+        wait_for_cluster(address, 1.5, f"RAY_ADDRESS={address}")
     first = said_before_first_retry[0]
     assert f"cannot reach the Ray cluster at RAY_ADDRESS={address} yet" in first
     assert "retrying for up to 1.5 s" in first and "refused" in first.lower(), first
@@ -303,7 +303,7 @@ def test_wrong_model_path_fails_at_once_naming_it(kind, message, tmp_path, monke
 
 
 def test_eval_writes_beside_what_it_judged(tmp_path):
-    from grpo_ray.cli import eval_record_path
+    from grpo_ray.driver.commands import eval_record_path
 
     adapter = tmp_path / "run" / "adapter"
     assert eval_record_path(None, str(adapter), "o") == tmp_path / "run" / "eval-adapter.jsonl"
@@ -321,7 +321,7 @@ def test_an_address_that_refuses_fails_in_seconds_one_that_is_slow_is_waited_for
     import socket
     import time
 
-    import grpo_ray.cli
+    from grpo_ray.cluster.connect import wait_for_cluster
     from grpo_ray.cluster.plan import ClusterError
 
     with socket.socket() as s:
@@ -329,7 +329,7 @@ def test_an_address_that_refuses_fails_in_seconds_one_that_is_slow_is_waited_for
         address = f"127.0.0.1:{s.getsockname()[1]}"
     start = time.monotonic()
     with pytest.raises(ClusterError) as e:
-        grpo_ray.cli.wait_for_cluster(address, 120, f"RAY_ADDRESS={address}", refused_for_s=2)
+        wait_for_cluster(address, 120, f"RAY_ADDRESS={address}", refused_for_s=2)
     assert time.monotonic() - start < 10
     assert str(e.value) == (
         f"cannot reach the Ray cluster at RAY_ADDRESS={address}: Connection refused for 2 s, "
@@ -344,7 +344,7 @@ def test_an_address_that_refuses_fails_in_seconds_one_that_is_slow_is_waited_for
     start = time.monotonic()
     with pytest.raises(ClusterError, match=r"no answer within 4 s \(cluster.placement_timeout_s=4; "
                        "last error: timed out\\)"):
-        grpo_ray.cli.wait_for_cluster(address, 4, f"RAY_ADDRESS={address}", refused_for_s=1)
+        wait_for_cluster(address, 4, f"RAY_ADDRESS={address}", refused_for_s=1)
     assert time.monotonic() - start > 2.5  # past refused_for_s: still waiting
 
 

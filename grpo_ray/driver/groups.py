@@ -2,7 +2,7 @@
 prompt-major (`contracts`), `rollout.num_generations` of each prompt side by side; this module
 turns their rewards (each function's, aggregated as `algorithm.multi_objective_aggregation`
 says) into the group-relative advantages the learner trains on, and tells which
-groups carry no gradient (DAPO's dynamic sampling drops them). The math is `algo.grpo`'s."""
+groups carry no gradient (DAPO's dynamic sampling drops them). The math is in `algo.advantages`."""
 from __future__ import annotations
 
 import math
@@ -41,7 +41,7 @@ class Groups:
         the rollout's log-probs and the loss mask (`algo.masking.loss_mask`)."""
         import torch
 
-        from grpo_ray.algo.grpo import MULTI_OBJECTIVE_AGGREGATIONS
+        from grpo_ray.algo.advantages import MULTI_OBJECTIVE_AGGREGATIONS
         from grpo_ray.algo.masking import loss_mask
 
         rollout, scores = scored.rollout, scored.scores
@@ -61,7 +61,7 @@ class Groups:
 
     def varied(self, scores: Scores) -> list[int]:
         """Indices of the prompts whose group carries a gradient (`zero_variance_groups`)."""
-        from grpo_ray.algo.grpo import zero_variance_groups
+        from grpo_ray.algo.advantages import zero_variance_groups
 
         zero = zero_variance_groups(self.rewards(scores), self.size)
         return [p for p, z in enumerate(zero.tolist()) if not z]

@@ -37,7 +37,7 @@ def step_metrics(batch: PromptBatch, rollout: Rollout, scores: Scores,
     """Reward (total and per function), accuracy, format rate and completion length.
 
     `accuracy` is the share of completions the judging reward (`correctness`, its score column;
-    `evaluation.make_judge`) scored above 0, over those it scored; with no judging reward
+    `judge.make_judge`) scored above 0, over those it scored; with no judging reward
     (None), GSM8K's numeric rule judges the texts."""
     from grpo_ray.reward.functions import answers_match, extract_answer, strict_format_reward
 

@@ -3,8 +3,8 @@
 `ModelConfig` and `ScriptArguments` fields (`model_name_or_path`, `dataset_name`, `lora_r`,
 `reward_funcs`, ...).
 
-Every field both configs have is carried over (`FIELDS`, `SCRIPT_FIELDS`: the table of
-docs/trl.md). Order, the last winning: our defaults <- TRL's defaults for the fields the file
+Every field both configs have is carried over (`trl_fields.FIELDS`, `SCRIPT_FIELDS`: the tables
+of docs/trl.md). Order, the last winning: our defaults <- TRL's defaults for the fields the file
 does not set (a TRL user's run relies on them: `beta` 0.0, `learning_rate` 1e-6, `loss_type`
 dapo, ...) <- `--config` <- the fields the file sets <- dotted overrides. Where two of them set a
 key differently, one console line says which value won and where the other came from. The
@@ -24,164 +24,9 @@ from typing import Any, Callable
 
 from grpo_ray.config import (ALL_PROJECTIONS, TAKES_EFFECT_ONLY, Config, ConfigError, build_config,
                              default_values, given_keys, merge, parse_override, read_yaml)
-
-
-def _top_k(v: int) -> int:
-    return -1 if v == 0 else v  # TRL's "no top-k" is 0, vLLM's (ours) -1
-
-
-def _enum(v: Any) -> Any:
-    return getattr(v, "value", v)
-
-
-def _optional(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """A conversion for a field whose None is a value of ours too (off, or "as epsilon")."""
-    def optional(v: Any) -> Any:
-        return None if v is None else convert(v)
-    optional.takes_none = True  # type: ignore[attr-defined]
-    return optional
-
-
-# GRPOConfig field -> (our dotted key, conversion; None: converted below from several fields).
-# Sizes assume TRL on one process, the way our one learner takes the whole batch.
-FIELDS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
-    "num_generations": ("rollout.num_generations", int),
-    "max_completion_length": ("rollout.max_completion_length", int),
-    "temperature": ("rollout.temperature", float),
-    "top_p": ("rollout.top_p", float),
-    "top_k": ("rollout.top_k", _top_k),
-    "vllm_gpu_memory_utilization": ("rollout.gpu_memory_utilization", float),
-    "vllm_max_model_length": ("rollout.max_model_len", int),
-    "vllm_tensor_parallel_size": ("rollout.gpus_per_engine", int),
-    "per_device_train_batch_size": ("learner.micro_batch_size", int),
-    "learning_rate": ("learner.learning_rate", float),
-    "adam_beta1": ("learner.adam_beta1", float),
-    "adam_beta2": ("learner.adam_beta2", float),
-    "weight_decay": ("learner.weight_decay", float),
-    "warmup_steps": ("learner.warmup_ratio", None),  # a fraction, or steps / max_steps
-    "lr_scheduler_type": ("learner.lr_scheduler_type", _enum),
-    "max_grad_norm": ("learner.max_grad_norm", float),
-    "gradient_checkpointing": ("learner.gradient_checkpointing", bool),
-    "cast_lm_head_to_fp32": ("learner.cast_lm_head_to_fp32", bool),
-    "beta": ("algorithm.beta", float),
-    "epsilon": ("algorithm.epsilon", float),
-    "epsilon_high": ("algorithm.epsilon_high", _optional(float)),
-    "delta": ("algorithm.delta", _optional(float)),
-    "loss_type": ("algorithm.loss_type", _enum),
-    "importance_sampling_level": ("algorithm.importance_sampling_level", _enum),
-    "sapo_temperature_pos": ("algorithm.sapo_temperature_pos", float),
-    "sapo_temperature_neg": ("algorithm.sapo_temperature_neg", float),
-    "vespo_k_pos": ("algorithm.vespo_k_pos", float),
-    "vespo_lambda_pos": ("algorithm.vespo_lambda_pos", float),
-    "vespo_k_neg": ("algorithm.vespo_k_neg", float),
-    "vespo_lambda_neg": ("algorithm.vespo_lambda_neg", float),
-    "top_entropy_quantile": ("algorithm.top_entropy_quantile", float),
-    "off_policy_mask_threshold": ("algorithm.off_policy_mask_threshold", _optional(float)),
-    "use_bias_correction_kl": ("algorithm.use_bias_correction_kl", bool),
-    "scale_rewards": ("algorithm.scale_rewards",
-                      lambda v: {True: "group", False: "none"}.get(v, v)),
-    "multi_objective_aggregation": ("algorithm.multi_objective_aggregation", _enum),
-    "reward_weights": ("reward.functions", None),  # weights of the functions, after merging
-    "num_iterations": ("algorithm.num_iterations", int),
-    "mask_truncated_completions": ("algorithm.mask_truncated_completions", bool),
-    "vllm_importance_sampling_correction": ("algorithm.importance_sampling_correction", bool),
-    "vllm_importance_sampling_mode": ("algorithm.importance_sampling_mode", _enum),
-    "vllm_importance_sampling_clip_max": ("algorithm.importance_sampling_cap", _optional(float)),
-    "vllm_importance_sampling_cap": ("algorithm.importance_sampling_cap", None),  # deprecated
-    "vllm_importance_sampling_clip_min": ("algorithm.importance_sampling_min", _optional(float)),
-    "max_steps": ("algorithm.total_steps", int),
-    "seed": ("algorithm.seed", int),
-    "output_dir": ("output.dir", str),
-    "save_steps": ("output.save_every", int),
-    "save_total_limit": ("output.keep_checkpoints", int),
-    "eval_steps": ("eval.every_steps", int),
-    "disable_tqdm": ("logging.progress_bar", lambda v: not v),
-    "report_to": ("logging", None),  # tensorboard / wandb, below
-    "generation_batch_size": ("rollout.prompts_per_step", None),  # / num_generations, below
-    "steps_per_generation": ("rollout.prompts_per_step", None),
-    "gradient_accumulation_steps": ("rollout.prompts_per_step", None),
-}
-"""GRPOConfig fields we carry over (docs/trl.md is this table)."""
-
-SCRIPT_FIELDS: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
-    "model_name_or_path": ("model.path", str),
-    "dtype": ("model.dtype", str),
-    "use_peft": ("lora", None),  # true: what we always train; false is refused
-    "lora_r": ("lora.r", int),
-    "lora_alpha": ("lora.alpha", int),
-    "lora_dropout": ("lora.dropout", float),
-    "lora_target_modules": ("lora.target_modules", None),  # a list, or "all-linear"
-    "load_in_4bit": ("learner.load_in_4bit", bool),
-    "dataset_name": ("data.name", None),  # and data.source: hub, or local for a path
-    "dataset_config": ("data.subset", str),
-    "dataset_train_split": ("data.split", str),
-    "dataset_test_split": ("data.eval_split", str),
-    "reward_funcs": ("reward.functions", None),  # TRL's names and import paths, below
-}
-"""Fields of a `trl grpo` file outside GRPOConfig (TRL's `ModelConfig`, `ScriptArguments`,
-`GRPOScriptArguments`) we carry over, only where the file sets them, except ModelConfig's LoRA
-defaults (`LORA_DEFAULTS`)."""
-
-LORA_DEFAULTS = ("lora_r", "lora_alpha", "lora_dropout")
-"""ModelConfig's LoRA fields whose TRL defaults (16, 32, 0.05) apply where the file sets
-`use_peft` or any `lora_*` field, and `load_in_4bit` (false) where it sets any ModelConfig
-field, as in `trl grpo`."""
-
-# Fields that change nothing we run (how TRL logs or places itself), not worth a warning.
-_SILENT = {"logging_steps", "logging_dir", "logging_strategy", "run_name", "save_strategy",
-           "eval_strategy", "bf16", "fp16", "use_cpu", "use_vllm", "vllm_mode", "push_to_hub",
-           "hub_model_id", "log_completions", "num_completions_to_print", "do_train", "do_eval",
-           "overwrite_output_dir", "vllm_server_host", "vllm_server_port", "vllm_server_base_url",
-           "vllm_server_timeout", "vllm_group_port", "ddp_find_unused_parameters"}
-# What to use instead, for fields we cannot carry over.
-_INSTEAD = {
-    "num_train_epochs": "set max_steps",
-    "reward_model_name_or_path": "reward models are not supported: reward functions "
-                                 "(reward_funcs, reward.functions)",
-    "entropy_coef": "no entropy bonus here",
-    "use_adaptive_entropy": "no entropy bonus here",
-    "use_liger_kernel": "ours: learner.loss_kernel=liger",
-    "dataset_streaming": "datasets are read whole",
-}
-# `trl grpo`'s own reward names (trl/scripts/grpo.py) -> our reward.functions entries
-_SCRIPT_REWARDS = {
-    "accuracy_reward": {"name": "trl:accuracy_reward"},
-    "reasoning_accuracy_reward": {"name": "trl:reasoning_accuracy_reward"},
-    "think_format_reward": {"name": "trl:think_format_reward"},
-    "get_soft_overlong_punishment": {"name": "trl:get_soft_overlong_punishment",
-                                     "kwargs": {"max_completion_len": 1280,
-                                                "soft_punish_cache": 256}},
-}
-
-
-def _dataclass_defaults(cls: type) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-        else:
-            out[f.name] = None
-    return out
-
-
-def trl_defaults() -> dict[str, Any]:
-    """GRPOConfig's fields and their defaults (TrainingArguments' included)."""
-    from trl import GRPOConfig
-
-    return _dataclass_defaults(GRPOConfig)
-
-
-def script_defaults() -> dict[str, Any]:
-    """The other fields a `trl grpo` file may hold (ModelConfig, GRPOScriptArguments,
-    DatasetMixtureConfig) and their defaults."""
-    from trl import ModelConfig
-    from trl.scripts.grpo import GRPOScriptArguments
-    from trl.scripts.utils import DatasetMixtureConfig
-
-    return {**_dataclass_defaults(DatasetMixtureConfig),
-            **_dataclass_defaults(GRPOScriptArguments), **_dataclass_defaults(ModelConfig)}
+from grpo_ray.driver.trl_fields import (FIELDS, INSTEAD, LORA_DEFAULTS, SCRIPT_FIELDS,
+                                        SCRIPT_REWARDS, SILENT, enum_value, script_defaults,
+                                        trl_defaults)
 
 
 @dataclass
@@ -222,14 +67,14 @@ def from_trl(path: str | Path) -> CarriedOver:
 
     if trl["max_steps"] is None or trl["max_steps"] <= 0:
         trl["max_steps"] = None  # epochs (num_train_epochs): not a unit we train in
-        ignored["num_train_epochs"] = _INSTEAD["num_train_epochs"]
-    if _enum(trl.get("save_strategy")) not in ("steps", None) or "save_steps" not in given:
+        ignored["num_train_epochs"] = INSTEAD["num_train_epochs"]
+    if enum_value(trl.get("save_strategy")) not in ("steps", None) or "save_steps" not in given:
         trl["save_steps"] = None
     elif not isinstance(trl["save_steps"], int):
         ignored["save_steps"] = (f"{trl['save_steps']} is a fraction of the run; ours: "
                                  "output.save_every, in steps")
         trl["save_steps"] = None
-    if _enum(trl.get("eval_strategy")) != "steps" or "eval_steps" not in given:
+    if enum_value(trl.get("eval_strategy")) != "steps" or "eval_steps" not in given:
         trl["eval_steps"] = None
     if trl.get("vllm_importance_sampling_cap") is not None:  # TRL's deprecated name
         trl["vllm_importance_sampling_clip_max"] = trl["vllm_importance_sampling_cap"]
@@ -260,10 +105,10 @@ def from_trl(path: str | Path) -> CarriedOver:
         "num_generations")
     _script_fields(path, given, {**script, **given}, put, ignored)
 
-    silent = _SILENT | ({"num_train_epochs"} if trl["max_steps"] else set())
+    silent = SILENT | ({"num_train_epochs"} if trl["max_steps"] else set())
     for name in given:
         if name not in FIELDS and name not in SCRIPT_FIELDS and name not in silent:
-            ignored.setdefault(name, _INSTEAD.get(name, ""))
+            ignored.setdefault(name, INSTEAD.get(name, ""))
     return CarriedOver(layers[True], layers[False],
                        [f"{name} ({note})" if note else name
                         for name, note in sorted(ignored.items())],
@@ -313,18 +158,18 @@ def _script_fields(path: str | Path, given: dict[str, Any], script: dict[str, An
     for name in ("datasets", "streaming", "test_split_size", "dataset_streaming",
                  "ignore_bias_buffers", "reward_model_name_or_path"):
         if given.get(name):
-            ignored[name] = _INSTEAD.get(name, "")
+            ignored[name] = INSTEAD.get(name, "")
 
 
 def _script_reward(path: str | Path, name: str) -> dict[str, Any]:
     """One of `trl grpo`'s `reward_funcs`: its own names, or a dotted import path."""
-    if name in _SCRIPT_REWARDS:
-        return dict(_SCRIPT_REWARDS[name])
+    if name in SCRIPT_REWARDS:
+        return dict(SCRIPT_REWARDS[name])
     if "." in name:
         module, _, function = name.rpartition(".")
         return {"name": f"{module}:{function}"}
     raise ConfigError(f"--trl-config {path}: reward_funcs: {name!r} is none of trl grpo's "
-                      f"({', '.join(_SCRIPT_REWARDS)}) nor an import path (module.function)")
+                      f"({', '.join(SCRIPT_REWARDS)}) nor an import path (module.function)")
 
 
 @dataclass

@@ -2,14 +2,15 @@
 
 The reference policy is the same model with the adapter disabled, so the learner holds one copy
 of the base weights. Log-probabilities come from the decoder body's last hidden states through
-`token_logprobs`, so the vocabulary logits of the batch never exist at once, and the loss is
+`token_logprobs` (the forward passes: `passes.PolicyPasses`, this class's base), so the
+vocabulary logits of the batch never exist at once, and the loss is
 `algo.grpo.grpo_loss` with the `algorithm.loss_type` registered in `algo.losses`; with
 `learner.loss_kernel=liger` the update's loss comes from the hidden states through Liger's fused
 linear GRPO loss (`fused_loss.fused_grpo_loss`) instead, and its logged figures from
 `grpo_loss` on the log-probs of a pass without gradients.
 
-TRL components: `use_adapter` (the reference pass with the adapter off), `get_peak_flops` and
-`compute_mfu` (MFU), from `trl.trainer.utils`; `selective_log_softmax` through `token_logprobs`.
+TRL components: `get_peak_flops` and `compute_mfu` (MFU), from `trl.trainer.utils`; the passes'
+own in `passes`.
 
 A plain class: `ray.remote` is applied where it is placed, and tests build it directly.
 """
@@ -17,39 +18,23 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from trl.trainer.utils import compute_mfu, get_peak_flops, use_adapter
+from trl.trainer.utils import compute_mfu, get_peak_flops
 
-from grpo_ray.algo.grpo import (entropy_threshold, grpo_loss, high_entropy_mask,
-                                importance_weights, probability_gap)
+from grpo_ray.algo.grpo import entropy_threshold, grpo_loss, high_entropy_mask, importance_weights
 from grpo_ray.algo.losses import Stat, policy_loss
 from grpo_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig, ModelConfig
 from grpo_ray.contracts import TrainBatch
-from grpo_ray.learner.batching import (MicroBatch, active_rows, cat_padded, check_prompts,
-                                       pad_rows, padding_fraction, plan_micro_batches)
+from grpo_ray.learner.batching import MicroBatch, cat_padded
 from grpo_ray.learner.fused_loss import fused_grpo_loss
-from grpo_ray.learner.logprobs import token_logprobs
 from grpo_ray.learner.model import import_backend, load_policy
+from grpo_ray.learner.passes import PolicyPasses, Prepared, probability_gaps
 from grpo_ray.learner.state import learner_state, load_learner_state
 from grpo_ray.learner.throughput import Stopwatch, linear_params, step_flops
-
-
-@dataclass
-class _Prepared:
-    micro_batches: list[MicroBatch]
-    num_sequences: int  # every row of the batch, masked ones included (TRL's batch size)
-    num_tokens: int  # completion tokens of the active rows
-    lengths: list[int]  # prompt + completion tokens of each active row
-    padding_fraction: float
-    separate_pass: bool  # old and reference log-probs (and entropies) computed before the
-    # update (num_iterations > 1, or an entropy mask); else the update computes them (old = its
-    # own log-probs, detached)
-    order: list[int]  # the batch row of each micro-batch row, micro-batch after micro-batch
 
 
 @dataclass
@@ -62,7 +47,7 @@ class LossShare:
     """Its logged figures (`LossOutputs.stats`), merged over the micro-batches."""
 
 
-class LearnerWorker:
+class LearnerWorker(PolicyPasses):
     def __init__(self, model_path: str, model: ModelConfig, lora: LoraConfig,
                  learner: LearnerConfig, algorithm: AlgorithmConfig, max_completion_length: int,
                  temperature: float = 1.0, defer_load: bool = False) -> None:
@@ -156,7 +141,8 @@ class LearnerWorker:
                            frozen=self._linear[0], trainable=self._linear[1],
                            lm_head=self._lm_head.weight.numel(), iterations=a.num_iterations,
                            old_pass=prepared.separate_pass, ref_pass=a.beta > 0)
-        return {**totals, "learning_rate": lr, **_gaps(prepared, batch.engine_index),
+        return {**totals, "learning_rate": lr,
+                **probability_gaps(prepared, batch.engine_index),
                 "num_tokens": float(prepared.num_tokens),
                 "padding_fraction": prepared.padding_fraction,
                 # all no-grad log-prob passes (old and reference), wherever they ran
@@ -182,50 +168,7 @@ class LearnerWorker:
                                      peak_flops_per_device=peak) / 100  # TRL's is a percentage
         return out
 
-    def _plan(self, lengths: list[int]) -> list[list[int]]:
-        return plan_micro_batches(lengths, self.learner.micro_batch_size,
-                                  self.learner.max_tokens_per_micro_batch)
-
-    def _prepare(self, batch: TrainBatch, ref_watch: Stopwatch | None = None) -> _Prepared:
-        """Pad the active rows into micro-batches; with num_iterations > 1 attach their old and
-        reference log-probs (one pass, before any optimizer step)."""
-        ref_watch = ref_watch or Stopwatch(self.device)
-        rows = active_rows(batch)
-        lengths = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in rows]
-        plan = self._plan(lengths)
-        mbs = [pad_rows([batch.prompt_ids[rows[j]] for j in mb],
-                        [batch.completion_ids[rows[j]] for j in mb],
-                        [batch.advantages[rows[j]] for j in mb],
-                        [batch.sampling_logprobs[rows[j]] for j in mb], self.device)
-               for mb in plan]
-        a = self.algorithm
-        separate = a.num_iterations > 1 or a.top_entropy_quantile < 1
-        if separate:
-            with torch.no_grad():
-                for mb in mbs:
-                    self._old_logprobs(mb)
-                    if a.beta:
-                        mb.ref_logp = self._reference_logprobs(mb, ref_watch)
-        return _Prepared(mbs, len(batch), sum(len(batch.completion_ids[i]) for i in rows),
-                         lengths, padding_fraction(lengths, plan), separate,
-                         [rows[j] for mb in plan for j in mb])
-
-    def _old_logprobs(self, mb: MicroBatch) -> None:
-        """The micro-batch's log-probs under the adapter as it is now (eval mode, no gradient),
-        and with an entropy mask their entropies, from the same chunked lm_head pass."""
-        if self.algorithm.top_entropy_quantile < 1:
-            mb.old_logp, mb.entropies = self._logprobs(mb, train=False, with_entropy=True)
-        else:
-            mb.old_logp = self._logprobs(mb, train=False)
-
-    def _entropy_pass(self, prepared: _Prepared) -> None:
-        """The entropies of every micro-batch under the adapter as it is now, before a later
-        optimizer pass of the same batch (TRL computes them in each pass's own forward)."""
-        with torch.no_grad():
-            for mb in prepared.micro_batches:
-                _, mb.entropies = self._logprobs(mb, train=False, with_entropy=True)
-
-    def _accumulate_gradients(self, prepared: _Prepared,
+    def _accumulate_gradients(self, prepared: Prepared,
                               ref_watch: Stopwatch | None = None) -> dict[str, float]:
         """Zero the gradients, then backward every micro-batch's share of the batch loss: the
         accumulated gradient is that of the whole batch's loss, whatever the micro-batches.
@@ -259,7 +202,7 @@ class LearnerWorker:
                 stats[k] = stats[k].merge(s) if k in stats else s
         return {"loss": loss.item(), **{k: s.value() for k, s in stats.items()}}
 
-    def _loss_arguments(self, prepared: _Prepared) -> dict[str, Any]:
+    def _loss_arguments(self, prepared: Prepared) -> dict[str, Any]:
         """What `grpo_loss` and `fused_grpo_loss` both take, from the algorithm's settings: the
         loss type, its hyperparameters (those its registered function names), the counts."""
         a = self.algorithm
@@ -270,7 +213,7 @@ class LearnerWorker:
                     importance_sampling_level=a.importance_sampling_level,
                     use_bias_correction_kl=a.use_bias_correction_kl, **params)
 
-    def _chunked_loss(self, hidden: Tensor, mb: MicroBatch, prepared: _Prepared,
+    def _chunked_loss(self, hidden: Tensor, mb: MicroBatch, prepared: Prepared,
                       threshold: Tensor | None) -> LossShare:
         """The micro-batch's loss through `token_logprobs` and `grpo_loss` (loss_kernel chunked);
         `threshold`: the batch's entropy threshold (an entropy mask), else None."""
@@ -286,7 +229,7 @@ class LearnerWorker:
                         sampling_logp=mb.sampling_logp, **self._loss_arguments(prepared))
         return LossShare(out.loss, out.stats)
 
-    def _fused_loss(self, hidden: Tensor, mb: MicroBatch, prepared: _Prepared) -> LossShare:
+    def _fused_loss(self, hidden: Tensor, mb: MicroBatch, prepared: Prepared) -> LossShare:
         """The micro-batch's loss through Liger's fused linear GRPO loss (loss_kernel liger).
         It returns no per-token log-probs, and the importance weights, the gap metrics and the
         logged figures need them: they come from one more lm_head pass over the update's hidden
@@ -322,66 +265,6 @@ class LearnerWorker:
         both kernels on the same actor."""
         self.learner = LearnerConfig.model_validate({**self.learner.model_dump(),
                                                      "loss_kernel": kernel})
-
-    # ---- log-probabilities ---------------------------------------------------------------------
-    def _logprobs(self, mb: MicroBatch, train: bool, temperature: float | None = None,
-                  with_entropy: bool = False) -> Any:
-        """(b, T) log-probs of the completion tokens under the model as it is now (the adapter
-        is whatever is enabled), at `temperature` (None: the rollout's); `with_entropy` (no
-        gradient): and their (b, T) entropies. Eval mode for the passes without gradients (the
-        reference, a separate pass's old log-probs: deterministic even with LoRA dropout); train
-        mode (dropout, gradient checkpointing) for the update's."""
-        return self._token_logprobs(self._hidden(mb, train), mb, temperature, with_entropy)
-
-    def _hidden(self, mb: MicroBatch, train: bool) -> Tensor:
-        """(b, T, H) last hidden states at the positions that predict the completion tokens."""
-        self.model.train(train)
-        with self._autocast():
-            hidden = self._decoder(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                   use_cache=False).last_hidden_state
-        # Only the positions that predict completion tokens go through the lm_head.
-        return hidden.gather(1, mb.positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
-
-    def _token_logprobs(self, hidden: Tensor, mb: MicroBatch, temperature: float | None = None,
-                        with_entropy: bool = False) -> Any:
-        return token_logprobs(hidden, self._lm_head.weight, mb.targets,
-                              self.learner.logprob_chunk_size,
-                              self.temperature if temperature is None else temperature,
-                              self._lm_head_dtype(), with_entropy)
-
-    def _lm_head_dtype(self) -> torch.dtype | None:
-        """The log-prob matmul's dtype (`cast_lm_head_to_fp32`; None: the weight's)."""
-        cast = self.learner.cast_lm_head_to_fp32
-        return None if cast is None else torch.float32 if cast else self._compute_dtype
-
-    def _autocast(self) -> AbstractContextManager:
-        """bf16 matmuls on GPU, as HF Trainer's `bf16=True`: without it the fp32 norms of a
-        k-bit-prepared model turn every activation fp32, and fp32 LoRA weights run fp32 matmuls."""
-        if self.device.type == "cuda" and self._compute_dtype in (torch.bfloat16, torch.float16):
-            return torch.autocast("cuda", dtype=self._compute_dtype)
-        return nullcontext()
-
-    def _reference_logprobs(self, mb: MicroBatch, watch: Stopwatch) -> Tensor:
-        """(b, T) log-probs with the adapter disabled: the base model, the KL's reference."""
-        with watch, torch.no_grad(), use_adapter(self.model, None):
-            return self._logprobs(mb, train=False)
-
-    def sequence_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                          temperature: float | None = None) -> list[list[float]]:
-        """Log-probs of each completion token under the current adapter (no gradient), in the
-        rows' order, micro-batched as the update is; at `temperature` (None: the rollout's, as
-        the update; the sync probe asks for 1, as vLLM scores prompt tokens)."""
-        check_prompts(prompt_ids, range(len(prompt_ids)))
-        out: list[list[float]] = [[] for _ in prompt_ids]
-        with torch.no_grad():
-            for plan in self._plan([len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]):
-                cs = [completion_ids[i] for i in plan]
-                mb = pad_rows([prompt_ids[i] for i in plan], cs, [0.0] * len(cs),
-                              [[0.0] * len(c) for c in cs], self.device)
-                logp = self._logprobs(mb, train=False, temperature=temperature).cpu()
-                for k, i in enumerate(plan):
-                    out[i] = logp[k, :len(completion_ids[i])].tolist()
-        return out
 
     def describe(self) -> str:
         """What was loaded and why (`learner.model.load_policy`), for the start-up line."""
@@ -427,24 +310,5 @@ class LearnerWorker:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def _gaps(prepared: _Prepared, engine_index: list[int]) -> dict[str, float]:
-    """The rollout/learner probability gap of the batch (`gap_mean_abs_diff`, `gap_kl`) and,
-    with `engine_index`, of each engine's rows (`gap_kl/engine_<i>`, ...): an engine that
-    samples with other weights than the learner's stands out there."""
-    if not prepared.num_tokens:
-        return {"gap_mean_abs_diff": 0.0, "gap_kl": 0.0}
-    old, sampling, mask = (cat_padded([getattr(m, k) for m in prepared.micro_batches])
-                           for k in ("old_logp", "sampling_logp", "mask"))
-    groups = {"": torch.ones(len(prepared.order), dtype=torch.bool)}
-    if engine_index:
-        labels = torch.tensor([engine_index[i] for i in prepared.order])
-        groups.update({f"/engine_{e}": labels == e for e in sorted(set(labels.tolist()))})
-    out = {}
-    for suffix, rows in groups.items():
-        gap = probability_gap(*(t[rows.to(t.device)] for t in (old, sampling, mask)))
-        out[f"gap_mean_abs_diff{suffix}"], out[f"gap_kl{suffix}"] = gap["mean_abs_diff"], gap["kl"]
-    return out
-
-
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

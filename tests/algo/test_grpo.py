@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from grpo_ray.algo.grpo import (LOSS_TYPES, aggregate_loss, group_advantages, grpo_loss,
-                                importance_weights, k3_kl, probability_gap)
+from grpo_ray.algo.advantages import group_advantages
+from grpo_ray.algo.grpo import (LOSS_TYPES, aggregate_loss, grpo_loss, importance_weights, k3_kl,
+                                probability_gap)
 from grpo_ray.algo.losses import POLICY_LOSSES, PolicyInputs, clipped_ratio
 
 NAN = float("nan")
@@ -321,7 +322,7 @@ def test_probability_gap_hand_computed():
 
 
 def test_zero_variance_groups_are_the_ones_without_a_gradient():
-    from grpo_ray.algo.grpo import zero_variance_groups
+    from grpo_ray.algo.advantages import zero_variance_groups
 
     nan = float("nan")
     rewards = torch.tensor([1.0, 1.0, 1.0,      # all equal

@@ -32,8 +32,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from grpo_ray.algo.grpo import (MULTI_OBJECTIVE_AGGREGATIONS, entropy_threshold, group_advantages,
-                                grpo_loss, high_entropy_mask, importance_weights)
+from grpo_ray.algo.advantages import MULTI_OBJECTIVE_AGGREGATIONS, group_advantages
+from grpo_ray.algo.grpo import entropy_threshold, grpo_loss, high_entropy_mask, importance_weights
 from grpo_ray.algo.losses import LOSS_TYPES, Stat, policy_loss, token_mean
 
 TRL_DIR = Path(importlib.util.find_spec("trl").submodule_search_locations[0])

@@ -14,10 +14,10 @@ import pytest
 
 from grpo_ray.config import ConfigError, load_config
 from grpo_ray.contracts import PromptBatch, Sampling
-from grpo_ray.driver.evaluation import (STOP, evaluate, format_side_by_side, judge_completions,
-                                        majority_index, make_judge, pass_at_k, reasoning_words,
-                                        sample_metrics, sanity_check, score_completions,
+from grpo_ray.driver.evaluation import (STOP, evaluate, format_side_by_side, sanity_check,
                                         show_answer)
+from grpo_ray.driver.judge import (judge_completions, majority_index, make_judge, pass_at_k,
+                                   reasoning_words, sample_metrics, score_completions)
 
 EVAL_RECORD_KEYS = ["time", "step", "tag", "model", "adapter", "adapter_version", "held_out",
                     "judge", "metrics", "sanity", "samples"]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo_ray.algo.grpo import MULTI_OBJECTIVE_AGGREGATIONS
+from grpo_ray.algo.advantages import MULTI_OBJECTIVE_AGGREGATIONS
 from grpo_ray.config import load_config
 from grpo_ray.contracts import PromptBatch, Rollout, Scores
 from grpo_ray.driver.rollouts import ScoredBatch

@@ -9,8 +9,8 @@ from operator import attrgetter
 import pytest
 
 from grpo_ray.config import ConfigError
-from grpo_ray.driver.trl_config import (FIELDS, SCRIPT_FIELDS, from_trl, load_with_trl,
-                                        script_defaults, trl_defaults)
+from grpo_ray.driver.trl_config import from_trl, load_with_trl
+from grpo_ray.driver.trl_fields import FIELDS, SCRIPT_FIELDS, script_defaults, trl_defaults
 
 TRL_YAML = """\
 output_dir: {out}

@@ -105,7 +105,7 @@ def test_evaluation_on_held_out_rows_by_math_verify(run):
     # of three samples of each held-out problem (the numeric rule misses LaTeX golds so written)
     texts = [f"<answer>\n${g}$\n</answer>" for g in held_out.answers for _ in range(3)]
     texts[1] = texts[4] = "<answer>\n-1\n</answer>"
-    from grpo_ray.driver.evaluation import judge_completions
+    from grpo_ray.driver.judge import judge_completions
 
     judged = judge_completions(trainer.judge, held_out, [0, 0, 0, 1, 1, 1], texts)
     assert (judged["accuracy"], judged["pass@k"], judged["maj@k"]) == \

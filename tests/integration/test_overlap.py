@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from grpo_ray.algo.grpo import zero_variance_groups
+from grpo_ray.algo.advantages import zero_variance_groups
 from grpo_ray.config import load_config
 from grpo_ray.driver.checkpoint import latest_checkpoint, load_checkpoint
 from grpo_ray.driver.trainer import Trainer
