@@ -189,6 +189,7 @@ class AdapterSync:
         export_s = time.perf_counter() - start
         load_times = self.engines.load_adapter(ref, force=force)
         self._payload, self.version = ref, version
+        load_times = [t for t in load_times if t is not None]  # None: an engine dropped
         return {"export_s": export_s, "load_s": max(load_times, default=0.0),
                 "total_s": time.perf_counter() - start, "bytes": float(transport.size(ref))}
 
