@@ -236,3 +236,19 @@ class AdapterPayload:
         """name -> tensor on `device` (the other payload forms in `sync.sender` have the
         same method)."""
         return {k: v.to(device) for k, v in self.tensors.items()}
+
+
+@dataclass
+class ScoredBatch:
+    """One step's prompts, their groups of completions and rewards, and what it cost."""
+
+    batch: PromptBatch
+    rollout: Rollout
+    scores: Scores
+    metrics: dict[str, float] = field(default_factory=dict)
+    """`time/generate_s`, `time/reward_s`, `dynamic/...` of producing it."""
+
+    @property
+    def version(self) -> int:
+        """The adapter version every completion was sampled with."""
+        return self.rollout.adapter_version

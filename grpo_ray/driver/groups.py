@@ -8,12 +8,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from grpo_ray.contracts import Scores, TrainBatch
+from grpo_ray.contracts import ScoredBatch, Scores, TrainBatch
 
 if TYPE_CHECKING:
     from torch import Tensor
-
-    from grpo_ray.driver.rollouts import ScoredBatch
 
 
 class Groups:
@@ -36,7 +34,7 @@ class Groups:
         return torch.tensor([math.nan if s is None else s for s in scores.total],
                             dtype=torch.float64)
 
-    def train_batch(self, scored: "ScoredBatch") -> TrainBatch:
+    def train_batch(self, scored: ScoredBatch) -> TrainBatch:
         """What the learner trains on: the completions with their group-relative advantages,
         the rollout's log-probs and the loss mask (`algo.masking.loss_mask`)."""
         import torch

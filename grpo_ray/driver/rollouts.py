@@ -17,27 +17,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from grpo_ray.config import Config
-from grpo_ray.contracts import PromptBatch, Rollout, Sampling, Scores
+from grpo_ray.contracts import PromptBatch, Rollout, Sampling, ScoredBatch, Scores
 from grpo_ray.driver.groups import Groups
 
 _REFILL_SEED_STRIDE = 1_000_000_007
 """Seeds of refill round r are offset by r times this (prime) from the step's own."""
-
-
-@dataclass
-class ScoredBatch:
-    """One step's prompts, their groups of completions and rewards, and what it cost."""
-
-    batch: PromptBatch
-    rollout: Rollout
-    scores: Scores
-    metrics: dict[str, float] = field(default_factory=dict)
-    """`time/generate_s`, `time/reward_s`, `dynamic/...` of producing it."""
-
-    @property
-    def version(self) -> int:
-        """The adapter version every completion was sampled with."""
-        return self.rollout.adapter_version
 
 
 class PendingRollout:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from grpo_ray.cluster.group import MemberRestarted, work_deadline
 from grpo_ray.config import Config
-from grpo_ray.contracts import TrainBatch
+from grpo_ray.contracts import ScoredBatch, TrainBatch
 from grpo_ray.driver.metrics import StageTimer, sample_rows, step_metrics
 from grpo_ray.driver.outputs import RunOutputs
 from grpo_ray.driver.recovery import Recovery
-from grpo_ray.driver.rollouts import PendingRollout, ScoredBatch
+from grpo_ray.driver.rollouts import PendingRollout
 from grpo_ray.faults import Interrupted, StopOnSignal
 
 

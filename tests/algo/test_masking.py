@@ -25,7 +25,7 @@ def test_lengths_must_agree():
 def test_the_driver_masks_what_the_config_asks():
     from grpo_ray.config import load_config
     from grpo_ray.contracts import PromptBatch, Rollout, Scores
-    from grpo_ray.driver.rollouts import ScoredBatch
+    from grpo_ray.contracts import ScoredBatch
     from grpo_ray.driver.trainer import Trainer
 
     rollout = Rollout(prompt_index=[0] * 4, prompt_ids=[[1]] * 4, completion_ids=[[2, 3]] * 4,

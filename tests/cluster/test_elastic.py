@@ -96,6 +96,30 @@ def test_the_fleet_grows_between_steps_without_stalling_them_and_trains_as_a_fix
     assert_same_training(tmp_path / "fixed", tmp_path / "elastic")
 
 
+
+def test_autoscale_asks_for_the_whole_fleet_and_withdraws_at_the_end(ray_local):
+    """`cluster.autoscale`: the autoscaler is asked for the learner's bundle, `max_engines`
+    engine bundles and the reward workers', and the request is withdrawn when the run ends (read
+    back where Ray's autoscaler reads it: the v1 autoscaler's request in the GCS's KV store)."""
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from grpo_ray.cluster.elastic import request_resources, withdraw_resources
+    from grpo_ray.cluster.plan import plan_placement
+
+    cfg = load_config("configs/tiny-cpu.yaml", ["rollout.max_engines=4", "cluster.autoscale=true",
+                                                "rollout.prompts_per_step=4"])
+    plan = plan_placement(cfg, use_gpu=False)
+
+    def asked() -> list[dict]:
+        return json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"[]")
+
+    request_resources(plan, cfg.fleet_bounds[1])
+    assert asked() == ([plan.learner] + [plan.engine] * 4 + [plan.reward] * plan.reward_workers)
+    assert plan.engine and plan.reward_workers >= 1
+    withdraw_resources()
+    assert asked() == []
+
 def drive(trainer: Trainer, events: dict) -> None:
     """The run's steps, with `events[step]()` run after that step (between two steps), then its
     adapter saved."""

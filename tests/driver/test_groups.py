@@ -7,8 +7,7 @@ import torch
 
 from grpo_ray.algo.advantages import MULTI_OBJECTIVE_AGGREGATIONS
 from grpo_ray.config import load_config
-from grpo_ray.contracts import PromptBatch, Rollout, Scores
-from grpo_ray.driver.rollouts import ScoredBatch
+from grpo_ray.contracts import PromptBatch, Rollout, ScoredBatch, Scores
 from grpo_ray.driver.trainer import Trainer
 
 # two prompts of four completions; the first function skips a row, a row neither scored
