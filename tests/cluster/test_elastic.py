@@ -69,7 +69,7 @@ def assert_same_training(a_out, b_out) -> None:
 
 def test_the_fleet_grows_between_steps_without_stalling_them_and_trains_as_a_fixed_one(
         ray_local, tiny_model_path, tmp_path):
-    steps = 6
+    steps = 4
     fixed = build(tmp_path / "fixed", tiny_model_path, steps)
     try:
         drive(fixed, {})
@@ -90,7 +90,7 @@ def test_the_fleet_grows_between_steps_without_stalling_them_and_trains_as_a_fix
     joined = [line for line in lines if " joined on node " in line]
     assert len(joined) == 1 and joined[0].startswith("rollout engine 1 joined on node "), lines
     assert "with adapter version 2" in joined[0] and joined[0].endswith("; 2 engine(s) serve")
-    assert [r["rollout/engines"] for r in rows] == [1, 1, 2, 2, 2, 2]
+    assert [r["rollout/engines"] for r in rows] == [1, 1, 2, 2]
     assert rows[-1]["rollout/engine_joins"] == 1 and rows[-1]["rollout/engine_leaves"] == 0
     assert all("learner/gap_kl/engine_1" in r for r in rows[2:])  # both engines generated
     assert_same_training(tmp_path / "fixed", tmp_path / "elastic")

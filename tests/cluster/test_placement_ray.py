@@ -101,6 +101,18 @@ def test_colocated_learner_and_engine_share_one_gpu(two_nodes):
     finally:
         actors.shutdown()
 
+def wait_dead(actor, bound_s: float = 30) -> None:
+    """Until a killed actor is gone: `ray.kill` is asynchronous, and a call submitted at once may
+    still reach the old process and succeed."""
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=bound_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the killed actor still answers after {bound_s:g} s")
+
 
 def test_a_shared_gpus_learner_imports_beside_the_engines_and_loads_after_them(two_nodes):
     # without rollout.kv_cache_gb each engine sizes its KV cache from the memory it sees free
@@ -116,6 +128,7 @@ def test_a_shared_gpus_learner_imports_beside_the_engines_and_loads_after_them(t
         assert parts["learner_after_engines"] == 1.0 and parts["learner_s"] == 0.25, parts
         assert 0 < parts["learner_imports_s"] < parts["engines_s"], parts
         ray.kill(actors.learner.actor)  # lost: its replacement loads at once, the engines up
+        wait_dead(actors.learner.actor)
         with pytest.raises(MemberRestarted):
             actors.learner.call("a call", "when")
         assert actors.learner.call("a call", "when")[1] is not None
