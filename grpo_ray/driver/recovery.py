@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from grpo_ray.cluster.group import MemberRestarted
 from grpo_ray.driver.checkpoint import step_dir_name
 from grpo_ray.faults import ActorLostError, first_line
 
-if TYPE_CHECKING:
-    from grpo_ray.driver.trainer import Trainer
-
 
 class Recovery:
-    """The trainer's checkpoints and recoveries (module docstring)."""
+    """The trainer's checkpoints and recoveries (module docstring). `trainer`: the
+    `driver.trainer.Trainer` whose state it writes and restores (typed Any: the trainer holds its
+    Recovery, and the two modules import one way only)."""
 
-    def __init__(self, trainer: "Trainer") -> None:
+    def __init__(self, trainer: Any) -> None:
         self.t = trainer
         self.saved_step: int | None = None
         """Step of the newest checkpoint this run wrote or resumed from."""
