@@ -254,7 +254,7 @@ class EngineGroup:
                 fleet.placed(i, node)
                 self.engines[i] = self.placer.start(i)
                 self._coming[i] = (self.engines[i].__ray_ready__.remote(), self._coming[i][1])
-        for i, (ready, asked) in list(self._coming.items()):
+        for i, (ready, _) in list(self._coming.items()):
             if i in fleet.waiting or not ray.wait([ready], timeout=0)[0]:
                 continue
             try:

@@ -33,13 +33,22 @@ TIMING = ("time", "sync/", "rollout/tokens_per_s", "learner/time_", "learner/pea
 (per-engine figures, timings)."""
 
 
+def run_overrides(out, model_path, steps: int) -> list[str]:
+    """The overrides of configs/tiny-cpu.yaml every run here shares."""
+    return [f"output.dir={out}", f"model.path={model_path}", f"algorithm.total_steps={steps}",
+            "learner.learning_rate=5e-3", "learner.warmup_ratio=0", "logging.tensorboard=false",
+            "logging.progress_bar=false", "eval.num_samples=2", "output.save_every=0",
+            "rollout.prompts_per_step=4", "learner.num_cpus=0.25", "reward.cpus_per_worker=0.25",
+            REWARDS]
+
+
+MULTI_NODE = ["rollout.num_engines=2", "rollout.cpus_per_engine=1", "cluster.num_cpus=null",
+              "cluster.placement_strategy=SPREAD"]
+"""Two engines of 1 CPU each, spread over the nodes of the `cluster` fixture."""
+
+
 def build(out, model_path, steps: int, *overrides: str, lines: list | None = None) -> Trainer:
-    cfg = load_config("configs/tiny-cpu.yaml", [
-        f"output.dir={out}", f"model.path={model_path}", f"algorithm.total_steps={steps}",
-        "learner.learning_rate=5e-3", "learner.warmup_ratio=0", "logging.tensorboard=false",
-        "logging.progress_bar=false", "eval.num_samples=2", "output.save_every=0",
-        "rollout.prompts_per_step=4", "learner.num_cpus=0.25", "reward.cpus_per_worker=0.25",
-        REWARDS, *overrides])
+    cfg = load_config("configs/tiny-cpu.yaml", run_overrides(out, model_path, steps) + [*overrides])
     return Trainer(cfg, print_fn=(lines if lines is not None else []).append).setup()
 
 
@@ -158,9 +167,7 @@ def cluster():
 
 
 def multi_node(out, model_path, steps: int, *overrides: str, lines: list) -> Trainer:
-    return build(out, model_path, steps, "rollout.num_engines=2", "rollout.cpus_per_engine=1",
-                 "cluster.num_cpus=null", "cluster.placement_strategy=SPREAD", *overrides,
-                 lines=lines)
+    return build(out, model_path, steps, *MULTI_NODE, *overrides, lines=lines)
 
 
 def node_of(trainer: Trainer, i: int) -> str:
@@ -262,13 +269,8 @@ def cli_run(out, model_path, cluster_address: str, steps: int, *overrides: str):
     import subprocess
     import sys
 
-    args = [f"output.dir={out}", f"model.path={model_path}", f"algorithm.total_steps={steps}",
-            f"cluster.address={cluster_address}", "learner.learning_rate=5e-3",
-            "learner.warmup_ratio=0", "logging.tensorboard=false", "eval.num_samples=2",
-            "output.save_every=0", "rollout.prompts_per_step=4", "learner.num_cpus=0.25",
-            "reward.cpus_per_worker=0.25", REWARDS, "rollout.num_engines=2",
-            "rollout.cpus_per_engine=1", "cluster.num_cpus=null",
-            "cluster.placement_strategy=SPREAD", *overrides]
+    args = [*run_overrides(out, model_path, steps), f"cluster.address={cluster_address}",
+            *MULTI_NODE, *overrides]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     return subprocess.Popen([sys.executable, "-m", "grpo_ray", "train", "--config",
                              "configs/tiny-cpu.yaml", *args], stdout=subprocess.PIPE,
